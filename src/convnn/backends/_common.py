@@ -1,0 +1,95 @@
+"""Pieces every backend shares: the selection scores and the canonical slot order.
+
+Selection needs only a *rank-equivalent* score, so every feature metric is prepared as a
+bilinear form ``score = q' . k'`` (one GEMM per block, the shape fused kernels want):
+
+- cosine:      q' = q / |q|,           k' = k / |k|        (zero vectors score 0)
+- dot:         q' = q,                 k' = k
+- scaled_dot:  q' = q / sqrt(d),       k' = k
+- euclidean:   q' = [2q, -1],          k' = [k, |k|^2]    (= -|q-k|^2 + |q|^2; |q|^2 is constant per query)
+
+``spatial`` ranks by position only: Chebyshev distance, then squared distance, then raster
+index, encoded exactly as one float64 key per pair.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+EPS = 1e-12
+
+
+def prepare(metric: str, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+    """Bilinear operands for a feature metric: (B, N, D), (B, M, D) -> (B, N, D'), (B, M, D')."""
+    if metric == "cosine":
+        return F.normalize(query, dim=-1, eps=EPS), F.normalize(key, dim=-1, eps=EPS)
+    if metric == "dot":
+        return query, key
+    if metric == "scaled_dot":
+        return query * query.shape[-1] ** -0.5, key
+    if metric == "euclidean":
+        ones = query.new_ones(query.shape[:-1] + (1,))
+        sq = key.pow(2).sum(-1, keepdim=True)
+        return torch.cat([2 * query, -ones], -1), torch.cat([key, sq], -1)
+    raise ValueError(f"metric {metric!r} has no bilinear form")
+
+
+def spatial_keys(pos_q: Tensor, pos_k: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Exact ranking key for the spatial metric, higher = nearer.
+
+    pos_q: (N, 3), pos_k: (M, 3) or per query (N, M, 3); float64 rows (row, col, raster
+    index) on a grid of shape ``grid`` (the padded map) -> (N, M).
+    Exact in float64 while 2 * extent^3 * grid size < 2^53 (grids up to ~1000 x 1000).
+    """
+    dy = pos_q[:, None, 0] - pos_k[..., 0]
+    dx = pos_q[:, None, 1] - pos_k[..., 1]
+    cheb = torch.maximum(dy.abs(), dx.abs())
+    sq = dy * dy + dx * dx
+    # sq <= 2 * cheb^2 < scale, so cheb dominates, then sq, then the raster index.
+    scale = 2.0 * max(grid) ** 2 + 1
+    return -((cheb * scale + sq) * float(grid[0] * grid[1]) + pos_k[..., 2])
+
+
+def canonical_order(scores: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort the last dim by descending score, ties by lower index: (..., K) -> (..., K)."""
+    indices, perm = indices.sort(-1)
+    scores = scores.gather(-1, perm)
+    scores, perm = scores.sort(dim=-1, descending=True, stable=True)
+    return scores, indices.gather(-1, perm)
+
+
+def group_rows(indices: Tensor, num_tokens: int) -> Tensor:
+    """Rows of ``values.reshape(B * M * G, C // G)`` that ``indices`` (B, G, N, K) select."""
+    B, G = indices.shape[:2]
+    base = torch.arange(B, device=indices.device).view(B, 1, 1, 1) * num_tokens
+    group = torch.arange(G, device=indices.device).view(1, G, 1, 1)
+    return ((indices + base) * G + group).reshape(-1)
+
+
+def group_gather(values: Tensor, indices: Tensor) -> Tensor:
+    """Gather neighbours per channel group.
+
+    values: (B, M, C), indices: (B, G, N, K) with C = G * d  ->  (B, N, K, C),
+    where channel g*d + j of slot k comes from token indices[b, g, n, k].
+    """
+    B, M, C = values.shape
+    G, N, K = indices.shape[1:]
+    out = values.reshape(B * M * G, C // G).index_select(0, group_rows(indices, M))
+    return out.view(B, G, N, K, C // G).permute(0, 2, 3, 1, 4).reshape(B, N, K, C)
+
+
+def group_scatter(grad: Tensor, indices: Tensor, out: Tensor) -> None:
+    """Adjoint of :func:`group_gather`: add grad (B, N, K, C) into out (B, M, C) in place."""
+    B, M, C = out.shape
+    G, N, K = indices.shape[1:]
+    grad = grad.reshape(B, N, K, G, C // G).permute(0, 3, 1, 2, 4).reshape(-1, C // G)
+    out.view(B * M * G, C // G).index_add_(0, group_rows(indices, M), grad)
+
+
+def expand_groups(rho: Tensor, channels: int) -> Tensor:
+    """Per-group weights (B, G, N, K) as per-channel weights (B, N, K, C)."""
+    B, G, N, K = rho.shape
+    rho = rho.permute(0, 2, 3, 1)[..., None].expand(B, N, K, G, channels // G)
+    return rho.reshape(B, N, K, channels)

@@ -1,0 +1,193 @@
+"""Chunked pure-PyTorch backend: O(N*K) memory on any device.
+
+Selection streams key blocks through a running top-K, so the (N, M) similarity matrix is
+never formed. Aggregation is a custom autograd function that gathers neighbours one query
+block at a time and recomputes them in the backward pass, so the (B, N, K, C) tensor of
+gathered neighbours is never stored either.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import (
+    canonical_order,
+    expand_groups,
+    group_gather,
+    group_scatter,
+    spatial_keys,
+)
+
+name = "chunked"
+
+# Elements of one score or gathered-neighbour block (32 MiB of fp32): big enough for fast
+# GEMMs, small enough to stay far below the dense formulation's footprint.
+BLOCK_ELEMENTS = 1 << 23
+
+
+def _mask_excluded(scores: Tensor, exclude: Tensor | None, offset: Tensor | int) -> Tensor:
+    """Set scores[:, n, exclude[n] - offset] to -inf where that key lies in this block."""
+    if exclude is None:
+        return scores
+    local = exclude - offset  # (n,) or (n, W) for windows
+    if local.dim() == 1:
+        inside = (local >= 0) & (local < scores.shape[-1])
+        slot = local.clamp(0, scores.shape[-1] - 1)[None, :, None].expand(scores.shape[0], -1, 1)
+        kept = scores.gather(-1, slot)
+        return scores.scatter(-1, slot, torch.where(inside[None, :, None], -torch.inf, kept))
+    return scores.masked_fill((local == 0)[None], -torch.inf)
+
+
+def _block_scores(query, key, spatial_grid):
+    if spatial_grid is not None:
+        return spatial_keys(query[0], key[0], spatial_grid)[None]
+    return query @ key.transpose(-1, -2)
+
+
+def select(
+    query: Tensor,
+    key: Tensor,
+    K: int,
+    *,
+    spatial_grid: tuple[int, int] | None = None,
+    exclude: Tensor | None = None,
+    window: Tensor | None = None,
+) -> Tensor:
+    """Same contract as :func:`convnn.backends.reference.select`, in O(N*K) memory."""
+    with torch.no_grad():
+        if window is not None:
+            return _select_window(query, key, K, spatial_grid, exclude, window)
+        B = max(query.shape[0], key.shape[0])
+        N, M = query.shape[1], key.shape[1]
+        kb = min(M, max(K, 16384))
+        qb = max(1, BLOCK_ELEMENTS // (B * kb))
+        out = torch.empty(B, N, K, dtype=torch.long, device=query.device)
+        for n0 in range(0, N, qb):
+            q = query[:, n0 : n0 + qb]
+            ex = None if exclude is None else exclude[n0 : n0 + qb]
+            best_s = best_i = None
+            for m0 in range(0, M, kb):
+                s = _mask_excluded(_block_scores(q, key[:, m0 : m0 + kb], spatial_grid), ex, m0)
+                s, i = s.topk(min(K, s.shape[-1]), dim=-1, sorted=False)
+                i = i + m0
+                if best_s is not None:  # merge into the running top-K
+                    s, i = torch.cat([best_s, s], -1), torch.cat([best_i, i], -1)
+                    s, pos = s.topk(K, dim=-1, sorted=False)
+                    i = i.gather(-1, pos)
+                best_s, best_i = s, i
+            out[:, n0 : n0 + qb] = canonical_order(best_s, best_i)[1]
+        return out
+
+
+def _select_window(query, key, K, spatial_grid, exclude, window):
+    """Per-query candidate lists (N, W): score only the W candidates of each query."""
+    B = max(query.shape[0], key.shape[0])
+    N, W = window.shape
+    qb = max(1, BLOCK_ELEMENTS // (B * W * key.shape[-1]))
+    out = torch.empty(B, N, K, dtype=torch.long, device=query.device)
+    for n0 in range(0, N, qb):
+        w = window[n0 : n0 + qb]  # (n, W)
+        q = query[:, n0 : n0 + qb]
+        if spatial_grid is not None:
+            s = spatial_keys(q[0], key[0][w], spatial_grid)[None]
+        else:
+            s = torch.einsum("bnd,bnwd->bnw", q, key[:, w])
+        if exclude is not None:
+            s = _mask_excluded(s, w - exclude[n0 : n0 + qb, None], 0)
+        s, pos = s.topk(K, dim=-1, sorted=False)
+        idx = w.expand(s.shape[0], -1, -1).gather(-1, pos)
+        out[:, n0 : n0 + qb] = canonical_order(s, idx)[1]
+    return out
+
+
+def _kernel_forward(prime: Tensor, weight: Tensor | None, kernel: str) -> Tensor:
+    """(B, n, K, C) gathered neighbours -> (B, n, C_out)."""
+    if kernel == "none":
+        return prime.sum(2)
+    if kernel == "depthwise":
+        return torch.einsum("bnkc,ck->bnc", prime, weight[:, 0])
+    B, n, K, C = prime.shape
+    return prime.reshape(B, n, K * C) @ weight.permute(2, 1, 0).reshape(K * C, -1)
+
+
+class _Aggregate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, indices, rho, weight, bias, kernel):
+        B, M, C = values.shape
+        G, N, K = indices.shape[1:]
+        acc = torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else values.dtype
+        w = None if weight is None else weight.to(acc)
+        c_out = C if weight is None or kernel == "depthwise" else weight.shape[0]
+        out = values.new_empty(B, N, c_out)
+        nb = max(1, BLOCK_ELEMENTS // (B * K * C))
+        for n0 in range(0, N, nb):
+            prime = group_gather(values, indices[:, :, n0 : n0 + nb]).to(acc)
+            if rho is not None:
+                prime = prime * expand_groups(rho[:, :, n0 : n0 + nb].to(acc), C)
+            y = _kernel_forward(prime, w, kernel)
+            out[:, n0 : n0 + nb] = y if bias is None else y + bias.to(acc)
+        ctx.kernel, ctx.block = kernel, nb
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(values, indices, rho, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, rho, weight = ctx.saved_tensors
+        kernel, nb = ctx.kernel, ctx.block
+        B, M, C = values.shape
+        N, K = indices.shape[2:]
+        need_v, _, need_rho, need_w, need_b = ctx.needs_input_grad[:5]
+        acc = torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else values.dtype
+        grad_out = grad_out.to(acc)
+        w = None if weight is None else weight.to(acc)
+        g_values = torch.zeros(values.shape, dtype=acc, device=values.device) if need_v else None
+        g_rho = torch.empty(rho.shape, dtype=acc, device=rho.device) if need_rho else None
+        g_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        for n0 in range(0, N, nb):
+            idx = indices[:, :, n0 : n0 + nb]
+            gy = grad_out[:, n0 : n0 + nb]  # (B, n, C_out)
+            gathered = group_gather(values, idx).to(acc)  # recomputed, never stored
+            r = None if rho is None else expand_groups(rho[:, :, n0 : n0 + nb].to(acc), C)
+            prime = gathered if r is None else gathered * r
+            n = gy.shape[1]
+            if kernel == "none":
+                g_prime = gy[:, :, None, :].expand(B, n, K, C)
+            elif kernel == "depthwise":
+                g_prime = gy[:, :, None, :] * w[:, 0].t()
+                if need_w:
+                    g_w[:, 0] += torch.einsum("bnc,bnkc->ck", gy, prime)
+            else:
+                w_t = w.permute(2, 1, 0).reshape(K * C, -1)
+                g_prime = (gy @ w_t.t()).view(B, n, K, C)
+                if need_w:
+                    g_flat = prime.reshape(-1, K * C).t() @ gy.reshape(-1, gy.shape[-1])
+                    g_w += g_flat.view(K, C, -1).permute(2, 1, 0)
+            if need_rho:
+                g = (g_prime * gathered).view(B, n, K, rho.shape[1], -1).sum(-1)
+                g_rho[:, :, n0 : n0 + nb] = g.permute(0, 3, 1, 2)
+            if need_v:
+                group_scatter(g_prime if r is None else g_prime * r, idx, g_values)
+        g_b = grad_out.sum((0, 1)) if need_b else None
+        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+        return (
+            cast(g_values, values),
+            None,
+            cast(g_rho, rho),
+            cast(g_w, weight),
+            None if g_b is None else g_b.to(ctx.bias_dtype),
+            None,
+        )
+
+
+def aggregate(
+    values: Tensor,
+    indices: Tensor,
+    rho: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    kernel: str,
+) -> Tensor:
+    """Same contract as :func:`convnn.backends.reference.aggregate`, in O(N*K) memory."""
+    return _Aggregate.apply(values, indices, rho, weight, bias, kernel)

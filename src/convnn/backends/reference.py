@@ -1,0 +1,78 @@
+"""Dense reference backend: the readable oracle every other backend is tested against.
+
+It is the formulation ConvNN was first written in: the full (B, N, M) similarity matrix,
+a sort of every row, then the expanded (B, C, N*K) "prime" tensor of gathered neighbours
+convolved by a Conv1d with kernel K and stride K. Memory is O(N*M + N*K*C): use it for
+tests, small inputs and as the "dense" baseline in benchmarks, never for large maps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import expand_groups, group_gather, spatial_keys
+
+name = "reference"
+
+
+def similarity(query: Tensor, key: Tensor, spatial_grid: tuple[int, int] | None) -> Tensor:
+    """(B, N, D), (B, M, D) -> (B, N, M) ranking scores (bilinear, or spatial keys)."""
+    if spatial_grid is not None:
+        return spatial_keys(query[0], key[0], spatial_grid)[None]
+    return query @ key.transpose(1, 2)
+
+
+def select(
+    query: Tensor,
+    key: Tensor,
+    K: int,
+    *,
+    spatial_grid: tuple[int, int] | None = None,
+    exclude: Tensor | None = None,
+    window: Tensor | None = None,
+) -> Tensor:
+    """Indices (B, N, K) of the K best keys per query, descending score, ties by lower index.
+
+    window: (N, W) per-query candidate keys (default all M); exclude: (N,) a key each query
+    may not pick (-1 for none).
+    """
+    with torch.no_grad():
+        scores = similarity(query, key, spatial_grid)
+        N, M = scores.shape[-2:]
+        blocked = torch.zeros(N, M, dtype=torch.bool, device=scores.device)
+        if window is not None:
+            blocked.fill_(True).scatter_(1, window, False)
+        if exclude is not None:
+            rows = (exclude >= 0).nonzero().squeeze(1)
+            blocked[rows, exclude[rows]] = True
+        scores = scores.masked_fill(blocked, float("-inf"))
+        order = scores.sort(dim=-1, descending=True, stable=True).indices
+        return order[..., :K].contiguous()
+
+
+def aggregate(
+    values: Tensor,
+    indices: Tensor,
+    rho: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    kernel: str,
+) -> Tensor:
+    """y_n = sum_k W_k (rho_nk * v_{idx_nk}) + b.
+
+    values (B, M, C), indices (B, G, N, K), rho (B, G, N, K) or None,
+    weight (C_out, C, K) | (C, 1, K) | None  ->  (B, N, C_out).
+    """
+    B, M, C = values.shape
+    G, N, K = indices.shape[1:]
+    prime = group_gather(values, indices)  # (B, N, K, C)
+    if rho is not None:
+        prime = prime * expand_groups(rho, C)
+    if kernel == "none":
+        out = prime.sum(2)
+        return out if bias is None else out + bias
+    prime = prime.permute(0, 3, 1, 2).reshape(B, C, N * K)  # the expanded "prime" tensor
+    groups = C if kernel == "depthwise" else 1
+    return F.conv1d(prime, weight, bias, stride=K, groups=groups).transpose(1, 2)

@@ -1,0 +1,18 @@
+"""ConvNN modules: drop-in layers for convolution and attention."""
+
+from .attention import ConvNNAttention
+from .branching import Branching2d, BranchingAttention
+from .conv import ConvNN1d, ConvNN2d
+from .convert import ConversionReport, convert, make_attention_layer, make_conv_layer
+
+__all__ = [
+    "ConvNN1d",
+    "ConvNN2d",
+    "ConvNNAttention",
+    "Branching2d",
+    "BranchingAttention",
+    "ConversionReport",
+    "convert",
+    "make_attention_layer",
+    "make_conv_layer",
+]
