@@ -1,7 +1,7 @@
 """Dense reference backend: the readable oracle every other backend is tested against.
 
 It is the formulation ConvNN was first written in: the full (B, N, M) similarity matrix,
-a sort of every row, then the expanded (B, C, N*K) "prime" tensor of gathered neighbours
+a top-K of every row, then the expanded (B, C, N*K) "prime" tensor of gathered neighbours
 convolved by a Conv1d with kernel K and stride K. Memory is O(N*M + N*K*C): use it for
 tests, small inputs and as the "dense" baseline in benchmarks, never for large maps.
 """
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import expand_groups, group_gather, spatial_keys
+from ._common import canonical_order, expand_groups, group_gather, spatial_keys
 
 name = "reference"
 
@@ -35,6 +35,10 @@ def select(
 ) -> Tensor:
     """Indices (B, N, K) of the K best keys per query, descending score, ties by lower index.
 
+    Which of several candidates tied *exactly* at the K-th score is kept is up to
+    ``torch.topk`` (every backend shares this; the output is the same when the tied tokens
+    are identical, as zero padding is).
+
     window: (N, W) per-query candidate keys (default all M); exclude: (N,) a key each query
     may not pick (-1 for none).
     """
@@ -48,8 +52,7 @@ def select(
             rows = (exclude >= 0).nonzero().squeeze(1)
             blocked[rows, exclude[rows]] = True
         scores = scores.masked_fill(blocked, float("-inf"))
-        order = scores.sort(dim=-1, descending=True, stable=True).indices
-        return order[..., :K].contiguous()
+        return canonical_order(*scores.topk(K, dim=-1))[1]
 
 
 def aggregate(

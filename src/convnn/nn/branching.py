@@ -42,7 +42,9 @@ class Branching2d(nn.Module):
             raise ValueError(f"kernel_size must be odd ('same' padding), got {kernel_size}")
         c_nn = _split("ratio", ratio, out_channels)
         self.ratio, self.out_channels = ratio, out_channels
-        self.convnn = ConvNN2d(in_channels, c_nn, K, stride, bias=bias, **convnn_kwargs) if c_nn else None
+        self.convnn = (
+            ConvNN2d(in_channels, c_nn, K, stride, bias=bias, **convnn_kwargs) if c_nn else None
+        )
         c_conv = out_channels - c_nn
         self.conv = (
             nn.Conv2d(in_channels, c_conv, kernel_size, stride, kernel_size // 2, bias=bias)
@@ -97,7 +99,9 @@ class BranchingAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         heads = {"num_heads": num_heads, "attn_drop": attn_drop}
         self.convnn = ConvNNAttention(d_nn, K=K, **heads, **convnn_kwargs) if d_nn else None
-        self.attn = ConvNNAttention(dim - d_nn, K=None, kernel="none", **heads) if widths[1] else None
+        self.attn = (
+            ConvNNAttention(dim - d_nn, K=None, kernel="none", **heads) if widths[1] else None
+        )
         # The branches reuse the shared qkv/proj above; drop their own projections.
         for branch in (self.convnn, self.attn):
             if branch is not None:

@@ -66,7 +66,9 @@ class _ConvNNNd(nn.Module):
         factory = {"device": device, "dtype": dtype}
         shape = {"standard": (out_channels, in_channels, K), "none": None}
         shape.update(depthwise=(in_channels, 1, K), separable=(in_channels, 1, K))
-        self.weight = None if shape[kernel] is None else nn.Parameter(torch.empty(shape[kernel], **factory))
+        self.weight = (
+            None if shape[kernel] is None else nn.Parameter(torch.empty(shape[kernel], **factory))
+        )
         self.pointwise_weight = (
             nn.Parameter(torch.empty(out_channels, in_channels, 1, **factory))
             if kernel == "separable"

@@ -38,7 +38,9 @@ class SelfAttentionAdapter(nn.Module):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, *args, **kwargs):
         if key is not query or value is not query:
-            raise ValueError("a converted attention supports self-attention only (query is key is value)")
+            raise ValueError(
+                "a converted attention supports self-attention only (query is key is value)"
+            )
         if kwargs.get("attn_mask") is not None or kwargs.get("key_padding_mask") is not None:
             raise ValueError("a converted attention takes no attn_mask / key_padding_mask")
         return self.attention(query), None
@@ -129,7 +131,9 @@ def convert(
             if attention == "exact":
                 inner = exact
             else:
-                inner = make_attention_layer(module.embed_dim, module.num_heads, attention, **kwargs)
+                inner = make_attention_layer(
+                    module.embed_dim, module.num_heads, attention, **kwargs
+                )
                 inner.qkv.load_state_dict(exact.qkv.state_dict(), strict=False)
                 inner.proj.load_state_dict(exact.proj.state_dict(), strict=False)
             new = SelfAttentionAdapter(inner)
