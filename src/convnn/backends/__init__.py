@@ -17,12 +17,13 @@ operator take exact shortcuts (convolution for spatial layers, SDPA for full att
 from __future__ import annotations
 
 import contextlib
-import importlib
+import importlib.util
 import os
 from collections.abc import Iterator
 from types import ModuleType
 
 from ..options import check_choice
+from . import chunked, reference
 
 BACKENDS = ("reference", "chunked", "triton")
 _override: list[str] = []
@@ -53,7 +54,11 @@ def get(backend: str | None, device_type: str) -> ModuleType:
             f"backend 'triton' needs a CUDA tensor and the triton package (or TRITON_INTERPRET=1 "
             f"on the CPU), got device '{device_type}'"
         )
-    return importlib.import_module(f"{__name__}.{name}")
+    if name == "triton":
+        from . import triton
+
+        return triton
+    return chunked if name == "chunked" else reference
 
 
 @contextlib.contextmanager
