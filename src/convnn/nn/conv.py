@@ -8,31 +8,44 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as CF
-from ..options import CANDIDATES, COORDS, KERNELS, METRICS, WEIGHTINGS, check_choice, pair
+from ..options import (
+    CANDIDATES,
+    COORDS,
+    KERNELS,
+    METRICS,
+    WEIGHTINGS,
+    check_choice,
+    check_positive_int,
+    check_rank,
+    pair,
+)
 
 
 class _ConvNNNd(nn.Module):
-    """Parameters and options shared by ConvNN1d and ConvNN2d."""
+    """Parameters, options and forward shared by ConvNN1d and ConvNN2d."""
+
+    _functional = staticmethod(CF.convnn2d)
+    _layout = "(B, {c}, H, W)"
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        K: int,
-        stride,
-        padding,
-        bias: bool,
+        K: int = 9,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        bias: bool = True,
         *,
-        metric: str,
-        candidates: str,
-        num_candidates: int | None,
-        window: int | None,
-        include_self: bool,
-        weighting: str,
-        kernel: str,
-        coords: str | None,
-        lam: float,
-        selection_dtype: torch.dtype | None,
+        metric: str = "cosine",
+        candidates: str = "all",
+        num_candidates: int | None = None,
+        include_self: bool = True,
+        weighting: str = "none",
+        kernel: str = "standard",
+        coords: str | None = None,
+        lam: float = 0.5,
+        window: int | None = None,
+        selection_dtype: torch.dtype | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -46,8 +59,7 @@ class _ConvNNNd(nn.Module):
         ):
             check_choice(name, value, choices)
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("K", K)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_positive_int(name, value)
         if kernel in ("depthwise", "none") and out_channels != in_channels:
             raise ValueError(
                 f"out_channels must equal in_channels ({in_channels}) for kernel={kernel!r}, "
@@ -58,7 +70,7 @@ class _ConvNNNd(nn.Module):
         if candidates == "window" and window is None:
             raise ValueError("window is required for candidates='window' (an odd int >= 1)")
         self.in_channels, self.out_channels, self.K = in_channels, out_channels, K
-        self.stride, self.padding = stride, padding
+        self.stride, self.padding = self._geometry(stride, padding)
         self.metric, self.candidates, self.num_candidates = metric, candidates, num_candidates
         self.window, self.include_self, self.weighting = window, include_self, weighting
         self.kernel, self.coords, self.lam = kernel, coords, lam
@@ -76,6 +88,28 @@ class _ConvNNNd(nn.Module):
         )
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.reset_parameters()
+
+    @staticmethod
+    def _geometry(stride, padding):
+        return pair("stride", stride, minimum=1), pair("padding", padding)
+
+    def forward(self, x: Tensor, return_indices: bool = False):
+        layout = self._layout.format(c=self.in_channels)
+        check_rank("x", x, layout.count(",") + 1, layout)
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x must have {self.in_channels} channels {layout}, got shape {tuple(x.shape)}"
+            )
+        return self._functional(
+            x,
+            self.weight,
+            self.bias,
+            self.K,
+            self.stride,
+            self.padding,
+            return_indices=return_indices,
+            **self._options(),
+        )
 
     def reset_parameters(self) -> None:
         """The initialisation of ``nn.Conv1d`` with kernel K over the gathered neighbours."""
@@ -143,66 +177,6 @@ class ConvNN2d(_ConvNNNd):
     into the row-major flattened padded map, in slot order.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        K: int = 9,
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
-        bias: bool = True,
-        *,
-        metric: str = "cosine",
-        candidates: str = "all",
-        num_candidates: int | None = None,
-        include_self: bool = True,
-        weighting: str = "none",
-        kernel: str = "standard",
-        coords: str | None = None,
-        lam: float = 0.5,
-        window: int | None = None,
-        selection_dtype: torch.dtype | None = None,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            K,
-            pair("stride", stride, minimum=1),
-            pair("padding", padding),
-            bias,
-            metric=metric,
-            candidates=candidates,
-            num_candidates=num_candidates,
-            window=window,
-            include_self=include_self,
-            weighting=weighting,
-            kernel=kernel,
-            coords=coords,
-            lam=lam,
-            selection_dtype=selection_dtype,
-            device=device,
-            dtype=dtype,
-        )
-
-    def forward(self, x: Tensor, return_indices: bool = False):
-        if x.dim() == 4 and x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"x must have {self.in_channels} channels (B, {self.in_channels}, H, W), got "
-                f"shape {tuple(x.shape)}"
-            )
-        return CF.convnn2d(
-            x,
-            self.weight,
-            self.bias,
-            self.K,
-            self.stride,
-            self.padding,
-            return_indices=return_indices,
-            **self._options(),
-        )
-
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d) -> ConvNN2d:
         """The exact ConvNN equivalent of ``conv`` (metric 'spatial'), weights copied."""
@@ -212,6 +186,9 @@ class ConvNN2d(_ConvNNNd):
 class ConvNN1d(_ConvNNNd):
     """Convolutional Nearest Neighbours over a (B, C, L) sequence map; see :class:`ConvNN2d`."""
 
+    _functional = staticmethod(CF.convnn1d)
+    _layout = "(B, {c}, L)"
+
     def __init__(
         self,
         in_channels: int,
@@ -220,56 +197,14 @@ class ConvNN1d(_ConvNNNd):
         stride: int = 1,
         padding: int = 0,
         bias: bool = True,
-        *,
-        metric: str = "cosine",
-        candidates: str = "all",
-        num_candidates: int | None = None,
-        include_self: bool = True,
-        weighting: str = "none",
-        kernel: str = "standard",
-        coords: str | None = None,
-        lam: float = 0.5,
-        window: int | None = None,
-        selection_dtype: torch.dtype | None = None,
-        device=None,
-        dtype=None,
+        **options,
     ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            K,
-            stride,
-            padding,
-            bias,
-            metric=metric,
-            candidates=candidates,
-            num_candidates=num_candidates,
-            window=window,
-            include_self=include_self,
-            weighting=weighting,
-            kernel=kernel,
-            coords=coords,
-            lam=lam,
-            selection_dtype=selection_dtype,
-            device=device,
-            dtype=dtype,
-        )
+        super().__init__(in_channels, out_channels, K, stride, padding, bias, **options)
 
-    def forward(self, x: Tensor, return_indices: bool = False):
-        if x.dim() == 3 and x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"x must have {self.in_channels} channels (B, {self.in_channels}, L), got "
-                f"shape {tuple(x.shape)}"
-            )
-        return CF.convnn1d(
-            x,
-            self.weight,
-            self.bias,
-            self.K,
-            self.stride,
-            self.padding,
-            return_indices=return_indices,
-            **self._options(),
+    @staticmethod
+    def _geometry(stride, padding):
+        return check_positive_int("stride", stride), check_positive_int(
+            "padding", padding, minimum=0
         )
 
     @classmethod
