@@ -533,6 +533,7 @@ def convnn2d(
     grid = Grid(H, W, ph, pw, sh, sw)
     K = _check_candidates(grid, candidates, num_candidates, window, K, include_self)
     C_out = _check_kernel_weights(kernel, weight, pointwise_weight, C, K)
+    x_select = x  # rank neighbours at the input's precision even under autocast
     x, weight, bias, pointwise_weight = _autocast_cast(
         x, weight, bias, pointwise_weight, device_type=x.device.type
     )
@@ -546,11 +547,12 @@ def convnn2d(
             pad = (shortcut[0] // 2, shortcut[1] // 2)
             return F.conv2d(x, w, bias, (sh, sw), pad, groups=groups)
 
-    values = F.pad(x, (pw, pw, ph, ph)).flatten(2).transpose(1, 2)  # (B, Hp*Wp, C)
-    feats = values
+    tokens = lambda t: F.pad(t, (pw, pw, ph, ph)).flatten(2).transpose(1, 2)  # (B, Hp*Wp, C)
+    values = tokens(x)
+    feats = values if x_select is x else tokens(x_select)
     if coords == "xy":
-        xy = grid.coords(x.device, x.dtype).expand(B, -1, -1)
-        feats = torch.cat([(1 - lam) * values, lam * xy], -1)
+        xy = grid.coords(x.device, feats.dtype).expand(B, -1, -1)
+        feats = torch.cat([(1 - lam) * feats, lam * xy], -1)
     y, idx = _operator(
         values,
         feats[:, grid.index(x.device)],
