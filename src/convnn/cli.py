@@ -7,6 +7,8 @@ a function that adds arguments to its parser and a function that runs it)::
     def _bench(args: argparse.Namespace) -> int: ...
     register("bench", "time the operator's backends", _bench_args, _bench)
 
+or, for a command living in its own module that defines ``add_arguments(parser)`` and
+``run(args)``, one line: ``register_module("verify", "check the special cases", "convnn.verify")``.
 Keep heavy imports inside the run function so ``convnn --help`` stays fast. Any ``ValueError``
 (configuration, dataset, checkpoint problems) is printed as one line ``convnn: error: ...`` and
 the command exits with status 2; set ``CONVNN_TRACEBACK=1`` to see the full traceback instead.
@@ -20,7 +22,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["COMMANDS", "Command", "build_parser", "main", "register"]
+__all__ = ["COMMANDS", "Command", "build_parser", "main", "register", "register_module"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,22 @@ def register(
     """Add (or replace) the subcommand ``name``."""
     COMMANDS[:] = [c for c in COMMANDS if c.name != name]
     COMMANDS.append(Command(name, help, add_args, run, description or help))
+
+
+def register_module(name: str, help: str, module: str) -> None:
+    """Add the subcommand ``name`` implemented by ``module.add_arguments`` and ``module.run``.
+
+    The module is imported only when the parser is built.
+    """
+
+    def add_args(p: argparse.ArgumentParser) -> None:
+        import importlib
+
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+
+    register(name, help, add_args, lambda args: args._run(args))
 
 
 # ---------------------------------------------------------------------------------- shared
@@ -259,6 +277,11 @@ register(
 )
 
 
+register_module(
+    "verify", "check each special case against the PyTorch module it recovers", "convnn.verify"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from convnn import __version__
 
@@ -277,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        cmd.add_args(p)
         p.set_defaults(_run=cmd.run)
+        cmd.add_args(p)
     return parser
 
 

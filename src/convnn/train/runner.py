@@ -305,6 +305,8 @@ class Run:
 
     def _write_outputs(self) -> None:
         write_metrics_csv(self.dir / "metrics.csv", self.history)
+        if not self.history:
+            return
         try:
             from convnn.viz.curves import plot_curves
 
