@@ -377,6 +377,8 @@ class Run:
         cfg, dist_info = self.cfg, self.dist
         if dist_info.is_main:
             os.makedirs(self.dir, exist_ok=True)
+            for stale in self.dir.glob(".*.tmp*"):  # left by a process killed mid-write
+                stale.unlink(missing_ok=True)
             save_config(cfg, self.dir / "config.yaml")
             self._write_outputs()
         _say(
@@ -466,8 +468,10 @@ def train_seeds(
     """One run per seed (``<name>-seed<k>``), then a mean +- std line over the seeds."""
     dist_info = dist_info or init_distributed(cfg.train.device)
     base = cfg.output.name or broadcast_object(default_run_name(cfg))
-    if resume not in (None, "auto"):
-        raise ConfigError("with --seeds, use --resume without a path (runs are found by name)")
+    if resume not in (None, "auto") or (resume and not cfg.output.name):
+        raise ConfigError(
+            "with --seeds, resume by name: pass --resume --name NAME (runs are NAME-seed<k>)"
+        )
     summaries = []
     for seed in seeds:
         run_cfg = copy.deepcopy(cfg)
