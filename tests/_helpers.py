@@ -118,3 +118,26 @@ def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def padded_tokens(x: torch.Tensor, padding: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, Hp * Wp, C): the zero-padded map flattened row-major."""
     return F.pad(x, (padding,) * 4).flatten(2).transpose(1, 2)
+
+
+def feature_convnn(x, weight, bias, K: int, metric: str = "cosine") -> torch.Tensor:
+    """Independent ConvNN2d (padding 0, stride 1, include_self, candidates 'all', kernel
+    'standard'): each position aggregates itself and its K - 1 most similar others.
+
+    x (B, C, H, W), weight (C_out, C, K) -> (B, C_out, H, W).
+    """
+    B, C, H, W = x.shape
+    tokens = padded_tokens(x, 0)
+    sims = similarity(metric, tokens, tokens)
+    sims = sims + torch.diag(torch.full((H * W,), float("inf"), dtype=sims.dtype))
+    idx = sims.topk(K, dim=-1).indices  # self first, then descending similarity
+    y = torch.einsum("bnkc,ock->bon", gather_tokens(tokens, idx), weight)
+    if bias is not None:
+        y = y + bias[:, None]
+    return y.view(B, -1, H, W)
+
+
+def mhsa(x, qkv_weight, qkv_bias, heads: int, K: int | None = None) -> torch.Tensor:
+    """Multi-head self-attention (top-K when K is given) before the output projection."""
+    q, k, v = qkv_heads(x, qkv_weight, qkv_bias, heads)
+    return topk_attention(q, k, v, q.shape[2] if K is None else K)
