@@ -138,7 +138,7 @@ def convert(
                 inner.proj.load_state_dict(exact.proj.state_dict(), strict=False)
             new = SelfAttentionAdapter(inner)
         if new is not None:
-            _set_submodule(model, name, new.to(next(module.parameters()).device))
+            _set_submodule(model, name, new.to(next(module.parameters())))  # device and dtype
             report.replaced.append((name, type(module).__name__, type(new).__name__))
     return report
 
