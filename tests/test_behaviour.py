@@ -1,0 +1,185 @@
+"""Behaviour: stateless modules, determinism, autocast and torch.compile."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _helpers import BACKENDS, F64, max_diff, on_backend, randn
+from torch import nn
+
+from convnn import ConvNN2d, ConvNNAttention
+
+CONV_CONFIGS = {
+    "cosine-all": dict(K=4),
+    "euclidean-softmax-pad": dict(K=5, metric="euclidean", weighting="softmax", padding=1),
+    "random": dict(K=3, candidates="random", num_candidates=6),
+    "grid": dict(K=3, candidates="grid", num_candidates=6, stride=2),
+    "window": dict(K=4, candidates="window", window=3, kernel="depthwise"),
+    "spatial": dict(K=9, metric="spatial", padding=1, stride=2),
+    "coords": dict(K=4, coords="xy", lam=0.4, kernel="separable"),
+}
+SIZES = [(5, 5), (7, 4), (3, 9), (5, 5), (6, 6), (7, 4)]
+
+
+def _conv(name, c_out=3):
+    kwargs = CONV_CONFIGS[name]
+    c_out = 3 if kwargs.get("kernel") in ("depthwise", "none") else c_out
+    torch.manual_seed(0)
+    return ConvNN2d(3, c_out, **kwargs).to(F64).eval()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CONV_CONFIGS))
+def test_conv_is_stateless_across_sizes(backend, name):
+    layer = _conv(name)
+    state = dict(vars(layer))
+    with on_backend(backend):
+        for i, hw in enumerate(SIZES):
+            x = randn(2, 3, *hw, seed=i)
+            fresh = _conv(name)
+            fresh.load_state_dict(layer.state_dict())
+            y = layer(x)
+            assert torch.equal(y, fresh(x)), hw
+    assert list(layer.buffers()) == []
+    assert vars(layer).keys() == state.keys(), "forward must not add attributes"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [dict(K=None, kernel="none"), dict(K=3), dict(K=4)])
+def test_attention_is_stateless_across_lengths(backend, options):
+    torch.manual_seed(0)
+    layer = ConvNNAttention(8, 2, **options).to(F64).eval()
+    with on_backend(backend):
+        for i, N in enumerate([9, 5, 16, 9, 7]):
+            x = randn(2, N, 8, seed=i)
+            fresh = copy.deepcopy(layer)
+            assert torch.equal(layer(x), fresh(x))
+    assert list(layer.buffers()) == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CONV_CONFIGS))
+def test_deterministic(backend, name):
+    layer = _conv(name)
+    x = randn(2, 3, 6, 5, seed=3)
+    with on_backend(backend):
+        first = layer(x)
+        torch.manual_seed(99)  # eval mode must not depend on the global RNG
+        second = layer(x)
+    assert torch.equal(first, second)
+
+
+def test_window_attention_on_map_sizes():
+    """The same layer lays tokens out as any (h, w) map it is given."""
+    torch.manual_seed(0)
+    layer = ConvNNAttention(6, 2, K=9, kernel="none", candidates="window", window=3)
+    layer = layer.to(F64).eval()
+    for hw in [(4, 5), (5, 4), (3, 3), (6, 6)]:
+        x = randn(1, hw[0] * hw[1], 6, seed=hw[0])
+        assert layer(x, hw=hw).shape == x.shape
+
+
+# --------------------------------------------------------------------------- autocast
+
+
+def _bf16_close(y_amp, y_ref):
+    assert y_amp.dtype == torch.bfloat16
+    assert y_amp.isfinite().all()
+    scale = y_ref.abs().max().item()
+    assert max_diff(y_amp, y_ref) <= 3e-2 * scale, (max_diff(y_amp, y_ref), scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["cosine-all", "euclidean-softmax-pad", "window", "spatial"])
+def test_conv_under_autocast(backend, name):
+    layer = _conv(name).float().train()
+    x = randn(2, 3, 6, 7, seed=4, dtype=torch.float32).requires_grad_()
+    with on_backend(backend):
+        ref = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        _bf16_close(y, ref)
+        y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and x.grad.isfinite().all()
+    assert all(p.grad.dtype == torch.float32 for p in layer.parameters())
+
+
+def test_from_conv2d_under_autocast_matches_conv2d():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, 1, 1)
+    layer = ConvNN2d.from_conv2d(conv)
+    x = randn(2, 3, 6, 7, seed=5, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = conv(x)
+        for backend in BACKENDS:
+            with on_backend(backend):
+                y = layer(x)
+            assert y.dtype == ref.dtype == torch.bfloat16
+            assert max_diff(y, ref) <= 2e-2 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "options",
+    [dict(K=None, kernel="none"), dict(K=4, kernel="none"), dict(K=4), dict(K=16, kernel="none")],
+)
+def test_attention_under_autocast(backend, options):
+    torch.manual_seed(0)
+    layer = ConvNNAttention(16, 2, qkv_bias=True, **options).eval()
+    x = randn(2, 16, 16, seed=6, dtype=torch.float32)
+    with on_backend(backend):
+        ref = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+    _bf16_close(y, ref)
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compile_conv(fresh_dynamo):
+    layer = _conv("cosine-all")
+    compiled = torch.compile(layer, backend="aot_eager")
+    for i, hw in enumerate([(5, 6), (5, 6), (4, 7)]):  # a new size recompiles, no stale shapes
+        x = randn(2, 3, *hw, seed=i)
+        assert max_diff(compiled(x), layer(x)) < 1e-12
+
+
+def test_compile_attention(fresh_dynamo):
+    torch.manual_seed(0)
+    layer = ConvNNAttention(8, 2, K=3).to(F64).eval()
+    compiled = torch.compile(layer, backend="aot_eager")
+    for i, N in enumerate([9, 9, 12]):
+        x = randn(2, N, 8, seed=i)
+        assert max_diff(compiled(x), layer(x)) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_compile_fullgraph(fresh_dynamo, backend):
+    """DESIGN: the layers trace without graph breaks (dispatch included)."""
+    torch.manual_seed(0)
+    conv = ConvNN2d(3, 3, K=4, weighting="softmax").to(F64).eval()
+    attention = ConvNNAttention(8, 2, K=3).to(F64).eval()
+    with on_backend(backend):
+        for layer, x in ((conv, randn(1, 3, 4, 5)), (attention, randn(1, 6, 8))):
+            compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+            assert max_diff(compiled(x), layer(x)) < 1e-12
+
+
+def test_compile_backward(fresh_dynamo):
+    """Gradients through the compiled chunked aggregation match eager."""
+    layer = _conv("euclidean-softmax-pad")
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = randn(1, 3, 5, 5, seed=7).requires_grad_()
+    (g_eager,) = torch.autograd.grad(layer(x).sum(), x)
+    (g_comp,) = torch.autograd.grad(compiled(x).sum(), x)
+    assert max_diff(g_eager, g_comp) < 1e-12
