@@ -32,24 +32,33 @@ ATTN_TOL = 1e-8
 # --------------------------------------------------------------------------- convolution
 
 
+# dim -> (PyTorch module, its ConvNN conversion, an input size: non-square for 2-D)
+CONVS = {
+    1: (nn.Conv1d, ConvNN1d.from_conv1d, (11,)),
+    2: (nn.Conv2d, ConvNN2d.from_conv2d, (9, 13)),
+}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dim", [1, 2])
 @pytest.mark.parametrize("k", [1, 3, 5, 7])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("depthwise", [False, True])
-def test_from_conv2d_equals_conv2d(backend, k, stride, bias, depthwise):
+def test_from_conv_equals_conv(backend, dim, k, stride, bias, depthwise):
     torch.manual_seed(k * 10 + stride)
+    conv_cls, from_conv, size = CONVS[dim]
     c_in, c_out = (4, 4) if depthwise else (3, 5)
-    conv = nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=bias, groups=c_in if depthwise else 1)
-    conv = conv.to(F64)
-    layer = ConvNN2d.from_conv2d(conv)
-    assert layer.metric == "spatial" and layer.K == k * k
+    groups = c_in if depthwise else 1
+    conv = conv_cls(c_in, c_out, k, stride, k // 2, bias=bias, groups=groups).to(F64)
+    layer = from_conv(conv)
+    assert layer.metric == "spatial" and layer.K == k**dim
     assert layer.kernel == ("depthwise" if depthwise else "standard")
-    x = randn(2, c_in, 9, 13, seed=k + stride)
+    x = randn(2, c_in, *size, seed=k + stride)
     with on_backend(backend):
         y = layer(x)
     ref = conv(x)
-    assert y.shape == ref.shape == (2, c_out, -(-9 // stride), -(-13 // stride))
+    assert y.shape == ref.shape == (2, c_out, *(-(-n // stride) for n in size))
     assert max_diff(y, ref) < CONV_TOL
 
 
@@ -65,25 +74,6 @@ def test_from_conv2d_thin_maps_and_uneven_strides(backend, hw, stride):
     with on_backend(backend):
         y = layer(x)
     assert max_diff(y, conv(x)) < CONV_TOL
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("k", [1, 3, 5, 7])
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("depthwise", [False, True])
-def test_from_conv1d_equals_conv1d(backend, k, stride, bias, depthwise):
-    torch.manual_seed(k * 10 + stride)
-    c_in, c_out = (4, 4) if depthwise else (3, 5)
-    conv = nn.Conv1d(c_in, c_out, k, stride, k // 2, bias=bias, groups=c_in if depthwise else 1)
-    conv = conv.to(F64)
-    layer = ConvNN1d.from_conv1d(conv)
-    x = randn(2, c_in, 11, seed=k)
-    with on_backend(backend):
-        y = layer(x)
-    ref = conv(x)
-    assert y.shape == ref.shape
-    assert max_diff(y, ref) < CONV_TOL
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
