@@ -52,15 +52,16 @@ def similarity(metric: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def natten_mask(H: int, W: int, window: int) -> torch.Tensor:
-    """(N, N) bool: query (r, c) may attend the window x window block starting at
-    (clamp(r - window // 2, 0, H - window), clamp(c - window // 2, 0, W - window))."""
+    """(N, N) bool: query (r, c) may attend the wh x window block starting at
+    (clamp(r - wh // 2, 0, H - wh), clamp(c - window // 2, 0, W - window)), where the
+    block is one row high on a 1 x W map (a sequence) and wh = window otherwise."""
     mask = torch.zeros(H * W, H * W, dtype=torch.bool)
-    half = window // 2
+    wh = 1 if H == 1 else window
     for r in range(H):
         for c in range(W):
-            r0 = min(max(r - half, 0), H - window)
-            c0 = min(max(c - half, 0), W - window)
-            for rr in range(r0, r0 + window):
+            r0 = min(max(r - wh // 2, 0), H - wh)
+            c0 = min(max(c - window // 2, 0), W - window)
+            for rr in range(r0, r0 + wh):
                 for cc in range(c0, c0 + window):
                     mask[r * W + c, rr * W + cc] = True
     return mask

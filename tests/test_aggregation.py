@@ -269,3 +269,16 @@ def test_topk_grouped_is_exact(K):
     ref = scores.topk(K, dim=-1).values
     assert torch.equal(vals.sort(-1, descending=True).values, ref)
     assert torch.equal(scores.gather(-1, idx), vals)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_chunked_matches_reference_on_a_large_map(metric):
+    """2500 tokens: the streaming selection takes its grouped top-K path at default sizes."""
+    x = randn(1, 4, 50, 50, seed=21)
+    weight = randn(5, 4, 9, seed=22)
+    out = [
+        convnn2d(x, weight, None, 9, metric=metric, backend=b, return_indices=True)
+        for b in ("reference", "chunked")
+    ]
+    assert torch.equal(out[0][1], out[1][1])
+    assert max_diff(out[0][0], out[1][0]) < TOL

@@ -71,6 +71,21 @@ def test_deterministic(backend, name):
     assert torch.equal(first, second)
 
 
+def test_attention_dropout_only_in_training():
+    torch.manual_seed(0)
+    layer = ConvNNAttention(8, 2, K=4, attn_drop=0.5).to(F64)
+    plain = copy.deepcopy(layer)
+    plain.attn_drop.p = 0.0
+    x = randn(2, 9, 8, seed=12)
+    assert torch.equal(layer.eval()(x), plain.eval()(x))
+    layer.train()
+    torch.manual_seed(5)
+    a = layer(x)
+    torch.manual_seed(5)
+    assert torch.equal(a, layer(x)), "dropout must follow the seeded global RNG"
+    assert max_diff(a, plain(x)) > 1e-3, "attention dropout must act in training"
+
+
 def test_window_attention_on_map_sizes():
     """The same layer lays tokens out as any (h, w) map it is given."""
     torch.manual_seed(0)

@@ -119,6 +119,22 @@ def test_from_attention_equals_multihead_attention(backend, heads, bias, N):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_attention_gradients_equal_multihead_attention(backend, bias):
+    mha = _mha(8, 2, bias, seed=7)
+    layer = ConvNNAttention.from_attention(mha).eval()
+    x = randn(2, 6, 8, seed=8).requires_grad_()
+    g = randn(2, 6, 8, seed=9)
+    with on_backend(backend):
+        got = torch.autograd.grad(layer(x), [x, layer.qkv.weight, layer.proj.weight], g)
+    want = torch.autograd.grad(
+        mha(x, x, x, need_weights=False)[0], [x, mha.in_proj_weight, mha.out_proj.weight], g
+    )
+    for a, b in zip(got, want):
+        assert max_diff(a, b) < ATTN_TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("K", [1, 3, 6, 11])
 @pytest.mark.parametrize("heads", [1, 3])
 def test_functional_topk_attention_equals_kvt(backend, K, heads):
@@ -155,6 +171,16 @@ def test_window_attention_equals_neighbourhood_attention(backend, hw, window, to
         y = convnn_attention(q, k, v, K, candidates="window", window=window, hw=hw)
     ref = topk_attention(q, k, v, K, mask=natten_mask(H, W, window))
     assert max_diff(y, ref) < ATTN_TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [1, 3, 5])
+def test_window_attention_on_a_sequence(backend, window):
+    """N = 11 is not a square: the tokens form a 1 x N row and the window is 1-D."""
+    q, k, v = (randn(2, 2, 11, 3, seed=s) for s in (1, 2, 3))
+    with on_backend(backend):
+        y = convnn_attention(q, k, v, window, candidates="window", window=window)
+    assert max_diff(y, topk_attention(q, k, v, window, mask=natten_mask(1, 11, window))) < ATTN_TOL
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
