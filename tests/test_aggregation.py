@@ -282,3 +282,27 @@ def test_chunked_matches_reference_on_a_large_map(metric):
     ]
     assert torch.equal(out[0][1], out[1][1])
     assert max_diff(out[0][0], out[1][0]) < TOL
+
+
+@pytest.mark.parametrize("candidates", ["all", "window", "grid"])
+@pytest.mark.parametrize("metric", ["euclidean", "dot"])
+@pytest.mark.parametrize("K", [3, 5])
+def test_backends_agree_on_exact_ties(candidates, metric, K):
+    """coords='xy' with lam = 1 ranks by position alone, so equidistant neighbours tie
+    exactly; every backend must keep the same ones (the lower index, as the reference does)."""
+    x = randn(1, 2, 5, 5, seed=23)
+    options = dict(
+        metric=metric,
+        candidates=candidates,
+        window=3 if candidates == "window" else None,
+        num_candidates=16 if candidates == "grid" else None,
+        coords="xy",
+        lam=1.0,
+        kernel="none",
+        include_self=False,
+        return_indices=True,
+    )
+    y_ref, idx_ref = convnn2d(x, None, None, K, backend="reference", **options)
+    y, idx = convnn2d(x, None, None, K, backend="chunked", **options)
+    assert torch.equal(idx, idx_ref)
+    assert max_diff(y, y_ref) < TOL

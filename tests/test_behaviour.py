@@ -86,6 +86,27 @@ def test_attention_dropout_only_in_training():
     assert max_diff(a, plain(x)) > 1e-3, "attention dropout must act in training"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["cosine-all", "random", "window", "spatial"])
+def test_conv_empty_batch(backend, name):
+    """Like nn.Conv2d, a batch of zero images gives zero outputs of the right shape."""
+    layer = _conv(name)
+    stride = CONV_CONFIGS[name].get("stride", 1)
+    with on_backend(backend):
+        y = layer(randn(0, 3, 5, 6))
+    assert y.shape == (0, layer.out_channels, -(-5 // stride), -(-6 // stride))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("K", [None, 3])
+def test_attention_empty_batch(backend, K):
+    """Like nn.MultiheadAttention, a batch of zero sequences gives an empty output."""
+    torch.manual_seed(0)
+    layer = ConvNNAttention(8, 2, K=K, kernel="none").to(F64).eval()
+    with on_backend(backend):
+        assert layer(randn(0, 9, 8)).shape == (0, 9, 8)
+
+
 def test_window_attention_on_map_sizes():
     """The same layer lays tokens out as any (h, w) map it is given."""
     torch.manual_seed(0)
