@@ -9,7 +9,7 @@ import torch
 from _helpers import F64, max_diff, on_backend, randn
 from torch.autograd import gradcheck
 
-from convnn import ConvNN2d
+from convnn import ConvNN1d, ConvNN2d
 from convnn.backends import chunked
 from convnn.functional import (
     Grid,
@@ -306,3 +306,45 @@ def test_backends_agree_on_exact_ties(candidates, metric, K):
     y, idx = convnn2d(x, None, None, K, backend="chunked", **options)
     assert torch.equal(idx, idx_ref)
     assert max_diff(y, y_ref) < TOL
+
+
+def _random_conv1d_config(rng: random.Random) -> dict:
+    L, padding, stride = rng.randint(3, 12), rng.choice([0, 1, 2]), rng.choice([1, 2, 3])
+    candidates = rng.choice(["all", "random", "grid", "window"])
+    cfg = dict(
+        stride=stride,
+        padding=padding,
+        metric=rng.choice(["cosine", "euclidean", "dot", "scaled_dot", "spatial"]),
+        candidates=candidates,
+        kernel=rng.choice(KERNELS),
+        weighting=rng.choice(["none", "softmax"]),
+        include_self=rng.choice([True, False]),
+        num_candidates=rng.randint(2, L) if candidates in ("random", "grid") else None,
+        window=rng.choice([1, 3]) if candidates == "window" else None,
+    )
+    grid = Grid(1, L, 0, padding, 1, stride)
+    count = candidate_count(grid, candidates, cfg["num_candidates"], cfg["window"])
+    return dict(cfg, K=rng.randint(1, min(count, 5)), L=L)
+
+
+CONV1D_CONFIGS = [_random_conv1d_config(random.Random(200 + i)) for i in range(24)]
+
+
+@pytest.mark.parametrize("i", range(len(CONV1D_CONFIGS)))
+def test_backends_agree_on_random_conv1d_configs(i):
+    """Sequences are 1 x L maps: 1-D windows, lattices and padding on one axis."""
+    cfg = dict(CONV1D_CONFIGS[i])
+    L = cfg.pop("L")
+    c_out = 4 if cfg["kernel"] in ("standard", "separable") else 3
+    results = []
+    for backend in ("reference", "chunked"):
+        torch.manual_seed(i)
+        layer = ConvNN1d(3, c_out, **cfg).to(F64).eval()
+        x = randn(2, 3, L, seed=i).requires_grad_()
+        with on_backend(backend):
+            y = layer(x)
+            results.append(
+                (y, *torch.autograd.grad(y, [x, *layer.parameters()], torch.ones_like(y)))
+            )
+    for a, b in zip(*results):
+        assert max_diff(a, b) < TOL, cfg
