@@ -305,3 +305,15 @@ def test_nan_under_spatial_metric_matches_conv(backend):
     assert torch.equal(y.isnan(), ref.isnan())
     finite = ref.isfinite()
     assert max_diff(y[finite], ref[finite]) < 1e-9
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_random_candidates_are_original_positions(training):
+    """With padding, random candidates are drawn from the unpadded map only."""
+    layer = _random_layer(num=10, padding=2).to(F64).train(training)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        _, idx = layer(randn(1, 2, 4, 5, seed=seed), return_indices=True)
+        rows, cols = idx.div(5 + 4, rounding_mode="floor") - 2, idx % (5 + 4) - 2
+        assert rows.min() >= 0 and rows.max() < 4 and cols.min() >= 0 and cols.max() < 5
+        assert len(set(idx[0].flatten().tolist())) == 10
