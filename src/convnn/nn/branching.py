@@ -34,6 +34,7 @@ class Branching2d(nn.Module):
         ratio: float = 0.5,
         K: int = 9,
         stride: int = 1,
+        padding: int = 0,
         bias: bool = True,
         **convnn_kwargs,
     ) -> None:
@@ -43,7 +44,7 @@ class Branching2d(nn.Module):
         c_nn = _split("ratio", ratio, out_channels)
         self.ratio, self.out_channels = ratio, out_channels
         self.convnn = (
-            ConvNN2d(in_channels, c_nn, K, stride, bias=bias, **convnn_kwargs) if c_nn else None
+            ConvNN2d(in_channels, c_nn, K, stride, padding, bias, **convnn_kwargs) if c_nn else None
         )
         c_conv = out_channels - c_nn
         self.conv = (

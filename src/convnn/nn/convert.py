@@ -65,7 +65,14 @@ def make_conv_layer(conv: nn.Conv2d, layer: str, **kwargs) -> nn.Module:
     if layer == "exact":
         return ConvNN2d.from_conv2d(conv)
     args = (conv.in_channels, conv.out_channels)
-    kwargs = {"stride": conv.stride[0], "bias": conv.bias is not None, **kwargs}
+    # Keep the convolution's 'same' zero padding as zero candidates, so K = k*k stays valid
+    # on maps as small as 1x1.
+    kwargs = {
+        "stride": conv.stride[0],
+        "bias": conv.bias is not None,
+        "padding": conv.padding[0],
+        **kwargs,
+    }
     if layer == "branching":
         return Branching2d(*args, kernel_size=conv.kernel_size[0], **kwargs)
     return ConvNN2d(*args, **kwargs)
