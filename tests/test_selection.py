@@ -317,3 +317,19 @@ def test_random_candidates_are_original_positions(training):
         rows, cols = idx.div(5 + 4, rounding_mode="floor") - 2, idx % (5 + 4) - 2
         assert rows.min() >= 0 and rows.max() < 4 and cols.min() >= 0 and cols.max() < 5
         assert len(set(idx[0].flatten().tolist())) == 10
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_topk_low_ties_keeps_lower_indices(compiled):
+    """Scores drawn from four values tie everywhere: the K kept are the K first of a stable
+    descending sort, in eager mode and in a compiled graph (which takes a branch-free path)."""
+    from convnn.backends._common import topk_low_ties
+
+    torch._dynamo.reset()
+    scores = torch.randint(0, 4, (3, 5, 40), generator=torch.Generator().manual_seed(0)).double()
+    fn = torch.compile(topk_low_ties, backend="aot_eager", fullgraph=True) if compiled else None
+    vals, idx = (fn or topk_low_ties)(scores, 7)
+    want = scores.sort(dim=-1, descending=True, stable=True).indices[..., :7]
+    assert torch.equal(idx.sort(-1).values, want.sort(-1).values)
+    assert torch.equal(vals, scores.gather(-1, idx))
+    torch._dynamo.reset()

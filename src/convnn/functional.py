@@ -219,7 +219,7 @@ def _gather_scores(metric: str, query: Tensor, key: Tensor, indices: Tensor) -> 
     """
     B, N, K = indices.shape
     picked = key.gather(1, indices.reshape(B, N * K, 1).expand(-1, -1, key.shape[-1]))
-    picked = picked.view(B, N, K, -1)
+    picked = picked.view(B, N, K, key.shape[-1])
     q = query[:, :, None]
     if metric == "cosine":
         return (F.normalize(q, dim=-1, eps=1e-12) * F.normalize(picked, dim=-1, eps=1e-12)).sum(-1)
@@ -399,6 +399,7 @@ def _operator(
     k_feat: Tensor,
     grid: Grid,
     *,
+    groups: int,
     K: int,
     metric: str,
     candidates: str,
@@ -419,7 +420,7 @@ def _operator(
     """candidates -> selection -> weighting -> aggregation.
 
     values (B, M, C) tokens of the padded map; q_feat (B*G, N, D) / k_feat (B*G, M, D)
-    selection features of the queries / all tokens (ignored for 'spatial').
+    selection features of the queries / all tokens (ignored for 'spatial'), G = groups.
     Returns y (B, N, C_out) and indices (B, G, N, K) into the padded map.
     """
     device = values.device
@@ -451,7 +452,7 @@ def _operator(
             self_index=self_index,
             include_self=include_self,
         )
-    B, G = values.shape[0], q_feat.shape[0] // values.shape[0]
+    B, G = values.shape[0], groups
     idx = idx.expand(B * G, -1, -1)
 
     rho = None
@@ -558,6 +559,7 @@ def convnn2d(
         feats[:, grid.index(x.device)],
         feats,
         grid,
+        groups=1,
         K=K,
         metric=metric,
         candidates=candidates,
@@ -669,6 +671,7 @@ def convnn_attention(
         q.reshape(B * G, N, d),
         k.reshape(B * G, N, d),
         grid,
+        groups=G,
         K=K,
         metric=metric,
         candidates=candidates,

@@ -52,6 +52,35 @@ def spatial_keys(pos_q: Tensor, pos_k: Tensor, grid: tuple[int, int]) -> Tensor:
     return -((cheb * scale + sq) * float(grid[0] * grid[1]) + pos_k[..., 2])
 
 
+def topk_low_ties(scores: Tensor, K: int, topk=None) -> tuple[Tensor, Tensor]:
+    """Top-K of the last dim (unsorted) where a tie at the K-th score keeps the lower index.
+
+    ``topk(scores, K)`` finds a top-K with arbitrary ties (default ``torch.topk``); only rows
+    where it left out a score equal to its K-th are redone. Eager code redoes just those rows;
+    a compiled graph (no data-dependent branches) redoes every row without sorting.
+    scores (..., M) -> values (..., K), positions (..., K).
+    """
+    vals, idx = (topk or _topk)(scores, K)
+    kth = vals.amin(-1, keepdim=True)
+    left_out = (scores == kth).sum(-1) > (vals == kth).sum(-1)  # (...,): NaN rows never
+    if torch.compiler.is_compiling():
+        above = scores > kth
+        ties = (scores == kth).cumsum(-1) <= K - above.sum(-1, keepdim=True)
+        keep = above | ((scores == kth) & ties)  # exactly K per row
+        fixed = keep.to(torch.uint8).topk(K, dim=-1).indices
+        idx = torch.where(left_out[..., None], fixed, idx)
+        return scores.gather(-1, idx), idx
+    if left_out.any():
+        rows = left_out.nonzero(as_tuple=True)
+        v, i = scores[rows].sort(dim=-1, descending=True, stable=True)
+        vals[rows], idx[rows] = v[..., :K], i[..., :K]
+    return vals, idx
+
+
+def _topk(scores: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    return scores.topk(K, dim=-1, sorted=False)
+
+
 def canonical_order(scores: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
     """Sort the last dim by descending score, ties by lower index: (..., K) -> (..., K)."""
     indices, perm = indices.sort(-1)

@@ -17,6 +17,7 @@ from ._common import (
     group_gather,
     group_scatter,
     spatial_keys,
+    topk_low_ties,
 )
 
 name = "chunked"
@@ -86,7 +87,7 @@ def select(
         B = max(query.shape[0], key.shape[0])
         N, M = query.shape[1], key.shape[1]
         kb = min(M, max(K, KEY_BLOCK))
-        qb = max(32, BLOCK_ELEMENTS // (B * kb))
+        qb = max(32, BLOCK_ELEMENTS // max(1, B * kb))
         out = torch.empty(B, N, K, dtype=torch.long, device=query.device)
         for n0 in range(0, N, qb):
             q = query[:, n0 : n0 + qb]
@@ -94,14 +95,14 @@ def select(
             best_s = best_i = None
             for m0 in range(0, M, kb):
                 s = _mask_excluded(_block_scores(q, key[:, m0 : m0 + kb], spatial_grid), ex, m0)
-                s, i = topk_grouped(s, min(K, s.shape[-1]))
+                s, i = canonical_order(*topk_low_ties(s, min(K, s.shape[-1]), topk_grouped))
                 i = i + m0
-                if best_s is not None:  # merge into the running top-K
+                if best_s is not None:  # merge; a stable sort keeps earlier (lower) indices first
                     s, i = torch.cat([best_s, s], -1), torch.cat([best_i, i], -1)
-                    s, pos = s.topk(K, dim=-1, sorted=False)
-                    i = i.gather(-1, pos)
+                    s, pos = s.sort(dim=-1, descending=True, stable=True)
+                    s, i = s[..., :K], i.gather(-1, pos[..., :K])
                 best_s, best_i = s, i
-            out[:, n0 : n0 + qb] = canonical_order(best_s, best_i)[1]
+            out[:, n0 : n0 + qb] = best_i
         return out
 
 
@@ -109,7 +110,7 @@ def _select_window(query, key, K, spatial_grid, exclude, window):
     """Per-query candidate lists (N, W): score only the W candidates of each query."""
     B = max(query.shape[0], key.shape[0])
     N, W = window.shape
-    qb = max(1, BLOCK_ELEMENTS // (B * W * key.shape[-1]))
+    qb = max(1, BLOCK_ELEMENTS // max(1, B * W * key.shape[-1]))
     out = torch.empty(B, N, K, dtype=torch.long, device=query.device)
     for n0 in range(0, N, qb):
         w = window[n0 : n0 + qb]  # (n, W)
@@ -120,7 +121,7 @@ def _select_window(query, key, K, spatial_grid, exclude, window):
             s = torch.einsum("bnd,bnwd->bnw", q, key[:, w])
         if exclude is not None:
             s = _mask_excluded(s, w - exclude[n0 : n0 + qb, None], 0)
-        s, pos = s.topk(K, dim=-1, sorted=False)
+        s, pos = topk_low_ties(s, K)  # window columns ascend in index
         idx = w.expand(s.shape[0], -1, -1).gather(-1, pos)
         out[:, n0 : n0 + qb] = canonical_order(s, idx)[1]
     return out
@@ -145,7 +146,7 @@ class _Aggregate(torch.autograd.Function):
         w = None if weight is None else weight.to(acc)
         c_out = C if weight is None or kernel == "depthwise" else weight.shape[0]
         out = values.new_empty(B, N, c_out)
-        nb = max(1, BLOCK_ELEMENTS // (B * K * C))
+        nb = max(1, BLOCK_ELEMENTS // max(1, B * K * C))
         for n0 in range(0, N, nb):
             prime = group_gather(values, indices[:, :, n0 : n0 + nb]).to(acc)
             if rho is not None:

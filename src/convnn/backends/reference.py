@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import canonical_order, expand_groups, group_gather, spatial_keys
+from ._common import canonical_order, expand_groups, group_gather, spatial_keys, topk_low_ties
 
 name = "reference"
 
@@ -33,11 +33,8 @@ def select(
     exclude: Tensor | None = None,
     window: Tensor | None = None,
 ) -> Tensor:
-    """Indices (B, N, K) of the K best keys per query, descending score, ties by lower index.
-
-    Which of several candidates tied *exactly* at the K-th score is kept is up to
-    ``torch.topk`` (every backend shares this; the output is the same when the tied tokens
-    are identical, as zero padding is).
+    """Indices (B, N, K) of the K best keys per query, descending score, ties by lower index
+    (also among candidates tied at the K-th score: the lower indices are kept).
 
     window: (N, W) per-query candidate keys (default all M); exclude: (N,) a key each query
     may not pick (-1 for none).
@@ -52,7 +49,7 @@ def select(
             rows = (exclude >= 0).nonzero().squeeze(1)
             blocked[rows, exclude[rows]] = True
         scores = scores.masked_fill(blocked, float("-inf"))
-        return canonical_order(*scores.topk(K, dim=-1))[1]
+        return canonical_order(*topk_low_ties(scores, K))[1]
 
 
 def aggregate(
