@@ -1,0 +1,188 @@
+"""The ``convnn`` command: help, one-line errors with exit status 2, eval, compare, demo recipe."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from convnn import cli
+from convnn.train.checkpoint import CheckpointError
+from convnn.train.config import config_from_dict, config_to_dict
+from convnn.train.demo import DEMO_RECIPE
+
+ROOT = Path(__file__).parents[1]
+TINY = [
+    "model.name=resnet18",
+    "model.img_size=8",
+    "data.batch_size=32",
+    "train.max_steps_per_epoch=3",
+    "train.epochs=2",
+    "train.num_threads=1",
+    "output.progress=false",
+]
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _one_line_error(err: str, *needles: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("convnn: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One tiny finished run, shared by the tests below."""
+    out = tmp_path_factory.mktemp("runs")
+    assert cli.main(["train", "--set", *TINY, "--out-dir", str(out), "--name", "tiny"]) == 0
+    return out / "tiny"
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["compare"], ["demo"], ["verify"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([*command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: convnn" in out
+    if command == ["train"]:
+        assert "--resume" in out and "--seeds" in out and "optim:" in out
+
+
+def test_console_script_entry_point():
+    proc = subprocess.run(
+        [sys.executable, "-m", "convnn.cli", "train", "--set", "optim.lrr=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    _one_line_error(proc.stderr, "unknown config key 'optim.lrr'", "valid keys", "optim.lr")
+
+
+def test_print_config_applies_file_and_overrides(tmp_path, capsys):
+    code, out, _ = _run(
+        capsys,
+        "train",
+        "-c",
+        str(ROOT / "configs" / "vgg11_cifar10_branching.yaml"),
+        "--set",
+        "optim.lr=5e-4",
+        "--epochs",
+        "3",
+        "--print-config",
+    )
+    cfg = yaml.safe_load(out)
+    assert code == 0 and cfg["model"]["layer"] == "branching" and cfg["optim"]["lr"] == 5e-4
+    assert cfg["train"]["epochs"] == 3 and cfg["data"]["batch_size"] == 256
+
+
+def test_missing_and_corrupt_cifar_archives(tmp_path, capsys):
+    code, _, err = _run(
+        capsys, "train", "--set", "data.dataset=cifar10", "--data-dir", str(tmp_path / "none")
+    )
+    assert code == 2
+    _one_line_error(err, "cifar")
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tar archive")
+    code, _, err = _run(
+        capsys, "train", "--set", "data.dataset=cifar10", "--data-dir", str(tmp_path)
+    )
+    assert code == 2
+    _one_line_error(err, "cifar")
+
+
+def test_missing_config_file(capsys):
+    code, _, err = _run(capsys, "train", "-c", "no/such/recipe.yaml")
+    assert code == 2
+    _one_line_error(err, "not found")
+
+
+def test_eval_compare_and_outputs(trained, tmp_path, capsys):
+    code, out, _ = _run(capsys, "eval", str(trained))
+    assert code == 0 and out.startswith("test acc ")
+    code, out, _ = _run(capsys, "eval", str(trained / "checkpoint.safetensors"), "--split", "val")
+    assert code == 0 and out.startswith("val acc ")
+    png = tmp_path / "cmp.png"
+    code, out, _ = _run(capsys, "compare", str(trained), str(trained), "--out", str(png))
+    assert code == 0 and png.stat().st_size > 0
+    header = out.splitlines()[0].split()
+    assert header[:4] == ["run", "model", "layer", "params"] and "test" in header
+    assert "resnet18" in out.splitlines()[2]
+
+
+def test_resume_checkpoint_of_another_model(trained, capsys):
+    code, _, err = _run(
+        capsys, "train", "--set", *TINY, "model.name=vgg11", "--resume", str(trained)
+    )
+    assert code == 2
+    _one_line_error(err, "different model", "--resume")
+    code, _, err = _run(capsys, "eval", str(trained), "--set", "model.name=vgg11")
+    assert code == 2
+    _one_line_error(err, "different model")
+
+
+def test_corrupt_checkpoint(trained, tmp_path, capsys):
+    blob = (trained / "checkpoint.safetensors").read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(blob[: len(blob) // 2])
+    code, _, err = _run(capsys, "eval", str(bad))
+    assert code == 2
+    _one_line_error(err, "corrupt or truncated")
+    code, _, err = _run(capsys, "eval", str(tmp_path / "missing.safetensors"))
+    assert code == 2
+    _one_line_error(err, "not found")
+
+
+def test_existing_run_needs_resume(trained, capsys):
+    code, _, err = _run(
+        capsys, "train", "--set", *TINY, "--out-dir", str(trained.parent), "--name", "tiny"
+    )
+    assert code == 2
+    _one_line_error(err, "--resume")
+
+
+def test_resume_finished_run_is_a_no_op(trained, capsys):
+    before = (trained / "metrics.csv").read_text()
+    code, out, _ = _run(capsys, "train", "--resume", str(trained))
+    assert code == 0 and "resumed" in out and "test acc" in out
+    assert (trained / "metrics.csv").read_text() == before
+
+
+def test_bad_seeds_argument(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--seeds", "0,x"])
+    assert e.value.code == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_demo_recipe_matches_configs_demo_yaml():
+    recipe = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    assert config_to_dict(config_from_dict(recipe)) == config_to_dict(config_from_dict(DEMO_RECIPE))
+
+
+def test_register_adds_a_subcommand(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "COMMANDS", list(cli.COMMANDS))
+
+    def add(p):
+        p.add_argument("--n", type=int, default=1)
+
+    def run(args):
+        if args.n < 0:
+            raise CheckpointError("negative n; pass a positive --n")
+        print("hello" * args.n)
+
+    cli.register("hello", "say hello", add, run)
+    assert _run(capsys, "hello", "--n", "2")[:2] == (0, "hellohello\n")
+    code, _, err = _run(capsys, "hello", "--n", "-1")
+    assert code == 2
+    _one_line_error(err, "negative n")

@@ -1,0 +1,326 @@
+"""Training side: config, schedules, checkpoints, exact resume after kill -9, DDP equivalence."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from convnn.train import checkpoint as ck
+from convnn.train.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    valid_keys,
+)
+from convnn.train.engine import build_scheduler, lr_factor
+from convnn.train.metrics import format_mean_std, mean_std, read_metrics_csv, write_metrics_csv
+from convnn.train.runner import CHECKPOINT, KILL_ENV
+
+# Small real models on the embedded digits set (8x8 grey, 10 classes).
+CNN = ["model.name=resnet18", "model.img_size=8"]
+VIT = ["model.name=vit_tiny", "model.layer=attention", "model.img_size=8", "model.patch_size=4"]
+QUICK = [
+    "data.batch_size=32",
+    "train.max_steps_per_epoch=4",
+    "train.num_threads=1",
+    "output.progress=false",
+]
+
+
+def _cli(args: list[str], env: dict | None = None, timeout: int = 120):
+    """Run the real ``convnn`` CLI in a fresh process."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "convnn.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
+
+
+def _sets(*groups: list[str]) -> list[str]:
+    return ["--set", *[s for g in groups for s in g]]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    tensors, _ = ck.load_checkpoint(path)
+    return {k: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+# ------------------------------------------------------------------------------- config
+
+
+def test_config_defaults_yaml_and_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name: vgg11, layer: branching}\noptim: {lr: 1e-4}\n")
+    cfg = load_config(path, ["optim.lr=3e-4", "train.amp=true", "model.layer_kwargs.K=16"])
+    assert cfg.model.name == "vgg11" and cfg.model.layer == "branching"
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.train.amp is True and cfg.model.layer_kwargs == {"K": 16}
+    assert load_config(None).train.epochs == Config().train.epochs
+    assert "optim.lr" in valid_keys() and "model.layer_kwargs" in valid_keys()
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["optim.lrr=1", "lr=1", "optim=1", "nope.x=1"],
+)
+def test_unknown_key_lists_valid_keys(override):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(Config(), [override])
+    msg = str(e.value)
+    assert "\n" not in msg and "valid keys" in msg and "optim.lr" in msg
+
+
+def test_config_type_errors_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="train.epochs"):
+        apply_overrides(Config(), ["train.epochs=ten"])
+    with pytest.raises(ConfigError, match="unknown config key 'model.nam'"):
+        config_from_dict({"model": {"nam": "x"}})
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(Config(), ["optim.lr"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_recipes_in_configs_load():
+    recipes = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert len(recipes) >= 9
+    for path in recipes:
+        load_config(path)  # every key exists and has the right type
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_warmup_cosine_and_step_schedules():
+    cfg = config_from_dict({"sched": {"warmup_epochs": 1, "warmup_start_factor": 0.1}})
+    cfg.train.epochs = 4
+    f = [lr_factor(s, cfg.sched, 1.0, 10, 4) for s in range(40)]
+    assert f[0] == pytest.approx(0.1) and f[5] == pytest.approx(0.55) and f[10] == 1.0
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] < 0.01
+    cfg.sched.name, cfg.sched.step_epochs, cfg.sched.warmup_epochs = "step", 2, 0
+    assert [lr_factor(s, cfg.sched, 1.0, 10, 4) for s in (0, 19, 20, 39)] == pytest.approx(
+        [1, 1, 0.1, 0.1]
+    )
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=10)
+    for _ in range(20):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    cfg.sched.name = "linear"
+    with pytest.raises(ConfigError, match="cosine, step or constant"):
+        build_scheduler(opt, cfg, 10)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _toy(width: int = 4) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.BatchNorm1d(width))
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    torch.manual_seed(0)
+    model = _toy()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    cfg = Config()
+    sched = build_scheduler(opt, cfg, steps_per_epoch=5)
+    for _ in range(3):
+        model(torch.randn(8, 3)).pow(2).mean().backward()
+        opt.step()
+        sched.step()
+    ident = {"name": "toy", "layer": "conv"}
+    path = tmp_path / "c.safetensors"
+    ck.save_checkpoint(
+        path, model, identity=ident, optimizer=opt, scheduler=sched, state={"epoch": 3}
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]  # no temp file left
+
+    model2 = _toy()
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    sched2 = build_scheduler(opt2, cfg, steps_per_epoch=5)
+    tensors, meta = ck.load_checkpoint(path)
+    ck.load_weights(path, model2, ident, tensors, meta)
+    ck.restore_training_state(tensors, meta, opt2, sched2)
+    assert meta["state"] == {"epoch": 3}
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert sched2.last_epoch == 3 and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], opt2.state[p2][key])
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    from safetensors.torch import save_file
+
+    model, ident = _toy(), {"name": "toy", "layer": "conv"}
+    path = tmp_path / "c.safetensors"
+    ck.save_checkpoint(path, model, identity=ident)
+    blob = path.read_bytes()
+
+    cases = {
+        "truncated": blob[: len(blob) - 7],
+        "tiny": blob[:5],
+        "bitflip": blob[:-3] + bytes([blob[-3] ^ 0xFF]) + blob[-2:],
+        "empty": b"",
+    }
+    for name, data in cases.items():
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(data)
+        with pytest.raises(ck.CheckpointError, match="corrupt or truncated") as e:
+            ck.load_weights(bad, _toy(), ident)
+        assert "\n" not in str(e.value)
+    save_file({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(ck.CheckpointError, match="not a convnn checkpoint"):
+        ck.load_checkpoint(tmp_path / "foreign.safetensors")
+    with pytest.raises(ck.CheckpointError, match="different model"):
+        ck.load_weights(path, _toy(), {"name": "other", "layer": "conv"})
+    with pytest.raises(ck.CheckpointError, match="different model"):
+        ck.load_weights(path, _toy(width=5), ident)
+    with pytest.raises(ck.CheckpointError, match="not found"):
+        ck.load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_checkpoint_loading_never_unpickles(tmp_path):
+    import pickle
+
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps({"x": 1}))
+    with pytest.raises(ck.CheckpointError):
+        ck.load_checkpoint(path)
+
+
+# -------------------------------------------------------------------------------- metrics
+
+
+def test_metrics_csv_and_mean_std(tmp_path):
+    rows = [{"epoch": 1, "train_loss": 1.5, "val_acc": float("nan"), "lr": 1e-3}]
+    write_metrics_csv(tmp_path / "m.csv", rows)
+    back = read_metrics_csv(tmp_path / "m.csv")
+    assert back[0]["epoch"] == 1 and back[0]["train_loss"] == 1.5
+    assert math.isnan(back[0]["val_acc"])
+    assert mean_std([0.9, 0.92, 0.94]) == pytest.approx((0.92, 0.02))
+    assert mean_std([0.5]) == (0.5, 0.0)
+    assert format_mean_std([0.9, 0.92, 0.94]) == "92.00 +- 2.00"
+
+
+# ------------------------------------------------------------------ runs, resume, DDP
+
+
+def test_run_outputs_and_multi_seed(tmp_path, capsys):
+    from convnn.train.runner import train_seeds
+
+    cfg = load_config(None, CNN + QUICK + ["train.epochs=2", f"output.dir={tmp_path}"])
+    cfg.output.name = "s"
+    summaries = train_seeds(cfg, [0, 1])
+    out = capsys.readouterr().out
+    assert "+-" in out and "over seeds [0, 1]" in out
+    assert len(summaries) == 2 and summaries[0]["test_acc"] != summaries[1]["test_acc"]
+    run = tmp_path / "s-seed0"
+    names = {p.name for p in run.iterdir()}
+    assert {"config.yaml", "metrics.csv", "curves.png", CHECKPOINT, "best.safetensors"} <= names
+    rows = read_metrics_csv(run / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert set(rows[0]) >= {"train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s"}
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["params"] > 0 and summary["selection"] == "val"
+    assert 0 <= summary["test_acc"] <= 1 and summary["train_img_per_s"] > 0
+    assert load_config(run / "config.yaml").train.seed == 0
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_matches_uninterrupted(tmp_path):
+    common = _sets(
+        CNN,
+        QUICK,
+        ["model.layer=branching", "train.epochs=3"],
+        ["data.flip=true", "data.crop_padding=1"],
+    ) + ["--out-dir", str(tmp_path)]
+    full = _cli(["train", *common, "--name", "full"])
+    assert full.returncode == 0, full.stderr
+    ref = _weights(tmp_path / "full" / CHECKPOINT)
+    ref_rows = read_metrics_csv(tmp_path / "full" / "metrics.csv")
+    ref_summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+
+    # SIGKILL in the middle of epoch 2 (global step 7 = its step 3 of 4): resumed from the end
+    # of epoch 1, or, with a checkpoint every 2 steps, from the middle of epoch 2.
+    for every, resume_step in ((0, 0), (2, 2)):
+        name = f"cut{every}"
+        args = ["train", *common, "--set", f"train.checkpoint_every_steps={every}", "--name", name]
+        killed = _cli(args, env={KILL_ENV: "7"})
+        assert killed.returncode == -9, killed.stderr
+        meta = ck.read_metadata(tmp_path / name / CHECKPOINT)
+        assert (meta["state"]["epoch"], meta["state"]["step_in_epoch"]) == (1, resume_step)
+
+        resumed = _cli([*args, "--resume"])
+        assert resumed.returncode == 0, resumed.stderr
+        assert "resumed" in resumed.stdout
+
+        got = _weights(tmp_path / name / CHECKPOINT)
+        assert ref.keys() == got.keys()
+        assert all(torch.equal(ref[k], got[k]) for k in ref), name
+        rows = read_metrics_csv(tmp_path / name / "metrics.csv")
+        for ra, rb in zip(ref_rows, rows, strict=True):
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+                assert ra[key] == rb[key], (name, key)
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert (summary["test_acc"], summary["best_epoch"]) == (
+            ref_summary["test_acc"],
+            ref_summary["best_epoch"],
+        )
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_single_process(tmp_path):
+    # SGD, because Adam divides by the gradient's magnitude and so turns the last-bit difference
+    # between one full-batch mean and the all-reduced mean of two half-batch means into full
+    # lr-sized steps wherever a gradient is near zero.
+    train = ["train.epochs=2", "optim.name=sgd", "optim.lr=0.05"]
+    common = _sets(VIT, QUICK, train) + ["--out-dir", str(tmp_path)]
+    single = _cli(["train", *common, "--name", "one"])
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "convnn.cli",
+            "train",
+            *common,
+            "--name",
+            "two",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=180,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 process(es)" in ddp.stdout
+    assert ddp.stdout.count("outputs in") == 1  # only rank 0 reports
+    a, b = _weights(tmp_path / "one" / CHECKPOINT), _weights(tmp_path / "two" / CHECKPOINT)
+    moved = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a), moved
+    sa = json.loads((tmp_path / "one" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert sb["world_size"] == 2
+    assert sa["test_acc"] == pytest.approx(sb["test_acc"], abs=0.01)
