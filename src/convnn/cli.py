@@ -3,9 +3,9 @@
 Subcommands are entries of :data:`COMMANDS`; add one with :func:`register` (a name, a help line,
 a function that adds arguments to its parser and a function that runs it)::
 
-    def _bench_args(p: argparse.ArgumentParser) -> None: ...
-    def _bench(args: argparse.Namespace) -> int: ...
-    register("bench", "time the operator's backends", _bench_args, _bench)
+    def _hello_args(p: argparse.ArgumentParser) -> None: ...
+    def _hello(args: argparse.Namespace) -> int: ...
+    register("hello", "print a greeting", _hello_args, _hello)
 
 or, for a command living in its own module that defines ``add_arguments(parser)`` and
 ``run(args)``, one line: ``register_module("verify", "check the special cases", "convnn.verify")``.
@@ -279,6 +279,11 @@ register(
 
 register_module(
     "verify", "check each special case against the PyTorch module it recovers", "convnn.verify"
+)
+register_module(
+    "bench",
+    "time and peak memory of the layers against conv, SDPA and the dense formulation",
+    "convnn.bench",
 )
 
 
