@@ -17,7 +17,7 @@ from .runner import run_training
 __all__ = ["DEMO_RECIPE", "run_demo"]
 
 DEMO_RECIPE: dict = {
-    "model": {"name": "resnet18", "layer": "branching", "img_size": 16, "layer_kwargs": {}},
+    "model": {"name": "resnet18", "layer": "branching", "img_size": 8, "layer_kwargs": {}},
     "data": {"dataset": "digits", "batch_size": 64},
     "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 0.05},
     "sched": {"name": "cosine", "warmup_epochs": 1},
