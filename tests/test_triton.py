@@ -182,3 +182,13 @@ def test_convnn_attention_matches_reference(kernel):
     )
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_select_keeps_lower_indices_on_ties(small_tiles):
+    """Small integer features tie everywhere: the kept keys must be the reference's (lower
+    indices first among scores tied at the K-th), across tiles and split key ranges."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randint(-1, 2, (2, 9, 3), generator=gen).to(F32)
+    k = torch.randint(-1, 2, (2, 45, 3), generator=gen).to(F32)
+    for K in (1, 4, 8):
+        assert torch.equal(tb.select(q, k, K), reference.select(q, k, K))
