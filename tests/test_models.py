@@ -38,39 +38,204 @@ def test_full_depth_at_digits_size(name):
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
-TORCHVISION_KEYS = {
-    "resnet18": [
-        "conv1.weight", "bn1.running_var", "layer1.0.conv1.weight", "layer1.0.bn2.bias",
-        "layer2.0.downsample.0.weight", "layer2.0.downsample.1.running_mean",
-        "layer4.1.conv2.weight", "layer4.1.bn2.running_var", "fc.weight", "fc.bias",
-    ],
-    "resnet50": [
-        "layer1.0.conv3.weight", "layer1.0.bn3.weight", "layer3.5.conv2.weight",
-        "layer4.0.downsample.0.weight", "fc.weight",
-    ],
-    "vgg11": [
-        "features.0.weight", "features.3.weight", "features.18.weight", "classifier.0.weight",
-        "classifier.3.weight", "classifier.6.weight", "classifier.6.bias",
-    ],
-    "vit_tiny": [
-        "cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
-        "blocks.0.norm1.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias",
-        "blocks.0.attn.proj.weight", "blocks.0.norm2.bias", "blocks.0.mlp.fc1.weight",
-        "blocks.11.mlp.fc2.bias", "norm.weight", "head.weight", "head.bias",
-    ],
+# --- torchvision / timm state dicts, written out independently of convnn's model code -------
+
+
+def _bn(prefix: str, c: int) -> dict:
+    return {
+        f"{prefix}.weight": (c,),
+        f"{prefix}.bias": (c,),
+        f"{prefix}.running_mean": (c,),
+        f"{prefix}.running_var": (c,),
+        f"{prefix}.num_batches_tracked": (),
+    }
+
+
+def torchvision_resnet(blocks: list[int], bottleneck: bool) -> dict:
+    """Key -> shape of ``torchvision.models.resnetNN().state_dict()`` (1000 classes)."""
+    expansion = 4 if bottleneck else 1
+    sd = {"conv1.weight": (64, 3, 7, 7), **_bn("bn1", 64)}
+    inplanes = 64
+    for stage, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks), start=1):
+        for b in range(n):
+            p = f"layer{stage}.{b}"
+            if bottleneck:
+                sd[f"{p}.conv1.weight"] = (planes, inplanes, 1, 1)
+                sd |= _bn(f"{p}.bn1", planes)
+                sd[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
+                sd |= _bn(f"{p}.bn2", planes)
+                sd[f"{p}.conv3.weight"] = (planes * 4, planes, 1, 1)
+                sd |= _bn(f"{p}.bn3", planes * 4)
+            else:
+                sd[f"{p}.conv1.weight"] = (planes, inplanes, 3, 3)
+                sd |= _bn(f"{p}.bn1", planes)
+                sd[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
+                sd |= _bn(f"{p}.bn2", planes)
+            if b == 0 and (stage > 1 or inplanes != planes * expansion):
+                sd[f"{p}.downsample.0.weight"] = (planes * expansion, inplanes, 1, 1)
+                sd |= _bn(f"{p}.downsample.1", planes * expansion)
+            inplanes = planes * expansion
+    sd["fc.weight"], sd["fc.bias"] = (1000, 512 * expansion), (1000,)
+    return sd
+
+
+# (index in ``features``, in, out) of every conv of torchvision's VGG without batch norm.
+VGG_CONVS = {
+    "vgg11": [(0, 3, 64), (3, 64, 128), (6, 128, 256), (8, 256, 256), (11, 256, 512),
+              (13, 512, 512), (16, 512, 512), (18, 512, 512)],
+    "vgg16": [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256),
+              (12, 256, 256), (14, 256, 256), (17, 256, 512), (19, 512, 512), (21, 512, 512),
+              (24, 512, 512), (26, 512, 512), (28, 512, 512)],
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", sorted(TORCHVISION_KEYS))
-def test_parameter_names_match_torchvision_and_timm(name):
-    keys = create_model(name, img_size=224).state_dict().keys()
-    assert set(TORCHVISION_KEYS[name]) <= set(keys)
+def torchvision_vgg(name: str) -> dict:
+    sd = {}
+    for i, cin, cout in VGG_CONVS[name]:
+        sd[f"features.{i}.weight"], sd[f"features.{i}.bias"] = (cout, cin, 3, 3), (cout,)
+    for i, (cout, cin) in zip((0, 3, 6), ((4096, 512 * 7 * 7), (4096, 4096), (1000, 4096))):
+        sd[f"classifier.{i}.weight"], sd[f"classifier.{i}.bias"] = (cout, cin), (cout,)
+    return sd
 
 
-def test_vgg_at_224_is_torchvision_shaped():
-    sd = create_model("vgg16", img_size=224).state_dict()
-    assert sd["classifier.0.weight"].shape == (4096, 512 * 7 * 7)
-    assert sd["classifier.6.weight"].shape == (1000, 4096)
+def timm_vit(dim: int, depth: int, patch: int = 16, img: int = 224) -> dict:
+    """Key -> shape of ``timm.create_model('vit_*_patch16_224').state_dict()``."""
+    sd = {
+        "cls_token": (1, 1, dim),
+        "pos_embed": (1, (img // patch) ** 2 + 1, dim),
+        "patch_embed.proj.weight": (dim, 3, patch, patch),
+        "patch_embed.proj.bias": (dim,),
+    }
+    for i in range(depth):
+        p = f"blocks.{i}"
+        sd |= {
+            f"{p}.norm1.weight": (dim,),
+            f"{p}.norm1.bias": (dim,),
+            f"{p}.attn.qkv.weight": (3 * dim, dim),
+            f"{p}.attn.qkv.bias": (3 * dim,),
+            f"{p}.attn.proj.weight": (dim, dim),
+            f"{p}.attn.proj.bias": (dim,),
+            f"{p}.norm2.weight": (dim,),
+            f"{p}.norm2.bias": (dim,),
+            f"{p}.mlp.fc1.weight": (4 * dim, dim),
+            f"{p}.mlp.fc1.bias": (4 * dim,),
+            f"{p}.mlp.fc2.weight": (dim, 4 * dim),
+            f"{p}.mlp.fc2.bias": (dim,),
+        }
+    sd |= {"norm.weight": (dim,), "norm.bias": (dim,), "head.weight": (1000, dim)}
+    sd["head.bias"] = (1000,)
+    return sd
+
+
+REFERENCE_SHAPES = {
+    "resnet18": lambda: torchvision_resnet([2, 2, 2, 2], bottleneck=False),
+    "resnet34": lambda: torchvision_resnet([3, 4, 6, 3], bottleneck=False),
+    "resnet50": lambda: torchvision_resnet([3, 4, 6, 3], bottleneck=True),
+    "vgg11": lambda: torchvision_vgg("vgg11"),
+    "vgg16": lambda: torchvision_vgg("vgg16"),
+    "vit_tiny": lambda: timm_vit(192, 12),
+    "vit_small": lambda: timm_vit(384, 12),
+    "vit_base": lambda: timm_vit(768, 12),
+}
+
+
+def test_reference_shapes_are_the_published_ones():
+    """Spot checks of the reference tables against the published torchvision/timm models."""
+    r18, r50 = REFERENCE_SHAPES["resnet18"](), REFERENCE_SHAPES["resnet50"]()
+    assert r18["conv1.weight"] == (64, 3, 7, 7) and r18["layer1.0.conv1.weight"] == (64, 64, 3, 3)
+    assert r18["layer2.0.downsample.0.weight"] == (128, 64, 1, 1) and r18["fc.weight"] == (
+        1000,
+        512,
+    )
+    assert sum(len(s) == 4 for s in r18.values()) == 20  # 17 3x3/7x7 convs + 3 downsamples
+    assert r50["layer1.0.downsample.0.weight"] == (256, 64, 1, 1)
+    assert r50["layer4.2.conv3.weight"] == (2048, 512, 1, 1) and r50["fc.weight"] == (1000, 2048)
+    assert len(r50) == 320
+    vgg = REFERENCE_SHAPES["vgg16"]()
+    assert vgg["features.0.weight"] == (64, 3, 3, 3) and vgg["features.28.weight"] == (
+        512,
+        512,
+        3,
+        3,
+    )
+    assert vgg["classifier.0.weight"] == (4096, 25088) and vgg["classifier.6.weight"] == (
+        1000,
+        4096,
+    )
+    vit = REFERENCE_SHAPES["vit_tiny"]()
+    assert vit["cls_token"] == (1, 1, 192) and vit["pos_embed"] == (1, 197, 192)
+    assert vit["patch_embed.proj.weight"] == (192, 3, 16, 16)
+    assert vit["blocks.0.norm1.weight"] == (192,) and vit["blocks.0.attn.qkv.weight"] == (576, 192)
+    assert vit["blocks.0.mlp.fc1.weight"] == (768, 192) and vit["head.weight"] == (1000, 192)
+    assert sum(v.numel() for v in map(torch.empty, vit.values())) == 5_717_416  # timm's count
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_SHAPES))
+def test_state_dict_is_torchvision_and_timm_shaped(name):
+    """At 224 px the conv / attention models have exactly the reference keys and shapes."""
+    with torch.device("meta"):
+        sd = create_model(name, img_size=224).state_dict()
+    got = {k: tuple(v.shape) for k, v in sd.items()}
+    expected = REFERENCE_SHAPES[name]()
+    assert sorted(set(got) ^ set(expected)) == []
+    assert {k for k in expected if got[k] != expected[k]} == set()
+
+
+def _reference_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """A stand-in for a downloaded checkpoint: random tensors of the reference shapes."""
+    gen = torch.Generator().manual_seed(0)
+    return {
+        k: torch.tensor(7) if k.endswith("num_batches_tracked") else torch.randn(s, generator=gen)
+        for k, s in REFERENCE_SHAPES[name]().items()
+    }
+
+
+def _is_convnn_weight(model: nn.Module, key: str) -> bool:
+    """Whether ``key`` is a tensor that only a ConvNN layer has (no checkpoint can supply it)."""
+    owner = key.rpartition(".")[0]
+    branching = [n for n, m in model.named_modules() if isinstance(m, Branching2d)]
+    if any(owner == b or owner.startswith(b + ".") for b in branching):
+        return True  # a Branching2d is new as a whole (ConvNN, conv and 1x1 branches)
+    # ConvNN2d's kernel and bias, ConvNNAttention's aggregation weight -- not its qkv / proj.
+    return isinstance(model.get_submodule(owner), (ConvNN2d, ConvNNAttention))
+
+
+@pytest.mark.parametrize(
+    "name,layer",
+    [
+        ("resnet18", "conv"),
+        ("resnet18", "convnn"),
+        ("resnet18", "branching"),
+        ("resnet50", "branching"),
+        ("vgg11", "conv"),
+        ("vgg11", "convnn"),
+        ("vit_tiny", "attention"),
+        ("vit_tiny", "convnn_attention"),
+        ("vit_tiny", "kvt"),
+        ("vit_tiny", "branching_attention"),
+    ],
+)
+def test_torchvision_and_timm_checkpoints_load(name, layer):
+    """Conv / attention variants load a torchvision/timm state dict completely; ConvNN variants
+    miss only their new ConvNN weights, and only the replaced layers' tensors go unused."""
+    source = _reference_state_dict(name)
+    model = create_model(name, img_size=224, layer=layer)
+    missing, unexpected = load_pretrained(model, source)
+    sd = model.state_dict()
+    assert [k for k in missing if not _is_convnn_weight(model, k)] == []
+    replaced = {n for n, m in model.named_modules() if isinstance(m, Branching2d)}
+    assert [k for k in unexpected if k.rpartition(".")[0] not in replaced] == []
+    copied = [k for k in source if k not in missing and k not in unexpected]
+    assert all(torch.equal(sd[k], source[k]) for k in copied)
+    if layer in ("conv", "attention", "kvt"):  # kvt (kernel 'none') adds no parameters
+        assert missing == [] and unexpected == [] and len(copied) == len(source) == len(sd)
+    else:
+        assert missing
+    if name.startswith("vit"):  # attention projections always come from the checkpoint
+        assert {k for k in source if ".attn.qkv." in k or ".attn.proj." in k} <= set(copied)
+    if name.startswith("resnet"):  # stride-2 convolutions stay convolutions and load
+        stride2 = "layer2.0.conv2.weight" if name == "resnet50" else "layer2.0.conv1.weight"
+        assert stride2 in copied
 
 
 @pytest.mark.parametrize(
