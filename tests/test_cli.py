@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def trained(tmp_path_factory) -> Path:
     return out / "tiny"
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["compare"], ["demo"], ["verify"]])
+@pytest.mark.parametrize("command", [[]] + [[c.name] for c in cli.COMMANDS])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([*command, "--help"])
@@ -92,13 +93,14 @@ def test_missing_and_corrupt_cifar_archives(tmp_path, capsys):
         capsys, "train", "--set", "data.dataset=cifar10", "--data-dir", str(tmp_path / "none")
     )
     assert code == 2
-    _one_line_error(err, "cifar")
+    expected = ("cifar-10-python.tar.gz", "cifar-10-batches-py", "data_batch_1..5", "test_batch")
+    _one_line_error(err, "cifar10", *expected, "--data-dir")
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tar archive")
     code, _, err = _run(
         capsys, "train", "--set", "data.dataset=cifar10", "--data-dir", str(tmp_path)
     )
     assert code == 2
-    _one_line_error(err, "cifar")
+    _one_line_error(err, "truncated or corrupt", *expected, "--data-dir")
 
 
 def test_missing_config_file(capsys):
@@ -163,6 +165,59 @@ def test_bad_seeds_argument(capsys):
         cli.main(["train", "--seeds", "0,x"])
     assert e.value.code == 2
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+VERIFY_CASES = {  # name -> what the ConvNN configuration and the recovered module must say
+    "convolution 3x3": (["metric='spatial'", "weighting='none'", "kernel='standard'"], "nn.Conv2d"),
+    "depthwise convolution 3x3": (["metric='spatial'", "kernel='depthwise'"], "groups=8"),
+    "multi-head attention": (
+        ["K=None", "weighting='softmax'", "kernel='none'"],
+        "MultiheadAttention",
+    ),
+    "top-k (KVT) attention": (["K=5", "candidates='all'", "weighting='softmax'"], "top-5"),
+    "local attention": (["candidates='window'", "weighting='softmax'"], "neighbourhood attention"),
+}
+
+
+def _verify_report(out: str) -> dict[str, tuple[float, str, str, str]]:
+    """name -> (max diff, status, ConvNN configuration line, recovered-module line)."""
+    lines = out.splitlines()
+    report = {}
+    for i, line in enumerate(lines):
+        m = re.fullmatch(r"(\S.*?)\s+max\|diff\| = (\S+)\s+(ok|FAIL)", line)
+        if m:
+            config, recovers = lines[i + 1].strip(), lines[i + 2].strip()
+            assert config.startswith("ConvNN:") and recovers.startswith("recovers:"), line
+            report[m.group(1)] = (float(m.group(2)), m.group(3), config, recovers)
+    return report
+
+
+def test_verify_prints_configuration_and_difference_per_case(capsys):
+    code, out, _ = _run(capsys, "verify")
+    assert code == 0
+    report = _verify_report(out)
+    assert set(VERIFY_CASES) <= set(report)
+    for name, (diff, status, *_) in report.items():
+        assert status == "ok" and 0 <= diff < 1e-9, name
+    for name, (needles, module) in VERIFY_CASES.items():
+        config, recovers = report[name][2:]
+        assert all(n in config for n in needles), config
+        assert module in recovers, recovers
+
+
+def test_verify_fails_when_a_case_differs(capsys, monkeypatch):
+    from convnn import verify
+
+    def off_by_a_bit(dtype):
+        config, ref, ours, theirs = verify.CASES["multi-head attention"](dtype)
+        return config, ref, ours, theirs + 1e-3
+
+    monkeypatch.setitem(verify.CASES, "broken attention", off_by_a_bit)
+    code, out, _ = _run(capsys, "verify", "--dtype", "float32")
+    report = _verify_report(out)
+    assert code == 1 and report["broken attention"][1] == "FAIL"
+    assert report["broken attention"][0] == pytest.approx(1e-3, rel=1e-2)
+    assert report["multi-head attention"][1] == "ok"
 
 
 def test_demo_recipe_matches_configs_demo_yaml():
