@@ -230,8 +230,9 @@ def test_run_outputs_and_multi_seed(tmp_path, capsys):
     cfg.output.name = "s"
     summaries = train_seeds(cfg, [0, 1])
     out = capsys.readouterr().out
-    assert "+-" in out and "over seeds [0, 1]" in out
     assert len(summaries) == 2 and summaries[0]["test_acc"] != summaries[1]["test_acc"]
+    mean_pm_std = format_mean_std([s["test_acc"] for s in summaries])
+    assert f"test acc {mean_pm_std} %" in out and "over seeds [0, 1] (mean +- std)" in out
     run = tmp_path / "s-seed0"
     names = {p.name for p in run.iterdir()}
     assert {"config.yaml", "metrics.csv", "curves.png", CHECKPOINT, "best.safetensors"} <= names
@@ -242,6 +243,43 @@ def test_run_outputs_and_multi_seed(tmp_path, capsys):
     assert summary["params"] > 0 and summary["selection"] == "val"
     assert 0 <= summary["test_acc"] <= 1 and summary["train_img_per_s"] > 0
     assert load_config(run / "config.yaml").train.seed == 0
+
+
+def test_model_selection_uses_validation_never_test(tmp_path, monkeypatch):
+    from convnn.train import runner
+
+    calls: list[tuple[str, int]] = []  # (split, epochs finished when it was evaluated)
+    # Forced validation results: epochs 2 and 4 tie on accuracy, epoch 2 has the lower loss.
+    val_acc, val_loss = [0.5, 0.9, 0.7, 0.9], [1.0, 0.4, 0.6, 0.5]
+    original = runner.Run._eval
+
+    def recording(self, split):
+        calls.append((split, len(self.history)))
+        result = original(self, split)
+        if split == "val":
+            epoch = len(self.history)
+            result = {**result, "acc": val_acc[epoch], "loss": val_loss[epoch]}
+        return result
+
+    monkeypatch.setattr(runner.Run, "_eval", recording)
+    epochs = len(val_acc)
+    cfg = load_config(None, CNN + QUICK + [f"train.epochs={epochs}"])
+    cfg.output.dir, cfg.output.name = str(tmp_path), "sel"
+    summary = runner.run_training(cfg)
+    # One validation pass per epoch during training; the test split only once training is over.
+    assert calls[:epochs] == [("val", e) for e in range(epochs)]
+    assert calls[epochs:] and all(c == ("test", epochs) for c in calls[epochs:])
+
+    rows = read_metrics_csv(tmp_path / "sel" / "metrics.csv")
+    assert [(r["val_acc"], r["val_loss"]) for r in rows] == list(zip(val_acc, val_loss))
+    assert (summary["best_epoch"], summary["best_val_acc"], summary["selection"]) == (2, 0.9, "val")
+    assert ck.read_metadata(tmp_path / "sel" / "best.safetensors")["state"]["epoch"] == 2
+    # The reported test accuracy is that of the selected (epoch 2) weights, not the last ones.
+    best = runner.evaluate_path(str(tmp_path / "sel"))
+    last = runner.evaluate_path(str(tmp_path / "sel" / CHECKPOINT))
+    assert (best["epoch"], last["epoch"]) == (2, epochs)
+    assert best["acc"] == summary["test_acc"] and last["acc"] == summary["test_acc_last"]
+    assert best["loss"] != last["loss"]
 
 
 @pytest.mark.slow
