@@ -263,9 +263,10 @@ register(
     "train a model from a YAML recipe",
     _train_args,
     _train,
-    "Train a model. Recipes live in configs/; every key can be overridden with --set. Under "
-    "`torchrun --nproc_per_node=N` the same command trains with DistributedDataParallel "
-    "(data.batch_size is the global batch).",
+    "Train a model. Recipes live in configs/; every key can be overridden with --set. "
+    "`torchrun --nproc_per_node=N --no-python convnn train ...` (or `torchrun "
+    "--nproc_per_node=N -m convnn.cli train ...`) trains the same run with "
+    "DistributedDataParallel (data.batch_size is the global batch; only rank 0 writes).",
 )
 register("eval", "evaluate a run or checkpoint on the test split", _eval_args, _eval)
 register("compare", "side-by-side table and plot of run directories", _compare_args, _compare)
@@ -327,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("convnn: interrupted; continue a training run with --resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped early, e.g. `| head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush stays quiet
+        return 0
 
 
 if __name__ == "__main__":
