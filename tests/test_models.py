@@ -293,6 +293,22 @@ def test_attention_vit_is_a_standard_vit():
     assert (model(x) - expected).abs().max() < 1e-10
 
 
+def test_options_of_another_layer_are_ignored_so_recipes_can_switch_layer():
+    """A branching recipe's K and ratio do not stop a switch to the conv or convnn layer."""
+    options = {"K": 4, "ratio": 0.25}
+    conv = create_model("vgg11", num_classes=10, img_size=32, layer="conv", **options)
+    plain = create_model("vgg11", num_classes=10, img_size=32, layer="conv")
+    assert {k: v.shape for k, v in conv.state_dict().items()} == {
+        k: v.shape for k, v in plain.state_dict().items()
+    }
+    convnn = create_model("vgg11", num_classes=10, img_size=32, layer="convnn", **options)
+    assert {m.K for m in convnn.modules() if isinstance(m, ConvNN2d)} == {4}  # K used, ratio not
+    branching = create_model("vgg11", num_classes=10, img_size=32, layer="branching", **options)
+    assert {m.ratio for m in branching.modules() if isinstance(m, Branching2d)} == {0.25}
+    vit = create_model("vit_tiny", img_size=32, patch_size=8, depth=1, num_heads=1, K=5)
+    assert len(vit.blocks) == 1 and vit.blocks[0].attn.num_heads == 1  # model options are used
+
+
 def test_resnet50_replaces_exactly_the_stride1_3x3_convs():
     model = create_model("resnet50", num_classes=10, img_size=32, layer="convnn")
     replaced = [n for n, m in model.named_modules() if isinstance(m, ConvNN2d)]
@@ -324,6 +340,14 @@ def test_convert_a_zoo_model_reports_what_changed():
         (
             lambda: create_model("vit_tiny", img_size=30, patch_size=16),
             r"img_size must be divisible",
+        ),
+        (  # a typo is an error even for the conv baseline, which has no options
+            lambda: create_model("resnet18", img_size=32, KK=9),
+            r"^layer_kwargs of resnet18 must be among K, candidates, .*ratio.*; got unknown KK$",
+        ),
+        (
+            lambda: create_model("vit_tiny", img_size=32, layer="kvt", metrc="cosine"),
+            r"^layer_kwargs of vit_tiny must be among K, .*depth.*num_heads.*; got unknown metrc$",
         ),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from torch import nn
@@ -11,14 +12,48 @@ from ..options import check_choice
 CNN_LAYERS = ("conv", "convnn", "branching")
 VIT_LAYERS = ("attention", "convnn_attention", "kvt", "branching_attention", "local")
 
-_MODELS: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {}
+_MODELS: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...], frozenset[str]]] = {}
+
+# Set by the model from the layer it replaces (channels, stride, padding, heads, ...), or by the
+# registry: not options a user passes.
+_LAYER_FIXED = {
+    "self", "in_channels", "out_channels", "kernel_size", "stride", "padding", "bias",
+    "dim", "num_heads", "qkv_bias", "attn_drop", "device", "dtype",
+}  # fmt: skip
+_MODEL_FIXED = {"self", "cfg", "block", "layers", "num_classes", "in_chans", "img_size", "layer"}
+_MODEL_FIXED |= {"batch_norm"}  # part of the VGG variant's name
 
 
-def register(name: str, layers: tuple[str, ...]):
-    """Register ``fn(num_classes, in_chans, img_size, layer, **kwargs)`` as model ``name``."""
+def _named_params(fn: Callable) -> set[str]:
+    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return {p.name for p in inspect.signature(fn).parameters.values() if p.kind not in kinds}
+
+
+def layer_options(layer: str) -> set[str]:
+    """The keyword options the layer ``layer`` takes ('conv' and 'attention' take none)."""
+    from ..nn import Branching2d, BranchingAttention, ConvNN2d, ConvNNAttention
+
+    classes = {
+        "convnn": (ConvNN2d,),
+        "branching": (Branching2d, ConvNN2d),
+        "convnn_attention": (ConvNNAttention,),
+        "kvt": (ConvNNAttention,),
+        "local": (ConvNNAttention,),
+        "branching_attention": (BranchingAttention, ConvNNAttention),
+    }.get(layer, ())
+    return set().union(*(_named_params(c.__init__) for c in classes)) - _LAYER_FIXED
+
+
+def register(name: str, layers: tuple[str, ...], model_cls: type | None = None):
+    """Register ``fn(num_classes, in_chans, img_size, layer, **kwargs)`` as model ``name``.
+
+    The named parameters of ``model_cls.__init__`` (beyond num_classes, in_chans, img_size,
+    layer) are the model's own options, e.g. a ViT's ``depth``.
+    """
+    own = frozenset(_named_params(model_cls.__init__) - _MODEL_FIXED) if model_cls else frozenset()
 
     def wrap(fn):
-        _MODELS[name] = (fn, layers)
+        _MODELS[name] = (fn, layers, own)
         return fn
 
     return wrap
@@ -47,12 +82,21 @@ def create_model(
     CNNs (VGG, ResNet): 'conv' | 'convnn' | 'branching'; ViTs: 'attention' |
     'convnn_attention' | 'kvt' | 'branching_attention' | 'local'. ``layer_kwargs`` go to
     the ConvNN layers (e.g. ``K=9, ratio=0.5, metric='cosine'``); ViTs also take
-    ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``.
+    ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``. Options of another layer of the
+    same family are ignored (so a recipe's ``ratio`` does not stop a switch to 'conv' or
+    'convnn'); a name no layer or model option has is a ``ValueError`` listing the valid ones.
     """
     check_choice("name", name, list_models())
-    fn, layers = _MODELS[name]
+    fn, layers, own = _MODELS[name]
     layer = layer or layers[0]
     check_choice("layer", layer, layers)
-    return fn(
-        num_classes=num_classes, in_chans=in_chans, img_size=img_size, layer=layer, **layer_kwargs
-    )
+    family = set().union(*(layer_options(choice) for choice in layers))
+    unknown = sorted(set(layer_kwargs) - own - family)
+    if unknown:
+        raise ValueError(
+            f"layer_kwargs of {name} must be among {', '.join(sorted(own | family))}; "
+            f"got unknown {', '.join(unknown)}"
+        )
+    used = own | layer_options(layer)
+    kwargs = {k: v for k, v in layer_kwargs.items() if k in used}
+    return fn(num_classes=num_classes, in_chans=in_chans, img_size=img_size, layer=layer, **kwargs)

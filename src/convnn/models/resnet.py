@@ -124,4 +124,4 @@ for _name, (_block, _layers) in {
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
 }.items():
-    register(_name, CNN_LAYERS)(lambda _b=_block, _l=_layers, **kw: ResNet(_b, _l, **kw))
+    register(_name, CNN_LAYERS, ResNet)(lambda _b=_block, _l=_layers, **kw: ResNet(_b, _l, **kw))

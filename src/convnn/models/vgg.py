@@ -96,7 +96,7 @@ class VGG(nn.Module):
 
 
 def _make(name: str, batch_norm: bool):
-    @register(name + ("_bn" if batch_norm else ""), CNN_LAYERS)
+    @register(name + ("_bn" if batch_norm else ""), CNN_LAYERS, VGG)
     def build(**kwargs) -> VGG:
         return VGG(CFGS[name], batch_norm=batch_norm, **kwargs)
 

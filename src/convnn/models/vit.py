@@ -150,4 +150,6 @@ SIZES = {
 }
 
 for _name, _size in SIZES.items():
-    register(_name, VIT_LAYERS)(lambda _s=_size, **kw: VisionTransformer(**{**_s, **kw}))
+    register(_name, VIT_LAYERS, VisionTransformer)(
+        lambda _s=_size, **kw: VisionTransformer(**{**_s, **kw})
+    )
