@@ -818,7 +818,8 @@ def write_markdown(path: Path, section: str, body: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        text = head + block + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + f"\n\n## {section}\n\n" + block
     tmp = path.with_suffix(path.suffix + ".tmp")
