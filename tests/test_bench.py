@@ -3,6 +3,8 @@
 import json
 import math
 
+import torch
+
 from convnn import bench
 
 
@@ -69,3 +71,12 @@ def test_oversized_cases_are_skipped_and_targets_judged(tmp_path):
     results[0]["total_ms"] = 150.0  # 1.33x: not fast enough
     assert bench.targets(results, "cpu")[0]["verdict"] == "not met"
     assert bench.targets(results, "cuda")[0]["verdict"] == "n/a"
+
+
+def test_every_case_runs_its_primer_step():
+    """The small warm-up input of every case is valid for its options (a window of 49 tokens
+    of a 1 x 197 row needs a row primer, not an 8 x 8 map)."""
+    for case in bench.build_cases("full"):
+        module, x, _ = bench._build(case, "cpu", torch.float32, bench._primer_shape(case))
+        with torch.no_grad():
+            module(x)

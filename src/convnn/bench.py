@@ -248,10 +248,12 @@ def _build(case: Case, device: str, dtype, shape: tuple[int, ...] | None = None)
 
 
 def _primer_shape(case: Case) -> tuple[int, ...]:
-    """A small input of the case's kind (8 x 8 map / 64 tokens, every option still valid)."""
+    """A small input of the case's kind, laid out as the case's is (8 x 8 map; 64 tokens, or
+    65 tokens when the case's do not form a square map, so a 1 x N row window still fits)."""
     if case.kind in ("convnn2d", "conv2d"):
         return (1, case.shape[1], 8, 8)
-    return (1, 64, case.shape[2])
+    square = math.isqrt(case.shape[1]) ** 2 == case.shape[1]
+    return (1, 64 if square else 65, case.shape[2])
 
 
 class _AttentionBaseline(nn.Module):
