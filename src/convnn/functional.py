@@ -218,8 +218,10 @@ def _gather_scores(metric: str, query: Tensor, key: Tensor, indices: Tensor) -> 
     query (B, N, D), key (B, M, D), indices (B, N, K) -> (B, N, K). O(N*K*D) memory.
     """
     B, N, K = indices.shape
-    picked = key.gather(1, indices.reshape(B, N * K, 1).expand(-1, -1, key.shape[-1]))
-    picked = picked.view(B, N, K, key.shape[-1])
+    M, D = key.shape[1:]
+    rows = indices + torch.arange(B, device=indices.device).view(B, 1, 1) * M
+    # Row gathers (index_select, index_add in backward) beat gather with an expanded index.
+    picked = key.reshape(B * M, D).index_select(0, rows.reshape(-1)).view(B, N, K, D)
     q = query[:, :, None]
     if metric == "cosine":
         return (F.normalize(q, dim=-1, eps=1e-12) * F.normalize(picked, dim=-1, eps=1e-12)).sum(-1)

@@ -90,11 +90,12 @@ def canonical_order(scores: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def group_rows(indices: Tensor, num_tokens: int) -> Tensor:
-    """Rows of ``values.reshape(B * M * G, C // G)`` that ``indices`` (B, G, N, K) select."""
+    """Rows of ``values.reshape(B * M * G, C // G)`` that ``indices`` (B, G, N, K) select,
+    in (B, N, K, G) order, so the gathered rows are already laid out as (B, N, K, C)."""
     B, G = indices.shape[:2]
     base = torch.arange(B, device=indices.device).view(B, 1, 1, 1) * num_tokens
     group = torch.arange(G, device=indices.device).view(1, G, 1, 1)
-    return ((indices + base) * G + group).reshape(-1)
+    return ((indices + base) * G + group).permute(0, 2, 3, 1).reshape(-1)
 
 
 def group_gather(values: Tensor, indices: Tensor) -> Tensor:
@@ -106,19 +107,19 @@ def group_gather(values: Tensor, indices: Tensor) -> Tensor:
     B, M, C = values.shape
     G, N, K = indices.shape[1:]
     out = values.reshape(B * M * G, C // G).index_select(0, group_rows(indices, M))
-    return out.view(B, G, N, K, C // G).permute(0, 2, 3, 1, 4).reshape(B, N, K, C)
+    return out.view(B, N, K, C)
 
 
 def group_scatter(grad: Tensor, indices: Tensor, out: Tensor) -> None:
     """Adjoint of :func:`group_gather`: add grad (B, N, K, C) into out (B, M, C) in place."""
     B, M, C = out.shape
-    G, N, K = indices.shape[1:]
-    grad = grad.reshape(B, N, K, G, C // G).permute(0, 3, 1, 2, 4).reshape(-1, C // G)
-    out.view(B * M * G, C // G).index_add_(0, group_rows(indices, M), grad)
+    G = indices.shape[1]
+    out.view(B * M * G, C // G).index_add_(0, group_rows(indices, M), grad.reshape(-1, C // G))
 
 
-def expand_groups(rho: Tensor, channels: int) -> Tensor:
-    """Per-group weights (B, G, N, K) as per-channel weights (B, N, K, C)."""
-    B, G, N, K = rho.shape
-    rho = rho.permute(0, 2, 3, 1)[..., None].expand(B, N, K, G, channels // G)
-    return rho.reshape(B, N, K, channels)
+def scale_groups(prime: Tensor, rho: Tensor) -> Tensor:
+    """Gathered neighbours (B, N, K, C) times their group's weight rho (B, G, N, K), broadcast
+    over the group's C // G channels (never expanded to (B, N, K, C))."""
+    G = rho.shape[1]
+    rho = rho.permute(0, 2, 3, 1)[..., None]  # (B, N, K, G, 1)
+    return (prime.unflatten(-1, (G, -1)) * rho).flatten(-2)

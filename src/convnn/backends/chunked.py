@@ -13,9 +13,9 @@ from torch import Tensor
 
 from ._common import (
     canonical_order,
-    expand_groups,
     group_gather,
     group_scatter,
+    scale_groups,
     spatial_keys,
     topk_low_ties,
 )
@@ -132,7 +132,8 @@ def _kernel_forward(prime: Tensor, weight: Tensor | None, kernel: str) -> Tensor
     if kernel == "none":
         return prime.sum(2)
     if kernel == "depthwise":
-        return torch.einsum("bnkc,ck->bnc", prime, weight[:, 0])
+        # A broadcast multiply-sum: einsum would run a channel-batched matmul over copies.
+        return (prime * weight[:, 0].t()).sum(2)
     B, n, K, C = prime.shape
     return prime.reshape(B, n, K * C) @ weight.permute(2, 1, 0).reshape(K * C, -1)
 
@@ -150,7 +151,7 @@ class _Aggregate(torch.autograd.Function):
         for n0 in range(0, N, nb):
             prime = group_gather(values, indices[:, :, n0 : n0 + nb]).to(acc)
             if rho is not None:
-                prime = prime * expand_groups(rho[:, :, n0 : n0 + nb].to(acc), C)
+                prime = scale_groups(prime, rho[:, :, n0 : n0 + nb].to(acc))
             y = _kernel_forward(prime, w, kernel)
             out[:, n0 : n0 + nb] = y if bias is None else y + bias.to(acc)
         ctx.kernel, ctx.block = kernel, nb
@@ -175,15 +176,15 @@ class _Aggregate(torch.autograd.Function):
             idx = indices[:, :, n0 : n0 + nb]
             gy = grad_out[:, n0 : n0 + nb]  # (B, n, C_out)
             gathered = group_gather(values, idx).to(acc)  # recomputed, never stored
-            r = None if rho is None else expand_groups(rho[:, :, n0 : n0 + nb].to(acc), C)
-            prime = gathered if r is None else gathered * r
+            r = None if rho is None else rho[:, :, n0 : n0 + nb].to(acc)
+            prime = gathered if r is None else scale_groups(gathered, r)
             n = gy.shape[1]
             if kernel == "none":
                 g_prime = gy[:, :, None, :].expand(B, n, K, C)
             elif kernel == "depthwise":
                 g_prime = gy[:, :, None, :] * w[:, 0].t()
                 if need_w:
-                    g_w[:, 0] += torch.einsum("bnc,bnkc->ck", gy, prime)
+                    g_w[:, 0] += (prime * gy[:, :, None, :]).sum((0, 1)).t()
             else:
                 w_t = w.permute(2, 1, 0).reshape(K * C, -1)
                 g_prime = (gy @ w_t.t()).view(B, n, K, C)
@@ -194,7 +195,7 @@ class _Aggregate(torch.autograd.Function):
                 g = (g_prime * gathered).view(B, n, K, rho.shape[1], -1).sum(-1)
                 g_rho[:, :, n0 : n0 + nb] = g.permute(0, 3, 1, 2)
             if need_v:
-                group_scatter(g_prime if r is None else g_prime * r, idx, g_values)
+                group_scatter(g_prime if r is None else scale_groups(g_prime, r), idx, g_values)
         g_b = grad_out.sum((0, 1)) if need_b else None
         cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
         return (

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import canonical_order, expand_groups, group_gather, spatial_keys, topk_low_ties
+from ._common import canonical_order, group_gather, scale_groups, spatial_keys, topk_low_ties
 
 name = "reference"
 
@@ -69,7 +69,7 @@ def aggregate(
     G, N, K = indices.shape[1:]
     prime = group_gather(values, indices)  # (B, N, K, C)
     if rho is not None:
-        prime = prime * expand_groups(rho, C)
+        prime = scale_groups(prime, rho)
     if kernel == "none":
         out = prime.sum(2)
         return out if bias is None else out + bias
