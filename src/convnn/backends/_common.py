@@ -53,25 +53,30 @@ def spatial_keys(pos_q: Tensor, pos_k: Tensor, grid: tuple[int, int]) -> Tensor:
 
 
 def topk_low_ties(scores: Tensor, K: int, topk=None) -> tuple[Tensor, Tensor]:
-    """Top-K of the last dim (unsorted) where a tie at the K-th score keeps the lower index.
+    """Top-K of the last dim where a tie at the K-th score keeps the lower index.
 
-    ``topk(scores, K)`` finds a top-K with arbitrary ties (default ``torch.topk``); only rows
-    where it left out a score equal to its K-th are redone. Eager code redoes just those rows;
-    a compiled graph (no data-dependent branches) redoes every row without sorting.
-    scores (..., M) -> values (..., K), positions (..., K).
+    ``topk(scores, k)`` finds an unsorted top-k with arbitrary ties (default ``torch.topk``);
+    it is asked for K + 1, so a row cut a tie exactly when its (K+1)-th score equals its K-th
+    (a comparison of two scores, not a pass over the row). Eager code redoes just those
+    rows; a compiled graph (no data-dependent branches) redoes every row without sorting.
+    scores (..., M) -> values (..., K), positions (..., K), not necessarily sorted.
     """
-    vals, idx = (topk or _topk)(scores, K)
-    kth = vals.amin(-1, keepdim=True)
-    left_out = (scores == kth).sum(-1) > (vals == kth).sum(-1)  # (...,): NaN rows never
+    M = scores.shape[-1]
+    vals, idx = (topk or _topk)(scores, min(K + 1, M))
+    vals, order = vals.sort(dim=-1, descending=True)
+    idx = idx.gather(-1, order)
+    cut = vals[..., K] == vals[..., K - 1] if K < M else vals.new_zeros(vals.shape[:-1], dtype=bool)
+    vals, idx = vals[..., :K], idx[..., :K]
     if torch.compiler.is_compiling():
+        kth = vals[..., K - 1 :]
         above = scores > kth
         ties = (scores == kth).cumsum(-1) <= K - above.sum(-1, keepdim=True)
         keep = above | ((scores == kth) & ties)  # exactly K per row
         fixed = keep.to(torch.uint8).topk(K, dim=-1).indices
-        idx = torch.where(left_out[..., None], fixed, idx)
+        idx = torch.where(cut[..., None], fixed, idx)
         return scores.gather(-1, idx), idx
-    if left_out.any():
-        rows = left_out.nonzero(as_tuple=True)
+    if cut.any():
+        rows = cut.nonzero(as_tuple=True)
         v, i = scores[rows].sort(dim=-1, descending=True, stable=True)
         vals[rows], idx[rows] = v[..., :K], i[..., :K]
     return vals, idx

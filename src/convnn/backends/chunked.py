@@ -141,6 +141,7 @@ def _kernel_forward(prime: Tensor, weight: Tensor | None, kernel: str) -> Tensor
 class _Aggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, indices, rho, weight, bias, kernel):
+        values = values.contiguous()  # once: each block gathers rows of a flat view
         B, M, C = values.shape
         G, N, K = indices.shape[1:]
         acc = torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else values.dtype
