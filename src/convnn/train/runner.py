@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,9 @@ from .metrics import Meter, format_mean_std, write_metrics_csv
 __all__ = [
     "BEST",
     "CHECKPOINT",
+    "TrainedModel",
     "evaluate_path",
+    "load_trained_model",
     "resolve_run_dir",
     "run_training",
     "train_seeds",
@@ -493,15 +496,32 @@ def train_seeds(
     return summaries
 
 
-def evaluate_path(
-    path: str,
+@dataclass
+class TrainedModel:
+    """A run's model with verified weights, on its device, and one split of its dataset."""
+
+    cfg: Config
+    spec: Any
+    model: torch.nn.Module
+    dataset: Any
+    checkpoint: Path
+    meta: dict
+    dist_info: DistInfo
+
+
+def load_trained_model(
+    path: str | os.PathLike,
     *,
     config: str | None = None,
     overrides: list[str] = (),
     split: str = "test",
-) -> dict:
-    """Evaluate a run directory (its best weights) or a checkpoint file on ``split``."""
-    from convnn.data import BatchAugment, load_dataset, make_loader
+) -> TrainedModel:
+    """Load a run directory (its best weights) or a checkpoint file and its ``split``.
+
+    The config is ``config`` when given, else the run's config.yaml, else the one embedded in
+    the checkpoint; ``overrides`` apply on top.
+    """
+    from convnn.data import load_dataset
 
     p = Path(path)
     if p.is_dir():
@@ -531,15 +551,32 @@ def evaluate_path(
         raise ConfigError(f"the {split} split of {cfg.data.dataset} is empty")
     model = build_model(cfg, spec).to(dist_info.device)
     meta = load_weights(ckpt, model, model_identity(cfg, spec))
+    return TrainedModel(cfg, spec, model, ds, ckpt, meta, dist_info)
+
+
+def evaluate_path(
+    path: str,
+    *,
+    config: str | None = None,
+    overrides: list[str] = (),
+    split: str = "test",
+) -> dict:
+    """Evaluate a run directory (its best weights) or a checkpoint file on ``split``."""
+    from convnn.data import BatchAugment, make_loader
+
+    run = load_trained_model(path, config=config, overrides=overrides, split=split)
+    cfg, dist_info = run.cfg, run.dist_info
     batch = cfg.data.eval_batch_size or cfg.data.batch_size
     loader = make_loader(
-        ds, batch // dist_info.world_size, shuffle=False, distributed=dist_info.enabled
+        run.dataset, batch // dist_info.world_size, shuffle=False, distributed=dist_info.enabled
     )
-    augment = BatchAugment(spec, normalize=cfg.data.normalize)
-    result = evaluate(model, loader, augment, dist_info, num_samples=len(ds), amp=cfg.train.amp)
+    augment = BatchAugment(run.spec, normalize=cfg.data.normalize)
+    result = evaluate(
+        run.model, loader, augment, dist_info, num_samples=len(run.dataset), amp=cfg.train.amp
+    )
     return {
-        "checkpoint": str(ckpt),
-        "epoch": meta["state"].get("epoch"),
+        "checkpoint": str(run.checkpoint),
+        "epoch": run.meta["state"].get("epoch"),
         "split": split,
         **result,
     }
