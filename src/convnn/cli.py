@@ -22,7 +22,15 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["COMMANDS", "Command", "build_parser", "main", "register", "register_module"]
+__all__ = [
+    "COMMANDS",
+    "Command",
+    "add_trained_model_arguments",
+    "build_parser",
+    "main",
+    "register",
+    "register_module",
+]
 
 
 @dataclass(frozen=True)
@@ -184,7 +192,8 @@ def _train(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------ eval
 
 
-def _eval_args(p: argparse.ArgumentParser) -> None:
+def add_trained_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The run or checkpoint, config, overrides and split, as ``load_trained_model`` takes them."""
     p.add_argument(
         "path", metavar="RUN_DIR|CHECKPOINT", help="run directory (best weights) or .safetensors"
     )
@@ -197,6 +206,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     )
     _add_set(p)
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    add_trained_model_arguments(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -285,6 +298,11 @@ register_module(
     "bench",
     "time and peak memory of the layers against conv, SDPA and the dense formulation",
     "convnn.bench",
+)
+register_module(
+    "inspect",
+    "which neighbours each ConvNN layer of a trained run picks (table and plot)",
+    "convnn.inspect",
 )
 
 
