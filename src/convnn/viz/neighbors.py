@@ -132,11 +132,12 @@ def plot_neighbors(
     colors = ["tab:red", "tab:cyan", "tab:orange", "tab:green", "tab:purple"]
     img = image.detach().float().cpu()
     img = img.permute(1, 2, 0).squeeze(-1) if img.shape[0] in (1, 3) else img[0]
+    img = img.numpy()  # matplotlib wants arrays, not tensors
     H, W = img.shape[:2]
     cols = max(1, len(records))
     fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 3.4), squeeze=False)
     for ax, rec in zip(axes[0], records):
-        ax.imshow(img, cmap="gray" if img.dim() == 2 else None, extent=(0, W, H, 0))
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, extent=(0, W, H, 0))
         gh, gw = rec.grid.H, rec.grid.W
         sy, sx = H / gh, W / gw
         qpos = rec.query_positions()
@@ -144,9 +145,9 @@ def plot_neighbors(
         for (fr, fc), color in zip(queries, colors):
             target = torch.tensor([fr * (gh - 1), fc * (gw - 1)])
             qi = int(((qpos.float() - target).abs().sum(-1)).argmin())
-            pts = nbrs[qi].float()
+            pts = nbrs[qi].float().numpy()
             ax.scatter((pts[:, 1] + 0.5) * sx, (pts[:, 0] + 0.5) * sy, s=28, c=color, alpha=0.75)
-            qy, qx = qpos[qi].float()
+            qy, qx = qpos[qi].float().tolist()
             ax.scatter(
                 [(qx + 0.5) * sx], [(qy + 0.5) * sy], s=90, marker="*", c=color, edgecolors="k"
             )
