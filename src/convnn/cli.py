@@ -334,6 +334,30 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+    except BaseException:
+        if not _joined_process_group():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if _joined_process_group():
+        # A rank of a torchrun job: leave without interpreter finalization, which can abort
+        # with SIGABRT after the work is done (see convnn.train.distributed.exit_now).
+        sys.modules["convnn.train.distributed"].exit_now(code)
+    return code
+
+
+def _joined_process_group() -> bool:
+    mod = sys.modules.get(
+        "convnn.train.distributed"
+    )  # never imported by a command that cannot join
+    return mod is not None and mod.joined_process_group()
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

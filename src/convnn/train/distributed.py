@@ -7,8 +7,9 @@ so the same training code runs in one process or many.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,9 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "cleanup",
+    "exit_now",
     "init_distributed",
+    "joined_process_group",
     "resolve_device",
 ]
 
@@ -65,7 +68,37 @@ def init_distributed(device: str = "auto") -> DistInfo:
             torch.cuda.set_device(dev)
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        global _joined
+        _joined = True
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+# Set once this process has joined a process group; see exit_now.
+_joined = False
+
+
+def joined_process_group() -> bool:
+    """Whether this process joined a process group at any time (even if it left it since)."""
+    return _joined
+
+
+def exit_now(code: int) -> NoReturn:
+    """Flush stdout/stderr and end the process with ``code``, skipping interpreter finalization.
+
+    Once DDP has run on gloo, gloo's worker threads outlive ``destroy_process_group()``. One of
+    them may drop the last reference to a tensor that holds a Python object while the main
+    thread is inside ``Py_FinalizeEx``; it then needs the GIL, Python ends that thread with
+    ``pthread_exit``, and the forced unwind through C++ ``noexcept`` frames calls
+    ``std::terminate``: the rank dies with SIGABRT after the work is done. Every file the
+    library writes is closed (and fsynced) before this point, so skipping finalization loses
+    nothing but the crash.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more can be written
+            pass
+    os._exit(code)
 
 
 def cleanup() -> None:
