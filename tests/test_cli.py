@@ -241,3 +241,32 @@ def test_register_adds_a_subcommand(capsys, monkeypatch):
     code, _, err = _run(capsys, "hello", "--n", "-1")
     assert code == 2
     _one_line_error(err, "negative n")
+
+
+def test_a_rank_that_joined_a_process_group_exits_without_finalization(tmp_path):
+    # The cure for ranks aborting (SIGABRT) inside interpreter finalization after DDP on gloo:
+    # once a process group was joined, main() flushes its output and ends with os._exit, so
+    # finalization (here: an atexit hook) never runs, and the command's status is kept.
+    script = (
+        "import atexit, sys\n"
+        "from convnn import cli\n"
+        "from convnn.train import distributed\n"
+        "atexit.register(lambda: print('finalized', flush=True))\n"
+        "distributed._joined = True\n"
+        "print('before', end='')\n"
+        f"sys.exit(cli.main(['compare', {str(tmp_path / 'nope')!r}]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "before"  # flushed, and no finalization
+    _one_line_error(proc.stderr, "nope")
+    # Without a process group, a normal exit.
+    proc = subprocess.run(
+        [sys.executable, "-c", script.replace("distributed._joined = True\n", "")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == "beforefinalized\n"
