@@ -18,6 +18,7 @@ from convnn.train.config import (
     ConfigError,
     apply_overrides,
     config_from_dict,
+    config_to_dict,
     load_config,
     valid_keys,
 )
@@ -94,6 +95,111 @@ def test_config_type_errors_are_one_line(tmp_path):
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # "float" inside "list[float]" once let a bare number through as the list.
+        ("optim.betas=5", "'optim.betas' must be a list of 2 numbers, got 5 (int)"),
+        ("optim.betas=[0.9]", "'optim.betas' must be a list of 2 numbers, got [0.9] (1 item)"),
+        ("optim.betas=[0.9, 0.99, 0.999]", "'optim.betas' must be a list of 2 numbers"),
+        ("optim.betas=[0.9, x]", "'optim.betas[1]' must be a number, got 'x' (str)"),
+        ("optim.lr=fast", "'optim.lr' must be a number, got 'fast' (str)"),
+        ("optim.lr=true", "'optim.lr' must be a number, got True (bool)"),
+        ("train.epochs=1.5", "'train.epochs' must be an integer, got 1.5 (float)"),
+        ("train.amp=1", "'train.amp' must be true or false, got 1 (int)"),
+        ("model.img_size=[8]", "'model.img_size' must be an integer or null"),
+        ("model.layer_kwargs=5", "'model.layer_kwargs' must be a mapping"),
+        ("model.layer_kwargs={1: 2}", "'model.layer_kwargs' must be a mapping"),
+        ("output.name=[run]", "'output.name' must be a string or null, got ['run'] (1 item)"),
+    ],
+)
+def test_config_types_are_checked_as_declared(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_types_convert_as_declared(tmp_path):
+    cfg = load_config(None, ["optim.betas=[0.8, 0.9]", "optim.lr=1", "data.val_size=100"])
+    assert cfg.optim.betas == (0.8, 0.9) and isinstance(cfg.optim.lr, float)
+    # A count stays a count (it was widened to 100.0 and then refused as a fraction).
+    assert cfg.data.val_size == 100 and isinstance(cfg.data.val_size, int)
+    assert load_config(None, ["data.val_size=0.2"]).data.val_size == 0.2
+    # YAML 1.2 floats: 1e-4 is a number in recipes and overrides, not a string.
+    (tmp_path / "r.yaml").write_text("optim: {lr: 1e-4, weight_decay: 5E-2}\n")
+    cfg = load_config(tmp_path / "r.yaml", ["sched.min_lr=1e-6"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.sched.min_lr) == (1e-4, 5e-2, 1e-6)
+    assert load_config(None, ["output.name=1e5"]).output.name == "1e5"  # declared text
+    assert load_config(None, ["output.name=2024"]).output.name == "2024"
+    # Tuples are lists in the saved config, so a resumed run sees no change.
+    assert config_to_dict(cfg)["optim"]["betas"] == [0.9, 0.999]
+
+
+# An invalid value for every key whose rule says more than its type (the table is RULES).
+INVALID = {
+    "model.name": "resnet",
+    "model.layer": "attention",  # a ViT layer for the default resnet18
+    "model.img_size": 0,
+    "model.patch_size": 0,
+    "data.dataset": "mnist",
+    "data.data_dir": "",
+    "data.val_size": 1.0,
+    "data.batch_size": 0,
+    "data.eval_batch_size": 0,
+    "data.num_workers": -1,
+    "data.crop_padding": -1,
+    "data.mixup": -0.5,
+    "data.cutmix": float("inf"),
+    "optim.name": "adam",
+    "optim.lr": 0,
+    "optim.weight_decay": -1,
+    "optim.momentum": 1.0,
+    "optim.nesterov": True,  # with optim.name=sgd and optim.momentum=0, see below
+    "optim.betas": [0.9, 1.0],
+    "optim.eps": 0,
+    "sched.name": "linear",
+    "sched.warmup_epochs": -1,
+    "sched.warmup_start_factor": 1.5,
+    "sched.min_lr": 1.0,  # above optim.lr
+    "sched.step_epochs": 0,
+    "sched.gamma": 0,
+    "train.epochs": 0,
+    "train.seed": -1,
+    "train.label_smoothing": 2,
+    "train.grad_clip": float("nan"),
+    "train.device": "tpu",
+    "train.num_threads": -2,
+    "train.checkpoint_every_steps": -1,
+    "train.max_steps_per_epoch": -1,
+    "output.dir": " ",
+    "output.name": "../elsewhere",
+}
+
+
+def test_every_config_key_has_a_rule():
+    from convnn.train.config import ANY, RULES
+
+    assert list(RULES) == valid_keys()
+    assert {k for k, rule in RULES.items() if rule is not ANY} == set(INVALID)
+
+
+@pytest.mark.parametrize("key", sorted(INVALID))
+def test_config_rules_refuse_invalid_values(key):
+    from convnn.train.config import validate_config
+
+    cfg = Config()
+    if key == "optim.nesterov":
+        cfg.optim.name, cfg.optim.momentum = "sgd", 0.0
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, INVALID[key])
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg)
+    msg = str(e.value)
+    assert msg.startswith(f"config key {key!r} must be ") and ", got " in msg and "\n" not in msg
+    setattr(getattr(Config(), section), name, getattr(Config(), section).__dict__[name])
+    validate_config(Config())  # the defaults pass
 
 
 def test_recipes_in_configs_load():

@@ -42,6 +42,7 @@ from .config import (
     config_to_dict,
     load_config,
     save_config,
+    validate_config,
 )
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
 from .engine import (
@@ -165,7 +166,7 @@ class Run:
     def __init__(self, cfg: Config, dist_info: DistInfo, resume: str | None) -> None:
         from convnn.data import BatchAugment, load_dataset, make_loader
 
-        self.cfg, self.dist = cfg, dist_info
+        self.cfg, self.dist = validate_config(cfg), dist_info
         dc, tc, world = cfg.data, cfg.train, dist_info.world_size
         setup_torch(cfg)
         for key, value in (
@@ -540,7 +541,7 @@ def load_trained_model(
         saved = read_metadata(ckpt)["state"].get("config")
         if saved is None:
             raise CheckpointError(f"checkpoint {str(ckpt)!r} carries no config; pass --config")
-        cfg = apply_overrides(config_from_dict(saved), list(overrides))
+        cfg = validate_config(apply_overrides(config_from_dict(saved), list(overrides)))
     dist_info = init_distributed(cfg.train.device)
     setup_torch(cfg)
     train, val, test, spec = load_dataset(
