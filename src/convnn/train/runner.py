@@ -101,52 +101,75 @@ def default_run_name(cfg: Config) -> str:
     return f"{cfg.model.name}-{cfg.model.layer}-{cfg.data.dataset}-{stamp}"
 
 
+def _check_folder(path: Path, what: str) -> None:
+    """``path`` is a folder or can be made one: the nearest existing part of it is a folder."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                which = "is a file" if part == path else f"lies inside the file {str(part)!r}"
+                raise ConfigError(
+                    f"{what} must be a folder (created when missing), got {str(path)!r}, "
+                    f"which {which}"
+                )
+            return
+
+
+def _new_run_dir(cfg: Config) -> Path:
+    out = Path(cfg.output.dir)
+    run_dir = out / (cfg.output.name or default_run_name(cfg))
+    if not cfg.output.name:
+        n = 1
+        while run_dir.exists():
+            run_dir = out / f"{default_run_name(cfg)}-{n}"
+            n += 1
+    return run_dir
+
+
+def _latest_run(cfg: Config) -> Path | None:
+    """The run ``--resume`` without a path continues: the one named by ``output.name``, else
+    the newest ``model-layer-dataset-*`` run under ``output.dir``; None when there is none."""
+    out = Path(cfg.output.dir)
+    if cfg.output.name:
+        return out / cfg.output.name if (out / cfg.output.name).exists() else None
+    prefix = f"{cfg.model.name}-{cfg.model.layer}-{cfg.data.dataset}-"
+    found = sorted(
+        (p for p in out.glob(prefix + "*") if (p / "config.yaml").exists()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    return found[-1] if found else None
+
+
 def resolve_run_dir(cfg: Config, resume: str | None) -> tuple[Path, Path | None]:
     """(run directory, checkpoint to resume from or None).
 
     ``resume``: None (new run), ``"auto"`` (the run named by ``output.name``, else the newest
-    ``model-layer-dataset-*`` run under ``output.dir``) or a run directory / checkpoint file.
+    ``model-layer-dataset-*`` run under ``output.dir``; a new run when there is none, so that a
+    job script can always pass ``--resume``) or a run directory / checkpoint file, which must
+    exist.
     """
-    out = Path(cfg.output.dir)
-    if resume is None:
-        run_dir = out / (cfg.output.name or default_run_name(cfg))
-        if not cfg.output.name:
-            n = 1
-            while run_dir.exists():
-                run_dir = out / f"{default_run_name(cfg)}-{n}"
-                n += 1
-        if (run_dir / CHECKPOINT).exists():
-            raise ConfigError(
-                f"run directory {str(run_dir)!r} already holds a checkpoint; pass --resume to "
-                "continue it, or set output.name to start a new run"
-            )
-        return run_dir, None
-    if resume == "auto":
-        if cfg.output.name:
-            run_dir = out / cfg.output.name
-        else:
-            prefix = f"{cfg.model.name}-{cfg.model.layer}-{cfg.data.dataset}-"
-            found = sorted(
-                (p for p in out.glob(prefix + "*") if (p / "config.yaml").exists()),
-                key=lambda p: p.stat().st_mtime,
-            )
-            if not found:
-                raise CheckpointError(
-                    f"no run {prefix}* to resume under {str(out)!r}; "
-                    "pass --resume RUN_DIR or start without --resume"
-                )
-            run_dir = found[-1]
-    else:
+    if resume not in (None, "auto"):
         path = Path(resume)
         if path.is_file():
             return path.parent, path
+        if not path.is_dir():
+            raise CheckpointError(
+                f"--resume expects a run directory or checkpoint, got {resume!r}, which does "
+                "not exist; pass --resume without a path to continue the latest run"
+            )
         run_dir = path
-    if not run_dir.is_dir():
-        raise CheckpointError(
-            f"no run directory {str(run_dir)!r} to resume; start without --resume"
-        )
+    else:
+        _check_folder(Path(cfg.output.dir), "output.dir (--out-dir)")
+        run_dir = _latest_run(cfg) if resume == "auto" else None
+        if run_dir is None:
+            run_dir = _new_run_dir(cfg)
+            if (run_dir / CHECKPOINT).exists():
+                raise ConfigError(
+                    f"run directory {str(run_dir)!r} already holds a checkpoint; pass --resume "
+                    "to continue it, or set output.name to start a new run"
+                )
+    _check_folder(run_dir, "the run directory (output.dir/output.name)")
     ckpt = run_dir / CHECKPOINT
-    return run_dir, (ckpt if ckpt.exists() else None)  # killed before its first checkpoint
+    return run_dir, (ckpt if ckpt.exists() else None)  # None: new, or killed before a checkpoint
 
 
 def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -168,6 +191,18 @@ class Run:
 
         self.cfg, self.dist = validate_config(cfg), dist_info
         dc, tc, world = cfg.data, cfg.train, dist_info.world_size
+        # Where the run goes (and whether it resumes) is settled before any heavy setup, by
+        # rank 0; a problem with it is raised on every rank, so none waits for the others.
+        where: Any = None
+        if dist_info.is_main:
+            try:
+                where = resolve_run_dir(cfg, resume)
+            except ValueError as e:
+                where = e
+        where = broadcast_object(where)
+        if isinstance(where, ValueError):
+            raise where
+        run_dir, ckpt = where
         setup_torch(cfg)
         for key, value in (
             ("data.batch_size", dc.batch_size),
@@ -226,8 +261,6 @@ class Run:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps)
 
-        run_dir, ckpt = resolve_run_dir(cfg, resume) if dist_info.is_main else (None, None)
-        run_dir, ckpt = broadcast_object((run_dir, ckpt))
         self.dir: Path = run_dir
         self.history: list[dict] = []
         self.best: dict | None = None
@@ -237,7 +270,7 @@ class Run:
         if ckpt is not None:
             self._resume(ckpt)
         elif resume is not None:
-            _say(dist_info, f"no checkpoint in {run_dir} yet; starting it from the beginning")
+            _say(dist_info, f"--resume: no checkpoint in {run_dir} yet; starting a new run there")
 
         self.train_model: torch.nn.Module = self.model
         if dist_info.enabled:
