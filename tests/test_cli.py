@@ -365,3 +365,32 @@ def test_corrupt_image_read_by_worker_processes_is_one_line(tmp_path, capsys):
     assert code == 2
     _one_line_error(err, "imagefolder: cannot decode", "2.png", "UnidentifiedImageError")
     assert "worker" not in err
+
+
+def test_corrupt_checkpoint_is_refused_by_every_command(tmp_path, capsys):
+    args = ["train", "--set", *TINY_VIT, "model.layer=kvt", "model.layer_kwargs.K=2"]
+    code, _, _ = _run(capsys, *args, "--epochs", "3", "--out-dir", str(tmp_path), "--name", "r")
+    assert code == 0
+    run = tmp_path / "r"
+    ckpt, best = run / CHECKPOINT, run / "best.safetensors"
+    rows = (run / "metrics.csv").read_text()
+    good = ckpt.read_bytes(), best.read_bytes()
+    assert _run(capsys, "inspect", str(ckpt), "--out", str(tmp_path / "n.png"))[0] == 0
+    # One bit turns the stored epoch 3 into 1; another flips a weight of the best epoch.
+    ckpt.write_bytes(good[0].replace(b'\\"epoch\\": 3', b'\\"epoch\\": 1', 1))
+    blob = bytearray(good[1])
+    blob[-200] ^= 0x10
+    best.write_bytes(bytes(blob))
+    for argv in (
+        ["train", "--set", *TINY_VIT, "model.layer=kvt", "model.layer_kwargs.K=2", "--epochs",
+         "5", "--resume", str(run)],
+        ["train", "--resume", str(ckpt)],
+        ["eval", str(ckpt)],
+        ["eval", str(run)],  # best.safetensors
+        ["inspect", str(ckpt)],
+        ["inspect", str(run), "--config", str(run / "config.yaml")],
+    ):  # fmt: skip
+        code, _, err = _run(capsys, *argv)
+        assert code == 2, argv
+        _one_line_error(err, "is corrupt or truncated (checksum mismatch)")
+    assert (run / "metrics.csv").read_text() == rows  # nothing resumed "at epoch 1"

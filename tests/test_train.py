@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +37,8 @@ QUICK = [
     "train.num_threads=1",
     "output.progress=false",
 ]
+# A one-block ViT of 3,850 parameters: real checkpoints of a few tens of kB.
+TINY_VIT = VIT + [f"model.layer_kwargs.{k}" for k in ("embed_dim=16", "depth=1", "num_heads=2")]
 
 
 def _cli(args: list[str], env: dict | None = None, timeout: int = 120):
@@ -301,6 +305,162 @@ def test_checkpoint_errors_are_clear(tmp_path):
         ck.load_weights(path, _toy(width=5), ident)
     with pytest.raises(ck.CheckpointError, match="not found"):
         ck.load_checkpoint(tmp_path / "missing.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished 3-epoch run of TINY_VIT (checkpoint.safetensors, best.safetensors, ...)."""
+    from convnn.train.runner import run_training
+
+    out = tmp_path_factory.mktemp("tiny")
+    extra = [
+        "train.epochs=3",
+        "train.max_steps_per_epoch=2",
+        f"output.dir={out}",
+        "output.name=run",
+    ]
+    run_training(load_config(None, TINY_VIT + QUICK + extra))
+    return out / "run"
+
+
+def _flip(blob: bytes, bit: int) -> bytes:
+    flipped = bytearray(blob)
+    flipped[bit // 8] ^= 1 << (bit % 8)
+    return bytes(flipped)
+
+
+@pytest.mark.parametrize("name", [CHECKPOINT, "best.safetensors"])
+def test_a_flipped_bit_anywhere_in_a_checkpoint_is_refused(tiny_run, monkeypatch, name):
+    """Flipped bits all over the file: the length prefix, the header (tensor table, metadata
+    JSON, digest) and the tensor bytes (every bit of the file with CONVNN_FLIP_ALL=1)."""
+    path = tiny_run / name
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    data = range((8 + n) * 8, len(blob) * 8)
+    if os.environ.get("CONVNN_FLIP_ALL"):
+        bits = range(len(blob) * 8)
+    else:  # every bit of the length and the digest field, one bit of every other header byte
+        rng = random.Random(0)
+        digest = blob.index(b'"convnn_sha256"')
+        whole = {*range(8), *range(digest, digest + len(b'"convnn_sha256":"') + 65)}
+        bits = [b * 8 + i for b in sorted(whole) for i in range(8)]
+        bits += [b * 8 + rng.randrange(8) for b in range(8, 8 + n) if b not in whole]
+        bits += [*rng.sample(data, 4096), *data[-64:]]
+    current = {}
+    monkeypatch.setattr(ck, "_read", lambda _: current["blob"])
+    reasons: set[str] = set()
+    for bit in bits:
+        current["blob"] = _flip(blob, bit)
+        with pytest.raises(ck.CheckpointError) as e:
+            ck.load_checkpoint(path)
+        msg = str(e.value)
+        assert "\n" not in msg and "is corrupt or truncated (" in msg, (bit, msg)
+        reasons.add(msg.split(" (")[1].split(")")[0])
+    # The length prefix, the JSON structure, the digest field and the hashed bytes all tripped.
+    assert {"checksum mismatch", "header is not valid JSON"} <= reasons, reasons
+    assert any("header runs past" in r for r in reasons), reasons
+    current["blob"] = blob
+    assert ck.load_checkpoint(path)[1]["format"] == ck.FORMAT  # the unflipped file loads
+
+
+def test_flipped_epoch_is_refused_not_resumed(tiny_run, tmp_path):
+    # The issue's case: 3 -> 1 is one bit, and the tensor-only hash let the run resume "at
+    # epoch 1", writing 5 rows of metrics for a 3-epoch run.
+    blob = (tiny_run / CHECKPOINT).read_bytes()
+    at = blob.index(b'\\"epoch\\": 3')
+    flipped = blob.replace(b'\\"epoch\\": 3', b'\\"epoch\\": 1', 1)
+    assert flipped == _flip(blob, (at + len(b'\\"epoch\\": 3') - 1) * 8 + 1)
+    bad = tmp_path / CHECKPOINT
+    bad.write_bytes(flipped)
+    for read in (ck.load_checkpoint, ck.read_metadata):
+        with pytest.raises(ck.CheckpointError, match="corrupt or truncated .checksum mismatch"):
+            read(bad)
+
+
+def _metadata_mutations(meta: dict) -> list[tuple[str, str]]:
+    """(dotted path, 'missing' | 'wrong type') for every key the metadata holds; in lists,
+    the first item stands for all."""
+    found = []
+
+    def walk(node, where):
+        if isinstance(node, list) and node and isinstance(node[0], dict):
+            walk(node[0], f"{where}[0]")
+        if isinstance(node, dict):
+            for key, value in node.items():
+                path = f"{where}.{key}" if where else key
+                found.extend([(path, "missing"), (path, "wrong type")])
+                if path != "state.config":  # a partial or odd config is a config matter
+                    walk(value, path)
+
+    walk(meta, "")
+    return found
+
+
+def _mutate(meta: dict, path: str, how: str) -> None:
+    import re
+
+    *parents, leaf = re.findall(r"[^.\[\]]+", path)
+    node = meta
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    if how == "missing":
+        del node[leaf]
+    else:  # a string where anything else is expected, a number where a string is
+        node[leaf] = 7 if isinstance(node[leaf], str) else "x"
+
+
+def test_well_hashed_metadata_with_a_key_missing_or_mistyped_is_one_line(tiny_run, tmp_path):
+    """A file with a valid digest but a key missing or of the wrong type (not written by this
+    version) is refused with one line on resume and on eval, or, where the key is optional,
+    resumes and trains on."""
+    import shutil
+
+    from convnn.train.distributed import DistInfo
+    from convnn.train.runner import Run, evaluate_path
+
+    tensors, meta = ck.load_checkpoint(tiny_run / CHECKPOINT)
+    cases = _metadata_mutations(meta)
+    assert len(cases) > 100 and ("state.epoch", "missing") in cases
+    cfg = load_config(tiny_run / "config.yaml", ["train.epochs=4"])
+    refused = 0
+    for i, (path, how) in enumerate(cases):
+        run_dir = tmp_path / f"m{i}"
+        run_dir.mkdir()
+        shutil.copy(tiny_run / "best.safetensors", run_dir)
+        mutated = json.loads(json.dumps(meta))
+        _mutate(mutated, path, how)
+        ck.write_checkpoint(run_dir / CHECKPOINT, tensors, mutated)
+        try:
+            run = Run(cfg, DistInfo(), resume=str(run_dir / CHECKPOINT))
+        except ck.CheckpointError as e:
+            assert "\n" not in str(e), (path, how)
+            refused += 1
+        else:
+            run._epoch(run.start_epoch)  # accepted: then it must train on
+        if path.startswith(("optimizer", "scheduler", "state.")) and path != "state.config":
+            continue  # eval reads the format, the identity, state.config and state.epoch
+        try:
+            evaluate_path(str(run_dir / CHECKPOINT))
+        except ValueError as e:  # CheckpointError, or ConfigError for the embedded config
+            assert "\n" not in str(e), (path, how)
+    assert refused >= len(cases) * 3 // 4, refused
+
+
+def test_checkpoint_of_the_old_format_is_refused_or_upgraded(tiny_run, tmp_path):
+    from safetensors.torch import save
+
+    tensors, meta = ck.load_checkpoint(tiny_run / CHECKPOINT)
+    old = tmp_path / "old.safetensors"
+    meta1 = {**meta, "format": "convnn-checkpoint/1", "sha256": ck._tensor_digest(tensors)}
+    old.write_bytes(save(tensors, metadata={"convnn": json.dumps(meta1)}))
+    with pytest.raises(ck.CheckpointError, match="hash does not cover its metadata.*upgrade"):
+        ck.load_checkpoint(old)
+    ck.upgrade_checkpoint(old)
+    tensors2, meta2 = ck.load_checkpoint(old)
+    assert meta2 == meta and tensors2.keys() == tensors.keys()
+    assert all(torch.equal(tensors[k], tensors2[k]) for k in tensors)
+    with pytest.raises(ck.CheckpointError, match="only 'convnn-checkpoint/1' files"):
+        ck.upgrade_checkpoint(old)
 
 
 def test_checkpoint_loading_never_unpickles(tmp_path):

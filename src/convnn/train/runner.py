@@ -21,16 +21,16 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
 from .checkpoint import (
     CheckpointError,
     atomic_write_bytes,
+    check_metadata,
     load_checkpoint,
     load_weights,
-    read_metadata,
     restore_training_state,
     save_checkpoint,
 )
@@ -60,7 +60,7 @@ from .engine import (
     set_rng_state,
     train_one_epoch,
 )
-from .metrics import Meter, format_mean_std, write_metrics_csv
+from .metrics import METRIC_COLUMNS, Meter, format_mean_std, write_metrics_csv
 
 __all__ = [
     "BEST",
@@ -77,6 +77,30 @@ CHECKPOINT = "checkpoint.safetensors"
 BEST = "best.safetensors"
 # Fault injection for tests: the process SIGKILLs itself after this many optimizer steps.
 KILL_ENV = "CONVNN_KILL_AT_STEP"
+
+
+HistoryRow = TypedDict(
+    "HistoryRow", {c: int if c == "epoch" else float for c in METRIC_COLUMNS}
+)  # one row of metrics.csv
+
+
+class Best(TypedDict):
+    epoch: int
+    val_acc: float
+    val_loss: float
+
+
+class TrainState(TypedDict):
+    """The ``state`` a run's checkpoint.safetensors holds (see :meth:`Run._state`)."""
+
+    epoch: int  # epochs finished
+    step_in_epoch: int  # optimizer steps done in the next epoch (mid-epoch checkpoint)
+    global_step: int
+    meter: tuple[float, float, float]
+    epoch_seconds: float
+    history: list[HistoryRow]
+    best: Best | None
+    config: dict[str, Any]
 
 
 def _say(dist_info: DistInfo, *args: Any) -> None:
@@ -284,10 +308,21 @@ class Run:
     # ----------------------------------------------------------------------------- resume
     def _resume(self, path: Path) -> None:
         tensors, meta = load_checkpoint(path)
+        st = check_metadata(path, meta["state"], TrainState, "state")
+        if st["epoch"] < 0 or len(st["history"]) != st["epoch"] or st["step_in_epoch"] < 0:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} has invalid metadata: state.epoch "
+                f"{st['epoch']}, state.step_in_epoch {st['step_in_epoch']} and "
+                f"{len(st['history'])} history rows disagree; use another checkpoint"
+            )
         load_weights(path, self.model, self.identity, tensors, meta)
         self.rng = restore_training_state(tensors, meta, self.optimizer, self.scheduler)
-        st = meta["state"]
-        changes = _config_changes(st.get("config", {}), config_to_dict(self.cfg))
+        if st["step_in_epoch"] and not {"torch", "augment"} <= set(self.rng):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} stops mid-epoch but holds no RNG state to continue "
+                "it; use another checkpoint"
+            )
+        changes = _config_changes(st["config"], config_to_dict(self.cfg))
         if changes:
             _say(self.dist, "resuming with changed settings: " + "; ".join(changes))
         self.history, self.best = st["history"], st["best"]
@@ -564,17 +599,24 @@ def load_trained_model(
             raise CheckpointError(f"no checkpoint in {str(p)!r}; train the run first")
     else:
         ckpt = p
+    tensors, meta = load_checkpoint(ckpt)  # verified before anything in it is used
     if config is not None:
         cfg = load_config(config, overrides)
     elif p.is_dir() and (p / "config.yaml").exists():
         cfg = load_config(p / "config.yaml", overrides)
     else:
-        if not ckpt.exists():
-            raise CheckpointError(f"checkpoint {str(ckpt)!r} not found")
-        saved = read_metadata(ckpt)["state"].get("config")
+        saved = check_metadata(
+            ckpt, meta["state"].get("config"), dict[str, Any] | None, "state.config"
+        )
         if saved is None:
             raise CheckpointError(f"checkpoint {str(ckpt)!r} carries no config; pass --config")
-        cfg = validate_config(apply_overrides(config_from_dict(saved), list(overrides)))
+        try:
+            cfg = config_from_dict(saved)
+        except ConfigError as e:
+            raise CheckpointError(
+                f"checkpoint {str(ckpt)!r} carries an invalid config ({e}); pass --config"
+            ) from None
+        cfg = validate_config(apply_overrides(cfg, list(overrides)))
     dist_info = init_distributed(cfg.train.device)
     setup_torch(cfg)
     train, val, test, spec = load_dataset(
@@ -584,7 +626,7 @@ def load_trained_model(
     if ds is None or len(ds) == 0:
         raise ConfigError(f"the {split} split of {cfg.data.dataset} is empty")
     model = build_model(cfg, spec).to(dist_info.device)
-    meta = load_weights(ckpt, model, model_identity(cfg, spec))
+    load_weights(ckpt, model, model_identity(cfg, spec), tensors, meta)
     return TrainedModel(cfg, spec, model, ds, ckpt, meta, dist_info)
 
 
