@@ -61,8 +61,8 @@ def test_oversized_cases_are_skipped_and_targets_judged(tmp_path):
         row(bench.TARGET_SCOPE, "ours", 100.0, 50.0),
         row(bench.TARGET_SCOPE, "dense", 200.0, 1000.0),
         row(bench.MEMCHECK_SCOPE, "ours", 10.0, 60.0),
-        row(bench._sweep_scope(192), "ours", 10.0, 130.0),
-        row(bench._sweep_scope(256), "ours", 10.0, 230.0),
+        row(bench.sweep_scope(192), "ours", 10.0, 130.0),
+        row(bench.sweep_scope(256), "ours", 10.0, 230.0),
     ]
     verdicts = {
         t["target"].split(":")[0] + t["target"][-12:]: t for t in bench.targets(results, "cpu")
@@ -77,6 +77,6 @@ def test_every_case_runs_its_primer_step():
     """The small warm-up input of every case is valid for its options (a window of 49 tokens
     of a 1 x 197 row needs a row primer, not an 8 x 8 map)."""
     for case in bench.build_cases("full"):
-        module, x, _ = bench._build(case, "cpu", torch.float32, bench._primer_shape(case))
+        module, x, _ = bench.build_case(case, "cpu", torch.float32, bench.primer_shape(case))
         with torch.no_grad():
             module(x)

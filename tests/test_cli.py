@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,56 +12,9 @@ from convnn import cli
 from convnn.train.checkpoint import CheckpointError
 from convnn.train.config import config_from_dict, config_to_dict
 from convnn.train.demo import DEMO_RECIPE
-from convnn.train.runner import CHECKPOINT
+from convnn.train.rundir import CHECKPOINT
 
 ROOT = Path(__file__).parents[1]
-TINY = [
-    "model.name=resnet18",
-    "model.img_size=8",
-    "data.batch_size=32",
-    "train.max_steps_per_epoch=3",
-    "train.epochs=2",
-    "train.num_threads=1",
-    "output.progress=false",
-]
-
-
-# A one-block ViT of 3,850 parameters (seconds per run, checkpoints of a few tens of kB).
-TINY_VIT = [
-    "model.name=vit_tiny",
-    "model.layer=attention",
-    "model.img_size=8",
-    "model.patch_size=4",
-    "model.layer_kwargs.embed_dim=16",
-    "model.layer_kwargs.depth=1",
-    "model.layer_kwargs.num_heads=2",
-    "data.batch_size=32",
-    "train.max_steps_per_epoch=2",
-    "train.num_threads=1",
-    "output.progress=false",
-]
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def _one_line_error(err: str, *needles: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("convnn: error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """One tiny finished run, shared by the tests below."""
-    out = tmp_path_factory.mktemp("runs")
-    assert cli.main(["train", "--set", *TINY, "--out-dir", str(out), "--name", "tiny"]) == 0
-    return out / "tiny"
 
 
 @pytest.mark.parametrize("command", [[]] + [[c.name] for c in cli.COMMANDS])
@@ -77,20 +28,60 @@ def test_help(command, capsys):
         assert "--resume" in out and "--seeds" in out and "optim:" in out
 
 
-def test_console_script_entry_point():
-    proc = subprocess.run(
-        [sys.executable, "-m", "convnn.cli", "train", "--set", "optim.lrr=1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+def test_help_imports_no_torch_and_lists_the_choices(convnn_process):
+    """`convnn --help` and every subcommand's --help answer without importing torch (which
+    alone takes seconds), and list what each choice allows."""
+    names = [c.name for c in cli.COMMANDS]
+    script = (
+        "import sys\n"
+        "from convnn import cli\n"
+        f"for argv in [[], *[[n] for n in {names!r}]]:\n"
+        "    try:\n"
+        "        cli.main([*argv, '--help'])\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, argv\n"
+        "    assert 'torch' not in sys.modules, argv\n"
     )
-    assert proc.returncode == 2
-    _one_line_error(proc.stderr, "unknown config key 'optim.lrr'", "valid keys", "optim.lr")
+    result = convnn_process(["-c", script])
+    assert result.code == 0, result.err
+    helps = result.out.split("usage: convnn")
+    train = next(h for h in helps if h.startswith(" train"))
+    for listed in (
+        "small_cnn | vgg11 |",  # models
+        "[conv | convnn | branching]",  # layers of the default model
+        "[cifar10 | cifar100 | digits | imagefolder]",  # datasets
+        "[adamw | sgd]",  # optimizers
+        "[cosine | step | constant]",  # schedules
+    ):
+        assert listed in train, listed
+    demo = next(h for h in helps if h.startswith(" demo"))
+    assert "the demo's settings" in demo and f"name={DEMO_RECIPE['model']['name']}" in demo
+    # Every option of every subcommand has help text.
+    for text in helps[1:]:
+        options = re.findall(r"^  (-{1,2}\S+)(.*)$", text, re.M)
+        for option, rest in options:
+            assert rest.strip() or option == "-h", (text.split()[0], option)
 
 
-def test_print_config_applies_file_and_overrides(tmp_path, capsys):
-    code, out, _ = _run(
-        capsys,
+def test_help_choices_agree_with_the_registries():
+    from convnn.backends import BACKENDS
+    from convnn.cli import choices, verify
+    from convnn.train import zoo
+
+    assert choices.model_names() == zoo.list_models()
+    for name in zoo.list_models():
+        assert list(choices.MODEL_LAYERS[name]) == zoo.layer_choices(name), name
+    assert set(verify.BACKENDS) == set(BACKENDS)
+
+
+def test_console_script_entry_point(convnn_process):
+    result = convnn_process(["train", "--set", "optim.lrr=1"])
+    assert result.code == 2
+    result.error_line("unknown config key 'optim.lrr'", "valid keys", "optim.lr")
+
+
+def test_print_config_applies_file_and_overrides(convnn):
+    code, out, _ = convnn(
         "train",
         "-c",
         str(ROOT / "configs" / "vgg11_cifar10_branching.yaml"),
@@ -105,76 +96,73 @@ def test_print_config_applies_file_and_overrides(tmp_path, capsys):
     assert cfg["train"]["epochs"] == 3 and cfg["data"]["batch_size"] == 256
 
 
-def test_missing_and_corrupt_cifar_archives(tmp_path, capsys):
-    code, _, err = _run(
-        capsys, "train", "--set", "data.dataset=cifar10", "--data-dir", str(tmp_path / "none")
-    )
-    assert code == 2
+def test_missing_and_corrupt_cifar_archives(tmp_path, convnn, tiny):
+    cifar = ["train", "--set", *tiny.cnn, "data.dataset=cifar10", "--data-dir"]
+    result = convnn(*cifar, tmp_path / "none")
+    assert result.code == 2
     expected = ("cifar-10-python.tar.gz", "cifar-10-batches-py", "data_batch_1..5", "test_batch")
-    _one_line_error(err, "cifar10", *expected, "--data-dir")
+    result.error_line("cifar10", *expected, "--data-dir")
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tar archive")
-    code, _, err = _run(
-        capsys, "train", "--set", "data.dataset=cifar10", "--data-dir", str(tmp_path)
-    )
-    assert code == 2
-    _one_line_error(err, "truncated or corrupt", *expected, "--data-dir")
+    result = convnn(*cifar, tmp_path)
+    assert result.code == 2
+    result.error_line("truncated or corrupt", *expected, "--data-dir")
 
 
-def test_missing_config_file(capsys):
-    code, _, err = _run(capsys, "train", "-c", "no/such/recipe.yaml")
-    assert code == 2
-    _one_line_error(err, "not found")
+def test_missing_config_file(convnn):
+    result = convnn("train", "-c", "no/such/recipe.yaml")
+    assert result.code == 2
+    result.error_line("not found")
 
 
-def test_eval_compare_and_outputs(trained, tmp_path, capsys):
-    code, out, _ = _run(capsys, "eval", str(trained))
-    assert code == 0 and out.startswith("test acc ")
-    code, out, _ = _run(capsys, "eval", str(trained / "checkpoint.safetensors"), "--split", "val")
+def test_eval_compare_and_outputs(trained, tmp_path, convnn):
+    run = trained["cnn"]
+    code, out, _ = convnn("eval", run)
+    assert code == 0 and out.startswith("test acc ") and "top-5" in out
+    code, out, _ = convnn("eval", run / "checkpoint.safetensors", "--split", "val")
     assert code == 0 and out.startswith("val acc ")
     png = tmp_path / "cmp.png"
-    code, out, _ = _run(capsys, "compare", str(trained), str(trained), "--out", str(png))
+    code, out, _ = convnn("compare", run, trained["convnn"], "--out", png)
     assert code == 0 and png.stat().st_size > 0
     header = out.splitlines()[0].split()
     assert header[:4] == ["run", "model", "layer", "params"] and "test" in header
-    assert "resnet18" in out.splitlines()[2]
+    assert "small_cnn" in out.splitlines()[2]
 
 
-def test_resume_checkpoint_of_another_model(trained, capsys):
-    code, _, err = _run(
-        capsys, "train", "--set", *TINY, "model.name=vgg11", "--resume", str(trained)
-    )
-    assert code == 2
-    _one_line_error(err, "different model", "--resume")
-    code, _, err = _run(capsys, "eval", str(trained), "--set", "model.name=vgg11")
-    assert code == 2
-    _one_line_error(err, "different model")
+def test_resume_checkpoint_of_another_model(trained, convnn, tiny):
+    run = trained["cnn"]
+    result = convnn("train", "--set", *tiny.cnn, "model.layer_kwargs.width=4", "--resume", run)
+    assert result.code == 2
+    result.error_line("cannot resume", "model.layer_kwargs", "architecture")
+    result = convnn("eval", run, "--set", "model.layer_kwargs.width=4")
+    assert result.code == 2
+    result.error_line("different model")
 
 
-def test_corrupt_checkpoint(trained, tmp_path, capsys):
-    blob = (trained / "checkpoint.safetensors").read_bytes()
+def test_corrupt_checkpoint(trained, tmp_path, convnn):
+    blob = (trained["cnn"] / "checkpoint.safetensors").read_bytes()
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(blob[: len(blob) // 2])
-    code, _, err = _run(capsys, "eval", str(bad))
-    assert code == 2
-    _one_line_error(err, "corrupt or truncated")
-    code, _, err = _run(capsys, "eval", str(tmp_path / "missing.safetensors"))
-    assert code == 2
-    _one_line_error(err, "not found")
+    result = convnn("eval", bad)
+    assert result.code == 2
+    result.error_line("corrupt or truncated")
+    result = convnn("eval", tmp_path / "missing.safetensors")
+    assert result.code == 2
+    result.error_line("not found")
 
 
-def test_existing_run_needs_resume(trained, capsys):
-    code, _, err = _run(
-        capsys, "train", "--set", *TINY, "--out-dir", str(trained.parent), "--name", "tiny"
-    )
-    assert code == 2
-    _one_line_error(err, "--resume")
+def test_existing_run_needs_resume(trained, convnn, tiny):
+    run = trained["cnn"]
+    result = convnn("train", "--set", *tiny.cnn, "--out-dir", run.parent, "--name", run.name)
+    assert result.code == 2
+    result.error_line("--resume")
 
 
-def test_resume_finished_run_is_a_no_op(trained, capsys):
-    before = (trained / "metrics.csv").read_text()
-    code, out, _ = _run(capsys, "train", "--resume", str(trained))
+def test_resume_finished_run_is_a_no_op(trained, convnn):
+    run = trained["cnn"]
+    before = (run / "metrics.csv").read_text()
+    code, out, _ = convnn("train", "--resume", run)
     assert code == 0 and "resumed" in out and "test acc" in out
-    assert (trained / "metrics.csv").read_text() == before
+    assert (run / "metrics.csv").read_text() == before
 
 
 def test_bad_seeds_argument(capsys):
@@ -209,8 +197,8 @@ def _verify_report(out: str) -> dict[str, tuple[float, str, str, str]]:
     return report
 
 
-def test_verify_prints_configuration_and_difference_per_case(capsys):
-    code, out, _ = _run(capsys, "verify")
+def test_verify_prints_configuration_and_difference_per_case(convnn):
+    code, out, _ = convnn("verify")
     assert code == 0
     report = _verify_report(out)
     assert set(VERIFY_CASES) <= set(report)
@@ -222,7 +210,7 @@ def test_verify_prints_configuration_and_difference_per_case(capsys):
         assert module in recovers, recovers
 
 
-def test_verify_fails_when_a_case_differs(capsys, monkeypatch):
+def test_verify_fails_when_a_case_differs(convnn, monkeypatch):
     from convnn import verify
 
     def off_by_a_bit(dtype):
@@ -230,7 +218,7 @@ def test_verify_fails_when_a_case_differs(capsys, monkeypatch):
         return config, ref, ours, theirs + 1e-3
 
     monkeypatch.setitem(verify.CASES, "broken attention", off_by_a_bit)
-    code, out, _ = _run(capsys, "verify", "--dtype", "float32")
+    code, out, _ = convnn("verify", "--dtype", "float32")
     report = _verify_report(out)
     assert code == 1 and report["broken attention"][1] == "FAIL"
     assert report["broken attention"][0] == pytest.approx(1e-3, rel=1e-2)
@@ -242,7 +230,7 @@ def test_demo_recipe_matches_configs_demo_yaml():
     assert config_to_dict(config_from_dict(recipe)) == config_to_dict(config_from_dict(DEMO_RECIPE))
 
 
-def test_register_adds_a_subcommand(capsys, monkeypatch):
+def test_register_adds_a_subcommand(convnn, monkeypatch):
     monkeypatch.setattr(cli, "COMMANDS", list(cli.COMMANDS))
 
     def add(p):
@@ -254,13 +242,13 @@ def test_register_adds_a_subcommand(capsys, monkeypatch):
         print("hello" * args.n)
 
     cli.register("hello", "say hello", add, run)
-    assert _run(capsys, "hello", "--n", "2")[:2] == (0, "hellohello\n")
-    code, _, err = _run(capsys, "hello", "--n", "-1")
-    assert code == 2
-    _one_line_error(err, "negative n")
+    assert convnn("hello", "--n", "2").out == "hellohello\n"
+    result = convnn("hello", "--n", "-1")
+    assert result.code == 2
+    result.error_line("negative n")
 
 
-def test_a_rank_that_joined_a_process_group_exits_without_finalization(tmp_path):
+def test_a_rank_that_joined_a_process_group_exits_without_finalization(tmp_path, convnn_process):
     # The cure for ranks aborting (SIGABRT) inside interpreter finalization after DDP on gloo:
     # once a process group was joined, main() flushes its output and ends with os._exit, so
     # finalization (here: an atexit hook) never runs, and the command's status is kept.
@@ -273,20 +261,13 @@ def test_a_rank_that_joined_a_process_group_exits_without_finalization(tmp_path)
         "print('before', end='')\n"
         f"sys.exit(cli.main(['compare', {str(tmp_path / 'nope')!r}]))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stdout == "before"  # flushed, and no finalization
-    _one_line_error(proc.stderr, "nope")
+    result = convnn_process(["-c", script])
+    assert result.code == 2, result.err
+    assert result.out == "before"  # flushed, and no finalization
+    result.error_line("nope")
     # Without a process group, a normal exit.
-    proc = subprocess.run(
-        [sys.executable, "-c", script.replace("distributed._joined = True\n", "")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2 and proc.stdout == "beforefinalized\n"
+    result = convnn_process(["-c", script.replace("distributed._joined = True\n", "")])
+    assert result.code == 2 and result.out == "beforefinalized\n"
 
 
 # Each: extra `convnn train` arguments ({tmp} is a fresh folder) and what the one line names.
@@ -314,7 +295,9 @@ REFUSED_UP_FRONT = {
 
 
 @pytest.mark.parametrize("case", list(REFUSED_UP_FRONT))
-def test_invalid_train_arguments_are_one_line_before_any_setup(case, tmp_path, capsys, monkeypatch):
+def test_invalid_train_arguments_are_one_line_before_any_setup(
+    case, tmp_path, convnn, tiny, monkeypatch
+):
     def heavy(*args, **kwargs):
         raise AssertionError("the dataset or the model was set up before the error")
 
@@ -324,30 +307,30 @@ def test_invalid_train_arguments_are_one_line_before_any_setup(case, tmp_path, c
     args, needles = REFUSED_UP_FRONT[case]
     args = [a.format(tmp=tmp_path) for a in args]
     out_dir = ["--out-dir", str(tmp_path / "runs")]
-    code, _, err = _run(capsys, "train", "--set", *TINY_VIT, *out_dir, *args)
-    assert code == 2
-    _one_line_error(err, *(n.format(tmp=tmp_path) for n in needles))
+    result = convnn("train", "--set", *tiny.vit, *out_dir, *args)
+    assert result.code == 2
+    result.error_line(*(n.format(tmp=tmp_path) for n in needles))
     assert not (tmp_path / "runs").exists()
 
 
-def test_resume_on_a_first_launch_starts_the_run(tmp_path, capsys):
+def test_resume_on_a_first_launch_starts_the_run(tmp_path, convnn, tiny):
     # A job script that always passes --resume: the first launch starts the run, and says so.
-    args = ["train", "--set", *TINY_VIT, "train.epochs=1", "--out-dir", str(tmp_path)]
-    code, out, err = _run(capsys, *args, "--name", "job", "--resume")
+    args = ["train", "--set", *tiny.vit, "train.epochs=1", "--out-dir", str(tmp_path)]
+    code, out, err = convnn(*args, "--name", "job", "--resume")
     assert code == 0 and "error" not in err
     notes = [line for line in out.splitlines() if line.startswith("--resume")]
     assert notes == [f"--resume: no checkpoint in {tmp_path / 'job'} yet; starting a new run there"]
     assert (tmp_path / "job" / "summary.json").exists()
-    code, out, _ = _run(capsys, *args, "--name", "job", "--resume")
+    code, out, _ = convnn(*args, "--name", "job", "--resume")
     assert code == 0 and f"resumed {tmp_path / 'job' / CHECKPOINT} at epoch 1" in out
     # Without a name, the newest run of this model/layer/dataset, or else a new one.
-    code, out, _ = _run(capsys, "train", "--set", *TINY_VIT, "train.epochs=1", "--resume",
-                        "--out-dir", str(tmp_path / "other"))  # fmt: skip
+    code, out, _ = convnn("train", "--set", *tiny.vit, "train.epochs=1", "--resume",
+                          "--out-dir", str(tmp_path / "other"))  # fmt: skip
     assert code == 0 and "starting a new run there" in out
     assert len(list((tmp_path / "other").glob("vit_tiny-attention-digits-*/summary.json"))) == 1
 
 
-def test_corrupt_image_read_by_worker_processes_is_one_line(tmp_path, capsys):
+def test_corrupt_image_read_by_worker_processes_is_one_line(tmp_path, convnn, tiny):
     from PIL import Image
 
     for split, count in (("train", 4), ("val", 1)):
@@ -357,32 +340,32 @@ def test_corrupt_image_read_by_worker_processes_is_one_line(tmp_path, capsys):
             for i in range(count):
                 Image.new("RGB", (8, 8), colour).save(folder / f"{i}.png")
     (tmp_path / "data" / "train" / "b" / "2.png").write_bytes(b"not a png")
-    code, _, err = _run(
-        capsys, "train", "--set", *TINY_VIT, "data.dataset=imagefolder", "data.num_workers=2",
+    result = convnn(
+        "train", "--set", *tiny.vit, "data.dataset=imagefolder", "data.num_workers=2",
         "data.batch_size=4", "data.val_size=0", "--data-dir", str(tmp_path / "data"),
         "--out-dir", str(tmp_path / "runs"),
     )  # fmt: skip
-    assert code == 2
-    _one_line_error(err, "imagefolder: cannot decode", "2.png", "UnidentifiedImageError")
-    assert "worker" not in err
+    assert result.code == 2
+    result.error_line("imagefolder: cannot decode", "2.png", "UnidentifiedImageError")
+    assert "worker" not in result.err
 
 
-def test_corrupt_checkpoint_is_refused_by_every_command(tmp_path, capsys):
-    args = ["train", "--set", *TINY_VIT, "model.layer=kvt", "model.layer_kwargs.K=2"]
-    code, _, _ = _run(capsys, *args, "--epochs", "3", "--out-dir", str(tmp_path), "--name", "r")
+def test_corrupt_checkpoint_is_refused_by_every_command(tmp_path, convnn, tiny):
+    args = ["train", "--set", *tiny.vit, "model.layer=kvt", "model.layer_kwargs.K=2"]
+    code, _, _ = convnn(*args, "--epochs", "3", "--out-dir", str(tmp_path), "--name", "r")
     assert code == 0
     run = tmp_path / "r"
     ckpt, best = run / CHECKPOINT, run / "best.safetensors"
     rows = (run / "metrics.csv").read_text()
     good = ckpt.read_bytes(), best.read_bytes()
-    assert _run(capsys, "inspect", str(ckpt), "--out", str(tmp_path / "n.png"))[0] == 0
+    assert convnn("inspect", ckpt, "--out", tmp_path / "n.png").code == 0
     # One bit turns the stored epoch 3 into 1; another flips a weight of the best epoch.
     ckpt.write_bytes(good[0].replace(b'\\"epoch\\": 3', b'\\"epoch\\": 1', 1))
     blob = bytearray(good[1])
     blob[-200] ^= 0x10
     best.write_bytes(bytes(blob))
     for argv in (
-        ["train", "--set", *TINY_VIT, "model.layer=kvt", "model.layer_kwargs.K=2", "--epochs",
+        ["train", "--set", *tiny.vit, "model.layer=kvt", "model.layer_kwargs.K=2", "--epochs",
          "5", "--resume", str(run)],
         ["train", "--resume", str(ckpt)],
         ["eval", str(ckpt)],
@@ -390,7 +373,7 @@ def test_corrupt_checkpoint_is_refused_by_every_command(tmp_path, capsys):
         ["inspect", str(ckpt)],
         ["inspect", str(run), "--config", str(run / "config.yaml")],
     ):  # fmt: skip
-        code, _, err = _run(capsys, *argv)
-        assert code == 2, argv
-        _one_line_error(err, "is corrupt or truncated (checksum mismatch)")
+        result = convnn(*argv)
+        assert result.code == 2, argv
+        result.error_line("is corrupt or truncated (checksum mismatch)")
     assert (run / "metrics.csv").read_text() == rows  # nothing resumed "at epoch 1"

@@ -7,11 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
-from test_cli import TINY, _one_line_error, _run
 
 from convnn import cli
 from convnn.nn import ConvNN2d
-from convnn.train.runner import load_trained_model
+from convnn.train.loading import load_trained_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROW = re.compile(
@@ -21,14 +20,13 @@ ROW = re.compile(
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """A tiny ResNet-18 trained with ConvNN layers, and one with plain convolutions."""
+def runs(tmp_path_factory, tiny, trained) -> dict[str, Path]:
+    """A tiny ResNet-18 trained with ConvNN layers (maps from 8x8 to 1x1), and a run with
+    plain convolutions."""
     out = tmp_path_factory.mktemp("runs")
-    for name, layer in (("convnn", "convnn"), ("conv", "conv")):
-        extra = ["train.epochs=1", f"model.layer={layer}"]
-        argv = ["train", "--set", *TINY, *extra, "--out-dir", str(out), "--name", name]
-        assert cli.main(argv) == 0
-    return {"convnn": out / "convnn", "conv": out / "conv"}
+    argv = ["train", "--set", *tiny.resnet, "train.epochs=1", "model.layer=convnn"]
+    assert cli.main([*argv, "--out-dir", str(out), "--name", "convnn"]) == 0
+    return {"convnn": out / "convnn", "conv": trained["cnn"]}
 
 
 def _table(out: str) -> dict[str, dict]:
@@ -45,8 +43,8 @@ def _plot_line(out: str) -> str:
     return line
 
 
-def test_one_line_per_convnn_layer_and_a_png(runs, capsys):
-    code, out, err = _run(capsys, "inspect", str(runs["convnn"]), "--images", "2")
+def test_one_line_per_convnn_layer_and_a_png(runs, convnn):
+    code, out, err = convnn("inspect", runs["convnn"], "--images", "2")
     assert code == 0, err
     model = load_trained_model(runs["convnn"]).model
     expected = [n for n, m in model.named_modules() if isinstance(m, ConvNN2d)]
@@ -72,10 +70,9 @@ def test_one_line_per_convnn_layer_and_a_png(runs, capsys):
     assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
 
 
-def test_layer_filter_queries_out_and_checkpoint(runs, tmp_path, capsys):
+def test_layer_filter_queries_out_and_checkpoint(runs, tmp_path, convnn):
     png = tmp_path / "sub" / "picks.png"
-    code, out, err = _run(
-        capsys,
+    code, out, err = convnn(
         "inspect",
         str(runs["convnn"] / "checkpoint.safetensors"),
         "--split",
@@ -107,10 +104,10 @@ def test_layer_filter_queries_out_and_checkpoint(runs, tmp_path, capsys):
         (["--queries", *["0.5,0.5"] * 6], ["--queries", "at most 5", "got 6"]),
     ],
 )
-def test_bad_arguments(runs, argv, needles, capsys):
-    code, _, err = _run(capsys, "inspect", str(runs["convnn"]), *argv)
-    assert code == 2
-    _one_line_error(err, *needles)
+def test_bad_arguments(runs, argv, needles, convnn):
+    result = convnn("inspect", runs["convnn"], *argv)
+    assert result.code == 2
+    result.error_line(*needles)
 
 
 def test_query_outside_the_map(runs, capsys):
@@ -120,10 +117,10 @@ def test_query_outside_the_map(runs, capsys):
     assert "--queries" in capsys.readouterr().err
 
 
-def test_run_without_convnn_layers(runs, capsys):
-    code, out, err = _run(capsys, "inspect", str(runs["conv"]))
-    assert code == 2 and out == ""
-    _one_line_error(err, "layer=conv", "no ConvNN layer")
+def test_run_without_convnn_layers(runs, convnn):
+    result = convnn("inspect", runs["conv"])
+    assert result.code == 2 and result.out == ""
+    result.error_line("layer=conv", "no ConvNN layer")
     assert not (runs["conv"] / "neighbors.png").exists()
 
 

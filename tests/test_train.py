@@ -24,37 +24,9 @@ from convnn.train.config import (
     load_config,
     valid_keys,
 )
-from convnn.train.engine import build_scheduler, lr_factor
+from convnn.train.engine import build_scheduler, lr_factor, set_schedule_step
 from convnn.train.metrics import format_mean_std, mean_std, read_metrics_csv, write_metrics_csv
-from convnn.train.runner import CHECKPOINT, KILL_ENV
-
-# Small real models on the embedded digits set (8x8 grey, 10 classes).
-CNN = ["model.name=resnet18", "model.img_size=8"]
-VIT = ["model.name=vit_tiny", "model.layer=attention", "model.img_size=8", "model.patch_size=4"]
-QUICK = [
-    "data.batch_size=32",
-    "train.max_steps_per_epoch=4",
-    "train.num_threads=1",
-    "output.progress=false",
-]
-# A one-block ViT of 3,850 parameters: real checkpoints of a few tens of kB.
-TINY_VIT = VIT + [f"model.layer_kwargs.{k}" for k in ("embed_dim=16", "depth=1", "num_heads=2")]
-
-
-def _cli(args: list[str], env: dict | None = None, timeout: int = 120):
-    """Run the real ``convnn`` CLI in a fresh process."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "convnn.cli", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=timeout,
-    )
-
-
-def _sets(*groups: list[str]) -> list[str]:
-    return ["--set", *[s for g in groups for s in g]]
+from convnn.train.rundir import CHECKPOINT
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -156,8 +128,12 @@ INVALID = {
     "data.crop_padding": -1,
     "data.mixup": -0.5,
     "data.cutmix": float("inf"),
+    "data.rrc_scale": [0.5, 0.2],
+    "data.randaugment": 31,
+    "data.random_erasing": 1.5,
     "optim.name": "adam",
     "optim.lr": 0,
+    "optim.lr_batch_size": 0,
     "optim.weight_decay": -1,
     "optim.momentum": 1.0,
     "optim.nesterov": True,  # with optim.name=sgd and optim.momentum=0, see below
@@ -177,8 +153,11 @@ INVALID = {
     "train.num_threads": -2,
     "train.checkpoint_every_steps": -1,
     "train.max_steps_per_epoch": -1,
+    "train.accum_steps": 0,
+    "train.ema_decay": 1.0,
     "output.dir": " ",
     "output.name": "../elsewhere",
+    "output.keep_checkpoints": -1,
 }
 
 
@@ -267,6 +246,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     tensors, meta = ck.load_checkpoint(path)
     ck.load_weights(path, model2, ident, tensors, meta)
     ck.restore_training_state(tensors, meta, opt2, sched2)
+    set_schedule_step(opt2, sched2, sched2.last_epoch)  # the run's own lr at that step
     assert meta["state"] == {"epoch": 3}
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)
@@ -308,19 +288,9 @@ def test_checkpoint_errors_are_clear(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """A finished 3-epoch run of TINY_VIT (checkpoint.safetensors, best.safetensors, ...)."""
-    from convnn.train.runner import run_training
-
-    out = tmp_path_factory.mktemp("tiny")
-    extra = [
-        "train.epochs=3",
-        "train.max_steps_per_epoch=2",
-        f"output.dir={out}",
-        "output.name=run",
-    ]
-    run_training(load_config(None, TINY_VIT + QUICK + extra))
-    return out / "run"
+def tiny_run(trained) -> Path:
+    """A finished 3-epoch run of the tiny ViT (checkpoint.safetensors, best.safetensors, ...)."""
+    return trained["vit"]
 
 
 def _flip(blob: bytes, bit: int) -> bytes:
@@ -416,7 +386,8 @@ def test_well_hashed_metadata_with_a_key_missing_or_mistyped_is_one_line(tiny_ru
     import shutil
 
     from convnn.train.distributed import DistInfo
-    from convnn.train.runner import Run, evaluate_path
+    from convnn.train.loading import evaluate_path
+    from convnn.train.runner import Run
 
     tensors, meta = ck.load_checkpoint(tiny_run / CHECKPOINT)
     cases = _metadata_mutations(meta)
@@ -489,10 +460,10 @@ def test_metrics_csv_and_mean_std(tmp_path):
 # ------------------------------------------------------------------ runs, resume, DDP
 
 
-def test_run_outputs_and_multi_seed(tmp_path, capsys):
-    from convnn.train.runner import train_seeds
+def test_run_outputs_and_multi_seed(tmp_path, capsys, tiny):
+    from convnn.train.seeds import train_seeds
 
-    cfg = load_config(None, CNN + QUICK + ["train.epochs=2", f"output.dir={tmp_path}"])
+    cfg = load_config(None, [*tiny.cnn, "train.epochs=2", f"output.dir={tmp_path}"])
     cfg.output.name = "s"
     summaries = train_seeds(cfg, [0, 1])
     out = capsys.readouterr().out
@@ -511,8 +482,9 @@ def test_run_outputs_and_multi_seed(tmp_path, capsys):
     assert load_config(run / "config.yaml").train.seed == 0
 
 
-def test_model_selection_uses_validation_never_test(tmp_path, monkeypatch):
+def test_model_selection_uses_validation_never_test(tmp_path, monkeypatch, tiny):
     from convnn.train import runner
+    from convnn.train.loading import evaluate_path
 
     calls: list[tuple[str, int]] = []  # (split, epochs finished when it was evaluated)
     # Forced validation results: epochs 2 and 4 tie on accuracy, epoch 2 has the lower loss.
@@ -529,7 +501,7 @@ def test_model_selection_uses_validation_never_test(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner.Run, "_eval", recording)
     epochs = len(val_acc)
-    cfg = load_config(None, CNN + QUICK + [f"train.epochs={epochs}"])
+    cfg = load_config(None, [*tiny.cnn, f"train.epochs={epochs}"])
     cfg.output.dir, cfg.output.name = str(tmp_path), "sel"
     summary = runner.run_training(cfg)
     # One validation pass per epoch during training; the test split only once training is over.
@@ -541,23 +513,39 @@ def test_model_selection_uses_validation_never_test(tmp_path, monkeypatch):
     assert (summary["best_epoch"], summary["best_val_acc"], summary["selection"]) == (2, 0.9, "val")
     assert ck.read_metadata(tmp_path / "sel" / "best.safetensors")["state"]["epoch"] == 2
     # The reported test accuracy is that of the selected (epoch 2) weights, not the last ones.
-    best = runner.evaluate_path(str(tmp_path / "sel"))
-    last = runner.evaluate_path(str(tmp_path / "sel" / CHECKPOINT))
+    best = evaluate_path(str(tmp_path / "sel"))
+    last = evaluate_path(str(tmp_path / "sel" / CHECKPOINT))
     assert (best["epoch"], last["epoch"]) == (2, epochs)
     assert best["acc"] == summary["test_acc"] and last["acc"] == summary["test_acc_last"]
     assert best["loss"] != last["loss"]
 
 
+# One training run in a fresh process that SIGKILLs itself after optimizer step {step}.
+KILL_SCRIPT = """
+import os, signal, sys
+from convnn.train.config import load_config
+from convnn.train.runner import run_training
+
+def kill(run, state):
+    if run.global_step == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+run_training(load_config(None, {overrides!r}), callbacks=[kill])
+"""
+
+
 @pytest.mark.slow
-def test_resume_after_kill_9_matches_uninterrupted(tmp_path):
-    common = _sets(
-        CNN,
-        QUICK,
-        ["model.layer=branching", "train.epochs=3"],
-        ["data.flip=true", "data.crop_padding=1"],
-    ) + ["--out-dir", str(tmp_path)]
-    full = _cli(["train", *common, "--name", "full"])
-    assert full.returncode == 0, full.stderr
+def test_resume_after_kill_9_matches_uninterrupted(tmp_path, tiny, convnn, convnn_process):
+    settings = [
+        *tiny.cnn,
+        "model.layer=branching",
+        "train.epochs=3",
+        "train.max_steps_per_epoch=4",
+        "data.flip=true",
+        "data.crop_padding=1",
+        f"output.dir={tmp_path}",
+    ]
+    assert convnn("train", "--set", *settings, "--name", "full").code == 0
     ref = _weights(tmp_path / "full" / CHECKPOINT)
     ref_rows = read_metrics_csv(tmp_path / "full" / "metrics.csv")
     ref_summary = json.loads((tmp_path / "full" / "summary.json").read_text())
@@ -566,15 +554,15 @@ def test_resume_after_kill_9_matches_uninterrupted(tmp_path):
     # of epoch 1, or, with a checkpoint every 2 steps, from the middle of epoch 2.
     for every, resume_step in ((0, 0), (2, 2)):
         name = f"cut{every}"
-        args = ["train", *common, "--set", f"train.checkpoint_every_steps={every}", "--name", name]
-        killed = _cli(args, env={KILL_ENV: "7"})
-        assert killed.returncode == -9, killed.stderr
+        run = [*settings, f"train.checkpoint_every_steps={every}", f"output.name={name}"]
+        killed = convnn_process(["-c", KILL_SCRIPT.format(step=7, overrides=run)])
+        assert killed.code == -9, killed.err
         meta = ck.read_metadata(tmp_path / name / CHECKPOINT)
         assert (meta["state"]["epoch"], meta["state"]["step_in_epoch"]) == (1, resume_step)
 
-        resumed = _cli([*args, "--resume"])
-        assert resumed.returncode == 0, resumed.stderr
-        assert "resumed" in resumed.stdout
+        resumed = convnn("train", "--set", *run, "--resume")
+        assert resumed.code == 0, resumed.err
+        assert "resumed" in resumed.out and "changed settings" not in resumed.out
 
         got = _weights(tmp_path / name / CHECKPOINT)
         assert ref.keys() == got.keys()
@@ -591,14 +579,14 @@ def test_resume_after_kill_9_matches_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_single_process(tmp_path):
+def test_torchrun_two_processes_match_single_process(tmp_path, tiny, convnn):
     # SGD, because Adam divides by the gradient's magnitude and so turns the last-bit difference
     # between one full-batch mean and the all-reduced mean of two half-batch means into full
     # lr-sized steps wherever a gradient is near zero.
     train = ["train.epochs=2", "optim.name=sgd", "optim.lr=0.05"]
-    common = _sets(VIT, QUICK, train) + ["--out-dir", str(tmp_path)]
-    single = _cli(["train", *common, "--name", "one"])
-    assert single.returncode == 0, single.stderr
+    common = ["--set", *tiny.vit, *train, "--out-dir", str(tmp_path)]
+    single = convnn("train", *common, "--name", "one")
+    assert single.code == 0, single.err
     ddp = subprocess.run(
         [
             sys.executable,

@@ -1,4 +1,5 @@
-"""``convnn verify``: check on random inputs that ConvNN recovers the layers it generalises.
+"""The special cases: check on random inputs that ConvNN recovers the layers it generalises
+(``convnn verify`` prints them, see :mod:`convnn.cli.verify`).
 
 Each case builds the PyTorch module, its ConvNN configuration with the same weights, runs
 both on the same random input and reports the largest absolute difference.
@@ -6,7 +7,6 @@ both on the same random input and reports the largest absolute difference.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -112,28 +112,3 @@ def run_cases(backend: str = "chunked", dtype=torch.float64, seed: int = 0) -> l
             diff = (ours - theirs).abs().max().item()
             results.append(CaseResult(name, config, ref, diff, tolerance))
     return results
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--backend",
-        default="chunked",
-        choices=list(backends.BACKENDS),
-        help="backend that runs the k-NN path (default: chunked)",
-    )
-    parser.add_argument(
-        "--dtype", default="float64", choices=["float64", "float32"], help="precision of the check"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-
-
-def run(args: argparse.Namespace) -> int:
-    results = run_cases(args.backend, getattr(torch, args.dtype), args.seed)
-    width = max(len(r.name) for r in results)
-    print(f"backend={args.backend} dtype={args.dtype} seed={args.seed}\n")
-    for r in results:
-        status = "ok" if r.ok else "FAIL"
-        print(f"{r.name:<{width}}  max|diff| = {r.max_diff:.2e}  {status}")
-        print(f"{'':<{width}}  ConvNN:    {r.config}")
-        print(f"{'':<{width}}  recovers:  {r.reference}")
-    return 0 if all(r.ok for r in results) else 1

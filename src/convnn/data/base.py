@@ -27,12 +27,6 @@ class DataSpec:
     std: tuple[float, ...]
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception's text squeezed onto one line (messages we raise must stay one line)."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def resize_images(images: Tensor, size: int) -> Tensor:
     """Bilinear resize of (N, C, H, W) to (N, C, size, size); a no-op when already that size."""
     if images.shape[-2:] == (size, size):

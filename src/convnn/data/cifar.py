@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import DatasetError, DataSpec, InMemoryDataset, one_line
+from ..utils import describe_exception
+from .base import DatasetError, DataSpec, InMemoryDataset
 
 DOWNLOAD_HINT = (
     "download the python version from https://www.cs.toronto.edu/~kriz/cifar.html "
@@ -157,7 +158,7 @@ def read_members(layout: CifarLayout, source: Path, root: Path) -> dict[str, byt
                         found[name] = tar.extractfile(member).read()  # type: ignore[union-attr]
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             raise layout.error(
-                f"cannot read archive '{source}', it is truncated or corrupt ({one_line(exc)})",
+                f"cannot read archive '{source}', it is truncated or corrupt ({describe_exception(exc)})",
                 root,
             ) from None
     missing = [f for f in layout.files if f not in found]
@@ -177,7 +178,9 @@ def unpickle(layout: CifarLayout, raw: bytes, where: str, root: Path) -> dict[by
             root,
         ) from None
     except Exception as exc:  # any failure to parse means the file is damaged
-        raise layout.error(f"{where} is not a valid CIFAR pickle ({one_line(exc)})", root) from None
+        raise layout.error(
+            f"{where} is not a valid CIFAR pickle ({describe_exception(exc)})", root
+        ) from None
     if not isinstance(obj, dict):
         raise layout.error(f"{where} holds a {type(obj).__name__}, not a dict", root)
     # Python 3 re-pickles may carry str keys; the official ones are bytes.

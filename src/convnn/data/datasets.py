@@ -8,16 +8,12 @@ import torch
 from torch.utils.data import Dataset
 
 from .base import DatasetError, DataSpec, stratified_split
-from .cifar import LAYOUTS, load_cifar
+from .catalog import list_datasets
+from .cifar import load_cifar
 from .digits import load_digits
 from .folder import load_imagefolder
 
 DEFAULT_DATA_DIR = "data"
-
-
-def list_datasets() -> list[str]:
-    """Names accepted by :func:`load_dataset`."""
-    return sorted([*LAYOUTS, "digits", "imagefolder"])
 
 
 def load_dataset(

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .base import DatasetError, DataSpec, one_line
+from ..utils import describe_exception
+from .base import DatasetError, DataSpec
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,7 +36,9 @@ def decode_image(path: str | Path, size: int) -> Tensor:
             im = im.crop((left, top, left + size, top + size))
             array = np.array(im, dtype=np.uint8)
     except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
-        raise DatasetError(f"imagefolder: cannot decode '{path}' ({one_line(exc)})") from None
+        raise DatasetError(
+            f"imagefolder: cannot decode '{path}' ({describe_exception(exc)})"
+        ) from None
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 

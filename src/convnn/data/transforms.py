@@ -34,6 +34,16 @@ def random_flip(images: Tensor, generator: torch.Generator | None = None) -> Ten
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
+def _each_image(transform, images: Tensor, generator: torch.Generator | None) -> Tensor:
+    """``transform`` applied to every image of (B, C, H, W) with its own random draws, taken
+    from torch's global CPU generator seeded from ``generator`` and restored afterwards."""
+    device = generator.device if generator is not None else "cpu"
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=device))
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return torch.stack([transform(image) for image in images])
+
+
 def smooth_one_hot(labels: Tensor, num_classes: int, smoothing: float) -> Tensor:
     """(B,) int labels -> (B, num_classes) float32 targets, smoothed as in timm."""
     off = smoothing / num_classes
@@ -54,12 +64,22 @@ def cutmix_box(lam: float, h: int, w: int, rng: np.random.Generator) -> tuple[in
 class BatchAugment:
     """Training augmentation and normalisation of whole batches.
 
-    Train: random crop with zero padding, horizontal flip, mixup/cutmix (timm's batch mode:
-    each image mixes with the batch reversed; ``mixup``/``cutmix`` are Beta alphas, 0 = off; with
-    both on, one is picked per batch with probability 1/2), then per-channel normalisation.
-    Eval: normalisation only. Targets stay int64 labels unless mixing is on, in which case they
-    are soft (B, num_classes) float32 with ``label_smoothing`` folded in; with hard labels, give
-    the smoothing to the loss instead (see :attr:`soft_targets`).
+    Train, in this order: random crop with zero padding, torchvision's ``RandomResizedCrop``
+    (``random_resized_crop``: its area range, back to the image's size), horizontal flip,
+    torchvision's ``RandAugment`` (``randaugment``: its magnitude, 2 ops), per-channel
+    normalisation, torchvision's ``RandomErasing`` (``random_erasing``: its probability; the
+    erased box is 0, the mean, after normalisation) and mixup/cutmix (timm's batch mode: each
+    image mixes with the batch reversed; ``mixup``/``cutmix`` are Beta alphas, 0 = off; with
+    both on, one is picked per batch with probability 1/2). Eval: normalisation only.
+
+    The torchvision transforms (``transforms.v2``) draw a new choice for every image. They draw
+    from torch's global generator; here it is seeded from ``generator`` and restored after, so
+    a batch's augmentation is still a function of ``generator`` alone (exact resume) and the
+    model's own randomness is untouched.
+
+    Targets stay int64 labels unless mixing is on, in which case they are soft (B, num_classes)
+    float32 with ``label_smoothing`` folded in; with hard labels, give the smoothing to the
+    loss instead (see :attr:`soft_targets`).
     """
 
     def __init__(
@@ -72,11 +92,19 @@ class BatchAugment:
         cutmix: float = 0.0,
         label_smoothing: float = 0.0,
         normalize: bool = True,
+        random_resized_crop: tuple[float, float] | None = None,
+        randaugment: int = 0,
+        random_erasing: float = 0.0,
     ) -> None:
         if crop_padding < 0 or mixup < 0 or cutmix < 0 or not 0.0 <= label_smoothing < 1.0:
             raise ValueError(
                 "crop_padding, mixup and cutmix must be >= 0 and label_smoothing in [0, 1), got "
                 f"{crop_padding}, {mixup}, {cutmix}, {label_smoothing}"
+            )
+        if not 0.0 <= random_erasing <= 1.0 or randaugment < 0:
+            raise ValueError(
+                "random_erasing must be a probability in [0, 1] and randaugment a magnitude "
+                f">= 0, got {random_erasing} and {randaugment}"
             )
         self.num_classes = spec.num_classes
         self.crop_padding = crop_padding
@@ -87,6 +115,21 @@ class BatchAugment:
         self.normalize = normalize
         self._mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
         self._std = torch.tensor(spec.std).view(1, -1, 1, 1)
+        self._before, self._after = None, None  # torchvision, before / after normalisation
+        if random_resized_crop is not None or randaugment > 0:
+            from torchvision.transforms import v2
+
+            ops = []
+            if random_resized_crop is not None:
+                size = (spec.img_size, spec.img_size)
+                ops.append(v2.RandomResizedCrop(size, scale=tuple(random_resized_crop)))
+            if randaugment > 0:
+                ops.append(v2.RandAugment(num_ops=2, magnitude=randaugment))
+            self._before = v2.Compose(ops)
+        if random_erasing > 0:
+            from torchvision.transforms import v2
+
+            self._after = v2.RandomErasing(p=random_erasing, value=0)
 
     @property
     def soft_targets(self) -> bool:
@@ -105,14 +148,19 @@ class BatchAugment:
         if train:
             if self.crop_padding > 0:
                 images = random_crop(images, self.crop_padding, generator)
+            if self._before is not None:
+                images = _each_image(self._before, images, generator)
             if self.flip:
                 images = random_flip(images, generator)
-            if self.soft_targets:
-                images, labels = self._mix(images, labels, generator)
         if self.normalize:
             mean = self._mean.to(images.device, images.dtype)
             std = self._std.to(images.device, images.dtype)
             images = (images - mean) / std
+        if train:
+            if self._after is not None:
+                images = _each_image(self._after, images, generator)
+            if self.soft_targets:
+                images, labels = self._mix(images, labels, generator)
         return images, labels
 
     def _mix(

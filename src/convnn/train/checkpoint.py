@@ -17,9 +17,8 @@ Format ``convnn-checkpoint/1`` (a hash of the tensor bytes only) is not read: it
 unprotected. :func:`upgrade_checkpoint` rewrites such a file as the current format after
 checking its tensors, for a user who vouches for its metadata.
 
-Files are written atomically: a temporary file in the same folder, flush + fsync, ``os.replace``,
-then fsync of the folder. A reader sees either the old file or the new one, never a mix, even
-after ``kill -9`` or a power cut.
+Files are written atomically (:func:`convnn.utils.atomic_write_bytes`): a reader sees either
+the old file or the new one, never a mix, even after ``kill -9`` or a power cut.
 """
 
 from __future__ import annotations
@@ -33,16 +32,18 @@ from typing import Any, TypedDict
 
 import torch
 
+from ..utils import atomic_write_bytes
 from .typecheck import TypeMismatch, conform
 
 __all__ = [
     "CheckpointError",
     "arch_signature",
-    "atomic_write_bytes",
     "check_metadata",
     "load_checkpoint",
     "load_weights",
     "read_metadata",
+    "restore_ema",
+    "restore_training_state",
     "save_checkpoint",
     "upgrade_checkpoint",
     "write_checkpoint",
@@ -91,34 +92,6 @@ class Metadata(_MetadataRequired, total=False):
 
 class CheckpointError(ValueError):
     """An unusable checkpoint (missing, truncated, corrupt, or for another model)."""
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers only ever see a complete file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def arch_signature(state_dict: dict[str, torch.Tensor]) -> str:
@@ -183,11 +156,13 @@ def save_checkpoint(
     scheduler: Any = None,
     rng: dict[str, torch.Tensor] | None = None,
     state: dict[str, Any] | None = None,
+    ema: torch.nn.Module | None = None,
 ) -> None:
     """Atomically write a checkpoint.
 
     ``identity`` names the model (name, layer, num_classes, ...) and is checked on load;
-    ``state`` is any JSON-able training state (epoch, step, metrics history, config).
+    ``state`` is any JSON-able training state (epoch, step, metrics history, config); ``ema``
+    (the weights' moving average, an ``AveragedModel``) is stored as ``ema.*`` tensors.
     """
 
     model_sd = model.state_dict()
@@ -204,6 +179,8 @@ def save_checkpoint(
         meta["scheduler"] = scheduler.state_dict()
     for key, value in (rng or {}).items():
         tensors[f"rng.{key}"] = _cpu(value)
+    if ema is not None:
+        tensors.update({f"ema.{k}": _cpu(v) for k, v in ema.state_dict().items()})
     write_checkpoint(path, tensors, meta)
 
 
@@ -444,12 +421,18 @@ def restore_training_state(
 ) -> dict[str, torch.Tensor]:
     """Load optimizer and scheduler state; returns the RNG tensors (``rng.*`` without prefix).
 
+    The optimizer's per-parameter state (moments, step counts) and the scheduler's step come
+    from the checkpoint; its hyper-parameters (lr, weight decay, betas, momentum, ...) and the
+    scheduler's base learning rates stay those this run was built with, so a setting changed on
+    resume takes effect. Put the schedule at its step afterwards (``set_schedule_step``).
+
     The loaded state must have the layout of this run's own (every key, values of the same
     kind), so a checkpoint that does not fit is refused here, not by a crash mid-training.
     """
     if "optimizer" not in meta:
         raise CheckpointError("checkpoint has no optimizer state (weights only); cannot resume")
     fresh = {k: v for k, v in optimizer.state_dict().items() if k == "param_groups"}
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(_optimizer_state(tensors, meta["optimizer"]))
         problem = _difference(fresh, optimizer.state_dict(), "optimizer")
@@ -460,6 +443,8 @@ def restore_training_state(
             f"optimizer state in checkpoint does not fit this run ({problem}); "
             "resume with the optimizer settings the run was started with"
         )
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
     if scheduler is not None:
         if "scheduler" not in meta:
             raise CheckpointError("checkpoint has no scheduler state; cannot resume")
@@ -475,4 +460,21 @@ def restore_training_state(
             raise CheckpointError(
                 f"scheduler state in checkpoint does not fit this run ({problem})"
             )
+        scheduler.base_lrs = list(expected["base_lrs"])
     return {k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}
+
+
+def restore_ema(path: str | os.PathLike, tensors: dict[str, torch.Tensor], ema: torch.nn.Module):
+    """Load the ``ema.*`` tensors into ``ema``; False when the checkpoint has none (the run
+    had no moving average yet: it then starts from the current weights)."""
+    own = {k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")}
+    if not own:
+        return False
+    expected = ema.state_dict()
+    if own.keys() != expected.keys() or any(own[k].shape != expected[k].shape for k in own):
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)!r} holds a moving average of another model; "
+            "use the config the checkpoint was trained with"
+        )
+    ema.load_state_dict(own)
+    return True

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from ..utils import atomic_write_text
 from .typecheck import TypeMismatch, conform, describe_value
 
 __all__ = [
@@ -47,6 +48,9 @@ __all__ = [
     "load_config",
     "parse_override",
     "save_config",
+    "effective_batch_size",
+    "effective_lr",
+    "key_help",
     "validate_config",
     "valid_keys",
 ]
@@ -60,74 +64,98 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 
 
+def opt(default: Any = None, help: str = "", *, factory: Callable[[], Any] | None = None):
+    """A config field with its help text (``convnn train --help`` lists both)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    name: str = "resnet18"  # vgg11/13/16/19, resnet18/34/50, vit_tiny/small/base
-    layer: str = "conv"  # conv|convnn|branching (CNNs); attention|convnn_attention|kvt|... (ViT)
-    img_size: int | None = None  # None: the dataset's native size
-    patch_size: int | None = None  # ViT only; None: the model's default
-    layer_kwargs: dict[str, Any] = field(default_factory=dict)  # K, ratio, metric, candidates, ...
+    name: str = opt("resnet18", "model of the zoo (or small_cnn, sized for small images)")
+    layer: str = opt("conv", "what the model's replaceable convolutions / attentions become")
+    img_size: int | None = opt(None, "input side in pixels; null: the dataset's native size")
+    patch_size: int | None = opt(None, "ViT patch size; null: the model's default")
+    layer_kwargs: dict[str, Any] = opt(help="options of the ConvNN layers", factory=dict)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"  # digits|cifar10|cifar100|imagefolder
-    data_dir: str | None = None
-    val_size: int | float = 0.1  # held out for model selection: a fraction, or an image count
-    batch_size: int = 128  # global batch (split evenly over distributed processes)
-    eval_batch_size: int | None = None  # None: same as batch_size
-    num_workers: int = 0
-    drop_last: bool = True  # drop the last incomplete training batch
-    crop_padding: int = 0  # random-crop augmentation padding in pixels (0: off)
-    flip: bool = False  # random horizontal flips
-    mixup: float = 0.0  # mixup alpha (0: off)
-    cutmix: float = 0.0  # cutmix alpha (0: off)
-    normalize: bool = True  # subtract the dataset mean, divide by the std
+    dataset: str = opt("digits", "where the images come from (digits is embedded)")
+    data_dir: str | None = opt(None, "dataset folder or archive; null: ./data")
+    val_size: int | float = opt(
+        0.1, "held out of train for model selection: a fraction (0.1) or an image count (5000)"
+    )
+    batch_size: int = opt(128, "global batch per step (split evenly over processes)")
+    eval_batch_size: int | None = opt(None, "evaluation batch; null: batch_size")
+    num_workers: int = opt(0, "loader worker processes (image folders)")
+    drop_last: bool = opt(True, "drop the last incomplete training batch")
+    crop_padding: int = opt(0, "random crop after zero padding by this many pixels (0: off)")
+    flip: bool = opt(False, "random horizontal flips")
+    mixup: float = opt(0.0, "mixup Beta alpha (0: off)")
+    cutmix: float = opt(0.0, "cutmix Beta alpha (0: off)")
+    normalize: bool = opt(True, "subtract the dataset mean, divide by the std")
+    random_resized_crop: bool = opt(False, "torchvision RandomResizedCrop back to img_size")
+    rrc_scale: tuple[float, float] = opt((0.08, 1.0), "area range of random_resized_crop")
+    randaugment: int = opt(0, "torchvision RandAugment magnitude, 2 ops per image (0: off)")
+    random_erasing: float = opt(0.0, "torchvision RandomErasing probability per image (0: off)")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw|sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    momentum: float = 0.9  # sgd only
-    nesterov: bool = False  # sgd only
-    betas: tuple[float, float] = (0.9, 0.999)  # adamw only
-    eps: float = 1e-8  # adamw only
-    decay_norm_and_bias: bool = False  # apply weight decay to biases and norm weights too
+    name: str = opt("adamw", "optimizer")
+    lr: float = opt(1e-3, "learning rate (for lr_batch_size images per step, when set)")
+    lr_batch_size: int | None = opt(
+        None,
+        "the batch lr is meant for: the lr used is lr x batch_size x accum_steps / "
+        "lr_batch_size (linear scaling); null: lr as given",
+    )
+    weight_decay: float = opt(0.05, "decoupled (AdamW) or L2 (SGD) weight decay")
+    momentum: float = opt(0.9, "SGD momentum")
+    nesterov: bool = opt(False, "SGD Nesterov momentum")
+    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    decay_norm_and_bias: bool = opt(False, "apply weight decay to biases and norm weights too")
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"  # cosine|step|constant; stepped every optimizer step
-    warmup_epochs: float = 0.0  # linear warm-up length (fractions allowed)
-    warmup_start_factor: float = 0.01  # lr multiplier at the first warm-up step
-    min_lr: float = 0.0  # cosine floor
-    step_epochs: int = 30  # step schedule: decay every this many epochs
-    gamma: float = 0.1  # step schedule: decay factor
+    name: str = opt("cosine", "learning-rate schedule, stepped every optimizer step")
+    warmup_epochs: float = opt(0.0, "linear warm-up length in epochs (fractions allowed)")
+    warmup_start_factor: float = opt(0.01, "lr multiplier at the first warm-up step")
+    min_lr: float = opt(0.0, "cosine floor")
+    step_epochs: int = opt(30, "step schedule: decay every this many epochs")
+    gamma: float = opt(0.1, "step schedule: decay factor")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    seed: int = 0
-    label_smoothing: float = 0.0
-    grad_clip: float = 0.0  # max global grad norm (0: off)
-    amp: bool = False  # bf16 autocast
-    compile: bool = False  # torch.compile the model
-    device: str = "auto"  # auto|cpu|cuda|cuda:N
-    deterministic: bool = False  # deterministic algorithms (slower on GPU)
-    num_threads: int = 0  # CPU threads per process (0: torch default)
-    sync_bn: bool = False  # SyncBatchNorm under DistributedDataParallel
-    checkpoint_every_steps: int = 0  # extra mid-epoch checkpoints (0: only at epoch ends)
-    max_steps_per_epoch: int = 0  # cap on training steps per epoch (0: full epoch)
+    epochs: int = opt(10, "training epochs")
+    seed: int = opt(0, "seed of initialisation, data order and augmentation")
+    label_smoothing: float = opt(0.0, "label smoothing of the cross entropy")
+    grad_clip: float = opt(0.0, "max global gradient norm (0: off)")
+    amp: bool = opt(False, "bfloat16 autocast")
+    compile: bool = opt(False, "torch.compile the model")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    deterministic: bool = opt(False, "deterministic algorithms (slower on GPU)")
+    num_threads: int = opt(0, "CPU threads per process (0: torch's default)")
+    sync_bn: bool = opt(False, "SyncBatchNorm under DistributedDataParallel")
+    checkpoint_every_steps: int = opt(0, "extra mid-epoch checkpoints (0: only at epoch ends)")
+    max_steps_per_epoch: int = opt(0, "cap on optimizer steps per epoch (0: whole epoch)")
+    accum_steps: int = opt(1, "batches whose gradients add up to one optimizer step")
+    ema_decay: float = opt(
+        0.0, "moving average of the weights, evaluated and saved instead (0: off; e.g. 0.999)"
+    )
+    channels_last: bool = opt(False, "channels-last memory format for model and batches")
 
 
 @dataclass
 class OutputConfig:
-    dir: str = "runs"  # parent folder of run directories
-    name: str | None = None  # run directory name; None: model-layer-dataset-timestamp
-    progress: bool = True  # progress bar (only on a terminal, only on rank 0)
+    dir: str = opt("runs", "parent folder of run directories")
+    name: str | None = opt(None, "run directory name; null: model-layer-dataset-time")
+    progress: bool = opt(True, "progress bar (on a terminal, rank 0 only)")
+    keep_checkpoints: int = opt(0, "also keep the last N epochs as checkpoint-epoch<E>.safetensors")
 
 
 @dataclass
@@ -185,6 +213,7 @@ class Rule:
 
     ok: Callable[[Any, Config], bool]
     expected: str | Callable[[Config], str]
+    choices: Sequence[str] | Callable[[Config], Sequence[str]] | None = None  # for --help
 
     def describe(self, cfg: Config) -> str:
         return self.expected(cfg) if callable(self.expected) else self.expected
@@ -216,7 +245,9 @@ def one_of(choices: Sequence[str] | Callable[[Config], Sequence[str]]) -> Rule:
     def listed(cfg: Config) -> Sequence[str]:
         return choices(cfg) if callable(choices) else choices
 
-    return Rule(lambda v, cfg: v in listed(cfg), lambda cfg: "one of " + ", ".join(listed(cfg)))
+    return Rule(
+        lambda v, cfg: v in listed(cfg), lambda cfg: "one of " + ", ".join(listed(cfg)), choices
+    )
 
 
 def matches(pattern: str, expected: str) -> Rule:
@@ -236,19 +267,19 @@ NON_EMPTY = Rule(lambda v, cfg: v.strip() != "", "a non-empty string")
 
 
 def _models(cfg: Config) -> list[str]:
-    from convnn.models import list_models
+    from .zoo import list_models
 
     return list_models()
 
 
 def _layers(cfg: Config) -> list[str]:
-    from convnn.models import layer_choices
+    from .zoo import layer_choices
 
     return layer_choices(cfg.model.name)
 
 
 def _datasets(cfg: Config) -> list[str]:
-    from convnn.data import list_datasets
+    from convnn.data.catalog import list_datasets
 
     return list_datasets()
 
@@ -258,6 +289,7 @@ RULES: dict[str, Rule] = {
     "model.layer": Rule(
         lambda v, cfg: v in _layers(cfg),
         lambda cfg: f"one of {', '.join(_layers(cfg))} (the layers of {cfg.model.name})",
+        _layers,
     ),
     "model.img_size": at_least(1),
     "model.patch_size": at_least(1),
@@ -277,8 +309,16 @@ RULES: dict[str, Rule] = {
     "data.mixup": at_least(0),
     "data.cutmix": at_least(0),
     "data.normalize": ANY,
+    "data.random_resized_crop": ANY,
+    "data.rrc_scale": Rule(
+        lambda v, cfg: all(_finite(x) for x in v) and 0 < v[0] <= v[1] <= 1,
+        "2 numbers 0 < low <= high <= 1",
+    ),
+    "data.randaugment": between(0, 30),
+    "data.random_erasing": between(0, 1),
     "optim.name": one_of(OPTIMIZERS),
     "optim.lr": above(0),
+    "optim.lr_batch_size": at_least(1),
     "optim.weight_decay": at_least(0),
     "optim.momentum": between(0, 1, high_open=True),
     "optim.nesterov": Rule(
@@ -292,8 +332,8 @@ RULES: dict[str, Rule] = {
     "sched.warmup_epochs": at_least(0),
     "sched.warmup_start_factor": between(0, 1),
     "sched.min_lr": Rule(
-        lambda v, cfg: _finite(v) and 0 <= v <= cfg.optim.lr,
-        lambda cfg: f"in [0, optim.lr] = [0, {cfg.optim.lr}]",
+        lambda v, cfg: _finite(v) and 0 <= v <= effective_lr(cfg),
+        lambda cfg: f"in [0, the learning rate] = [0, {effective_lr(cfg):.6g}]",
     ),
     "sched.step_epochs": at_least(1),
     "sched.gamma": between(0, 1, low_open=True),
@@ -309,12 +349,30 @@ RULES: dict[str, Rule] = {
     "train.sync_bn": ANY,
     "train.checkpoint_every_steps": at_least(0),
     "train.max_steps_per_epoch": at_least(0),
+    "train.accum_steps": at_least(1),
+    "train.ema_decay": between(0, 1, high_open=True),
+    "train.channels_last": ANY,
     "output.dir": NON_EMPTY,
     "output.name": matches(
         r"(?!\.\.?$)[^/\\]+", "a folder name (not empty, '.' or '..', no '/' or '\\')"
     ),
     "output.progress": ANY,
+    "output.keep_checkpoints": at_least(0),
 }
+
+
+def effective_batch_size(cfg: Config) -> int:
+    """Images per optimizer step: ``data.batch_size`` (global) x ``train.accum_steps``."""
+    return cfg.data.batch_size * cfg.train.accum_steps
+
+
+def effective_lr(cfg: Config) -> float:
+    """The learning rate a run uses: ``optim.lr``, scaled linearly to the batch when the recipe
+    says which batch it is for (``optim.lr_batch_size``; the linear scaling rule of Goyal et
+    al., as timm's ``--lr-base-size``)."""
+    if cfg.optim.lr_batch_size is None:
+        return cfg.optim.lr
+    return cfg.optim.lr * effective_batch_size(cfg) / cfg.optim.lr_batch_size
 
 
 def _leaves(cfg: Any, prefix: str = ""):
@@ -341,6 +399,13 @@ def validate_config(cfg: Config) -> Config:
 
 
 # ---------------------------------------------------------------------------- building
+
+
+def key_help(key: str) -> str:
+    """The help text of a dotted key."""
+    section, name = key.split(".")
+    cls = type(getattr(Config(), section))
+    return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
 
 
 def valid_keys(cfg: Any = None, prefix: str = "") -> list[str]:
@@ -464,7 +529,4 @@ def _takes_text(node: Any, name: str) -> bool:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    from .checkpoint import atomic_write_bytes
-
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -9,12 +9,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .config import apply_overrides, config_from_dict
-from .distributed import cleanup, init_distributed
-from .report import compare_runs
-from .runner import run_training
+from .config import Config, apply_overrides, config_from_dict
 
-__all__ = ["DEMO_RECIPE", "run_demo"]
+__all__ = ["DEMO_RECIPE", "demo_config", "run_demo"]
 
 DEMO_RECIPE: dict = {
     "model": {"name": "resnet18", "layer": "branching", "img_size": 8, "layer_kwargs": {}},
@@ -27,14 +24,23 @@ DEMO_RECIPE: dict = {
 LAYERS = ("branching", "conv")
 
 
+def demo_config(overrides: list[str] = ()) -> Config:
+    """The demo recipe with ``overrides`` applied (types checked)."""
+    cfg = config_from_dict(DEMO_RECIPE)
+    return apply_overrides(cfg, list(overrides))
+
+
 def run_demo(out_dir: str = "runs/demo", overrides: list[str] = ()) -> list[dict]:
     """Train both layers with the demo recipe into ``out_dir/<layer>`` and print the table."""
+    from .distributed import cleanup, init_distributed
+    from .report import compare_runs
+    from .runner import run_training
+
     dist_info = init_distributed()
     summaries, dirs = [], []
     try:
         for layer in LAYERS:
-            cfg = config_from_dict(DEMO_RECIPE)
-            apply_overrides(cfg, list(overrides))
+            cfg = demo_config(overrides)
             cfg.model.layer = layer
             cfg.output.dir, cfg.output.name = out_dir, layer
             run_dir = Path(out_dir) / layer

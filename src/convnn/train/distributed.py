@@ -24,6 +24,7 @@ __all__ = [
     "init_distributed",
     "joined_process_group",
     "resolve_device",
+    "say",
 ]
 
 
@@ -42,6 +43,12 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+
+def say(dist_info: DistInfo, *args: Any) -> None:
+    """Print on the main process only (every rank runs the same code)."""
+    if dist_info.is_main:
+        print(*args, flush=True)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from ..utils import atomic_write_text
+
 __all__ = [
     "METRIC_COLUMNS",
     "Meter",
@@ -26,17 +28,22 @@ METRIC_COLUMNS = (
     "train_acc",
     "val_loss",
     "val_acc",
+    "val_acc5",
     "lr",
     "epoch_time_s",
     "img_per_s",
 )
 
 
-def correct_count(logits: torch.Tensor, labels: torch.Tensor) -> int:
-    """Number of top-1 hits; ``labels`` may be class indices or soft targets."""
+def correct_count(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> int:
+    """Number of top-``k`` hits (k is capped at the class count); ``labels`` may be class
+    indices or soft targets."""
     if labels.ndim == 2:
         labels = labels.argmax(dim=1)
-    return int((logits.argmax(dim=1) == labels).sum())
+    if k == 1:
+        return int((logits.argmax(dim=1) == labels).sum())
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return int((top == labels[:, None]).any(dim=1).sum())
 
 
 class Meter:
@@ -70,14 +77,12 @@ def _fmt(value: object) -> str:
 
 def write_metrics_csv(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     """Write the whole per-epoch history atomically (rewritten each epoch, so resume is exact)."""
-    from .checkpoint import atomic_write_bytes
-
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(METRIC_COLUMNS)
     for row in rows:
         writer.writerow([_fmt(row.get(c)) for c in METRIC_COLUMNS])
-    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+    atomic_write_text(path, buf.getvalue())
 
 
 def read_metrics_csv(path: str | os.PathLike) -> list[dict]:

@@ -78,7 +78,9 @@ def _seed_groups(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def compare_runs(paths: list[str], out: str | os.PathLike | None = None) -> tuple[str, Path | None]:
+def compare_runs(
+    paths: list[str], out: str | os.PathLike | None = None, title: str | None = None
+) -> tuple[str, Path | None]:
     """(table text, plot path). The plot goes to ``out`` or ``compare.png`` beside the runs."""
     runs = [load_run(p) for p in paths]
     text = format_table(HEADER, [_row(r) for r in runs])
@@ -93,5 +95,5 @@ def compare_runs(paths: list[str], out: str | os.PathLike | None = None) -> tupl
     except ImportError:
         return text, None
     labels = [f"{r['dir'].name}" for r in runs]
-    plot_comparison(list(zip(labels, (r["rows"] for r in runs))), out)
+    plot_comparison(list(zip(labels, (r["rows"] for r in runs))), out, title=title or "")
     return text, Path(out)

@@ -6,6 +6,8 @@ import io
 import os
 from collections.abc import Sequence
 
+from ..utils import atomic_write_bytes
+
 __all__ = ["plot_comparison", "plot_curves"]
 
 
@@ -20,8 +22,6 @@ def _figure(ncols: int):
 
 
 def _save(fig, path: str | os.PathLike) -> None:
-    from convnn.train.checkpoint import atomic_write_bytes
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     atomic_write_bytes(path, buf.getvalue())

@@ -14,8 +14,39 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..functional import Grid
 from ..nn import ConvNN2d, ConvNNAttention
+
+
+@dataclass(frozen=True)
+class MapLayout:
+    """A layer's input map of ``size`` (H, W), zero-padded by ``padding`` and queried at
+    ``stride`` (pairs): the layer's neighbour indices count row-major in the padded map."""
+
+    size: tuple[int, int]
+    padding: tuple[int, int] = (0, 0)
+    stride: tuple[int, int] = (1, 1)
+
+    @property
+    def H(self) -> int:
+        return self.size[0]
+
+    @property
+    def W(self) -> int:
+        return self.size[1]
+
+    def queries(self) -> Tensor:
+        """(N_out, 2) row, col of each query (the map's positions at the stride)."""
+        rows = torch.arange(0, self.H, self.stride[0])
+        cols = torch.arange(0, self.W, self.stride[1])
+        return torch.cartesian_prod(rows, cols)
+
+    def positions(self, indices: Tensor) -> Tensor:
+        """(..., 2) row, col on the unpadded map of padded-map ``indices`` (padding lies
+        outside the map)."""
+        width = self.W + 2 * self.padding[1]
+        return torch.stack(
+            [indices // width - self.padding[0], indices % width - self.padding[1]], -1
+        )
 
 
 @dataclass
@@ -27,26 +58,22 @@ class LayerNeighbors:
     """
 
     name: str
-    grid: Grid
+    grid: MapLayout
     indices: Tensor
     prefix: int = 0
 
     def query_positions(self) -> Tensor:
         """(N_out, 2) row, col of each query on the unpadded map."""
-        q = self.grid.index("cpu")
-        Wp = self.grid.padded[1]
-        return torch.stack([q // Wp - self.grid.ph, q % Wp - self.grid.pw], -1)
+        return self.grid.queries()
 
     def neighbor_positions(self) -> Tensor:
         """(B, N_out, K, 2) row, col of each neighbour on the map (padding lies outside)."""
-        idx = self.indices - self.prefix
-        Wp = self.grid.padded[1]
-        return torch.stack([idx // Wp - self.grid.ph, idx % Wp - self.grid.pw], -1)
+        return self.grid.positions(self.indices - self.prefix)
 
 
-def _attention_grid(module: ConvNNAttention, tokens: int, hw) -> tuple[Grid, int]:
+def _attention_grid(module: ConvNNAttention, tokens: int, hw) -> tuple[MapLayout, int]:
     if hw is not None:
-        return Grid(*hw), tokens - hw[0] * hw[1]
+        return MapLayout(tuple(hw)), tokens - hw[0] * hw[1]
     side = math.isqrt(tokens)
     prefix = (
         tokens - side * side
@@ -54,7 +81,9 @@ def _attention_grid(module: ConvNNAttention, tokens: int, hw) -> tuple[Grid, int
         else 0
     )
     side = math.isqrt(tokens - prefix)
-    return (Grid(side, side), prefix) if side * side == tokens - prefix else (Grid(1, tokens), 0)
+    if side * side == tokens - prefix:
+        return MapLayout((side, side)), prefix
+    return MapLayout((1, tokens)), 0
 
 
 @torch.no_grad()
@@ -68,7 +97,7 @@ def collect_neighbors(model: nn.Module, x: Tensor) -> list[LayerNeighbors]:
             (inp,) = args[:1]
             _, idx = module.forward(inp, return_indices=True)
             H, W = inp.shape[-2:]
-            grid = Grid(H, W, *module.padding, *module.stride)
+            grid = MapLayout((H, W), tuple(module.padding), tuple(module.stride))
             records.append(LayerNeighbors(name, grid, idx.cpu()))
 
         return hook
@@ -109,6 +138,32 @@ def neighbor_distances(record: LayerNeighbors) -> Tensor:
     q = record.query_positions()[None, :, None].float()
     n = record.neighbor_positions().float()
     return (n - q).abs().amax(-1)
+
+
+def neighbor_table(records: list[LayerNeighbors]) -> str:
+    """One line per layer: name, input map, K, distances of the picks and where they lie."""
+    width = max(len("layer"), *(len(r.name) for r in records))
+    lines = [
+        f"{'layer':<{width}}  {'map':>7}  {'K':>4}  {'mean dist':>9}  {'max dist':>8}  "
+        f"{'beyond 3x3':>10}  {'off map':>8}"
+    ]
+    for rec in records:
+        pos = rec.neighbor_positions()
+        inside = (pos >= 0).all(-1) & (pos[..., 0] < rec.grid.H) & (pos[..., 1] < rec.grid.W)
+        # A class token has no position: its picks count as off the map, not as distances.
+        d = neighbor_distances(rec)[rec.indices >= rec.prefix]
+        mean, top = (d.mean().item(), d.max().item()) if d.numel() else (math.nan, math.nan)
+        size = f"{rec.grid.H}x{rec.grid.W}"
+        lines.append(
+            f"{rec.name:<{width}}  {size:>7}  {rec.indices.shape[-1]:>4}  {mean:>9.2f}"
+            f"  {top:>8.0f}  {(d > 1).float().mean().item():>10.1%}"
+            f"  {(~inside).float().mean().item():>8.1%}"
+        )
+    lines.append(
+        "dist: Chebyshev distance from each query to its picks, in cells of the layer's input "
+        "map; off map: picks of the zero padding or of a class token"
+    )
+    return "\n".join(lines)
 
 
 def plot_neighbors(

@@ -3,6 +3,7 @@
 Loads a run (its best weights) or a checkpoint and a few images of one split, runs the model
 in eval mode while recording every ConvNN layer's selections (:mod:`convnn.viz.neighbors`),
 prints one line per layer and draws the picks of a few query positions over the first image.
+(The module is not named ``inspect``, which would shadow the standard library's.)
 
 Distances are Chebyshev distances, in cells of the layer's input map, from each query to the
 neighbours it picked (the query itself included when the layer forces it in): a 3x3
@@ -13,10 +14,9 @@ the neighbourhood a convolution would use.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
-from .cli import add_trained_model_arguments
+from .common import add_trained_model_arguments
 
 MAX_QUERIES = 5  # plot_neighbors has one colour per query
 DEFAULT_PLOT_LAYERS = 4
@@ -101,34 +101,6 @@ def _plot_layers(records: list, patterns: list[str] | None) -> list:
     return [r for r in records if any(pattern in r.name for pattern in patterns)]
 
 
-def format_table(records: list) -> str:
-    """One line per layer: name, input map, K, distances of the picks and where they lie."""
-    from .viz.neighbors import neighbor_distances
-
-    width = max(len("layer"), *(len(r.name) for r in records))
-    lines = [
-        f"{'layer':<{width}}  {'map':>7}  {'K':>4}  {'mean dist':>9}  {'max dist':>8}  "
-        f"{'beyond 3x3':>10}  {'off map':>8}"
-    ]
-    for rec in records:
-        pos = rec.neighbor_positions()
-        inside = (pos >= 0).all(-1) & (pos[..., 0] < rec.grid.H) & (pos[..., 1] < rec.grid.W)
-        # A class token has no position: its picks count as off the map, not as distances.
-        d = neighbor_distances(rec)[rec.indices >= rec.prefix]
-        mean, top = (d.mean().item(), d.max().item()) if d.numel() else (math.nan, math.nan)
-        size = f"{rec.grid.H}x{rec.grid.W}"
-        lines.append(
-            f"{rec.name:<{width}}  {size:>7}  {rec.indices.shape[-1]:>4}  {mean:>9.2f}"
-            f"  {top:>8.0f}  {(d > 1).float().mean().item():>10.1%}"
-            f"  {(~inside).float().mean().item():>8.1%}"
-        )
-    lines.append(
-        "dist: Chebyshev distance from each query to its picks, in cells of the layer's input "
-        "map; off map: picks of the zero padding or of a class token"
-    )
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
     import matplotlib
 
@@ -136,10 +108,10 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
     import torch
 
-    from .data import BatchAugment
-    from .train.distributed import cleanup
-    from .train.runner import load_trained_model
-    from .viz.neighbors import collect_neighbors, plot_neighbors
+    from convnn.data import BatchAugment
+    from convnn.train.distributed import cleanup
+    from convnn.train.loading import load_trained_model
+    from convnn.viz.neighbors import collect_neighbors, neighbor_table, plot_neighbors
 
     _check_args(args)
     try:
@@ -176,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         f"{loaded.checkpoint} (epoch {epoch}): {cfg.model.name}/{cfg.model.layer}, "
         f"{span} of the {args.split} split, {images.shape[-2]}x{images.shape[-1]} px"
     )
-    print(format_table(records))
+    print(neighbor_table(records))
 
     shown = _plot_layers(records, args.layers)
     run_dir = Path(args.path) if Path(args.path).is_dir() else Path(args.path).parent
