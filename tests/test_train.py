@@ -520,6 +520,60 @@ def test_model_selection_uses_validation_never_test(tmp_path, monkeypatch, tiny)
     assert best["loss"] != last["loss"]
 
 
+def test_a_learning_rate_changed_on_resume_is_the_one_the_optimizer_uses(tmp_path, tiny, capsys):
+    """--resume --set optim.lr=... once printed the change and trained on at the old rate."""
+    from convnn.train.runner import run_training
+
+    settings = [
+        *tiny.cnn,
+        "optim.name=sgd",
+        "optim.momentum=0",
+        "optim.weight_decay=0",
+        "sched.name=constant",
+        f"output.dir={tmp_path}",
+        "output.name=run",
+    ]
+    run_training(load_config(None, [*settings, "train.epochs=1", "optim.lr=0.001"]))
+    steps: list[tuple[float, float]] = []  # (lr in the optimizer, lr the update moved by)
+    previous: dict = {}
+
+    def record(run, state):
+        params = [p for p in run.model.parameters() if p.grad is not None and p.grad.any()]
+        if previous:  # SGD without momentum or decay: p <- p - lr * grad
+            p, before = params[0], previous[id(params[0])]
+            moved = ((before - p.detach()) / p.grad).flatten()
+            steps.append(
+                (run.optimizer.param_groups[0]["lr"], moved[p.grad.flatten() != 0].median().item())
+            )
+        previous.update({id(p): p.detach().clone() for p in params})
+
+    resumed = load_config(None, [*settings, "train.epochs=2", "optim.lr=0.01"])
+    run_training(resumed, resume="auto", callbacks=[record])
+    out = capsys.readouterr().out
+    assert "resuming with changed settings (applied): optim.lr: 0.001 -> 0.01" in out
+    assert steps and all(lr == 0.01 for lr, _ in steps)
+    assert all(moved == pytest.approx(0.01, rel=1e-3) for _, moved in steps), steps
+    rows = read_metrics_csv(tmp_path / "run" / "metrics.csv")
+    assert [r["lr"] for r in rows] == [0.001, 0.01]
+
+
+def test_changes_a_resume_cannot_apply_are_refused(tmp_path, tiny):
+    from convnn.train.runner import run_training
+
+    settings = [*tiny.cnn, f"output.dir={tmp_path}", "output.name=run", "train.epochs=1"]
+    run_training(load_config(None, [*settings, "train.checkpoint_every_steps=2"]))
+    for change, named in (
+        ("model.layer=convnn", "model.layer: 'conv' -> 'convnn'"),
+        ("train.seed=3", "train.seed: 0 -> 3"),
+        ("data.val_size=0.2", "data.val_size: 0.1 -> 0.2"),
+        ("optim.name=sgd", "optim.name: 'adamw' -> 'sgd'"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            run_training(load_config(None, [*settings, "train.epochs=2", change]), resume="auto")
+        assert "cannot resume" in str(e.value) and named in str(e.value)
+        assert "\n" not in str(e.value)
+
+
 # One training run in a fresh process that SIGKILLs itself after optimizer step {step}.
 KILL_SCRIPT = """
 import os, signal, sys

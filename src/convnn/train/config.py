@@ -124,7 +124,7 @@ class ScheduleConfig:
     name: str = opt("cosine", "learning-rate schedule, stepped every optimizer step")
     warmup_epochs: float = opt(0.0, "linear warm-up length in epochs (fractions allowed)")
     warmup_start_factor: float = opt(0.01, "lr multiplier at the first warm-up step")
-    min_lr: float = opt(0.0, "cosine floor")
+    min_lr: float = opt(0.0, "cosine floor, in the units of optim.lr (scaled with it)")
     step_epochs: int = opt(30, "step schedule: decay every this many epochs")
     gamma: float = opt(0.1, "step schedule: decay factor")
 
@@ -332,8 +332,8 @@ RULES: dict[str, Rule] = {
     "sched.warmup_epochs": at_least(0),
     "sched.warmup_start_factor": between(0, 1),
     "sched.min_lr": Rule(
-        lambda v, cfg: _finite(v) and 0 <= v <= effective_lr(cfg),
-        lambda cfg: f"in [0, the learning rate] = [0, {effective_lr(cfg):.6g}]",
+        lambda v, cfg: _finite(v) and 0 <= v <= cfg.optim.lr,
+        lambda cfg: f"in [0, optim.lr] = [0, {cfg.optim.lr}]",
     ),
     "sched.step_epochs": at_least(1),
     "sched.gamma": between(0, 1, low_open=True),

@@ -16,7 +16,7 @@ __all__ = ["DEMO_RECIPE", "demo_config", "run_demo"]
 DEMO_RECIPE: dict = {
     "model": {"name": "resnet18", "layer": "branching", "img_size": 8, "layer_kwargs": {}},
     "data": {"dataset": "digits", "batch_size": 64},
-    "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 0.05},
+    "optim": {"name": "adamw", "lr": 0.002, "lr_batch_size": 64, "weight_decay": 0.05},
     "sched": {"name": "cosine", "warmup_epochs": 1},
     "train": {"epochs": 6, "seed": 0},
 }

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import Config, ConfigError, OptimConfig, ScheduleConfig, effective_lr
+from .config import Config, ConfigError, OptimConfig, ScheduleConfig
 from .distributed import DistInfo, all_reduce_sum
 from .metrics import Meter, correct_count
 
@@ -170,9 +170,10 @@ def lr_factor(step: int, cfg: ScheduleConfig, base_lr: float, steps_per_epoch: i
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step LambdaLR following :func:`lr_factor` (``sched.min_lr`` is a floor on the
-    run's learning rate, :func:`effective_lr`)."""
-    base = effective_lr(cfg)
+    """A per-step LambdaLR following :func:`lr_factor`. ``sched.min_lr`` is in the units of
+    ``optim.lr``: when the learning rate is scaled to the batch (:func:`effective_lr`), so is
+    its floor."""
+    base = cfg.optim.lr
     lr_factor(0, cfg.sched, base, steps_per_epoch, cfg.train.epochs)  # validate name
     fn = lambda step: lr_factor(step, cfg.sched, base, steps_per_epoch, cfg.train.epochs)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
