@@ -313,6 +313,34 @@ def test_invalid_train_arguments_are_one_line_before_any_setup(
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    ("settings", "needles"),
+    [
+        (["model.layer=convnn", "model.layer_kwargs.metric=nope"], ["metric", "'nope'"]),
+        (["model.layer=branching", "model.layer_kwargs.ratio=2"], ["ratio", "2"]),
+        (["model.layer_kwargs.KK=3"], ["KK"]),
+        (["sched.name=onecycle"], ["'sched.name'", "cosine, step, constant", "onecycle"]),
+    ],
+)
+def test_bad_values_are_refused_before_any_setup_and_by_print_config(
+    settings, needles, tmp_path, convnn, tiny, monkeypatch
+):
+    """A layer option's name or value (checked by the layers) and every config value are
+    refused before the data is read or the model built, and --print-config checks them too."""
+
+    def heavy(*args, **kwargs):
+        raise AssertionError("the dataset or the model was set up before the error")
+
+    monkeypatch.setattr("convnn.data.load_dataset", heavy)
+    monkeypatch.setattr("convnn.train.runner.build_model", heavy)
+    args = ["train", "--set", *tiny.cnn, *settings, "--out-dir", tmp_path]
+    for extra in ([], ["--print-config"]):
+        result = convnn(*args, *extra)
+        assert result.code == 2 and result.out == ""
+        result.error_line(*needles)
+    assert not list(tmp_path.iterdir())
+
+
 def test_resume_on_a_first_launch_starts_the_run(tmp_path, convnn, tiny):
     # A job script that always passes --resume: the first launch starts the run, and says so.
     args = ["train", "--set", *tiny.vit, "train.epochs=1", "--out-dir", str(tmp_path)]

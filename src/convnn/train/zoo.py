@@ -47,6 +47,11 @@ class SmallCNN(nn.Module):
                 raise ValueError(f"{name} of small_cnn must be an integer >= 1, got {value!r}")
         if layer not in CNN_LAYERS:
             raise ValueError(f"layer must be one of {list(CNN_LAYERS)}, got {layer!r}")
+        _check_layer_options(layer_kwargs)
+        if layer == "convnn":  # as the zoo: another layer's options are ignored
+            layer_kwargs = {k: v for k, v in layer_kwargs.items() if k not in _BRANCHING_ONLY}
+        elif layer == "conv":
+            layer_kwargs = {}
         self.stem = self._unit(nn.Conv2d(in_chans, width, 3, padding=1, bias=False), width)
         self.stage1 = nn.Sequential(
             *(self._block(width, layer, layer_kwargs) for _ in range(blocks))
@@ -76,6 +81,23 @@ class SmallCNN(nn.Module):
         """(B, in_chans, H, W) -> (B, num_classes)."""
         x = self.stage2(self.down(self.stage1(self.stem(x))))
         return self.fc(self.pool(x).flatten(1))
+
+
+_BRANCHING_ONLY = ("ratio",)
+
+
+def _check_layer_options(layer_kwargs: dict) -> None:
+    """A name or value no layer of the family takes is an error, whichever layer is chosen (so
+    a recipe's typo does not pass unnoticed under layer=conv): a Branching2d takes every
+    option of a ConvNN2d and its own, so building one on the meta device checks them all."""
+    if not layer_kwargs:
+        return
+    import torch
+
+    from convnn.nn import make_conv_layer
+
+    with torch.device("meta"):
+        make_conv_layer(nn.Conv2d(8, 8, 3, padding=1), "branching", **layer_kwargs)
 
 
 def list_models() -> list[str]:
