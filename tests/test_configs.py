@@ -18,7 +18,6 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 RECIPES = sorted(CONFIGS.glob("*.yaml"))
 
 
-
 def test_recipes_cover_the_paper_experiments():
     found = set()
     for path in RECIPES:

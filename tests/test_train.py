@@ -574,6 +574,40 @@ def test_changes_a_resume_cannot_apply_are_refused(tmp_path, tiny):
         assert "\n" not in str(e.value)
 
 
+def test_a_diverging_run_is_reported_in_its_output_and_summary(tmp_path, tiny, convnn):
+    """A learning rate far too large (SGD at 100): the loss explodes while the run goes on;
+    every epoch that diverged is a WARNING line and an entry of summary.json."""
+    args = ["train", "--out-dir", tmp_path, "--set", *tiny.cnn, "optim.name=sgd"]
+    result = convnn(*args, "optim.lr=100", "train.epochs=2", "--name", "high")
+    assert result.code == 0, result.err
+    warnings = [line for line in result.out.splitlines() if line.startswith("WARNING: ")]
+    assert any("validation loss" in w and "the run diverged" in w for w in warnings), warnings
+    summary = json.loads((tmp_path / "high" / "summary.json").read_text())
+    assert summary["warnings"] and all(f"WARNING: {w}" in warnings for w in summary["warnings"])
+    # A loss that overflows to NaN stops the run with one line; the summary says so.
+    result = convnn(*args, "optim.lr=1e8", "train.epochs=3", "--name", "nan")
+    assert result.code == 2
+    result.error_line("training loss is nan", "lower optim.lr")
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "training loss is nan" in summary["warnings"][-1]
+    # A sane rate: no warning.
+    result = convnn(*args, "optim.lr=0.05", "train.epochs=2", "--name", "sane")
+    assert result.code == 0 and "WARNING" not in result.out
+
+
+def test_a_train_eval_gap_is_a_warning():
+    """The branching ResNet-18 of the issue: 80% in train mode, chance in eval mode."""
+    from convnn.train.health import epoch_warnings
+
+    row = dict(epoch=3, train_loss=0.6, train_acc=0.8, val_loss=1.3, val_acc=0.25)
+    (gap,) = epoch_warnings(row, num_classes=4)
+    assert "validation accuracy 0.250 is near chance (0.250)" in gap and "eval mode" in gap
+    assert len(epoch_warnings({**row, "val_loss": 192.0}, 4)) == 2  # and the exploding loss
+    # Overfitting is not a collapse; nor is a run without a validation split.
+    assert not epoch_warnings({**row, "train_acc": 1.0, "val_acc": 0.7}, 4)
+    assert not epoch_warnings({**row, "val_loss": math.nan, "val_acc": math.nan}, 4)
+
+
 # One training run in a fresh process that SIGKILLs itself after optimizer step {step}.
 KILL_SCRIPT = """
 import os, signal, sys

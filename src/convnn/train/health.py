@@ -45,7 +45,7 @@ def epoch_warnings(row: dict, num_classes: int) -> list[str]:
             found.append(f"epoch {epoch}: {what} loss is {loss}: the run diverged; {HINT}")
         elif loss > limit:
             found.append(
-                f"epoch {epoch}: {what} loss {_fmt(loss)} is {loss / chance_loss:.0f}x the "
+                f"epoch {epoch}: {what} loss {_fmt(loss)} is {_fmt(loss / chance_loss)}x the "
                 f"chance level ln({num_classes}) = {_fmt(chance_loss)}: the run diverged; {HINT}"
             )
     train_acc, val_acc = row.get("train_acc"), row.get("val_acc")
