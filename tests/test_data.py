@@ -524,3 +524,39 @@ def test_generator_makes_augmentation_reproducible():
     assert not torch.equal(runs[0][0], runs[2][0])
     with pytest.raises(ValueError, match="label_smoothing"):
         BatchAugment(SPEC, label_smoothing=1.0)
+
+
+def test_torchvision_augmentations_per_image_reproducible_and_off_the_global_rng():
+    """RandomResizedCrop, RandAugment and RandomErasing come from torchvision's transforms.v2:
+    every image gets its own draw, the batch is a function of the generator alone, and the
+    global RNG (model dropout, random candidates) is left as it was."""
+    from torchvision.transforms import v2
+
+    x, y = batch()
+    aug = BatchAugment(
+        SPEC, random_resized_crop=(0.2, 1.0), randaugment=9, random_erasing=1.0, normalize=False
+    )
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    runs = [aug(x, y, train=True, generator=torch.Generator().manual_seed(s)) for s in (3, 3, 4)]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(runs[0][0], runs[1][0]) and not torch.equal(runs[0][0], runs[2][0])
+    out = runs[0][0]
+    assert out.shape == x.shape and torch.equal(runs[0][1], y)
+    # Erasing with probability 1: every image has a box of zeros (the mean once normalised).
+    assert all((image == 0).all(0).any() for image in out)
+    # Each image transformed on its own: two equal inputs come out different.
+    same = x[:1].expand(8, -1, -1, -1).clone()
+    crops = BatchAugment(SPEC, random_resized_crop=(0.1, 0.5), normalize=False)
+    out, _ = crops(same, y[:8], train=True, generator=torch.Generator().manual_seed(0))
+    assert len({tuple(image.flatten().tolist()) for image in out}) == 8
+    # The same draws as torchvision's own transform, image by image.
+    gen = torch.Generator().manual_seed(5)
+    seed = int(torch.randint(2**62, (1,), generator=torch.Generator().manual_seed(5)))
+    torch.manual_seed(seed)
+    rrc = v2.RandomResizedCrop((SPEC.img_size, SPEC.img_size), scale=(0.1, 0.5))
+    expected = torch.stack([rrc(image) for image in same])
+    assert torch.equal(crops(same, y[:8], train=True, generator=gen)[0], expected)
+    for bad in (dict(random_erasing=1.5), dict(randaugment=-1)):
+        with pytest.raises(ValueError, match="random_erasing"):
+            BatchAugment(SPEC, **bad)

@@ -30,8 +30,9 @@ from convnn.train.rundir import CHECKPOINT
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model's weights (and their moving average, when the run keeps one)."""
     tensors, _ = ck.load_checkpoint(path)
-    return {k: v for k, v in tensors.items() if k.startswith("model.")}
+    return {k: v for k, v in tensors.items() if k.startswith(("model.", "ema."))}
 
 
 # ------------------------------------------------------------------------------- config
@@ -608,6 +609,77 @@ def test_a_train_eval_gap_is_a_warning():
     assert not epoch_warnings({**row, "val_loss": math.nan, "val_acc": math.nan}, 4)
 
 
+def test_gradient_accumulation_matches_one_large_batch(tmp_path, tiny):
+    """Two batches of 16 accumulated into one step move the weights as one batch of 32 (the
+    one-block ViT has no BatchNorm, whose statistics would differ; SGD, whose step does not
+    magnify last-bit differences)."""
+    from convnn.train.runner import run_training
+
+    settings = [*tiny.vit, "optim.name=sgd", "optim.lr=0.05", "train.epochs=1"]
+    settings += [f"output.dir={tmp_path}"]
+    one = run_training(load_config(None, [*settings, "output.name=one"]))
+    two = run_training(
+        load_config(
+            None, [*settings, "data.batch_size=16", "train.accum_steps=2", "output.name=two"]
+        )
+    )
+    a, b = _weights(tmp_path / "one" / CHECKPOINT), _weights(tmp_path / "two" / CHECKPOINT)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # two different computations
+    assert (
+        one["epochs"] == two["epochs"]
+        and ck.read_metadata(tmp_path / "two" / CHECKPOINT)["state"]["global_step"] == 3
+    )
+
+
+def test_ema_channels_last_top5_and_checkpoint_history(tmp_path, tiny):
+    from convnn.train.loading import evaluate_path
+    from convnn.train.metrics import correct_count
+    from convnn.train.runner import run_training
+
+    settings = [*tiny.cnn, "model.layer=convnn", "train.epochs=3", f"output.dir={tmp_path}"]
+    extra = ["train.ema_decay=0.5"]
+    summary = run_training(
+        load_config(None, [*settings, *extra, "output.keep_checkpoints=3", "output.name=ema"])
+    )
+    last = run_training(
+        load_config(
+            None,
+            [*settings, *extra, "output.keep_checkpoints=2", "train.channels_last=true"]
+            + ["output.name=cl"],
+        )
+    )
+    run = tmp_path / "ema"
+    # EMA: the checkpoint keeps the average beside the raw weights; the average is what was
+    # evaluated, selected and saved as best.safetensors.
+    tensors, meta = ck.load_checkpoint(run / CHECKPOINT)
+    raw = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    ema = {k[len("ema.module.") :]: v for k, v in tensors.items() if k.startswith("ema.module.")}
+    assert raw.keys() == ema.keys() and int(tensors["ema.n_averaged"]) == 9
+    assert not all(torch.equal(raw[k], ema[k]) for k in raw)
+    assert summary["ema"] == 0.5
+    best = _weights(run / "best.safetensors")
+    at_best, _ = ck.load_checkpoint(run / f"checkpoint-epoch{summary['best_epoch']}.safetensors")
+    assert all(torch.equal(best[f"model.{k}"], at_best[f"ema.module.{k}"]) for k in ema)
+    assert evaluate_path(str(run))["acc"] == summary["test_acc"]
+    # Checkpoint history: the last N epochs, each the state at its end.
+    kept = sorted(p.name for p in (tmp_path / "cl").glob("checkpoint-epoch*.safetensors"))
+    assert kept == ["checkpoint-epoch2.safetensors", "checkpoint-epoch3.safetensors"]
+    assert ck.read_metadata(tmp_path / "cl" / kept[0])["state"]["epoch"] == 2
+    # Channels-last: the same run, to float tolerance.
+    for key in ("test_acc", "test_loss", "best_epoch"):
+        assert last[key] == pytest.approx(summary[key], rel=1e-3), key
+    # Top-5: a column of metrics.csv and the summary; never below top-1.
+    rows = read_metrics_csv(run / "metrics.csv")
+    assert all(r["val_acc5"] >= r["val_acc"] for r in rows)
+    assert summary["test_acc5"] >= summary["test_acc"]
+    logits = torch.randn(50, 10, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(50) % 10
+    top5 = (logits.argsort(1, descending=True)[:, :5] == labels[:, None]).any(1).sum()
+    assert correct_count(logits, labels, k=5) == int(top5)
+    assert correct_count(logits[:, :3], labels % 3, k=5) == 50  # k capped at the classes
+
+
 # One training run in a fresh process that SIGKILLs itself after optimizer step {step}.
 KILL_SCRIPT = """
 import os, signal, sys
@@ -629,6 +701,8 @@ def test_resume_after_kill_9_matches_uninterrupted(tmp_path, tiny, convnn, convn
         "model.layer=branching",
         "train.epochs=3",
         "train.max_steps_per_epoch=4",
+        "train.accum_steps=2",
+        "train.ema_decay=0.9",
         "data.flip=true",
         "data.crop_padding=1",
         f"output.dir={tmp_path}",
