@@ -128,6 +128,24 @@ def test_eval_compare_and_outputs(trained, tmp_path, convnn):
     assert "small_cnn" in out.splitlines()[2]
 
 
+def test_compare_never_overwrites_and_titles_its_plot(trained, tmp_path, convnn):
+    import shutil
+
+    for name in ("cnn", "convnn"):
+        shutil.copytree(trained[name], tmp_path / name)
+    runs = [tmp_path / "cnn", tmp_path / "convnn"]
+    first, second = convnn("compare", *runs), convnn("compare", *runs)
+    assert first.out.splitlines()[-1] == f"plot: {tmp_path / 'compare.png'}"
+    assert second.out.splitlines()[-1] == f"plot: {tmp_path / 'compare-2.png'}"
+    explicit = tmp_path / "compare.png"
+    before = explicit.read_bytes()
+    assert convnn("compare", runs[0], "--out", explicit, "--title", "mine").code == 0
+    assert explicit.read_bytes() != before  # an explicit --out is replaced
+    from convnn.train.report import default_title, load_run
+
+    assert default_title([load_run(r) for r in runs]) == "small_cnn: conv vs convnn on digits"
+
+
 def test_resume_checkpoint_of_another_model(trained, convnn, tiny):
     run = trained["cnn"]
     result = convnn("train", "--set", *tiny.cnn, "model.layer_kwargs.width=4", "--resume", run)

@@ -481,6 +481,12 @@ def test_run_outputs_and_multi_seed(tmp_path, capsys, tiny):
     assert summary["params"] > 0 and summary["selection"] == "val"
     assert 0 <= summary["test_acc"] <= 1 and summary["train_img_per_s"] > 0
     assert load_config(run / "config.yaml").train.seed == 0
+    # The mean +- std over the seeds is written into every seed's run directory.
+    for seed in (0, 1):
+        written = json.loads((tmp_path / f"s-seed{seed}" / "seeds.json").read_text())
+        mean, std = mean_std([s["test_acc"] for s in summaries])
+        assert written["test_acc"] == {"mean": mean, "std": std, "n": 2}
+        assert written["runs"] == ["s-seed0", "s-seed1"] and written["seeds"] == [0, 1]
 
 
 def test_model_selection_uses_validation_never_test(tmp_path, monkeypatch, tiny):

@@ -62,7 +62,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"query positions to draw, as fractions of the map (at most {MAX_QUERIES}; "
         "default: 0.5,0.5 0.25,0.25 0.75,0.7)",
     )
-    p.add_argument("--out", metavar="PNG", help="plot path (default: <run dir>/neighbors.png)")
+    p.add_argument(
+        "--out",
+        metavar="PNG",
+        help="plot path, replaced if it exists (default: <run dir>/neighbors.png, or "
+        "neighbors-2.png, ... when that exists)",
+    )
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -102,15 +107,12 @@ def _plot_layers(records: list, patterns: list[str] | None) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
 
     from convnn.data import BatchAugment
     from convnn.train.distributed import cleanup
     from convnn.train.loading import load_trained_model
+    from convnn.utils import unique_path
     from convnn.viz.neighbors import collect_neighbors, neighbor_table, plot_neighbors
 
     _check_args(args)
@@ -152,10 +154,13 @@ def run(args: argparse.Namespace) -> int:
 
     shown = _plot_layers(records, args.layers)
     run_dir = Path(args.path) if Path(args.path).is_dir() else Path(args.path).parent
-    out = Path(args.out) if args.out else run_dir / "neighbors.png"
+    out = Path(args.out) if args.out else Path(unique_path(run_dir / "neighbors.png"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig = plot_neighbors(images[0], shown, args.queries, path=str(out))
-    plt.close(fig)
+    title = (
+        f"{run_dir.name}: {cfg.model.name} {cfg.model.layer} on {cfg.data.dataset}, "
+        f"{args.split} image {args.index} (label {int(labels[0])}, predicted {predicted})"
+    )
+    plot_neighbors(images[0], shown, args.queries, path=out, title=title)
     print(
         f"plot: {out} (image {args.index}: label {int(labels[0])}, predicted {predicted}; "
         f"layers {', '.join(r.name for r in shown)})"

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import yaml
 
+from ..utils import unique_path
 from .config import ConfigError
 from .metrics import format_mean_std, read_metrics_csv
 
-__all__ = ["compare_runs", "format_table", "load_run"]
+__all__ = ["compare_runs", "default_title", "format_table", "load_run", "seed_groups"]
 
 
 def load_run(path: str | os.PathLike) -> dict:
@@ -63,37 +64,65 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _seed_groups(runs: list[dict]) -> str:
-    """mean +- std lines for runs that differ only by their ``-seed<k>`` suffix."""
-    groups: dict[str, list[float]] = defaultdict(list)
+SEED_SUFFIX = re.compile(r"(.+)-seed\d+")
+
+
+def seed_groups(runs: list[dict]) -> dict[str, list[dict]]:
+    """Runs by configuration: those named ``<name>-seed<k>`` share ``<name>``; any other run
+    is a group of its own. Order of first appearance."""
+    groups: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
-        m = re.fullmatch(r"(.+)-seed\d+", run["dir"].name)
-        if m and run["summary"].get("test_acc") is not None:
-            groups[m.group(1)].append(run["summary"]["test_acc"])
-    lines = [
-        f"{name}: test acc {format_mean_std(accs)} % over {len(accs)} seeds"
-        for name, accs in groups.items()
-        if len(accs) > 1
-    ]
+        m = SEED_SUFFIX.fullmatch(run["dir"].name)
+        groups[m.group(1) if m else run["dir"].name].append(run)
+    return dict(groups)
+
+
+def _seed_lines(groups: dict[str, list[dict]]) -> str:
+    """mean +- std lines for groups of several seeds."""
+    lines = []
+    for name, runs in groups.items():
+        accs = [r["summary"]["test_acc"] for r in runs if r["summary"].get("test_acc") is not None]
+        if len(accs) > 1:
+            lines.append(f"{name}: test acc {format_mean_std(accs)} % over {len(accs)} seeds")
     return "\n".join(lines)
+
+
+def default_title(runs: list[dict]) -> str:
+    """'model layer vs layer on dataset', from the runs' configs."""
+
+    def distinct(values):
+        return list(dict.fromkeys(values))
+
+    models = distinct(r["config"].get("model", {}).get("name", "?") for r in runs)
+    layers = distinct(r["config"].get("model", {}).get("layer", "?") for r in runs)
+    datasets = distinct(r["config"].get("data", {}).get("dataset", "?") for r in runs)
+    what = " vs ".join(models) if len(models) > 1 else models[0]
+    return f"{what}: {' vs '.join(layers)} on {', '.join(datasets)}"
 
 
 def compare_runs(
     paths: list[str], out: str | os.PathLike | None = None, title: str | None = None
 ) -> tuple[str, Path | None]:
-    """(table text, plot path). The plot goes to ``out`` or ``compare.png`` beside the runs."""
+    """(table text, plot path).
+
+    The plot goes to ``out`` (replaced if it exists), else to ``compare.png`` beside the runs,
+    or ``compare-2.png``, ... when that exists: a second comparison never overwrites the
+    first. Runs that differ only by their seed are drawn as mean +- std.
+    """
     runs = [load_run(p) for p in paths]
     text = format_table(HEADER, [_row(r) for r in runs])
-    groups = _seed_groups(runs)
-    if groups:
-        text += "\n" + groups
+    groups = seed_groups(runs)
+    lines = _seed_lines(groups)
+    if lines:
+        text += "\n" + lines
+    try:
+        from convnn.viz.curves import Series, plot_comparison
+    except ImportError:  # matplotlib is optional
+        return text, None
     if out is None:
         parents = {r["dir"].resolve().parent for r in runs}
-        out = (parents.pop() if len(parents) == 1 else Path.cwd()) / "compare.png"
-    try:
-        from convnn.viz.curves import plot_comparison
-    except ImportError:
-        return text, None
-    labels = [f"{r['dir'].name}" for r in runs]
-    plot_comparison(list(zip(labels, (r["rows"] for r in runs))), out, title=title or "")
+        folder = parents.pop() if len(parents) == 1 else Path.cwd()
+        out = unique_path(folder / "compare.png")
+    series = [Series(name, [r["rows"] for r in group]) for name, group in groups.items()]
+    plot_comparison(series, out, title=title or default_title(runs))
     return text, Path(out)

@@ -180,7 +180,7 @@ class RunDir:
         save_config(cfg, self.path / "config.yaml")
 
     def write_history(self, rows: list[dict], title: str) -> None:
-        """metrics.csv and curves.png (when matplotlib is there)."""
+        """metrics.csv and curves.png titled ``title`` (when matplotlib is there)."""
         from .metrics import write_metrics_csv
 
         write_metrics_csv(self.path / "metrics.csv", rows)

@@ -410,6 +410,13 @@ class Run:
             return row["val_acc"] > self.best["val_acc"]
         return row["val_loss"] < self.best["val_loss"]
 
+    def _title(self) -> str:
+        cfg = self.cfg
+        return (
+            f"{self.dir.name}: {cfg.model.name} {cfg.model.layer} on {cfg.data.dataset} "
+            f"(seed {cfg.train.seed})"
+        )
+
     def _warn(self, lines: list[str]) -> None:
         for line in lines:
             self.warnings.append(line)
@@ -419,7 +426,7 @@ class Run:
         cfg, dist_info = self.cfg, self.dist
         if dist_info.is_main:
             self.files.prepare(cfg)
-            self.files.write_history(self.history, self.dir.name)
+            self.files.write_history(self.history, self._title())
         scaled = ""
         if cfg.optim.lr_batch_size is not None:
             scaled = (
@@ -455,7 +462,7 @@ class Run:
             self._save(epoch + 1)
             if dist_info.is_main:
                 self.files.keep_history(epoch + 1, cfg.output.keep_checkpoints)
-                self.files.write_history(self.history, self.dir.name)
+                self.files.write_history(self.history, self._title())
             say(dist_info, _epoch_line(row, cfg.train.epochs))
             self._warn(epoch_warnings(row, self.spec.num_classes))
         barrier()

@@ -9,6 +9,7 @@ picked neighbours lie from their query, i.e. how local or global each layer beha
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -166,56 +167,99 @@ def neighbor_table(records: list[LayerNeighbors]) -> str:
     return "\n".join(lines)
 
 
+MAX_PANELS = 16  # layers drawn at most (a grid of up to 4 columns)
+QUERY_COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4")
+
+
 def plot_neighbors(
     image: Tensor,
     records: list[LayerNeighbors],
     queries: list[tuple[float, float]] | None = None,
-    path: str | None = None,
+    path: str | os.PathLike | None = None,
     sample: int = 0,
+    window: int | None = 3,
+    title: str = "",
 ):
     """Draw each layer's picks for a few query points over ``image`` (C, H, W) in [0, 1].
 
-    queries are (row, col) fractions of the map (default: centre and two corners' thirds).
-    Returns the matplotlib figure; saved to ``path`` when given.
+    One panel per layer (a grid of up to 4 columns, at most :data:`MAX_PANELS`); ``queries``
+    are (row, col) fractions of the map (default: the centre and two off-centre points), one
+    colour each. Every marker has a black-and-white outline, so it stays visible on any image
+    colour. A query is a star, its picks are dots; picks of the zero padding (off the map) are
+    crosses in the ring drawn around the image; the dashed square is the ``window`` x
+    ``window`` neighbourhood a convolution would use (None: not drawn). Returns the figure;
+    saved to ``path`` when given.
     """
-    import matplotlib
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .curves import _figure, save_figure
 
     queries = queries or [(0.5, 0.5), (0.25, 0.25), (0.75, 0.7)]
-    colors = ["tab:red", "tab:cyan", "tab:orange", "tab:green", "tab:purple"]
     img = image.detach().float().cpu()
-    img = img.permute(1, 2, 0).squeeze(-1) if img.shape[0] in (1, 3) else img[0]
-    img = img.numpy()  # matplotlib wants arrays, not tensors
+    img = (img.permute(1, 2, 0).squeeze(-1) if img.shape[0] in (1, 3) else img[0]).numpy()
     H, W = img.shape[:2]
-    cols = max(1, len(records))
-    fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 3.4), squeeze=False)
-    for ax, rec in zip(axes[0], records):
-        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, extent=(0, W, H, 0))
+    shown = records[:MAX_PANELS]
+    cols = min(4, max(1, len(shown)))
+    rows = -(-max(1, len(shown)) // cols)
+    fig, _ = _figure(1, width=3.3 * cols, height=3.5 * rows + 0.6)
+    fig.clear()
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    outline = dict(edgecolors="black", linewidths=1.2)
+    halo = dict(c="white", edgecolors="none")
+    for ax, rec in zip(axes, shown):
         gh, gw = rec.grid.H, rec.grid.W
         sy, sx = H / gh, W / gw
+        ph, pw = rec.grid.padding
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, extent=(0, W, H, 0))
+        ax.add_patch(Rectangle((0, 0), W, H, fill=False, lw=1, ec="0.4", ls=":"))
         qpos = rec.query_positions()
         nbrs = rec.neighbor_positions()[sample]
-        for (fr, fc), color in zip(queries, colors):
+        on_map = rec.indices[sample] >= rec.prefix  # a class token has no place to draw
+        for (fr, fc), color in zip(queries, QUERY_COLORS):
             target = torch.tensor([fr * (gh - 1), fc * (gw - 1)])
-            qi = int(((qpos.float() - target).abs().sum(-1)).argmin())
-            pts = nbrs[qi].float().numpy()
-            ax.scatter((pts[:, 1] + 0.5) * sx, (pts[:, 0] + 0.5) * sy, s=28, c=color, alpha=0.75)
+            qi = int((qpos.float() - target).abs().sum(-1).argmin())
+            pts = nbrs[qi][on_map[qi]].float()
+            inside = (pts >= 0).all(-1) & (pts[:, 0] < gh) & (pts[:, 1] < gw)
+            for keep, marker, size in ((inside, "o", 36), (~inside, "X", 44)):
+                ys = ((pts[keep, 0] + 0.5) * sy).numpy()
+                xs = ((pts[keep, 1] + 0.5) * sx).numpy()
+                ax.scatter(xs, ys, s=size * 2.2, marker=marker, **halo)
+                ax.scatter(xs, ys, s=size, marker=marker, c=color, **outline)
             qy, qx = qpos[qi].float().tolist()
-            ax.scatter(
-                [(qx + 0.5) * sx], [(qy + 0.5) * sy], s=90, marker="*", c=color, edgecolors="k"
-            )
-        mean_d = neighbor_distances(rec)[sample].mean().item()
+            if window:
+                r = window // 2
+                corner = ((qx - r) * sx, (qy - r) * sy)
+                box = Rectangle(corner, window * sx, window * sy, fill=False, lw=1.4, ls="--")
+                box.set_edgecolor(color)
+                ax.add_patch(box)
+            ax.scatter([(qx + 0.5) * sx], [(qy + 0.5) * sy], s=320, marker="*", **halo)
+            ax.scatter([(qx + 0.5) * sx], [(qy + 0.5) * sy], s=160, marker="*", c=color, **outline)
+        d = neighbor_distances(rec)[sample][on_map]
+        mean_d = d.float().mean().item() if d.numel() else math.nan
         ax.set_title(
             f"{rec.name}\n{gh}x{gw} map, K={rec.indices.shape[-1]}, mean dist {mean_d:.1f}",
             fontsize=8,
         )
-        ax.set_xlim(0, W)
-        ax.set_ylim(H, 0)
+        ax.set_xlim(-(pw + 0.5) * sx, W + (pw + 0.5) * sx)
+        ax.set_ylim(H + (ph + 0.5) * sy, -(ph + 0.5) * sy)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[len(shown) :]:
         ax.axis("off")
-    fig.suptitle("neighbours picked (star = query)", fontsize=9)
-    fig.tight_layout()
+    gray = "0.5"
+    handles = [
+        Line2D([], [], ls="", marker="*", ms=11, mfc=gray, mec="black", label="query"),
+        Line2D([], [], ls="", marker="o", ms=6, mfc=gray, mec="black", label="picked neighbour"),
+        Line2D([], [], ls="", marker="X", ms=7, mfc=gray, mec="black", label="pick off the map"),
+    ]
+    if window:
+        handles.append(
+            Line2D([], [], ls="--", color=gray, label=f"{window}x{window} window of a convolution")
+        )
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8)
+    more = f" (first {MAX_PANELS} of {len(records)} layers)" if len(records) > MAX_PANELS else ""
+    fig.suptitle((title or "neighbours each layer picks") + more, fontsize=10)
     if path:
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
     return fig
