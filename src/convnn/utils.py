@@ -1,5 +1,5 @@
 """Small helpers every layer of the application may use: atomic file writing, one-line
-messages and lazily imported package attributes.
+messages, mean +- std, and lazily imported package attributes.
 
 Nothing here imports torch or another part of convnn, so any module can depend on it without
 an import running backwards (see tests/test_layering.py).
@@ -17,6 +17,7 @@ __all__ = [
     "atomic_write_text",
     "describe_exception",
     "lazy_exports",
+    "mean_std",
     "one_line",
     "unique_path",
     "warning_line",
@@ -72,6 +73,18 @@ def unique_path(path: str | os.PathLike) -> str:
         n += 1
         path = f"{stem}-{n}{ext}"
     return path
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value; NaNs for none)."""
+    values = list(values)
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    return mean, (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
 
 
 def one_line(text: object) -> str:

@@ -72,6 +72,7 @@ for _name, _help, _module in (
     ("train", "train a model from a YAML recipe", "train"),
     ("eval", "evaluate a run or checkpoint on the test split", "evaluate"),
     ("compare", "side-by-side table and plot of run directories", "compare"),
+    ("sweep", "train a grid of configurations x seeds, then one table and one plot", "sweep"),
     ("demo", "ConvNN against convolution on digits in about a minute, with pictures", "demo"),
     ("verify", "check each special case against the PyTorch module it recovers", "verify"),
     (

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, mean_std
 
 __all__ = [
     "METRIC_COLUMNS",
@@ -98,17 +98,6 @@ def read_metrics_csv(path: str | os.PathLike) -> list[dict]:
                     parsed[key] = float(value) if value not in ("", None) else float("nan")
             rows.append(parsed)
     return rows
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    mean = sum(values) / n
-    if n == 1:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
 def format_mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:

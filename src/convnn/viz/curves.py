@@ -13,9 +13,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..utils import atomic_write_bytes
+from ..utils import atomic_write_bytes, mean_std
 
-__all__ = ["Series", "plot_comparison", "plot_curves"]
+__all__ = ["Series", "plot_comparison", "plot_curves", "plot_points", "save_figure"]
 
 LOG_SPAN = 30.0  # max / min of a loss axis beyond which it is drawn on a log scale
 
@@ -59,14 +59,8 @@ def _mean_std(runs: Sequence[Sequence[dict]], key: str):
     """(epochs, mean, std) over the runs at each epoch every run reached."""
     per_run = [dict(zip(*_series(rows, key))) for rows in runs]
     epochs = sorted(set.intersection(*(set(r) for r in per_run))) if per_run else []
-    means, stds = [], []
-    for e in epochs:
-        values = [r[e] for r in per_run]
-        mean = sum(values) / len(values)
-        var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0
-        means.append(mean)
-        stds.append(math.sqrt(var))
-    return epochs, means, stds
+    stats = [mean_std([r[e] for r in per_run]) for e in epochs]
+    return epochs, [m for m, _ in stats], [s for _, s in stats]
 
 
 def _style_axis(ax, ylabel: str, loss: bool) -> None:
@@ -122,6 +116,34 @@ def plot_comparison(series: Sequence[Series], path: str | os.PathLike | None, ti
     _style_axis(ax_loss, "training loss", loss=True)
     if title:
         fig.suptitle(title)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def plot_points(
+    points: Sequence[tuple[str, Sequence[float]]],
+    path: str | os.PathLike | None,
+    xlabel: str,
+    title: str = "",
+):
+    """One row per labelled group of values (a configuration's seeds): a bar at their mean,
+    a +- std error bar and a dot per value. Returns the figure, saved to ``path`` if given."""
+    height = 1.2 + 0.45 * len(points)
+    fig, (ax,) = _figure(1, width=7.5, height=height)
+    for i, (_, values) in enumerate(points):
+        values = [v for v in values if _finite(v)]
+        if not values:
+            continue
+        mean, std = mean_std(values)
+        ax.barh(i, mean, xerr=std, color=f"C{i % 10}", alpha=0.6, capsize=4)
+        ax.scatter(values, [i] * len(values), color="black", s=14, zorder=3)
+    ax.set_yticks(range(len(points)), [label for label, _ in points], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
     if path is not None:
         save_figure(fig, path)
     return fig
