@@ -248,6 +248,25 @@ def test_demo_recipe_matches_configs_demo_yaml():
     assert config_to_dict(config_from_dict(recipe)) == config_to_dict(config_from_dict(DEMO_RECIPE))
 
 
+@pytest.mark.slow
+def test_demo_writes_both_runs_the_comparison_and_the_neighbour_picture(tmp_path, convnn):
+    out = tmp_path / "demo"
+    result = convnn(
+        "demo", "--out-dir", out, "--set", "train.epochs=1", "train.max_steps_per_epoch=3"
+    )
+    assert result.code == 0, result.err
+    for layer in ("convnn", "conv"):
+        summary = yaml.safe_load((out / layer / "summary.json").read_text())
+        assert summary["model"] == "small_cnn" and summary["layer"] == layer
+        assert summary["params"] < 100_000
+        # Checkpoints sized to the model: weights and AdamW state of ~66,000 parameters.
+        assert (out / layer / CHECKPOINT).stat().st_size < 1_500_000
+    for png in ("compare.png", "neighbors.png"):
+        assert (out / png).read_bytes().startswith(b"\x89PNG")
+    assert f"neighbours: {out / 'neighbors.png'}" in result.out
+    assert "outside the 3x3 window of a convolution" in result.out
+
+
 def test_register_adds_a_subcommand(convnn, monkeypatch):
     monkeypatch.setattr(cli, "COMMANDS", list(cli.COMMANDS))
 

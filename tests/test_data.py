@@ -560,3 +560,14 @@ def test_torchvision_augmentations_per_image_reproducible_and_off_the_global_rng
     for bad in (dict(random_erasing=1.5), dict(randaugment=-1)):
         with pytest.raises(ValueError, match="random_erasing"):
             BatchAugment(SPEC, **bad)
+
+
+def test_digits_without_scikit_learn_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a)
+    )
+    with pytest.raises(DatasetError, match="digits: needs scikit-learn.*pip install scikit-learn"):
+        load_dataset("digits")

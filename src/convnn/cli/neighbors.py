@@ -107,13 +107,10 @@ def _plot_layers(records: list, patterns: list[str] | None) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from convnn.data import BatchAugment
     from convnn.train.distributed import cleanup
-    from convnn.train.loading import load_trained_model
+    from convnn.train.loading import load_trained_model, neighbor_picks
     from convnn.utils import unique_path
-    from convnn.viz.neighbors import collect_neighbors, neighbor_table, plot_neighbors
+    from convnn.viz.neighbors import neighbor_table, plot_neighbors
 
     _check_args(args)
     try:
@@ -122,16 +119,10 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         cleanup()
-    cfg, ds = loaded.cfg, loaded.dataset
-    _check_range(args, len(ds), args.split)
-    items = [ds[i] for i in range(args.index, args.index + args.images)]
-    device = loaded.dist_info.device
-    images = torch.stack([image for image, _ in items])
-    labels = torch.tensor([label for _, label in items])
-    x, _ = BatchAugment(loaded.spec, normalize=cfg.data.normalize)(
-        images.to(device), labels.to(device), train=False
-    )
-    records = collect_neighbors(loaded.model, x)
+    cfg = loaded.cfg
+    _check_range(args, len(loaded.dataset), args.split)
+    picks = neighbor_picks(loaded, args.index, args.images)
+    records, images = picks.records, picks.images
     if not records:
         raise ValueError(
             f"RUN_DIR|CHECKPOINT {args.path!r} is a {cfg.model.name} with layer="
@@ -139,9 +130,7 @@ def run(args: argparse.Namespace) -> int:
             "run trained with a ConvNN layer (convnn, branching, convnn_attention, kvt, local, "
             "branching_attention)"
         )
-    with torch.no_grad():
-        loaded.model.eval()
-        predicted = int(loaded.model(x[:1]).argmax(-1)[0])
+    label, predicted = int(picks.labels[0]), int(picks.predicted[0])
 
     last = args.index + args.images - 1
     span = f"image {args.index}" if args.images == 1 else f"images {args.index}-{last}"
@@ -158,11 +147,11 @@ def run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     title = (
         f"{run_dir.name}: {cfg.model.name} {cfg.model.layer} on {cfg.data.dataset}, "
-        f"{args.split} image {args.index} (label {int(labels[0])}, predicted {predicted})"
+        f"{args.split} image {args.index} (label {label}, predicted {predicted})"
     )
     plot_neighbors(images[0], shown, args.queries, path=out, title=title)
     print(
-        f"plot: {out} (image {args.index}: label {int(labels[0])}, predicted {predicted}; "
+        f"plot: {out} (image {args.index}: label {label}, predicted {predicted}; "
         f"layers {', '.join(r.name for r in shown)})"
     )
     return 0

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from .base import DatasetError, DataSpec, InMemoryDataset, resize_images, stratified_split
@@ -13,6 +17,25 @@ TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 
 
+def _read_digits():
+    """(pixels (1797, 64) in 0..16, labels (1797,)) from the CSV file scikit-learn ships.
+
+    The file is read directly: importing ``sklearn.datasets`` for it takes seconds (most of
+    the demo's start-up on a busy machine); the numbers are those of ``load_digits()``.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    path = None
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if path is None or not path.is_file():
+        raise DatasetError(
+            "digits: needs scikit-learn, which ships the data (sklearn/datasets/data/"
+            "digits.csv.gz); pip install scikit-learn"
+        )
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1], data[:, -1].astype(np.int64)
+
+
 def load_digits(
     img_size: int | None = None, val_size: float | int = 0.1
 ) -> tuple[InMemoryDataset, InMemoryDataset, InMemoryDataset, DataSpec]:
@@ -20,16 +43,9 @@ def load_digits(
 
     Pixels 0..16 are scaled to [0, 1]; mean/std come from the training split.
     """
-    try:
-        from sklearn.datasets import load_digits as sklearn_digits
-    except ImportError as exc:
-        raise DatasetError(
-            "digits: needs scikit-learn, which ships the data; pip install scikit-learn"
-        ) from exc
-
-    bunch = sklearn_digits()
-    images = torch.as_tensor(bunch.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
-    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    pixels, target = _read_digits()
+    images = torch.as_tensor(pixels, dtype=torch.float32).div_(16.0).view(-1, 1, 8, 8)
+    labels = torch.as_tensor(target, dtype=torch.int64)
     size = img_size or NATIVE_SIZE
     # 1,797 tiny images: resizing once up front is cheaper than per batch.
     images = resize_images(images, size)

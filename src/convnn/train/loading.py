@@ -22,7 +22,7 @@ from .distributed import DistInfo, init_distributed
 from .engine import build_model, evaluate, model_identity, setup_torch
 from .rundir import BEST, CHECKPOINT
 
-__all__ = ["TrainedModel", "evaluate_path", "load_trained_model"]
+__all__ = ["Picks", "TrainedModel", "evaluate_path", "load_trained_model", "neighbor_picks"]
 
 
 @dataclass
@@ -118,3 +118,33 @@ def evaluate_path(
         "split": split,
         **result,
     }
+
+
+@dataclass
+class Picks:
+    """What the ConvNN layers of a trained model pick on a few images of its split."""
+
+    images: torch.Tensor  # (B, C, H, W) in [0, 1], as stored
+    labels: torch.Tensor  # (B,)
+    predicted: torch.Tensor  # (B,) the model's classes (eval mode)
+    records: list  # convnn.viz.neighbors.LayerNeighbors, one per ConvNN layer
+
+
+def neighbor_picks(run: TrainedModel, index: int = 0, count: int = 1) -> Picks:
+    """Run ``run.model`` in eval mode on images ``index .. index + count - 1`` of its split
+    and record the neighbours every ConvNN layer selects."""
+    from convnn.data import BatchAugment
+    from convnn.viz.neighbors import collect_neighbors
+
+    items = [run.dataset[i] for i in range(index, index + count)]
+    images = torch.stack([image for image, _ in items])
+    labels = torch.tensor([label for _, label in items])
+    device = run.dist_info.device
+    x, _ = BatchAugment(run.spec, normalize=run.cfg.data.normalize)(
+        images.to(device), labels.to(device), train=False
+    )
+    records = collect_neighbors(run.model, x)
+    with torch.no_grad():
+        run.model.eval()
+        predicted = run.model(x).argmax(-1).cpu()
+    return Picks(images, labels, predicted, records)

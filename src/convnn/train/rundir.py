@@ -179,12 +179,13 @@ class RunDir:
             stale.unlink(missing_ok=True)
         save_config(cfg, self.path / "config.yaml")
 
-    def write_history(self, rows: list[dict], title: str) -> None:
-        """metrics.csv and curves.png titled ``title`` (when matplotlib is there)."""
+    def write_history(self, rows: list[dict], title: str, plot: bool = True) -> None:
+        """metrics.csv, and with ``plot`` curves.png titled ``title`` (when matplotlib is
+        there)."""
         from .metrics import write_metrics_csv
 
         write_metrics_csv(self.path / "metrics.csv", rows)
-        if not rows:
+        if not rows or not plot:
             return
         try:
             from convnn.viz.curves import plot_curves

@@ -73,6 +73,7 @@ from .rundir import (
 __all__ = ["BEST", "CHECKPOINT", "Run", "StepCallback", "run_training"]
 
 StepCallback = Callable[["Run", EpochState], None]
+PLOT_EVERY_S = 30.0  # curves.png is redrawn at most this often during a run
 
 
 class _HistoryRequired(TypedDict):
@@ -129,6 +130,7 @@ class Run:
         self.cfg, self.dist = validate_config(cfg), dist_info
         self.callbacks = list(callbacks)
         self.warnings: list[str] = []
+        self._plotted = time.monotonic()  # when curves.png was last drawn (or the run began)
         run_dir, ckpt = self._settle_run_dir(resume)
         self.dir = run_dir.path
         self.files = run_dir
@@ -410,6 +412,15 @@ class Run:
             return row["val_acc"] > self.best["val_acc"]
         return row["val_loss"] < self.best["val_loss"]
 
+    def _write_history(self, final: bool) -> None:
+        """metrics.csv every epoch; curves.png at the end and at most every PLOT_EVERY_S
+        seconds before (a plot costs seconds: too much for the short epochs of small runs)."""
+        now = time.monotonic()
+        plot = final or now - self._plotted >= PLOT_EVERY_S
+        self.files.write_history(self.history, self._title(), plot=plot)
+        if plot:
+            self._plotted = now
+
     def _title(self) -> str:
         cfg = self.cfg
         return (
@@ -426,7 +437,7 @@ class Run:
         cfg, dist_info = self.cfg, self.dist
         if dist_info.is_main:
             self.files.prepare(cfg)
-            self.files.write_history(self.history, self._title())
+            self._write_history(final=True)
         scaled = ""
         if cfg.optim.lr_batch_size is not None:
             scaled = (
@@ -462,7 +473,7 @@ class Run:
             self._save(epoch + 1)
             if dist_info.is_main:
                 self.files.keep_history(epoch + 1, cfg.output.keep_checkpoints)
-                self.files.write_history(self.history, self._title())
+                self._write_history(final=epoch + 1 == cfg.train.epochs)
             say(dist_info, _epoch_line(row, cfg.train.epochs))
             self._warn(epoch_warnings(row, self.spec.num_classes))
         barrier()

@@ -216,6 +216,7 @@ def plot_neighbors(
         qpos = rec.query_positions()
         nbrs = rec.neighbor_positions()[sample]
         on_map = rec.indices[sample] >= rec.prefix  # a class token has no place to draw
+        stars = []  # drawn last, above every pick
         for (fr, fc), color in zip(queries, QUERY_COLORS):
             target = torch.tensor([fr * (gh - 1), fc * (gw - 1)])
             qi = int((qpos.float() - target).abs().sum(-1).argmin())
@@ -233,8 +234,10 @@ def plot_neighbors(
                 box = Rectangle(corner, window * sx, window * sy, fill=False, lw=1.4, ls="--")
                 box.set_edgecolor(color)
                 ax.add_patch(box)
-            ax.scatter([(qx + 0.5) * sx], [(qy + 0.5) * sy], s=320, marker="*", **halo)
-            ax.scatter([(qx + 0.5) * sx], [(qy + 0.5) * sy], s=160, marker="*", c=color, **outline)
+            stars.append(((qx + 0.5) * sx, (qy + 0.5) * sy, color))
+        for x, y, color in stars:
+            ax.scatter([x], [y], s=320, marker="*", zorder=4, **halo)
+            ax.scatter([x], [y], s=160, marker="*", c=color, zorder=5, **outline)
         d = neighbor_distances(rec)[sample][on_map]
         mean_d = d.float().mean().item() if d.numel() else math.nan
         ax.set_title(
