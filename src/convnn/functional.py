@@ -199,6 +199,7 @@ def _select_indices(
     if k_sel == 0:
         idx = self_index.new_empty(q.shape[0], q.shape[1], 0)
     elif cand is not None:
+        cand = cand.sort().values  # ascending, so ties between candidates go to the lower index
         lookup = torch.full((k.shape[1],), -1, dtype=torch.long, device=k.device)
         lookup[cand] = torch.arange(cand.numel(), device=k.device)
         ex = None if exclude is None else lookup[exclude]
@@ -455,13 +456,13 @@ def _operator(
             include_self=include_self,
         )
     B, G = values.shape[0], groups
-    idx = idx.expand(B * G, -1, -1)
+    shared, idx = idx, idx.expand(B * G, -1, -1)  # spatial selection is one (1, N, K) for all
 
     rho = None
     if weighting == "softmax":
         if metric == "spatial":
             pos = grid.positions(device)
-            d = pos[self_index][:, None, :2] - pos[idx[0]][..., :2]
+            d = pos[self_index][:, None, :2] - pos[shared[0]][..., :2]
             scores = -d.pow(2).sum(-1).to(values.dtype).expand(B * G, -1, -1)
         else:
             scores = _gather_scores(metric, q_feat, k_feat, idx)

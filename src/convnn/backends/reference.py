@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import canonical_order, group_gather, scale_groups, spatial_keys, topk_low_ties
+from ._common import (
+    canonical_order,
+    group_gather,
+    rankable,
+    scale_groups,
+    spatial_keys,
+    topk_low_ties,
+)
 
 name = "reference"
 
@@ -37,10 +44,11 @@ def select(
     (also among candidates tied at the K-th score: the lower indices are kept).
 
     window: (N, W) per-query candidate keys (default all M); exclude: (N,) a key each query
-    may not pick (-1 for none).
+    may not pick (-1 for none). Scores rank as :func:`~convnn.backends._common.rankable`
+    makes them (NaN first); a blocked key is never picked over a real one.
     """
     with torch.no_grad():
-        scores = similarity(query, key, spatial_grid)
+        scores = rankable(similarity(query, key, spatial_grid))
         N, M = scores.shape[-2:]
         blocked = torch.zeros(N, M, dtype=torch.bool, device=scores.device)
         if window is not None:

@@ -192,8 +192,7 @@ def select(
         or K > MAX_K
         or query.dtype not in _DTYPES
         or key.dtype != query.dtype
-        or N == 0
-        or M == 0
+        or 0 in (query.shape[0], key.shape[0], N, M)
     ):
         return chunked.select(
             query, key, K, spatial_grid=spatial_grid, exclude=exclude, window=window

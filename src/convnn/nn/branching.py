@@ -118,7 +118,7 @@ class BranchingAttention(nn.Module):
             if branch is None:
                 continue
             part = (t[..., start : start + width] for t in (q, k, v))
-            heads = (t.reshape(B, N, self.num_heads, -1).transpose(1, 2) for t in part)
-            outs.append(branch.attend(*heads, hw=hw))
+            heads = (t.reshape(B, N, self.num_heads, width // self.num_heads) for t in part)
+            outs.append(branch.attend(*(t.transpose(1, 2) for t in heads), hw=hw))
             start += width
         return self.proj_drop(self.proj(torch.cat(outs, -1)))
