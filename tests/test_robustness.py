@@ -5,14 +5,15 @@ compiled attention on several sequence lengths (each test reproduces a reported 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import pytest
 import torch
-from _helpers import BACKENDS, natten_mask, on_backend, randn
+from _helpers import BACKENDS, F64, natten_mask, on_backend, randn
 
 from convnn import Branching2d, BranchingAttention, ConvNN2d, ConvNNAttention
 from convnn.backends import chunked
-from convnn.functional import knn_select
+from convnn.functional import convnn2d, convnn_attention, knn_select, neighbor_aggregate
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Every backend, triton included where it is installed (on the CPU under TRITON_INTERPRET=1).
@@ -71,6 +72,72 @@ def test_triton_select_empty_batch():
     from convnn.backends import triton as tb
 
     assert tb.select(torch.randn(0, 5, 4), torch.randn(0, 7, 4), 3).shape == (0, 5, 3)
+
+
+# --------------------------------------------------------------------------- indices
+
+
+@pytest.mark.parametrize("backend", REAL_BACKENDS)
+@pytest.mark.parametrize(
+    ("indices", "fragment"),
+    [
+        (torch.tensor([[[4]], [[0]]]), "from 0 to 4"),  # read the next batch element's token
+        (torch.tensor([[[-1]], [[0]]]), "from -1 to 0"),  # read the previous one's
+        (torch.tensor([[[7]], [[0]]]), "from 0 to 7"),  # past the end of every batch element
+        (torch.tensor([[[1.0]], [[0.0]]]), "torch.float32"),
+        (torch.tensor([[[True]], [[False]]]), "torch.bool"),
+    ],
+)
+def test_neighbor_aggregate_rejects_bad_indices(backend, indices, fragment):
+    """Indices must be integers in [0, M) per batch element, on every backend."""
+    values = torch.arange(6.0).view(2, 3, 1)
+    with pytest.raises(ValueError, match="indices") as err:
+        neighbor_aggregate(values, indices, kernel="none", backend=backend)
+    assert fragment in str(err.value) and (
+        "[0, 3)" in str(err.value) or "integer" in str(err.value)
+    )
+
+
+@pytest.mark.parametrize("backend", REAL_BACKENDS)
+def test_neighbor_aggregate_accepts_int32_indices(backend):
+    values = randn(2, 3, 2, dtype=torch.float32)
+    idx = torch.tensor([[[2, 0]], [[1, 1]]])
+    want = neighbor_aggregate(values, idx, kernel="none", backend="reference")
+    got = neighbor_aggregate(values, idx.int(), kernel="none", backend=backend)
+    assert torch.equal(got, want)
+    assert torch.equal(want, torch.stack([values[0, 2] + values[0, 0], 2 * values[1, 1]])[:, None])
+
+
+def test_index_check_compiles():
+    """In a compiled graph the check is an assert inside the graph, not a graph break."""
+    torch._dynamo.reset()
+    fn = torch.compile(neighbor_aggregate, backend="aot_eager", fullgraph=True)
+    values = randn(2, 3, 2)
+    idx = torch.tensor([[[2, 0]], [[1, 1]]])
+    assert torch.equal(
+        fn(values, idx, kernel="none"), neighbor_aggregate(values, idx, kernel="none")
+    )
+    with pytest.raises(RuntimeError, match="indices"):
+        fn(values, idx + 2, kernel="none")
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", REAL_BACKENDS)
+def test_knn_select_rejects_bad_candidates(backend):
+    q = randn(1, 4, 3, dtype=torch.float32)
+    for bad, fragment in [
+        (torch.tensor([0, 4]), "from 0 to 4"),
+        (torch.tensor([-1, 2]), "from -1 to 2"),
+        (torch.tensor([0.0, 1.0]), "float32"),
+        (torch.tensor([1, 2, 1]), "1 twice"),
+        (torch.tensor([[0, 1], [1, 1], [2, 3], [3, 0]]), "1 twice"),
+        (torch.tensor([[0, 1], [1, 2]]), "N = 4"),
+    ]:
+        with pytest.raises(ValueError, match="candidates") as err:
+            knn_select(q, q, 1, candidates=bad, backend=backend)
+        assert fragment in str(err.value), str(err.value)
+    with pytest.raises(ValueError, match="self_index"):
+        knn_select(q, q, 1, include_self=True, self_index=torch.tensor([0, 1, 2, 4]))
 
 
 # --------------------------------------------------------------------------- -inf scores
@@ -165,3 +232,102 @@ def test_nan_ties_are_chosen_alike_on_every_backend(monkeypatch, blocks):
         got = run(backend)
         assert torch.equal(got[0], want[0]), backend
         assert torch.equal(got[1], want[1]), backend
+
+
+# --------------------------------------------------------------------------- agreement
+
+
+@pytest.mark.parametrize("kernel", ["standard", "depthwise", "separable", "none"])
+def test_aggregate_dtype_under_autocast_is_the_same_on_every_backend(kernel):
+    """Like F.conv1d / F.linear under autocast: bf16 output (fp32 accumulation) everywhere."""
+    C, K = 4, 3
+    values = randn(2, 5, C, dtype=torch.float32)
+    idx = torch.randint(0, 5, (2, 3, K), generator=torch.Generator().manual_seed(0))
+    weight = {
+        "standard": randn(6, C, K, dtype=torch.float32),
+        "none": None,
+    }.get(kernel, randn(C, 1, K, dtype=torch.float32))
+    pointwise = randn(6, C, 1, dtype=torch.float32) if kernel == "separable" else None
+    bias = randn(C if kernel in ("none", "depthwise") else 6, dtype=torch.float32)
+    outs = {}
+    for backend in REAL_BACKENDS:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[backend] = neighbor_aggregate(
+                values,
+                idx,
+                weight,
+                bias,
+                kernel=kernel,
+                pointwise_weight=pointwise,
+                backend=backend,
+            )
+    assert {b: y.dtype for b, y in outs.items()} == {b: torch.bfloat16 for b in outs}
+    for y in outs.values():
+        torch.testing.assert_close(y.float(), outs["reference"].float(), rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("backend", REAL_BACKENDS)
+def test_wrong_length_bias_is_rejected(backend):
+    values, idx = randn(1, 5, 4), torch.zeros(1, 3, 2, dtype=torch.long)
+    for kernel, weight, bias in [
+        ("none", None, randn(1)),
+        ("depthwise", randn(4, 1, 2), randn(3)),
+        ("standard", randn(6, 4, 2), randn(4)),
+        ("standard", randn(6, 4, 2), randn(6, 1)),
+    ]:
+        with pytest.raises(ValueError, match="bias") as err:
+            neighbor_aggregate(values, idx, weight, bias, kernel=kernel, backend=backend)
+        assert str(tuple(bias.shape)) in str(err.value)
+    with pytest.raises(ValueError, match="bias"):
+        convnn2d(randn(1, 4, 3, 3), randn(6, 4, 2), randn(1), K=2, backend=backend)
+    q = randn(1, 2, 4, 3)
+    with pytest.raises(ValueError, match="bias"):
+        convnn_attention(q, q, q, 2, bias=randn(1), backend=backend)
+
+
+# --------------------------------------------------------------------------- compile
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(K=3), dict(K=None, kernel="none"), dict(K=4, candidates="random", num_candidates=5)],
+)
+def test_compiled_attention_on_two_sequence_lengths(options):
+    """fullgraph compile with no map shape: the second length traces (math.isqrt did not)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = ConvNNAttention(8, 2, **options).to(F64).eval()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    for i, N in enumerate([9, 12, 7]):
+        x = randn(2, N, 8, seed=i)
+        torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=1e-12)
+    torch._dynamo.reset()
+
+
+def test_compiled_window_attention_on_two_map_shapes():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = ConvNNAttention(8, 2, K=4, candidates="window", window=3).to(F64).eval()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    for i, hw in enumerate([(3, 4), (4, 5), (5, 3)]):
+        x = randn(2, hw[0] * hw[1], 8, seed=i)
+        torch.testing.assert_close(compiled(x, hw), layer(x, hw), rtol=0, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for i, N in enumerate([9, 16]):  # the deprecated square guess still traces
+            x = randn(2, N, 8, seed=i)
+            torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=1e-12)
+    torch._dynamo.reset()
+
+
+def test_square_guess_is_deprecated_where_it_matters():
+    """Only a layout-reading option (window, grid, spatial) guesses a square map, and warns."""
+    q = randn(1, 2, 9, 4)
+    with pytest.warns(FutureWarning, match="hw=None"):
+        convnn_attention(q, q, q, 3, candidates="window", window=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convnn_attention(q, q, q, 3)  # candidates 'all': the layout is never read
+        convnn_attention(q, q, q, 3, candidates="window", window=3, hw=(3, 3))
+        q8 = randn(1, 2, 8, 4)
+        convnn_attention(q8, q8, q8, 3, candidates="window", window=3)  # a 1 x 8 row
