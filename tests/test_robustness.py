@@ -5,13 +5,14 @@ compiled attention on several sequence lengths (each test reproduces a reported 
 from __future__ import annotations
 
 import importlib.util
+import threading
 import warnings
 
 import pytest
 import torch
 from _helpers import BACKENDS, F64, natten_mask, on_backend, randn
 
-from convnn import Branching2d, BranchingAttention, ConvNN2d, ConvNNAttention
+from convnn import Branching2d, BranchingAttention, ConvNN2d, ConvNNAttention, backends
 from convnn.backends import chunked
 from convnn.functional import convnn2d, convnn_attention, knn_select, neighbor_aggregate
 
@@ -331,3 +332,48 @@ def test_square_guess_is_deprecated_where_it_matters():
         convnn_attention(q, q, q, 3, candidates="window", window=3, hw=(3, 3))
         q8 = randn(1, 2, 8, 4)
         convnn_attention(q8, q8, q8, 3, candidates="window", window=3)  # a 1 x 8 row
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_use_is_per_thread():
+    """While one thread sits inside use('reference'), another thread's calls keep the default."""
+    inside, done = threading.Event(), threading.Event()
+    seen = []
+
+    def holder():
+        with backends.use("reference"):
+            seen.append(backends.requested())
+            inside.set()
+            done.wait(30)
+        seen.append(backends.requested())
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert inside.wait(30)
+    try:
+        names = {backends.get(None, "cpu").name for _ in range(300)}
+        assert backends.requested() is None and names == {"chunked"}
+    finally:
+        done.set()
+        thread.join()
+    assert seen == ["reference", None]
+
+
+def test_use_called_bare_sets_the_backend_for_the_thread():
+    """A bare use('reference') takes effect (it did nothing) for its own thread only."""
+    seen = []
+
+    def worker():
+        backends.use("reference")
+        seen.append(backends.requested())
+        with backends.use("chunked"):
+            seen.append(backends.requested())
+        seen.append(backends.requested())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == ["reference", "chunked", "reference"]
+    assert backends.requested() is None
