@@ -210,6 +210,19 @@ def test_ties_go_to_the_lower_key_index_with_unsorted_candidates(backend):
         assert idx.tolist() == [[[0, 1]]], (candidates, idx)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_window_ties_are_broken_alike(metric):
+    """Scores equal in exact arithmetic must be equal bit for bit on every backend: coords
+    with lam = 1 rank by position only, so a 3 x 3 window holds exact ties; the reference's
+    dense GEMM gave +-1e-8 where the chunked backend gave 0, and they kept different tokens."""
+    x = randn(1, 4, 3, 2, seed=770, dtype=torch.float32)
+    options = dict(K=6, metric=metric, candidates="window", window=3, include_self=False)
+    options.update(coords="xy", lam=1.0, padding=(0, 1), kernel="none", return_indices=True)
+    _, want = convnn2d(x, None, backend="reference", **options)
+    for backend in REAL_BACKENDS:
+        assert torch.equal(convnn2d(x, None, backend=backend, **options)[1], want), backend
+
+
 @pytest.mark.parametrize("blocks", ["default", "tiny"])
 def test_nan_ties_are_chosen_alike_on_every_backend(monkeypatch, blocks):
     """Keys with NaN features tie (NaN ranks first): every backend keeps the lowest-index ones,

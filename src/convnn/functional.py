@@ -338,18 +338,26 @@ def _selection_operands(metric, query, key, selection_dtype):
 # --------------------------------------------------------------------------- aggregation
 
 
-def _check_kernel_weights(kernel, weight, bias, pointwise_weight, channels, K) -> int:
-    """Validate weights and bias for ``kernel``; return the output channel count."""
-    c_out = _kernel_out_channels(kernel, weight, pointwise_weight, channels, K)
+def _check_kernel_weights(kernel, weight, bias, pointwise_weight, channels, K, source) -> int:
+    """Validate weights and bias for ``kernel`` on ``channels`` input channels (those of the
+    argument named ``source``); return the output channel count."""
+    c_out = _kernel_out_channels(kernel, weight, pointwise_weight, channels, K, source)
     if bias is not None:
         check_tensor("bias", bias, f"({c_out},)")
         if tuple(bias.shape) != (c_out,):
-            raise ValueError(f"bias must have shape (C_out,) = ({c_out},), got {tuple(bias.shape)}")
+            raise ValueError(
+                f"bias must have shape (C_out,) = ({c_out},) for kernel={kernel!r} with the "
+                f"{channels} channels of {source}, got {tuple(bias.shape)}"
+            )
     return c_out
 
 
-def _kernel_out_channels(kernel, weight, pointwise_weight, channels, K) -> int:
+def _kernel_out_channels(kernel, weight, pointwise_weight, channels, K, source) -> int:
     check_choice("kernel", kernel, KERNELS)
+    if kernel != "separable" and pointwise_weight is not None:
+        raise ValueError(
+            f"pointwise_weight must be None for kernel={kernel!r}, got {_shape(pointwise_weight)}"
+        )
     if kernel == "none":
         if weight is not None:
             raise ValueError(f"weight must be None for kernel='none', got {_shape(weight)}")
@@ -365,21 +373,17 @@ def _kernel_out_channels(kernel, weight, pointwise_weight, channels, K) -> int:
     want_out = weight.shape[0] if kernel == "standard" else channels
     if tuple(weight.shape) != (want_out, want_in, K):
         raise ValueError(
-            f"weight must have shape {expected[kernel]} for kernel={kernel!r} with {channels} "
-            f"input channels and K={K}, got {tuple(weight.shape)}"
+            f"weight must have shape {expected[kernel]} for kernel={kernel!r} with the {channels} "
+            f"channels of {source} and K={K}, got {tuple(weight.shape)}"
         )
     if kernel == "separable":
         pw = pointwise_weight
         if not isinstance(pw, Tensor) or pw.dim() != 3 or pw.shape[1:] != (channels, 1):
             raise ValueError(
-                f"pointwise_weight must have shape (C_out, {channels}, 1) for kernel='separable', "
-                f"got {_shape(pw)}"
+                f"pointwise_weight must have shape (C_out, {channels}, 1) for kernel='separable' "
+                f"with the {channels} channels of {source}, got {_shape(pw)}"
             )
         return pw.shape[0]
-    if pointwise_weight is not None:
-        raise ValueError(
-            f"pointwise_weight must be None for kernel={kernel!r}, got {_shape(pointwise_weight)}"
-        )
     return weight.shape[0]
 
 
@@ -446,10 +450,10 @@ def neighbor_aggregate(
         )
     if grouped.shape[0] != B or C % grouped.shape[1]:
         raise ValueError(
-            f"indices {tuple(indices.shape)} do not fit values {tuple(values.shape)}: need the "
-            f"same batch and channels divisible by the groups"
+            f"indices must have the batch of values {tuple(values.shape)} and a number of "
+            f"groups that divides its channels, got indices of shape {tuple(indices.shape)}"
         )
-    _check_kernel_weights(kernel, weight, bias, pointwise_weight, C, grouped.shape[-1])
+    _check_kernel_weights(kernel, weight, bias, pointwise_weight, C, grouped.shape[-1], "values")
     values, rho, weight, bias, pointwise_weight = _autocast_cast(
         values, rho, weight, bias, pointwise_weight, device_type=values.device.type
     )
@@ -614,10 +618,11 @@ def convnn2d(
     check_fraction("lam", lam)
     _check_flags(include_self, training, return_indices, generator, selection_dtype)
     (sh, sw), (ph, pw) = pair("stride", stride, minimum=1), pair("padding", padding)
+    check_positive_int("K", K)
     B, C, H, W = x.shape
     grid = Grid(H, W, ph, pw, sh, sw)
     K = _check_candidates(grid, candidates, num_candidates, window, K, include_self)
-    C_out = _check_kernel_weights(kernel, weight, bias, pointwise_weight, C, K)
+    C_out = _check_kernel_weights(kernel, weight, bias, pointwise_weight, C, K, "x")
     x_select = x  # rank neighbours at the input's precision even under autocast
     x, weight, bias, pointwise_weight = _autocast_cast(
         x, weight, bias, pointwise_weight, device_type=x.device.type
@@ -771,7 +776,7 @@ def convnn_attention(
         )
     K = _check_candidates(grid, candidates, num_candidates, window, K, include_self)
     C = G * v.shape[-1]
-    _check_kernel_weights(kernel, weight, bias, None, C, K)
+    _check_kernel_weights(kernel, weight, bias, None, C, K, "v (heads * d)")
     q, k, v, weight, bias = _autocast_cast(q, k, v, weight, bias, device_type=q.device.type)
     for name, t in (("k", k), ("v", v), ("weight", weight), ("bias", bias)):
         check_like(name, t, "q", q)

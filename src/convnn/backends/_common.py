@@ -67,6 +67,21 @@ def rankable(scores: Tensor) -> Tensor:
     return torch.nan_to_num_(scores, nan=float("inf"), posinf=float("inf"), neginf=lowest)
 
 
+def window_scores(
+    query: Tensor, key: Tensor, window: Tensor, spatial_grid: tuple[int, int] | None
+) -> Tensor:
+    """Rankable scores of each query against its own candidates: query (B, N, D), key
+    (B, M, D), window (N, W) key indices -> (B, N, W).
+
+    Every backend scores per-query candidates with this one function, so equal scores (ties,
+    which go to the lower index) are equal bit for bit everywhere: a dense GEMM rounds
+    differently (e.g. +-1e-8 where this gives an exact 0).
+    """
+    if spatial_grid is not None:
+        return spatial_keys(query[0], key[0][window], spatial_grid)[None]
+    return rankable(torch.einsum("bnd,bnwd->bnw", query, key[:, window]))
+
+
 def topk_low_ties(scores: Tensor, K: int, topk=None) -> tuple[Tensor, Tensor]:
     """Top-K of the last dim where a tie at the K-th score keeps the lower index.
 

@@ -19,6 +19,7 @@ from ._common import (
     scale_groups,
     spatial_keys,
     topk_low_ties,
+    window_scores,
 )
 
 name = "chunked"
@@ -116,11 +117,7 @@ def _select_window(query, key, K, spatial_grid, exclude, window):
     out = torch.empty(B, N, K, dtype=torch.long, device=query.device)
     for n0 in range(0, N, qb):
         w = window[n0 : n0 + qb]  # (n, W)
-        q = query[:, n0 : n0 + qb]
-        if spatial_grid is not None:
-            s = spatial_keys(q[0], key[0][w], spatial_grid)[None]
-        else:
-            s = rankable(torch.einsum("bnd,bnwd->bnw", q, key[:, w]))
+        s = window_scores(query[:, n0 : n0 + qb], key, w, spatial_grid)
         if exclude is not None:
             s = _mask_excluded(s, w - exclude[n0 : n0 + qb, None], 0)
         s, pos = topk_low_ties(s, K)

@@ -19,6 +19,7 @@ from ._common import (
     scale_groups,
     spatial_keys,
     topk_low_ties,
+    window_scores,
 )
 
 name = "reference"
@@ -48,11 +49,14 @@ def select(
     makes them (NaN first); a blocked key is never picked over a real one.
     """
     with torch.no_grad():
-        scores = rankable(similarity(query, key, spatial_grid))
+        if window is None:
+            scores = rankable(similarity(query, key, spatial_grid))
+        else:  # the window's scores, every other key blocked
+            own = window_scores(query, key, window, spatial_grid)
+            scores = own.new_full((own.shape[0], window.shape[0], key.shape[1]), float("-inf"))
+            scores.scatter_(2, window.expand_as(own), own)
         N, M = scores.shape[-2:]
         blocked = torch.zeros(N, M, dtype=torch.bool, device=scores.device)
-        if window is not None:
-            blocked.fill_(True).scatter_(1, window, False)
         if exclude is not None:
             rows = (exclude >= 0).nonzero().squeeze(1)
             blocked[rows, exclude[rows]] = True

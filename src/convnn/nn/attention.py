@@ -8,7 +8,34 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as CF
-from ..options import CANDIDATES, METRICS, WEIGHTINGS, check_choice
+from ..options import (
+    CANDIDATES,
+    METRICS,
+    WEIGHTINGS,
+    check_choice,
+    check_fraction,
+    check_like,
+    check_positive_int,
+    check_rank,
+)
+
+
+def check_heads(dim: int, num_heads: int, attn_drop: float, proj_drop: float) -> None:
+    """The arguments every attention layer shares with timm's Attention."""
+    check_positive_int("dim", dim)
+    check_positive_int("num_heads", num_heads)
+    check_fraction("attn_drop", attn_drop)
+    check_fraction("proj_drop", proj_drop)
+
+
+def check_tokens(x, dim: int, param: Tensor) -> None:
+    """x is (B, N, dim) with the dtype and device of the layer's parameters (outside
+    autocast, which casts x for the projections)."""
+    check_rank("x", x, 3, f"(B, N, {dim})")
+    if x.shape[-1] != dim:
+        raise ValueError(f"x must be (B, N, {dim}), got shape {tuple(x.shape)}")
+    if not torch.is_autocast_enabled(x.device.type):
+        check_like("x", x, "the layer's parameters", param)
 
 
 class ConvNNAttention(nn.Module):
@@ -45,6 +72,7 @@ class ConvNNAttention(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        check_heads(dim, num_heads, attn_drop, proj_drop)
         check_choice("metric", metric, METRICS)
         check_choice("candidates", candidates, CANDIDATES)
         check_choice("weighting", weighting, WEIGHTINGS)
@@ -106,8 +134,7 @@ class ConvNNAttention(nn.Module):
 
         With ``return_indices`` also returns (B, heads, N, K) neighbour indices.
         """
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be (B, N, {self.dim}), got shape {tuple(x.shape)}")
+        check_tokens(x, self.dim, self.qkv.weight)
         B, N, _ = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = self.attend(q, k, v, hw, return_indices)

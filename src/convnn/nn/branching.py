@@ -7,14 +7,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .attention import ConvNNAttention
+from ..options import check_fraction, check_like, check_positive_int, check_rank
+from .attention import ConvNNAttention, check_heads, check_tokens
 from .conv import ConvNN2d
 
 
 def _split(name: str, ratio: float, width: int) -> int:
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {ratio}")
-    return math.floor(ratio * width)
+    return math.floor(check_fraction(name, ratio) * width)
 
 
 class Branching2d(nn.Module):
@@ -39,10 +38,16 @@ class Branching2d(nn.Module):
         **convnn_kwargs,
     ) -> None:
         super().__init__()
+        for name, value in (
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+            ("kernel_size", kernel_size),
+        ):
+            check_positive_int(name, value)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd ('same' padding), got {kernel_size}")
         c_nn = _split("ratio", ratio, out_channels)
-        self.ratio, self.out_channels = ratio, out_channels
+        self.in_channels, self.ratio, self.out_channels = in_channels, ratio, out_channels
         self.convnn = (
             ConvNN2d(in_channels, c_nn, K, stride, padding, bias, **convnn_kwargs) if c_nn else None
         )
@@ -55,6 +60,12 @@ class Branching2d(nn.Module):
         self.pointwise = nn.Conv2d(out_channels, out_channels, 1, bias=True)
 
     def forward(self, x: Tensor, return_indices: bool = False):
+        c_in = self.in_channels
+        check_rank("x", x, 4, f"(B, {c_in}, H, W)")
+        if x.shape[1] != c_in:
+            raise ValueError(f"x must have {c_in} channels (B, {c_in}, H, W), got {tuple(x.shape)}")
+        if not torch.is_autocast_enabled(x.device.type):
+            check_like("x", x, "the layer's parameters", self.pointwise.weight)
         parts, idx = [], None
         if self.convnn is not None:
             out = self.convnn(x, return_indices=return_indices)
@@ -87,12 +98,13 @@ class BranchingAttention(nn.Module):
         **convnn_kwargs,
     ) -> None:
         super().__init__()
+        check_heads(dim, num_heads, attn_drop, proj_drop)
         d_nn = _split("ratio", ratio, dim)
         widths = (d_nn, dim - d_nn)
         if any(w % num_heads for w in widths):
             raise ValueError(
-                f"both branch widths {widths} (ratio {ratio} of dim {dim}) must be divisible by "
-                f"num_heads ({num_heads})"
+                f"num_heads must divide both branch widths {widths} (ratio {ratio} of dim {dim}), "
+                f"got num_heads={num_heads}"
             )
         self.dim, self.num_heads, self.widths = dim, num_heads, widths
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -109,8 +121,7 @@ class BranchingAttention(nn.Module):
                 branch.qkv = branch.proj = None
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be (B, N, {self.dim}), got shape {tuple(x.shape)}")
+        check_tokens(x, self.dim, self.qkv.weight)
         B, N, _ = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.dim).unbind(2)
         outs, start = [], 0

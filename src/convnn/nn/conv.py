@@ -66,9 +66,11 @@ class _ConvNNNd(nn.Module):
                 f"got {out_channels}"
             )
         if candidates in ("random", "grid") and num_candidates is None:
-            raise ValueError(f"num_candidates is required for candidates={candidates!r}")
+            raise ValueError(f"num_candidates is required for candidates={candidates!r}, got None")
         if candidates == "window" and window is None:
-            raise ValueError("window is required for candidates='window' (an odd int >= 1)")
+            raise ValueError(
+                "window is required for candidates='window' (an odd int >= 1), got None"
+            )
         self.in_channels, self.out_channels, self.K = in_channels, out_channels, K
         self.stride, self.padding = self._geometry(stride, padding)
         self.metric, self.candidates, self.num_candidates = metric, candidates, num_candidates
