@@ -2,7 +2,9 @@
 
 A backend is a module with ``name``, ``select(query, key, K, *, spatial_grid, exclude,
 window) -> (B, N, K) indices`` and ``aggregate(values, indices, rho, weight, bias, kernel)
--> (B, N, C_out)`` (contracts in :mod:`convnn.backends.reference`).
+-> (B, N, C_out)`` (contracts in :mod:`convnn.backends.reference`). Backends trust their
+arguments: the public functions (:func:`convnn.functional.neighbor_aggregate`,
+``knn_select``, the layers) check them once, indices included, before dispatching.
 
 - ``reference``: dense and readable, the oracle for tests (O(N^2) memory);
 - ``chunked``: streaming pure PyTorch, the default on every device (O(N*K) memory);
