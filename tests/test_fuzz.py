@@ -288,9 +288,10 @@ def _conv_case(rng: random.Random, seed: int, dims: int, functional: bool) -> Ca
 
     count = candidate_count(grid, o["candidates"], o["num_candidates"], o["window"])
     mistakes = _option_mistakes(o, count, (H, W))
-    # functional with kernel 'none' and no bias: nothing fixes x's dtype or channel count
-    fixed = not functional or kernel != "none" or has_bias
-    mistakes += [("x", v) for v in _bad_tensors(other if fixed else None, 1 if fixed else None)]
+    # kernel 'none' without bias: no weight fixes x's dtype (nor, in functional, channels)
+    fixed = kernel != "none" or has_bias
+    channels = 1 if fixed or not functional else None
+    mistakes += [("x", v) for v in _bad_tensors(other if fixed else None, channels)]
     mistakes += [("kernel", v) for v in BAD_CHOICE]
     mistakes += [("coords", v) for v in ["polar", 1]]
     mistakes += [("lam", v) for v in BAD_FRACTION]

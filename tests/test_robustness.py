@@ -390,3 +390,15 @@ def test_use_called_bare_sets_the_backend_for_the_thread():
     thread.join()
     assert seen == ["reference", "chunked", "reference"]
     assert backends.requested() is None
+
+
+# --------------------------------------------------------------------------- shortcuts
+
+
+def test_attention_shortcut_keeps_the_bias():
+    """Full softmax attention takes the SDPA shortcut by default: it must add the bias too."""
+    q, k, v = (randn(2, 2, 5, 3, seed=s) for s in (50, 51, 52))
+    bias = randn(6, seed=53)
+    want = convnn_attention(q, k, v, None, bias=bias, backend="reference")
+    got = convnn_attention(q, k, v, None, bias=bias)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

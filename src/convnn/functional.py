@@ -785,7 +785,8 @@ def convnn_attention(
     if full and metric == "scaled_dot" and weighting == "softmax" and not return_indices:
         if backends.requested(backend) is None:  # exactly SDPA: use the fused kernel
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p if training else 0)
-            return out.transpose(1, 2).reshape(B, N, C)
+            out = out.transpose(1, 2).reshape(B, N, C)
+            return out if bias is None else out + bias
     values = v.transpose(1, 2).reshape(B, N, C)
     y, idx = _operator(
         values,
