@@ -353,7 +353,7 @@ def test_square_guess_is_deprecated_where_it_matters():
 def test_use_is_per_thread():
     """While one thread sits inside use('reference'), another thread's calls keep the default."""
     inside, done = threading.Event(), threading.Event()
-    seen = []
+    seen, before, default = [], backends.requested(), backends.get(None, "cpu").name
 
     def holder():
         with backends.use("reference"):
@@ -367,16 +367,16 @@ def test_use_is_per_thread():
     assert inside.wait(30)
     try:
         names = {backends.get(None, "cpu").name for _ in range(300)}
-        assert backends.requested() is None and names == {"chunked"}
+        assert backends.requested() == before and names == {default}
     finally:
         done.set()
         thread.join()
-    assert seen == ["reference", None]
+    assert seen == ["reference", before]
 
 
 def test_use_called_bare_sets_the_backend_for_the_thread():
     """A bare use('reference') takes effect (it did nothing) for its own thread only."""
-    seen = []
+    seen, before = [], backends.requested()
 
     def worker():
         backends.use("reference")
@@ -389,7 +389,7 @@ def test_use_called_bare_sets_the_backend_for_the_thread():
     thread.start()
     thread.join()
     assert seen == ["reference", "chunked", "reference"]
-    assert backends.requested() is None
+    assert backends.requested() == before
 
 
 # --------------------------------------------------------------------------- shortcuts
