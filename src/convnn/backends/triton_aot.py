@@ -1,0 +1,206 @@
+"""Compile the Triton backend's kernels ahead of time for real GPUs, without a GPU.
+
+Every entry of :func:`convnn.backends.triton.table` (the configurations the backend can
+launch) is compiled with ``triton.compile`` for a ``GPUTarget('cuda', arch, 32)``, and its
+cubin's resource usage is read with the ``cuobjdump`` that ships inside Triton's wheel:
+registers per thread, stack frame and local memory (spills), and shared memory (Triton's
+metadata). Each must fit the target (no spills at all), and every kernel with a matrix
+product must run it on tensor cores (``mma``/``wgmma`` of the operand type: tf32 for
+float32).
+
+    python -m convnn.backends.triton_aot                  # sm_80 and sm_90, a table
+    python -m convnn.backends.triton_aot --arch 89 --json report.json
+
+Exits non-zero when any configuration fails. Needs triton and must run without
+``TRITON_INTERPRET=1`` (the interpreter replaces the compiler). Compiled kernels land in
+Triton's cache (``TRITON_CACHE_DIR``), so a second run takes seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+# Per-block limits of each target: opt-in dynamic shared memory (bytes), registers per
+# thread and per SM (the CUDA programming guide's compute capability table).
+LIMITS = {
+    80: dict(shared=166912, regs_thread=255, regs_sm=65536),
+    86: dict(shared=101376, regs_thread=255, regs_sm=65536),
+    89: dict(shared=101376, regs_thread=255, regs_sm=65536),
+    90: dict(shared=232448, regs_thread=255, regs_sm=65536),
+}
+_POINTEE = {"*f32": "*fp32", "*i32": "*i32", "*i64": "*i64"}
+_X = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_MMA_TYPE = {torch.float32: "tf32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def signature(launch) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of ``triton.compiler.ASTSource`` for one launch: the
+    specialisation a launch with the backend's arguments gets (see ``triton_kernels.ARGS``)."""
+    from . import triton_kernels as kernels
+
+    fn = getattr(kernels, launch.kernel)
+    args = kernels.ARGS[launch.kernel]
+    consts = launch.kwargs()
+    for option in launch.options():
+        consts.pop(option)
+    sig, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in consts:
+            sig[arg] = "constexpr"
+            continue
+        kind = args[arg]
+        sig[arg] = "i32" if kind.startswith("i32") else _POINTEE.get(kind, "*" + _X[launch.dtype])
+        if kind.startswith("*") or kind == "i32:16":  # 16-byte aligned / multiple of 16
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    missing = set(fn.arg_names) - set(sig)
+    if missing or set(args) - set(fn.arg_names):
+        raise ValueError(f"ARGS[{launch.kernel!r}] does not match its parameters: {missing}")
+    return sig, consts, attrs
+
+
+def argument_errors(launch, args: tuple) -> list[str]:
+    """Where launch arguments would specialise differently from :func:`signature`."""
+    from . import triton_kernels as kernels
+
+    errors = []
+    kinds = kernels.ARGS[launch.kernel]
+    names = [a for a in getattr(kernels, launch.kernel).arg_names if a in kinds]
+    if len(names) != len(args):
+        return [f"{launch.kernel}: {len(args)} arguments for {len(names)} parameters"]
+    want = {"*x": launch.dtype, "*f32": torch.float32, "*i32": torch.int32, "*i64": torch.int64}
+    for arg, value in zip(names, args):
+        kind = kinds[arg]
+        if kind.startswith("*"):
+            ok = isinstance(value, torch.Tensor) and value.dtype == want[kind]
+            ok = ok and value.data_ptr() % 16 == 0
+        else:
+            ok = type(value) is int and 0 <= value < 2**31
+            ok = ok and (kind == "i32" or value % 16 == 0)
+        if not ok:
+            got = repr(value)
+            if isinstance(value, torch.Tensor):
+                got = f"a {value.dtype} tensor at address {value.data_ptr()}"
+            errors.append(f"{launch.kernel}: argument {arg} ({kind}) got {got}")
+    return errors
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not path.is_file():
+        raise FileNotFoundError(f"cuobjdump is not in the triton wheel ({path})")
+    return str(path)
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """REG, STACK, SHARED, LOCAL of the (single) kernel in a cubin, from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    if set(found) != {"REG", "STACK", "SHARED", "LOCAL"}:
+        raise RuntimeError(f"unexpected cuobjdump -res-usage output: {out!r}")
+    return {k.lower(): int(v) for k, v in found.items()}
+
+
+def compile_one(launch, arch: int) -> dict:
+    """Compile one launch for sm_<arch>; a record of its resources and the checks' verdicts."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import triton_kernels as kernels
+
+    record = dict(launch=launch.describe(), arch=arch, dtype=str(launch.dtype))
+    try:
+        sig, consts, attrs = signature(launch)
+        src = ASTSource(getattr(kernels, launch.kernel), sig, consts, attrs)
+        target = GPUTarget("cuda", arch, 32)
+        compiled = triton.compile(src, target=target, options=launch.options())
+        usage = resource_usage(compiled.asm["cubin"])
+    except Exception as err:  # a failed compile is a result: reported, never raised
+        record["errors"] = [f"compile failed: {type(err).__name__}: {err}"]
+        return record
+    ptx = compiled.asm["ptx"]
+    mma = sorted(set(re.findall(r"\b(wgmma\.mma_async|mma\.sync)\.\S*", ptx)))
+    threads = launch.num_warps * 32
+    record.update(usage, shared=compiled.metadata.shared, threads=threads, mma=mma)
+    limits = LIMITS[arch]
+    errors = []
+    if usage["stack"] or usage["local"]:
+        errors.append(f"spills: stack {usage['stack']} B, local {usage['local']} B per thread")
+    if usage["reg"] > limits["regs_thread"] or usage["reg"] * threads > limits["regs_sm"]:
+        errors.append(f"{usage['reg']} registers x {threads} threads do not fit")
+    if record["shared"] > limits["shared"]:
+        errors.append(f"{record['shared']} B of shared memory > {limits['shared']} B")
+    if launch.has_matmul:
+        kind = _MMA_TYPE[launch.dtype]
+        instructions = re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)\.\S*", ptx)
+        if not instructions:
+            errors.append("its matrix products do not use tensor cores (no mma/wgmma)")
+        elif not all(f".{kind}" in i for i in instructions):
+            errors.append(f"tensor-core products are not all {kind}: {mma}")
+    record["errors"] = errors
+    return record
+
+
+def run(archs: list[int], jobs: int | None = None) -> list[dict]:
+    """Compile the whole table for each arch (in ``jobs`` processes); one record each."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the compiler")
+    from .triton import table
+
+    work = [(launch, arch) for arch in archs for launch in table()]
+    jobs = jobs or min(len(work), os.cpu_count() or 1)
+    if jobs <= 1:
+        return [compile_one(*w) for w in work]
+    with ProcessPoolExecutor(jobs) as pool:
+        return list(pool.map(compile_one, *zip(*work)))
+
+
+def markdown(records: list[dict]) -> str:
+    """A table of the records: one row per (configuration, arch)."""
+    head = "| configuration | arch | registers | stack B | local B | shared B | tensor cores | ok |"
+    rows = [head, "|" + "---|" * 8]
+    for r in records:
+        mma = ", ".join(m.split(".")[0] for m in r.get("mma", [])) or "-"
+        ok = "yes" if not r["errors"] else "; ".join(r["errors"])
+        cells = [r.get(k, "-") for k in ("reg", "stack", "local", "shared")]
+        rows.append(f"| {r['launch']} | sm_{r['arch']} | " + " | ".join(map(str, cells)))
+        rows[-1] += f" | {mma} | {ok} |"
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", choices=sorted(LIMITS))
+    parser.add_argument("--jobs", type=int, default=None, help="compile processes")
+    parser.add_argument("--json", type=Path, help="write the records here")
+    args = parser.parse_args(argv)
+    from .triton import ARCHS
+
+    records = run(args.arch or list(ARCHS), args.jobs)
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=1))
+    print(markdown(records))
+    failed = [r for r in records if r["errors"]]
+    print(f"\n{len(records) - len(failed)} of {len(records)} compilations pass", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
