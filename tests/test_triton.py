@@ -378,6 +378,18 @@ def test_first_use_check_passes_on_correct_kernels(dtype):
     assert tb.first_use_check(torch.device("cpu"), dtype) is None
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "autocast"])
+def test_first_use_check_ignores_the_callers_modes(mode):
+    """A first call under no_grad / inference_mode / autocast must not fail the check."""
+    context = {
+        "no_grad": torch.no_grad(),
+        "inference_mode": torch.inference_mode(),
+        "autocast": torch.autocast("cpu", dtype=torch.bfloat16),
+    }[mode]
+    with context:
+        assert tb.first_use_check(torch.device("cpu"), F32) is None
+
+
 def test_first_use_check_catches_wrong_kernels(monkeypatch):
     cpu = torch.device("cpu")
     real = tb._select

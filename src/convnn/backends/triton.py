@@ -492,8 +492,12 @@ def first_use_check(device: torch.device, dtype: torch.dtype) -> str | None:
     launching, or a result that differs). Selection compares indices exactly: the features
     are small integers, so every score is exact in every dtype, and many tie.
     """
+    device = torch.device(device)
     try:
-        return _compare_with_chunked(torch.device(device), dtype)
+        # Whatever the caller's modes: the check needs autograd, and fp32 must stay fp32.
+        with torch.inference_mode(False), torch.enable_grad():
+            with torch.autocast(device.type, enabled=False):
+                return _compare_with_chunked(device, dtype)
     except Exception as err:  # compile, resource or launch errors: report, never raise
         first = str(err).strip().splitlines()
         return f"{type(err).__name__}: {first[0] if first else ''}".strip()
