@@ -19,12 +19,15 @@ Triton's cache (``TRITON_CACHE_DIR``), so a second run takes seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -65,7 +68,7 @@ def signature(launch) -> tuple[dict, dict, dict]:
     missing = set(fn.arg_names) - set(sig)
     if missing or set(args) - set(fn.arg_names):
         raise ValueError(f"ARGS[{launch.kernel!r}] does not match its parameters: {missing}")
-    return sig, consts, attrs
+    return sig, {arg: consts[arg] for arg in fn.arg_names if arg in consts}, attrs
 
 
 def argument_errors(launch, args: tuple) -> list[str]:
@@ -92,6 +95,83 @@ def argument_errors(launch, args: tuple) -> list[str]:
                 got = f"a {value.dtype} tensor at address {value.data_ptr()}"
             errors.append(f"{launch.kernel}: argument {arg} ({kind}) got {got}")
     return errors
+
+
+@contextlib.contextmanager
+def _float32_matmul_precision(precision: str) -> Iterator[None]:
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def sample_launches() -> list[tuple]:
+    """(launch, arguments) of every launch the backend makes over calls that reach every
+    entry of its table: CPU tensors, launches recorded instead of run (outputs are garbage)."""
+    from . import triton as tb
+
+    launches: list[tuple] = []
+    previous = tb._recorder
+    tb._recorder = lambda launch, grid, args: launches.append((launch, args))
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for dtype in tb.DTYPES:
+
+            def rand(*shape, dtype=dtype):
+                return torch.randn(*shape, generator=gen).to(dtype)
+
+            for K in (1, 16, 17, 33, 64, 65, tb.MAX_K):
+                tb.select(rand(2, 5, 7), rand(1, 130, 7), K)
+            tb.select(rand(1, 5, 32), rand(1, 50, 32), 3, exclude=torch.arange(5))
+            for precision, kernel, (G, C) in itertools.product(
+                ("highest", "high"), ("none", "depthwise", "standard"), ((1, 16), (2, 6))
+            ):
+                c_out = 5 if kernel == "standard" else C
+                weight = {"depthwise": rand(C, 1, 3), "standard": rand(c_out, C, 3)}.get(kernel)
+                inputs = [rand(2, 13, C), rand(2, G, 9, 3), weight, rand(c_out)]
+                inputs = [None if t is None else t.requires_grad_() for t in inputs]
+                idx = torch.randint(0, 13, (2, G, 9, 3), generator=gen)
+                with _float32_matmul_precision(precision):
+                    out = tb.aggregate(inputs[0], idx, *inputs[1:], kernel)
+                    out.backward(rand(2, 9, c_out))
+    finally:
+        tb._recorder = previous
+    return launches
+
+
+def specialisation_errors(launches: list[tuple], arch: int) -> list[str]:
+    """Where Triton's JIT, given a launch's actual arguments, would compile another variant
+    than :func:`signature` (so than the AOT test compiled). Needs the real JIT, not the
+    interpreter; uses its binder (``create_function_from_signature``), an internal API."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from . import triton_kernels as kernels
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binders: dict = {}
+    errors = []
+    for launch, args in launches:
+        fn = getattr(kernels, launch.kernel)
+        if fn not in binders:
+            binders[fn] = create_function_from_signature(fn.signature, fn.params, backend)
+        kwargs = launch.kwargs()
+        bound, spec, options = binders[fn](*args, **kwargs)
+        options, sig, consts, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+        consts = {fn.arg_names[k[0]]: v for k, v in consts.items()}
+        got = (
+            dict(sig),
+            {a: consts[a] for a in fn.arg_names if a in consts},
+            {k: v for k, v in sorted(attrs.items()) if v},
+            {k: getattr(options, k) for k in launch.options()},
+        )
+        want = (*signature(launch), launch.options())
+        if repr(got) != repr(want):
+            errors.append(f"{launch.describe()}: the JIT would compile {got}, not {want}")
+    return list(dict.fromkeys(errors))
 
 
 def _cuobjdump() -> str:
@@ -193,14 +273,58 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .triton import ARCHS
 
-    records = run(args.arch or list(ARCHS), args.jobs)
+    archs = args.arch or list(ARCHS)
+    records = run(archs, args.jobs)
+    launches = sample_launches()
+    mismatches = [e for arch in archs for e in specialisation_errors(launches, arch)]
     if args.json:
-        args.json.write_text(json.dumps(records, indent=1))
+        args.json.write_text(
+            json.dumps(dict(records=records, specialisation_errors=mismatches), indent=1)
+        )
     print(markdown(records))
     failed = [r for r in records if r["errors"]]
     print(f"\n{len(records) - len(failed)} of {len(records)} compilations pass", file=sys.stderr)
-    return 1 if failed else 0
+    for error in mismatches:
+        print(f"specialisation mismatch: {error}", file=sys.stderr)
+    return 1 if failed or mismatches else 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def jit_compiled() -> list[dict]:
+    """What Triton's JIT compiled for the backend's kernels in this process (on a GPU): per
+    compiled variant, the table entry it matches (None: none does), the loaded binary's
+    registers and spills (bytes of local memory per thread) and a description."""
+    from . import triton_kernels as kernels
+    from .triton import table
+
+    expected = {}
+    for launch in table():
+        sig, consts, attrs = signature(launch)
+        expected[(launch.kernel, repr(sig), repr(consts), repr(attrs), repr(launch.options()))] = (
+            launch
+        )
+    out = []
+    for name in kernels.ARGS:
+        fn = getattr(kernels, name)
+        for cache in fn.device_caches.values():
+            for compiled in cache[0].values():
+                src, meta = compiled.src, compiled.metadata
+                consts = {fn.arg_names[k[0]]: v for k, v in sorted(src.constants.items())}
+                consts = {k: consts[k] for k in fn.arg_names if k in consts}
+                attrs = {k: v for k, v in sorted(src.attrs.items()) if v}
+                options = dict(
+                    num_warps=meta.num_warps, num_stages=meta.num_stages, maxnreg=meta.maxnreg
+                )
+                key = (name, repr(dict(src.signature)), repr(consts), repr(attrs), repr(options))
+                out.append(
+                    dict(
+                        launch=expected.get(key),
+                        describe=f"{name} {dict(src.signature)} {consts} {attrs} {options}",
+                        n_regs=getattr(compiled, "n_regs", None),
+                        n_spills=getattr(compiled, "n_spills", None),
+                    )
+                )
+    return out
