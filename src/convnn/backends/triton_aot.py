@@ -71,6 +71,15 @@ def signature(launch) -> tuple[dict, dict, dict]:
     return sig, {arg: consts[arg] for arg in fn.arg_names if arg in consts}, attrs
 
 
+def _variant(fn, sig: dict, consts: dict, attrs: dict, options: dict) -> str:
+    """A comparable description of one compiled variant of ``fn``: its signature, constants
+    by name (keys may be names or Triton's (index,) paths), non-empty attributes, options."""
+    named = {k if isinstance(k, str) else fn.arg_names[k[0]]: v for k, v in consts.items()}
+    consts = {a: named[a] for a in fn.arg_names if a in named}
+    attrs = {k: v for k, v in sorted(attrs.items()) if v}
+    return repr((dict(sig), consts, attrs, options))
+
+
 def argument_errors(launch, args: tuple) -> list[str]:
     """Where launch arguments would specialise differently from :func:`signature`."""
     from . import triton_kernels as kernels
@@ -161,15 +170,10 @@ def specialisation_errors(launches: list[tuple], arch: int) -> list[str]:
         kwargs = launch.kwargs()
         bound, spec, options = binders[fn](*args, **kwargs)
         options, sig, consts, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
-        consts = {fn.arg_names[k[0]]: v for k, v in consts.items()}
-        got = (
-            dict(sig),
-            {a: consts[a] for a in fn.arg_names if a in consts},
-            {k: v for k, v in sorted(attrs.items()) if v},
-            {k: getattr(options, k) for k in launch.options()},
-        )
-        want = (*signature(launch), launch.options())
-        if repr(got) != repr(want):
+        options = {k: getattr(options, k) for k in launch.options()}
+        got = _variant(fn, sig, consts, attrs, options)
+        want = _variant(fn, *signature(launch), launch.options())
+        if got != want:
             errors.append(f"{launch.describe()}: the JIT would compile {got}, not {want}")
     return list(dict.fromkeys(errors))
 
@@ -197,15 +201,28 @@ def resource_usage(cubin: bytes) -> dict:
     return {k.lower(): int(v) for k, v in found.items()}
 
 
-def compile_one(launch, arch: int) -> dict:
-    """Compile one launch for sm_<arch>; a record of its resources and the checks' verdicts."""
+def compile_one(launch, arch: int, limits: dict | None = None) -> dict:
+    """Compile one launch for sm_<arch>; a record of its resources and the checks' verdicts
+    against ``limits`` (default ``LIMITS[arch]``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from . import triton_kernels as kernels
 
-    record = dict(launch=launch.describe(), arch=arch, dtype=str(launch.dtype))
+    consts = " ".join(
+        f"{k.removeprefix('BLOCK_')}={v}"
+        for k, v in launch.constants
+        if k != "DOT" and v is not None
+    )
+    opts = f"{launch.num_warps} warps, {launch.num_stages} stage, maxnreg {launch.maxnreg}"
+    record = dict(
+        launch=launch.describe(),
+        arch=arch,
+        kernel=launch.kernel,
+        dtype=str(launch.dtype).removeprefix("torch."),
+        config=f"{consts}; {opts}",
+    )
     try:
         sig, consts, attrs = signature(launch)
         src = ASTSource(getattr(kernels, launch.kernel), sig, consts, attrs)
@@ -219,7 +236,7 @@ def compile_one(launch, arch: int) -> dict:
     mma = sorted(set(re.findall(r"\b(wgmma\.mma_async|mma\.sync)\.\S*", ptx)))
     threads = launch.num_warps * 32
     record.update(usage, shared=compiled.metadata.shared, threads=threads, mma=mma)
-    limits = LIMITS[arch]
+    limits = limits or LIMITS[arch]
     errors = []
     if usage["stack"] or usage["local"]:
         errors.append(f"spills: stack {usage['stack']} B, local {usage['local']} B per thread")
@@ -238,13 +255,18 @@ def compile_one(launch, arch: int) -> dict:
     return record
 
 
-def run(archs: list[int], jobs: int | None = None) -> list[dict]:
-    """Compile the whole table for each arch (in ``jobs`` processes); one record each."""
+def run(archs: list[int], jobs: int | None = None, limits: dict | None = None) -> list[dict]:
+    """Compile the whole table for each arch (in ``jobs`` processes); one record each.
+    ``limits`` ({arch: {shared, regs_thread, regs_sm}}) adds to or replaces ``LIMITS``."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     from .triton import table
 
-    work = [(launch, arch) for arch in archs for launch in table()]
+    limits = {**LIMITS, **(limits or {})}
+    unknown = [a for a in archs if a not in limits]
+    if unknown:
+        raise ValueError(f"no resource limits known for sm_{unknown[0]}: pass them (--shared ...)")
+    work = [(launch, arch, limits[arch]) for arch in archs for launch in table()]
     jobs = jobs or min(len(work), os.cpu_count() or 1)
     if jobs <= 1:
         return [compile_one(*w) for w in work]
@@ -253,28 +275,87 @@ def run(archs: list[int], jobs: int | None = None) -> list[dict]:
 
 
 def markdown(records: list[dict]) -> str:
-    """A table of the records: one row per (configuration, arch)."""
-    head = "| configuration | arch | registers | stack B | local B | shared B | tensor cores | ok |"
-    rows = [head, "|" + "---|" * 8]
+    """A table of the records: one row per configuration, one column per arch with registers
+    per thread, spilled bytes per thread (stack + local), shared memory and the tensor-core
+    instruction used."""
+    archs = sorted({r["arch"] for r in records})
+    rows: dict[str, dict] = {}
     for r in records:
-        mma = ", ".join(m.split(".")[0] for m in r.get("mma", [])) or "-"
-        ok = "yes" if not r["errors"] else "; ".join(r["errors"])
-        cells = [r.get(k, "-") for k in ("reg", "stack", "local", "shared")]
-        rows.append(f"| {r['launch']} | sm_{r['arch']} | " + " | ".join(map(str, cells)))
-        rows[-1] += f" | {mma} | {ok} |"
-    return "\n".join(rows)
+        rows.setdefault(r["launch"], {})[r["arch"]] = r
+    head = ["kernel", "dtype", "configuration"]
+    head += [f"sm_{a}: regs / spill B / shared B / MMA" for a in archs] + ["ok"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for by_arch in rows.values():
+        first = next(iter(by_arch.values()))
+        cells = [first["kernel"], first["dtype"], first["config"]]
+        for a in archs:
+            r = by_arch.get(a)
+            if r is None or "reg" not in r:
+                cells.append("-")
+                continue
+            mma = ", ".join(sorted({m.split(".")[0] for m in r["mma"]})) or "none"
+            spill = r["stack"] + r["local"]
+            cells.append(f"{r['reg']} / {spill} / {r['shared']} / {mma}")
+        errors = [f"sm_{r['arch']}: {e}" for r in by_arch.values() for e in r["errors"]]
+        cells.append("yes" if not errors else "; ".join(errors))
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def jit_compiled() -> list[dict]:
+    """What Triton's JIT compiled for the backend's kernels in this process (on a GPU): per
+    compiled variant, the table entry it matches (None: none does), the loaded binary's
+    registers and spills (bytes of local memory per thread) and a description."""
+    from . import triton_kernels as kernels
+    from .triton import table
+
+    expected = {}
+    for launch in table():
+        fn = getattr(kernels, launch.kernel)
+        expected[_variant(fn, *signature(launch), launch.options())] = launch
+    out = []
+    for name in kernels.ARGS:
+        fn = getattr(kernels, name)
+        for cache in fn.device_caches.values():
+            for compiled in cache[0].values():
+                meta = compiled.metadata
+                options = {k: getattr(meta, k) for k in ("num_warps", "num_stages", "maxnreg")}
+                src = compiled.src
+                variant = _variant(fn, src.signature, src.constants, src.attrs, options)
+                out.append(
+                    dict(
+                        launch=expected.get(variant),
+                        describe=f"{name} {variant}",
+                        n_regs=getattr(compiled, "n_regs", None),
+                        n_spills=getattr(compiled, "n_spills", None),
+                    )
+                )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", choices=sorted(LIMITS))
+    parser.add_argument("--arch", type=int, nargs="+", help="compute capabilities, e.g. 80 90")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes")
     parser.add_argument("--json", type=Path, help="write the records here")
+    parser.add_argument(
+        "--shared", type=int, help="shared memory per block (bytes) of the one --arch given"
+    )
+    parser.add_argument("--regs-per-sm", type=int, help="registers per SM of the one --arch")
     args = parser.parse_args(argv)
     from .triton import ARCHS
 
     archs = args.arch or list(ARCHS)
-    records = run(archs, args.jobs)
+    limits = None
+    if args.shared or args.regs_per_sm:
+        if len(archs) != 1:
+            parser.error("--shared / --regs-per-sm describe one --arch")
+        known = LIMITS.get(archs[0], dict(regs_thread=255, regs_sm=65536, shared=None))
+        given = dict(shared=args.shared, regs_sm=args.regs_per_sm)
+        limits = {archs[0]: {**known, **{k: v for k, v in given.items() if v}}}
+        if limits[archs[0]]["shared"] is None:
+            parser.error(f"--shared is needed for sm_{archs[0]}")
+    records = run(archs, args.jobs, limits)
     launches = sample_launches()
     mismatches = [e for arch in archs for e in specialisation_errors(launches, arch)]
     if args.json:
@@ -291,40 +372,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def jit_compiled() -> list[dict]:
-    """What Triton's JIT compiled for the backend's kernels in this process (on a GPU): per
-    compiled variant, the table entry it matches (None: none does), the loaded binary's
-    registers and spills (bytes of local memory per thread) and a description."""
-    from . import triton_kernels as kernels
-    from .triton import table
-
-    expected = {}
-    for launch in table():
-        sig, consts, attrs = signature(launch)
-        expected[(launch.kernel, repr(sig), repr(consts), repr(attrs), repr(launch.options()))] = (
-            launch
-        )
-    out = []
-    for name in kernels.ARGS:
-        fn = getattr(kernels, name)
-        for cache in fn.device_caches.values():
-            for compiled in cache[0].values():
-                src, meta = compiled.src, compiled.metadata
-                consts = {fn.arg_names[k[0]]: v for k, v in sorted(src.constants.items())}
-                consts = {k: consts[k] for k in fn.arg_names if k in consts}
-                attrs = {k: v for k, v in sorted(src.attrs.items()) if v}
-                options = dict(
-                    num_warps=meta.num_warps, num_stages=meta.num_stages, maxnreg=meta.maxnreg
-                )
-                key = (name, repr(dict(src.signature)), repr(consts), repr(attrs), repr(options))
-                out.append(
-                    dict(
-                        launch=expected.get(key),
-                        describe=f"{name} {dict(src.signature)} {consts} {attrs} {options}",
-                        n_regs=getattr(compiled, "n_regs", None),
-                        n_spills=getattr(compiled, "n_spills", None),
-                    )
-                )
-    return out
