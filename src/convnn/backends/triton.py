@@ -14,7 +14,8 @@
 **What runs.** Every kernel launch is one entry of :func:`table` (kernel, tile sizes, warps,
 stages, dtype); the ahead-of-time test compiles each entry for every arch in ``ARCHS`` and
 checks that it fits (registers, shared memory, no spills) and uses tensor cores.
-:func:`unsupported` says whether a call is inside that table: float32/bfloat16/float16,
+:func:`unsupported_select` and :func:`unsupported_aggregate` say whether a call is inside
+that table: float32/bfloat16/float16,
 ``K <= MAX_K``, sizes whose offsets fit 32 bits, and (on CUDA) a device in ``ARCHS``.
 
 - Forced (``backend="triton"``): a call outside the table is a ``ValueError``. Spatial and
@@ -23,7 +24,9 @@ checks that it fits (registers, shared memory, no spills) and uses tensor cores.
 - Auto (``backend=None`` on CUDA, :data:`auto`): the kernels run only for calls inside the
   table, and only after a one-time check per (device, dtype), on the first call, against
   the chunked backend on a tiny input. If the device is not in ``ARCHS`` or the check fails,
-  that (device, dtype) runs on chunked, with one warning that says why.
+  that (device, dtype) runs on chunked, with one warning that says why. The check runs
+  eagerly: code traced by ``torch.compile`` before any eager call runs chunked (an eager
+  warm-up step first lets the compiled code use the kernels).
 
 Accumulation is fp32; outputs have the input dtype. float32 products run on tensor cores:
 selection always as ``tf32x3`` (three TF32 products, close to fp32, so the ranking matches
@@ -270,9 +273,12 @@ def _launch(launch: Launch, grid: tuple[int, int, int], *args) -> None:
 
 
 def _aligned(t: Tensor) -> Tensor:
-    """Contiguous and 16-byte aligned (the kernels are compiled for aligned pointers)."""
+    """Contiguous and 16-byte aligned (the kernels are compiled for aligned pointers). A
+    traced graph has no addresses: its buffers are the compiler's (aligned when fresh)."""
     t = t.contiguous()
-    return t if t.data_ptr() % 16 == 0 else t.clone()
+    if torch.compiler.is_compiling() or t.data_ptr() % 16 == 0:
+        return t
+    return t.clone()
 
 
 def _dummy(dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -443,7 +449,7 @@ def _aggregate(values, indices, rho, weight, bias, kernel) -> Tensor:
     G = indices.shape[1]
     B, M, C = values.shape
     v = _aligned(_pad_groups(values, 2, G))
-    indices = _aligned(indices)
+    indices = _aligned(indices.long())
     r = None if rho is None else _aligned(rho)
     if kernel == "standard":
         c_out = weight.shape[0]
@@ -552,6 +558,8 @@ def _kernels_ready(device: torch.device, dtype: torch.dtype) -> bool:
     first-use check passed. Decided once; a failure warns once, saying why."""
     ok = _ready.get((device, dtype))
     if ok is None:
+        if torch.compiler.is_compiling():
+            return False  # a traced graph cannot run the check: chunked until an eager call has
         with _ready_lock:
             ok = _ready.get((device, dtype))
             if ok is None:
