@@ -118,10 +118,14 @@ def bench_step(suite: str, out: Path, markdown: Path) -> Step:
     if out.is_file():
         data = json.loads(out.read_text())
         errors = [r for r in data["results"] if r.get("status") == "error"]
+        # A forced 'triton' row outside the kernels' table (K = all > MAX_K) is refused by
+        # design: reported in the tables, not a failure.
+        refused = [r for r in errors if "backend='triton' does not cover" in r.get("reason", "")]
+        errors = [r for r in errors if r not in refused]
         missed = [t for t in data.get("targets", []) if t.get("verdict") == "not met"]
         step.summary = (
-            f"{len(data['results'])} cases, {len(errors)} errors; "
-            f"{len(missed)} performance targets missed (see the cuda section)"
+            f"{len(data['results'])} cases, {len(errors)} errors, {len(refused)} forced-triton "
+            f"rows outside the table; {len(missed)} performance targets missed (cuda section)"
         )
         step.ok = step.ok and not errors
     return step
