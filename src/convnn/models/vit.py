@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import ConvNNAttention, make_attention_layer
+from ..nn.convert import default_window
 from .registry import VIT_LAYERS, register
 
 
@@ -87,7 +88,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         if layer == "local":
-            window = layer_kwargs.pop("window", min(7, side - (side + 1) % 2))
+            window = layer_kwargs.pop("window", default_window(self.grid_size))
             layer_kwargs = {"window": window, "K": window * window, **layer_kwargs}
         if layer in ("kvt", "convnn_attention", "branching_attention"):
             layer_kwargs.setdefault("K", min(9, num_tokens))
