@@ -74,4 +74,7 @@ def create_model(
         layer_kwargs, {"layer": layers}, {"layer": layer}, also=own, what=f"layer_kwargs of {name}"
     )
     kwargs = {**{k: v for k, v in layer_kwargs.items() if k in own}, **split["layer"]}
-    return fn(num_classes=num_classes, in_chans=in_chans, img_size=img_size, layer=layer, **kwargs)
+    model = fn(num_classes=num_classes, in_chans=in_chans, img_size=img_size, layer=layer, **kwargs)
+    if hasattr(model, "pretrained_cfg"):
+        model.pretrained_cfg["architecture"] = name
+    return model
