@@ -9,6 +9,7 @@ float32); every converted model takes a training step.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import timm
@@ -308,6 +309,16 @@ def test_timm_attention_inside_its_block_signature():
         block(x, attn_mask=torch.zeros(5, 5))
     with pytest.raises(ValueError, match="is_causal"):
         block(x, is_causal=True)
+    for kind in ("exact", "convnn_attention", "branching_attention"):  # qk_norm, scale_norm
+        block = timm.models.vision_transformer.Block(
+            16, 2, qkv_bias=True, qk_norm=True, scale_attn_norm=True
+        )
+        randomized(block)
+        ref = block(x)
+        convert(block, conv=None, attention=kind, K=5)
+        assert not isinstance(block.attn.q_norm, nn.Identity)
+        assert not isinstance(block.attn.norm, nn.Identity)
+        assert max_diff(block(x), ref) <= TOL
     gated = timm.layers.Attention(16, 2, gated=True)
     holder = nn.Sequential()
     holder.attn = gated
@@ -407,3 +418,16 @@ def test_measured_differences_are_reported(capsys):
     for name, diff in sorted(MEASURED.items()):
         print(f"{name}: {diff:.2e}")
     assert all(d <= TOL for d in MEASURED.values())
+
+
+def test_readme_drop_in_section_runs():
+    """The README's drop-in snippet (a timm ViT and a torchvision ResNet) runs as written."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split("### Drop into timm and torchvision models", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    vit, resnet = namespace["vit"], namespace["resnet"]
+    assert isinstance(vit.blocks[0].attn, ConvNNAttention)
+    assert isinstance(resnet.layer1[0].conv1, Branching2d)
+    assert vit.blocks[0].attn.qkv.weight.grad is not None

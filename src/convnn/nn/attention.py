@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .. import functional as CF
 from ..options import CANDIDATES, METRICS, WEIGHTINGS, check_choice, check_positive_int, pair
+from .conv import options_repr
 
 
 class ConvNNAttention(nn.Module):
@@ -292,13 +293,7 @@ class ConvNNAttention(nn.Module):
         return self.attend(q, k, v, *self.token_layout(x.shape[1], hw), probabilities=True)
 
     def extra_repr(self) -> str:
-        s = f"dim={self.dim}, num_heads={self.num_heads}, K={self.K}, metric={self.metric!r}"
-        s += f", candidates={self.candidates!r}"
-        if self.num_candidates is not None:
-            s += f", num_candidates={self.num_candidates}"
-        if self.window is not None:
-            s += f", window={self.window}"
-        s += f", weighting={self.weighting!r}, kernel={self.kernel!r}"
+        s = f"dim={self.dim}, num_heads={self.num_heads}, K={self.K}" + options_repr(self)
         if self.grid_size is not None or self.num_prefix_tokens:
             s += f", grid_size={self.grid_size}, num_prefix_tokens={self.num_prefix_tokens}"
         return s
@@ -438,6 +433,9 @@ class MultiheadAttentionAdapter(nn.Module):
         self.dropout = attention.attn_drop.p
         self.bias_k = self.bias_v = None
         self.add_zero_attn = False
+
+    def reset_parameters(self) -> None:
+        self.attention.reset_parameters()
 
     @property
     def in_proj_weight(self) -> Tensor:

@@ -95,6 +95,16 @@ def conv_geometry(
     return {"K": K, "kernel_size": k, "stride": stride, "padding": padding, "kernel": kernel}
 
 
+def options_repr(layer: nn.Module) -> str:
+    """The selection options of a ConvNN layer, for its ``extra_repr``."""
+    s = f", metric={layer.metric!r}, candidates={layer.candidates!r}"
+    if layer.num_candidates is not None:
+        s += f", num_candidates={layer.num_candidates}"
+    if layer.window is not None:
+        s += f", window={layer.window}"
+    return s + f", weighting={layer.weighting!r}, kernel={layer.kernel!r}"
+
+
 class _ConvNNNd(nn.Module):
     """Parameters, options and forward shared by ConvNN1d and ConvNN2d.
 
@@ -250,12 +260,7 @@ class _ConvNNNd(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, K={self.K}, stride={self.stride}"
-        s += f", padding={self.padding}, metric={self.metric!r}, candidates={self.candidates!r}"
-        if self.num_candidates is not None:
-            s += f", num_candidates={self.num_candidates}"
-        if self.window is not None:
-            s += f", window={self.window}"
-        s += f", weighting={self.weighting!r}, kernel={self.kernel!r}"
+        s += f", padding={self.padding}" + options_repr(self)
         if self.coords:
             s += f", coords={self.coords!r}, lam={self.lam}"
         return s + ("" if self.bias is not None else ", bias=False")

@@ -210,8 +210,7 @@ def _attention_kind(layer: str, kwargs: dict) -> tuple[type, dict]:
     if layer == "local":
         return ConvNNAttention, {"K": None, "kernel": "none", **kwargs, "candidates": "window"}
     if layer == "branching_attention":
-        # split='heads' keeps each pretrained head whole (then K = N is the original)
-        return BranchingAttention, {"K": 9, "kernel": "depthwise", "split": "heads", **kwargs}
+        return BranchingAttention, {"K": 9, "kernel": "depthwise", **kwargs}
     return ConvNNAttention, {"K": 9, "kernel": "depthwise", **kwargs}
 
 
@@ -249,6 +248,8 @@ def _convert_attention(module, layer, options, layout, report_notes) -> nn.Modul
     except ValueError as err:
         return str(err)
     cls, options = _attention_kind(layer, options)
+    if cls is BranchingAttention:  # keep each pretrained head whole: K = N is the original
+        options.setdefault("split", "heads")
     needs_map = (
         options.get("candidates") in ("window", "grid") or options.get("metric") == "spatial"
     )
