@@ -9,6 +9,7 @@ float32); every converted model takes a training step.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import pytest
@@ -193,14 +194,14 @@ def test_options_are_split_by_layer_type():
 
 
 def test_candidate_counts_on_small_deep_maps():
-    """candidates='random' with num_candidates=32: ResNet's deepest maps (2x2 at 64 px) have
+    """candidates='random' with num_candidates=32: ResNet's deep maps (1x1 to 4x4 at 32 px) have
     fewer positions, where the layer uses its whole padded map; the report says so."""
     model = torchvision.models.resnet18(num_classes=10)
     report = convert(model, conv="convnn", candidates="random", num_candidates=32)
     layer = model.layer4[1].conv1
     assert layer.effective_candidates(4) == "all" and layer.effective_candidates(64) == "random"
     assert any("num_candidates=32" in note for note in report.notes)
-    x = image(64)
+    x = image(32)  # layer4's maps are 1 x 1
     with torch.no_grad():
         assert model.eval()(x).isfinite().all()
     train_step(model, x)
@@ -234,11 +235,21 @@ def at_k_equal_n(kind: str) -> dict:
     return {"K": N_TOKENS} if kind in ("kvt", "convnn_attention", "branching_attention") else {}
 
 
+@functools.cache
+def _vit(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return randomized(VITS[name]())
+
+
+def vit(name: str) -> nn.Module:
+    """A fresh copy of a randomized ViT (built once: vit_b_16 takes seconds to initialise)."""
+    return copy.deepcopy(_vit(name))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", list(VITS))
 def test_vit_every_attention_kind_at_k_equal_n_keeps_logits(name, kind):
-    torch.manual_seed(0)
-    model = randomized(VITS[name]())
+    model = vit(name)
     x = image(48)
     with torch.no_grad():
         before = model(x)
@@ -261,7 +272,7 @@ def test_vit_every_attention_kind_at_k_equal_n_keeps_logits(name, kind):
 def test_vit_sparse_attention_kinds_train(name, kind):
     """K < N (a 1 x 1 window for 'local': the query and the class token) differs from
     attention, and trains."""
-    model = randomized(VITS[name]())
+    model = vit(name)
     x = image(48)
     with torch.no_grad():
         before = model(x)
