@@ -14,6 +14,7 @@ from convnn import cli
 from convnn.train.checkpoint import CheckpointError
 from convnn.train.config import config_from_dict, config_to_dict
 from convnn.train.demo import DEMO_RECIPE
+from convnn.train.runner import CHECKPOINT
 
 ROOT = Path(__file__).parents[1]
 TINY = [
@@ -22,6 +23,22 @@ TINY = [
     "data.batch_size=32",
     "train.max_steps_per_epoch=3",
     "train.epochs=2",
+    "train.num_threads=1",
+    "output.progress=false",
+]
+
+
+# A one-block ViT of 3,850 parameters (seconds per run, checkpoints of a few tens of kB).
+TINY_VIT = [
+    "model.name=vit_tiny",
+    "model.layer=attention",
+    "model.img_size=8",
+    "model.patch_size=4",
+    "model.layer_kwargs.embed_dim=16",
+    "model.layer_kwargs.depth=1",
+    "model.layer_kwargs.num_heads=2",
+    "data.batch_size=32",
+    "train.max_steps_per_epoch=2",
     "train.num_threads=1",
     "output.progress=false",
 ]
@@ -270,3 +287,110 @@ def test_a_rank_that_joined_a_process_group_exits_without_finalization(tmp_path)
         timeout=120,
     )
     assert proc.returncode == 2 and proc.stdout == "beforefinalized\n"
+
+
+# Each: extra `convnn train` arguments ({tmp} is a fresh folder) and what the one line names.
+REFUSED_UP_FRONT = {
+    "config is a folder": (["-c", "{tmp}"], ["config file", "is a folder", "YAML"]),
+    "betas a number": (["--set", "optim.betas=5"], ["'optim.betas'", "list of 2 numbers", "5"]),
+    "betas too short": (["--set", "optim.betas=[0.9]"], ["'optim.betas'", "2 numbers", "[0.9]"]),
+    "device tpu": (["--device", "tpu"], ["'train.device'", "auto, cpu, cuda or cuda:N", "'tpu'"]),
+    "device cpu:5": (["--set", "train.device=cpu:5"], ["'train.device'", "cuda:N", "'cpu:5'"]),
+    "patch size 0": (["--set", "model.patch_size=0"], ["'model.patch_size'", ">= 1", "got 0"]),
+    "label smoothing 2": (
+        ["--set", "train.label_smoothing=2"],
+        ["'train.label_smoothing'", "in [0, 1]", "got 2"],
+    ),
+    "out-dir a file": (["--out-dir", "{tmp}/file"], ["output.dir", "folder", "is a file"]),
+    "out-dir in a file": (["--out-dir", "{tmp}/file/runs"], ["output.dir", "inside the file"]),
+    "epochs 0": (["--epochs", "0"], ["'train.epochs'", ">= 1", "got 0"]),
+    "epochs -1": (["--set", "train.epochs=-1"], ["'train.epochs'", ">= 1", "got -1"]),
+    "weight decay -1": (["--set", "optim.weight_decay=-1"], ["'optim.weight_decay'", ">= 0"]),
+    "eval batch 0": (["--set", "data.eval_batch_size=0"], ["'data.eval_batch_size'", ">= 1"]),
+    "warmup -1": (["--set", "sched.warmup_epochs=-1"], ["'sched.warmup_epochs'", ">= 0"]),
+    "workers -1": (["--set", "data.num_workers=-1"], ["'data.num_workers'", ">= 0", "-1"]),
+    "resume a missing path": (["--resume", "{tmp}/nope"], ["--resume", "{tmp}/nope", "not exist"]),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_UP_FRONT))
+def test_invalid_train_arguments_are_one_line_before_any_setup(case, tmp_path, capsys, monkeypatch):
+    def heavy(*args, **kwargs):
+        raise AssertionError("the dataset or the model was set up before the error")
+
+    monkeypatch.setattr("convnn.data.load_dataset", heavy)
+    monkeypatch.setattr("convnn.train.runner.build_model", heavy)
+    (tmp_path / "file").write_text("not a folder")
+    args, needles = REFUSED_UP_FRONT[case]
+    args = [a.format(tmp=tmp_path) for a in args]
+    out_dir = ["--out-dir", str(tmp_path / "runs")]
+    code, _, err = _run(capsys, "train", "--set", *TINY_VIT, *out_dir, *args)
+    assert code == 2
+    _one_line_error(err, *(n.format(tmp=tmp_path) for n in needles))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_on_a_first_launch_starts_the_run(tmp_path, capsys):
+    # A job script that always passes --resume: the first launch starts the run, and says so.
+    args = ["train", "--set", *TINY_VIT, "train.epochs=1", "--out-dir", str(tmp_path)]
+    code, out, err = _run(capsys, *args, "--name", "job", "--resume")
+    assert code == 0 and "error" not in err
+    notes = [line for line in out.splitlines() if line.startswith("--resume")]
+    assert notes == [f"--resume: no checkpoint in {tmp_path / 'job'} yet; starting a new run there"]
+    assert (tmp_path / "job" / "summary.json").exists()
+    code, out, _ = _run(capsys, *args, "--name", "job", "--resume")
+    assert code == 0 and f"resumed {tmp_path / 'job' / CHECKPOINT} at epoch 1" in out
+    # Without a name, the newest run of this model/layer/dataset, or else a new one.
+    code, out, _ = _run(capsys, "train", "--set", *TINY_VIT, "train.epochs=1", "--resume",
+                        "--out-dir", str(tmp_path / "other"))  # fmt: skip
+    assert code == 0 and "starting a new run there" in out
+    assert len(list((tmp_path / "other").glob("vit_tiny-attention-digits-*/summary.json"))) == 1
+
+
+def test_corrupt_image_read_by_worker_processes_is_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    for split, count in (("train", 4), ("val", 1)):
+        for cls, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+            folder = tmp_path / "data" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), colour).save(folder / f"{i}.png")
+    (tmp_path / "data" / "train" / "b" / "2.png").write_bytes(b"not a png")
+    code, _, err = _run(
+        capsys, "train", "--set", *TINY_VIT, "data.dataset=imagefolder", "data.num_workers=2",
+        "data.batch_size=4", "data.val_size=0", "--data-dir", str(tmp_path / "data"),
+        "--out-dir", str(tmp_path / "runs"),
+    )  # fmt: skip
+    assert code == 2
+    _one_line_error(err, "imagefolder: cannot decode", "2.png", "UnidentifiedImageError")
+    assert "worker" not in err
+
+
+def test_corrupt_checkpoint_is_refused_by_every_command(tmp_path, capsys):
+    args = ["train", "--set", *TINY_VIT, "model.layer=kvt", "model.layer_kwargs.K=2"]
+    code, _, _ = _run(capsys, *args, "--epochs", "3", "--out-dir", str(tmp_path), "--name", "r")
+    assert code == 0
+    run = tmp_path / "r"
+    ckpt, best = run / CHECKPOINT, run / "best.safetensors"
+    rows = (run / "metrics.csv").read_text()
+    good = ckpt.read_bytes(), best.read_bytes()
+    assert _run(capsys, "inspect", str(ckpt), "--out", str(tmp_path / "n.png"))[0] == 0
+    # One bit turns the stored epoch 3 into 1; another flips a weight of the best epoch.
+    ckpt.write_bytes(good[0].replace(b'\\"epoch\\": 3', b'\\"epoch\\": 1', 1))
+    blob = bytearray(good[1])
+    blob[-200] ^= 0x10
+    best.write_bytes(bytes(blob))
+    for argv in (
+        ["train", "--set", *TINY_VIT, "model.layer=kvt", "model.layer_kwargs.K=2", "--epochs",
+         "5", "--resume", str(run)],
+        ["train", "--resume", str(ckpt)],
+        ["eval", str(ckpt)],
+        ["eval", str(run)],  # best.safetensors
+        ["inspect", str(ckpt)],
+        ["inspect", str(run), "--config", str(run / "config.yaml")],
+    ):  # fmt: skip
+        code, _, err = _run(capsys, *argv)
+        assert code == 2, argv
+        _one_line_error(err, "is corrupt or truncated (checksum mismatch)")
+    assert (run / "metrics.csv").read_text() == rows  # nothing resumed "at epoch 1"

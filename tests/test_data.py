@@ -436,6 +436,22 @@ def test_imagefolder_errors(tmp_path):
         test[0]
 
 
+def test_corrupt_image_read_by_a_worker_is_one_line(tmp_path):
+    # A worker's exception comes back wrapped, its message the worker's whole traceback; the
+    # loader carries the DatasetError as data and raises it with its own message.
+    make_image_folder(tmp_path, {"train": 2, "val": 1})
+    (tmp_path / "train" / "dog" / "1.jpg").write_bytes(b"not really a jpeg")
+    train, _, _, _ = load_dataset("imagefolder", str(tmp_path), img_size=8, val_size=0)
+    for workers in (0, 2):
+        loader = make_loader(train, 2, shuffle=False, num_workers=workers)
+        with pytest.raises(DatasetError) as e:
+            list(loader)
+        msg = str(e.value)
+        assert re.fullmatch(r"imagefolder: cannot decode '.*dog/1\.jpg' \(.*\)", msg), msg
+    with pytest.raises(ValueError, match="num_workers must be >= 0, got -1"):
+        make_loader(train, 2, shuffle=False, num_workers=-1)
+
+
 # ----------------------------------------------------------------------------- loaders
 
 

@@ -174,15 +174,19 @@ def _bad_weight(shape: tuple) -> list:
     return [lambda t, w=tuple(wrong): torch.ones(w, dtype=t.dtype), None, "weight"]
 
 
-def _option_mistakes(o: dict, count: int, hw: tuple[int, int]) -> list:
-    """Mistakes on the operator's options that every layer and function takes."""
+def _option_mistakes(o: dict, count: int, hw: tuple[int, int], conv_layer: bool = False) -> list:
+    """Mistakes on the operator's options that every layer and function takes.
+
+    A conv layer (ConvNN1d/2d, Branching2d) takes K=None (kernel_size squared) and runs a
+    candidate subset larger than a small map on the whole map, like nn.Conv2d users expect."""
     H, W = hw
-    m = [("K", v) for v in BAD_INT + [count + 1]]
+    m = [("K", v) for v in BAD_INT + [count + 1] if not (conv_layer and v is None)]
     m += [(n, v) for n in ("metric", "candidates", "weighting") for v in BAD_CHOICE]
     m += [("include_self", v) for v in BAD_FLAG]
     m += [("selection_dtype", v) for v in BAD_SELECTION_DTYPE]
     if o["candidates"] in ("random", "grid"):
-        m += [("num_candidates", v) for v in [0, -1, 2.5, None, H * W + 1]]
+        too_many = [] if conv_layer else [H * W + 1]
+        m += [("num_candidates", v) for v in [0, -1, 2.5, None, *too_many]]
     if o["candidates"] == "window":
         m += [("window", v) for v in [0, 2, None, 1.0, 2 * max(H, W) + 3]]
     return m
@@ -287,7 +291,7 @@ def _conv_case(rng: random.Random, seed: int, dims: int, functional: bool) -> Ca
         return _run(fn, _apply(inputs, override), [], seed)
 
     count = candidate_count(grid, o["candidates"], o["num_candidates"], o["window"])
-    mistakes = _option_mistakes(o, count, (H, W))
+    mistakes = _option_mistakes(o, count, (H, W), conv_layer=not functional)
     # kernel 'none' without bias: no weight fixes x's dtype (nor, in functional, channels)
     fixed = kernel != "none" or has_bias
     channels = 1 if fixed or not functional else None
@@ -354,7 +358,7 @@ def _branching2d_case(rng: random.Random, seed: int) -> Case:
     mistakes += [(n, v) for n in ("in_channels", "out_channels", "kernel_size") for v in BAD_INT]
     mistakes += [("kernel_size", 2)]
     if math.floor(ratio * c_out):  # the ConvNN branch exists: its options must be right
-        mistakes += _option_mistakes(o, count, (H, W))
+        mistakes += _option_mistakes(o, count, (H, W), conv_layer=True)
     options = dict(o, C=C, c_out=c_out, shape=(B, C, H, W), ratio=ratio, dtype=str(dtype))
     options.update(kernel_size=kernel_size, stride=stride, padding=padding)
     return Case("Branching2d", options, call, mistakes, dtype)
@@ -380,6 +384,11 @@ def _attention_case(rng: random.Random, seed: int, functional: bool) -> Case:
     heads, d = rng.randint(1, 3), rng.randint(1, 3)
     C = heads * d
     o = _attention_options(rng, grid, ["none", "depthwise", "standard"])
+    reads_map = o["candidates"] in ("window", "grid") or o["metric"] == "spatial"
+    if not functional and not pass_hw and reads_map:
+        # A layer never guesses a map (DESIGN 2b): without hw it refuses such options.
+        hw, grid = (h, w), Grid(h, w)
+        o = _attention_options(rng, grid, ["none", "depthwise", "standard"])
     dtype = rng.choice([F32, F64])
     other = F32 if dtype == F64 else F64
     training = rng.random() < 0.3
@@ -398,7 +407,7 @@ def _attention_case(rng: random.Random, seed: int, functional: bool) -> Case:
             torch.manual_seed(seed)
             layer = ConvNNAttention(**_apply(ctor, override)).to(dtype).train(training)
             inputs = _apply(dict(x=x, hw=hw), override)
-            fn = lambda x, hw: layer(x, hw, return_indices=return_indices)  # noqa: E731
+            fn = lambda x, hw: layer(x, hw=hw, return_indices=return_indices)  # noqa: E731
             with on_backend(backend):
                 return _run(fn, inputs, list(layer.parameters()), seed)
         q, k, v = (_randn(gen, B, heads, N, d, dtype=dtype) for _ in range(3))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ from convnn.train.config import (
     ConfigError,
     apply_overrides,
     config_from_dict,
+    config_to_dict,
     load_config,
     valid_keys,
 )
@@ -34,6 +37,8 @@ QUICK = [
     "train.num_threads=1",
     "output.progress=false",
 ]
+# A one-block ViT of 3,850 parameters: real checkpoints of a few tens of kB.
+TINY_VIT = VIT + [f"model.layer_kwargs.{k}" for k in ("embed_dim=16", "depth=1", "num_heads=2")]
 
 
 def _cli(args: list[str], env: dict | None = None, timeout: int = 120):
@@ -94,6 +99,111 @@ def test_config_type_errors_are_one_line(tmp_path):
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # "float" inside "list[float]" once let a bare number through as the list.
+        ("optim.betas=5", "'optim.betas' must be a list of 2 numbers, got 5 (int)"),
+        ("optim.betas=[0.9]", "'optim.betas' must be a list of 2 numbers, got [0.9] (1 item)"),
+        ("optim.betas=[0.9, 0.99, 0.999]", "'optim.betas' must be a list of 2 numbers"),
+        ("optim.betas=[0.9, x]", "'optim.betas[1]' must be a number, got 'x' (str)"),
+        ("optim.lr=fast", "'optim.lr' must be a number, got 'fast' (str)"),
+        ("optim.lr=true", "'optim.lr' must be a number, got True (bool)"),
+        ("train.epochs=1.5", "'train.epochs' must be an integer, got 1.5 (float)"),
+        ("train.amp=1", "'train.amp' must be true or false, got 1 (int)"),
+        ("model.img_size=[8]", "'model.img_size' must be an integer or null"),
+        ("model.layer_kwargs=5", "'model.layer_kwargs' must be a mapping"),
+        ("model.layer_kwargs={1: 2}", "'model.layer_kwargs' must be a mapping"),
+        ("output.name=[run]", "'output.name' must be a string or null, got ['run'] (1 item)"),
+    ],
+)
+def test_config_types_are_checked_as_declared(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_types_convert_as_declared(tmp_path):
+    cfg = load_config(None, ["optim.betas=[0.8, 0.9]", "optim.lr=1", "data.val_size=100"])
+    assert cfg.optim.betas == (0.8, 0.9) and isinstance(cfg.optim.lr, float)
+    # A count stays a count (it was widened to 100.0 and then refused as a fraction).
+    assert cfg.data.val_size == 100 and isinstance(cfg.data.val_size, int)
+    assert load_config(None, ["data.val_size=0.2"]).data.val_size == 0.2
+    # YAML 1.2 floats: 1e-4 is a number in recipes and overrides, not a string.
+    (tmp_path / "r.yaml").write_text("optim: {lr: 1e-4, weight_decay: 5E-2}\n")
+    cfg = load_config(tmp_path / "r.yaml", ["sched.min_lr=1e-6"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.sched.min_lr) == (1e-4, 5e-2, 1e-6)
+    assert load_config(None, ["output.name=1e5"]).output.name == "1e5"  # declared text
+    assert load_config(None, ["output.name=2024"]).output.name == "2024"
+    # Tuples are lists in the saved config, so a resumed run sees no change.
+    assert config_to_dict(cfg)["optim"]["betas"] == [0.9, 0.999]
+
+
+# An invalid value for every key whose rule says more than its type (the table is RULES).
+INVALID = {
+    "model.name": "resnet",
+    "model.layer": "attention",  # a ViT layer for the default resnet18
+    "model.img_size": 0,
+    "model.patch_size": 0,
+    "data.dataset": "mnist",
+    "data.data_dir": "",
+    "data.val_size": 1.0,
+    "data.batch_size": 0,
+    "data.eval_batch_size": 0,
+    "data.num_workers": -1,
+    "data.crop_padding": -1,
+    "data.mixup": -0.5,
+    "data.cutmix": float("inf"),
+    "optim.name": "adam",
+    "optim.lr": 0,
+    "optim.weight_decay": -1,
+    "optim.momentum": 1.0,
+    "optim.nesterov": True,  # with optim.name=sgd and optim.momentum=0, see below
+    "optim.betas": [0.9, 1.0],
+    "optim.eps": 0,
+    "sched.name": "linear",
+    "sched.warmup_epochs": -1,
+    "sched.warmup_start_factor": 1.5,
+    "sched.min_lr": 1.0,  # above optim.lr
+    "sched.step_epochs": 0,
+    "sched.gamma": 0,
+    "train.epochs": 0,
+    "train.seed": -1,
+    "train.label_smoothing": 2,
+    "train.grad_clip": float("nan"),
+    "train.device": "tpu",
+    "train.num_threads": -2,
+    "train.checkpoint_every_steps": -1,
+    "train.max_steps_per_epoch": -1,
+    "output.dir": " ",
+    "output.name": "../elsewhere",
+}
+
+
+def test_every_config_key_has_a_rule():
+    from convnn.train.config import ANY, RULES
+
+    assert list(RULES) == valid_keys()
+    assert {k for k, rule in RULES.items() if rule is not ANY} == set(INVALID)
+
+
+@pytest.mark.parametrize("key", sorted(INVALID))
+def test_config_rules_refuse_invalid_values(key):
+    from convnn.train.config import validate_config
+
+    cfg = Config()
+    if key == "optim.nesterov":
+        cfg.optim.name, cfg.optim.momentum = "sgd", 0.0
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, INVALID[key])
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg)
+    msg = str(e.value)
+    assert msg.startswith(f"config key {key!r} must be ") and ", got " in msg and "\n" not in msg
+    setattr(getattr(Config(), section), name, getattr(Config(), section).__dict__[name])
+    validate_config(Config())  # the defaults pass
 
 
 def test_recipes_in_configs_load():
@@ -195,6 +305,162 @@ def test_checkpoint_errors_are_clear(tmp_path):
         ck.load_weights(path, _toy(width=5), ident)
     with pytest.raises(ck.CheckpointError, match="not found"):
         ck.load_checkpoint(tmp_path / "missing.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished 3-epoch run of TINY_VIT (checkpoint.safetensors, best.safetensors, ...)."""
+    from convnn.train.runner import run_training
+
+    out = tmp_path_factory.mktemp("tiny")
+    extra = [
+        "train.epochs=3",
+        "train.max_steps_per_epoch=2",
+        f"output.dir={out}",
+        "output.name=run",
+    ]
+    run_training(load_config(None, TINY_VIT + QUICK + extra))
+    return out / "run"
+
+
+def _flip(blob: bytes, bit: int) -> bytes:
+    flipped = bytearray(blob)
+    flipped[bit // 8] ^= 1 << (bit % 8)
+    return bytes(flipped)
+
+
+@pytest.mark.parametrize("name", [CHECKPOINT, "best.safetensors"])
+def test_a_flipped_bit_anywhere_in_a_checkpoint_is_refused(tiny_run, monkeypatch, name):
+    """Flipped bits all over the file: the length prefix, the header (tensor table, metadata
+    JSON, digest) and the tensor bytes (every bit of the file with CONVNN_FLIP_ALL=1)."""
+    path = tiny_run / name
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    data = range((8 + n) * 8, len(blob) * 8)
+    if os.environ.get("CONVNN_FLIP_ALL"):
+        bits = range(len(blob) * 8)
+    else:  # every bit of the length and the digest field, one bit of every other header byte
+        rng = random.Random(0)
+        digest = blob.index(b'"convnn_sha256"')
+        whole = {*range(8), *range(digest, digest + len(b'"convnn_sha256":"') + 65)}
+        bits = [b * 8 + i for b in sorted(whole) for i in range(8)]
+        bits += [b * 8 + rng.randrange(8) for b in range(8, 8 + n) if b not in whole]
+        bits += [*rng.sample(data, 4096), *data[-64:]]
+    current = {}
+    monkeypatch.setattr(ck, "_read", lambda _: current["blob"])
+    reasons: set[str] = set()
+    for bit in bits:
+        current["blob"] = _flip(blob, bit)
+        with pytest.raises(ck.CheckpointError) as e:
+            ck.load_checkpoint(path)
+        msg = str(e.value)
+        assert "\n" not in msg and "is corrupt or truncated (" in msg, (bit, msg)
+        reasons.add(msg.split(" (")[1].split(")")[0])
+    # The length prefix, the JSON structure, the digest field and the hashed bytes all tripped.
+    assert {"checksum mismatch", "header is not valid JSON"} <= reasons, reasons
+    assert any("header runs past" in r for r in reasons), reasons
+    current["blob"] = blob
+    assert ck.load_checkpoint(path)[1]["format"] == ck.FORMAT  # the unflipped file loads
+
+
+def test_flipped_epoch_is_refused_not_resumed(tiny_run, tmp_path):
+    # The issue's case: 3 -> 1 is one bit, and the tensor-only hash let the run resume "at
+    # epoch 1", writing 5 rows of metrics for a 3-epoch run.
+    blob = (tiny_run / CHECKPOINT).read_bytes()
+    at = blob.index(b'\\"epoch\\": 3')
+    flipped = blob.replace(b'\\"epoch\\": 3', b'\\"epoch\\": 1', 1)
+    assert flipped == _flip(blob, (at + len(b'\\"epoch\\": 3') - 1) * 8 + 1)
+    bad = tmp_path / CHECKPOINT
+    bad.write_bytes(flipped)
+    for read in (ck.load_checkpoint, ck.read_metadata):
+        with pytest.raises(ck.CheckpointError, match="corrupt or truncated .checksum mismatch"):
+            read(bad)
+
+
+def _metadata_mutations(meta: dict) -> list[tuple[str, str]]:
+    """(dotted path, 'missing' | 'wrong type') for every key the metadata holds; in lists,
+    the first item stands for all."""
+    found = []
+
+    def walk(node, where):
+        if isinstance(node, list) and node and isinstance(node[0], dict):
+            walk(node[0], f"{where}[0]")
+        if isinstance(node, dict):
+            for key, value in node.items():
+                path = f"{where}.{key}" if where else key
+                found.extend([(path, "missing"), (path, "wrong type")])
+                if path != "state.config":  # a partial or odd config is a config matter
+                    walk(value, path)
+
+    walk(meta, "")
+    return found
+
+
+def _mutate(meta: dict, path: str, how: str) -> None:
+    import re
+
+    *parents, leaf = re.findall(r"[^.\[\]]+", path)
+    node = meta
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    if how == "missing":
+        del node[leaf]
+    else:  # a string where anything else is expected, a number where a string is
+        node[leaf] = 7 if isinstance(node[leaf], str) else "x"
+
+
+def test_well_hashed_metadata_with_a_key_missing_or_mistyped_is_one_line(tiny_run, tmp_path):
+    """A file with a valid digest but a key missing or of the wrong type (not written by this
+    version) is refused with one line on resume and on eval, or, where the key is optional,
+    resumes and trains on."""
+    import shutil
+
+    from convnn.train.distributed import DistInfo
+    from convnn.train.runner import Run, evaluate_path
+
+    tensors, meta = ck.load_checkpoint(tiny_run / CHECKPOINT)
+    cases = _metadata_mutations(meta)
+    assert len(cases) > 100 and ("state.epoch", "missing") in cases
+    cfg = load_config(tiny_run / "config.yaml", ["train.epochs=4"])
+    refused = 0
+    for i, (path, how) in enumerate(cases):
+        run_dir = tmp_path / f"m{i}"
+        run_dir.mkdir()
+        shutil.copy(tiny_run / "best.safetensors", run_dir)
+        mutated = json.loads(json.dumps(meta))
+        _mutate(mutated, path, how)
+        ck.write_checkpoint(run_dir / CHECKPOINT, tensors, mutated)
+        try:
+            run = Run(cfg, DistInfo(), resume=str(run_dir / CHECKPOINT))
+        except ck.CheckpointError as e:
+            assert "\n" not in str(e), (path, how)
+            refused += 1
+        else:
+            run._epoch(run.start_epoch)  # accepted: then it must train on
+        if path.startswith(("optimizer", "scheduler", "state.")) and path != "state.config":
+            continue  # eval reads the format, the identity, state.config and state.epoch
+        try:
+            evaluate_path(str(run_dir / CHECKPOINT))
+        except ValueError as e:  # CheckpointError, or ConfigError for the embedded config
+            assert "\n" not in str(e), (path, how)
+    assert refused >= len(cases) * 3 // 4, refused
+
+
+def test_checkpoint_of_the_old_format_is_refused_or_upgraded(tiny_run, tmp_path):
+    from safetensors.torch import save
+
+    tensors, meta = ck.load_checkpoint(tiny_run / CHECKPOINT)
+    old = tmp_path / "old.safetensors"
+    meta1 = {**meta, "format": "convnn-checkpoint/1", "sha256": ck._tensor_digest(tensors)}
+    old.write_bytes(save(tensors, metadata={"convnn": json.dumps(meta1)}))
+    with pytest.raises(ck.CheckpointError, match="hash does not cover its metadata.*upgrade"):
+        ck.load_checkpoint(old)
+    ck.upgrade_checkpoint(old)
+    tensors2, meta2 = ck.load_checkpoint(old)
+    assert meta2 == meta and tensors2.keys() == tensors.keys()
+    assert all(torch.equal(tensors[k], tensors2[k]) for k in tensors)
+    with pytest.raises(ck.CheckpointError, match="only 'convnn-checkpoint/1' files"):
+        ck.upgrade_checkpoint(old)
 
 
 def test_checkpoint_loading_never_unpickles(tmp_path):

@@ -10,8 +10,8 @@ a function that adds arguments to its parser and a function that runs it)::
 or, for a command living in its own module that defines ``add_arguments(parser)`` and
 ``run(args)``, one line: ``register_module("verify", "check the special cases", "convnn.verify")``.
 Keep heavy imports inside the run function so ``convnn --help`` stays fast. Any ``ValueError``
-(configuration, dataset, checkpoint problems) is printed as one line ``convnn: error: ...`` and
-the command exits with status 2; set ``CONVNN_TRACEBACK=1`` to see the full traceback instead.
+(configuration, dataset, checkpoint problems) or ``OSError`` (a full disk, a missing
+permission) is printed as one line ``convnn: error: ...`` and the command exits with status 2; set ``CONVNN_TRACEBACK=1`` to see the full traceback instead.
 """
 
 from __future__ import annotations
@@ -90,15 +90,12 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 
 def _keys_epilog() -> str:
-    import dataclasses
-
-    from convnn.train.config import Config
+    from convnn.train.config import Config, config_to_dict
 
     lines = ["config keys (defaults):"]
-    for section in dataclasses.fields(Config):
-        values = dataclasses.asdict(getattr(Config(), section.name))
+    for section, values in config_to_dict(Config()).items():
         items = ", ".join(f"{k}={v}" for k, v in values.items())
-        lines.append(f"  {section.name}: {items}")
+        lines.append(f"  {section}: {items}")
     return "\n".join(lines)
 
 
@@ -132,7 +129,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         const="auto",
         metavar="RUN_DIR|CHECKPOINT",
         help="continue a run from its last checkpoint; without a path, the run named by "
-        "output.name (else the newest run of this model/layer/dataset)",
+        "output.name (else the newest run of this model/layer/dataset), or a new run when "
+        "there is none yet (so a job script can always pass --resume)",
     )
     p.add_argument("--name", help="run directory name (same as --set output.name=...)")
     p.add_argument("--out-dir", help="parent of run directories (same as --set output.dir=...)")
@@ -362,7 +360,11 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FloatingPointError, FileNotFoundError) as exc:
+    except BrokenPipeError:  # output piped into a reader that stopped early, e.g. `| head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush stays quiet
+        return 0
+    except (ValueError, FloatingPointError, OSError) as exc:  # OSError: disk full, permissions
         if os.environ.get("CONVNN_TRACEBACK"):
             raise
         print(f"convnn: error: {_one_line(exc)}", file=sys.stderr)
@@ -370,10 +372,6 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("convnn: interrupted; continue a training run with --resume", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # output piped into a reader that stopped early, e.g. `| head`
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush stays quiet
-        return 0
 
 
 if __name__ == "__main__":

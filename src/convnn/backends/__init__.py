@@ -15,8 +15,10 @@ Choose one per call (``backend=`` on the functional API), for a block of code
 (``convnn.backends.use("reference")`` called bare, like ``torch.set_grad_enabled``) or for a
 process (``CONVNN_BACKEND``). ``use`` is per thread (and per asyncio task): a thread inside
 ``use("reference")`` never changes another thread's backend.
-``None``/``"auto"`` picks triton on CUDA when it is installed, else chunked, and lets the
-operator take exact shortcuts (convolution for spatial layers, SDPA for full attention).
+``None``/``"auto"`` picks triton on CUDA when it is installed (only for the calls its
+compiled table covers, after a one-time check: :mod:`convnn.backends.triton`), else chunked,
+and lets the operator take exact shortcuts (convolution for spatial layers, SDPA for full
+attention).
 """
 
 from __future__ import annotations
@@ -56,7 +58,11 @@ def get(backend: str | None, device_type: str) -> ModuleType:
     """The backend module to run on ``device_type`` ('cpu', 'cuda', ...)."""
     name = requested(backend)
     if name is None:
-        name = "triton" if device_type == "cuda" and _triton_usable("cuda") else "chunked"
+        if device_type == "cuda" and _triton_usable("cuda"):
+            from . import triton
+
+            return triton.auto  # the kernels where covered and checked, else chunked
+        name = "chunked"
     if name == "triton" and not _triton_usable(device_type):
         raise ValueError(
             f"backend 'triton' needs a CUDA tensor and the triton package (or TRITON_INTERPRET=1 "

@@ -7,7 +7,39 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+
+from .base import DatasetError
+
+
+class _Failure:
+    """A :class:`DatasetError` raised while a DataLoader worker read an item, carried to the
+    main process as data: raised there, it would come back as a new exception whose message
+    is the worker's whole traceback."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class _Guarded(Dataset):
+    """``dataset`` whose :class:`DatasetError` becomes a :class:`_Failure` item."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except DatasetError as exc:
+            return _Failure(str(exc))
+
+
+def _collate(items: list):
+    """The default collation, or the first failure of the batch."""
+    return next((i for i in items if isinstance(i, _Failure)), None) or default_collate(items)
 
 
 class BatchLoader:
@@ -20,7 +52,9 @@ class BatchLoader:
 
     Datasets exposing ``images``/``labels`` tensors are batched by tensor indexing on the
     tensors' device (and through their ``batch(index)`` method when present, which also applies
-    on-the-fly resizing); others go through a ``DataLoader`` with ``num_workers`` processes.
+    on-the-fly resizing); others go through a ``DataLoader`` with ``num_workers`` processes. A
+    :class:`DatasetError` reading an item (a corrupt image) is raised here with its own
+    one-line message, also when a worker process read the item.
     """
 
     def __init__(
@@ -37,6 +71,8 @@ class BatchLoader:
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.dataset = dataset
         self.batch_size = batch_size
         self.drop_last = drop_last
@@ -49,12 +85,13 @@ class BatchLoader:
         self._loader = None
         if not self.in_memory:
             self._loader = DataLoader(
-                dataset,
+                _Guarded(dataset),
                 batch_size=batch_size,
                 sampler=self.sampler,
                 drop_last=drop_last,
                 num_workers=num_workers,
                 persistent_workers=num_workers > 0,
+                collate_fn=_collate,
             )
 
     @property
@@ -71,7 +108,10 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self._loader is not None:
-            yield from self._loader
+            for batch in self._loader:
+                if isinstance(batch, _Failure):  # a bad item, from this process or a worker
+                    raise DatasetError(batch.message)
+                yield batch
             return
         index = torch.tensor(list(iter(self.sampler)), dtype=torch.int64)
         batch = getattr(self.dataset, "batch", None)

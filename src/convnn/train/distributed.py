@@ -45,15 +45,27 @@ class DistInfo:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> the local CUDA device when there is one, else CPU."""
+    """``auto`` -> the local CUDA device when there is one, else CPU; ``cuda`` -> the local
+    rank's GPU. Anything but auto, cpu, cuda or an existing cuda:N is a ValueError."""
+    expected = "train.device must be auto, cpu, cuda or cuda:N"
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{expected}, got {name!r}") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index is not None):
+        raise ValueError(f"{expected}, got {name!r}")
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("train.device is cuda but no CUDA device is available; use cpu")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"train.device is {name!r} but no CUDA device is available; use cpu")
         if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            device = torch.device("cuda", local_rank % count)
+        elif device.index >= count:
+            raise ValueError(
+                f"train.device must be cuda:0 to cuda:{count - 1} on this machine, got {name!r}"
+            )
     return device
 
 

@@ -21,16 +21,16 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
 from .checkpoint import (
     CheckpointError,
     atomic_write_bytes,
+    check_metadata,
     load_checkpoint,
     load_weights,
-    read_metadata,
     restore_training_state,
     save_checkpoint,
 )
@@ -42,6 +42,7 @@ from .config import (
     config_to_dict,
     load_config,
     save_config,
+    validate_config,
 )
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
 from .engine import (
@@ -59,7 +60,7 @@ from .engine import (
     set_rng_state,
     train_one_epoch,
 )
-from .metrics import Meter, format_mean_std, write_metrics_csv
+from .metrics import METRIC_COLUMNS, Meter, format_mean_std, write_metrics_csv
 
 __all__ = [
     "BEST",
@@ -76,6 +77,30 @@ CHECKPOINT = "checkpoint.safetensors"
 BEST = "best.safetensors"
 # Fault injection for tests: the process SIGKILLs itself after this many optimizer steps.
 KILL_ENV = "CONVNN_KILL_AT_STEP"
+
+
+HistoryRow = TypedDict(
+    "HistoryRow", {c: int if c == "epoch" else float for c in METRIC_COLUMNS}
+)  # one row of metrics.csv
+
+
+class Best(TypedDict):
+    epoch: int
+    val_acc: float
+    val_loss: float
+
+
+class TrainState(TypedDict):
+    """The ``state`` a run's checkpoint.safetensors holds (see :meth:`Run._state`)."""
+
+    epoch: int  # epochs finished
+    step_in_epoch: int  # optimizer steps done in the next epoch (mid-epoch checkpoint)
+    global_step: int
+    meter: tuple[float, float, float]
+    epoch_seconds: float
+    history: list[HistoryRow]
+    best: Best | None
+    config: dict[str, Any]
 
 
 def _say(dist_info: DistInfo, *args: Any) -> None:
@@ -100,52 +125,75 @@ def default_run_name(cfg: Config) -> str:
     return f"{cfg.model.name}-{cfg.model.layer}-{cfg.data.dataset}-{stamp}"
 
 
+def _check_folder(path: Path, what: str) -> None:
+    """``path`` is a folder or can be made one: the nearest existing part of it is a folder."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                which = "is a file" if part == path else f"lies inside the file {str(part)!r}"
+                raise ConfigError(
+                    f"{what} must be a folder (created when missing), got {str(path)!r}, "
+                    f"which {which}"
+                )
+            return
+
+
+def _new_run_dir(cfg: Config) -> Path:
+    out = Path(cfg.output.dir)
+    run_dir = out / (cfg.output.name or default_run_name(cfg))
+    if not cfg.output.name:
+        n = 1
+        while run_dir.exists():
+            run_dir = out / f"{default_run_name(cfg)}-{n}"
+            n += 1
+    return run_dir
+
+
+def _latest_run(cfg: Config) -> Path | None:
+    """The run ``--resume`` without a path continues: the one named by ``output.name``, else
+    the newest ``model-layer-dataset-*`` run under ``output.dir``; None when there is none."""
+    out = Path(cfg.output.dir)
+    if cfg.output.name:
+        return out / cfg.output.name if (out / cfg.output.name).exists() else None
+    prefix = f"{cfg.model.name}-{cfg.model.layer}-{cfg.data.dataset}-"
+    found = sorted(
+        (p for p in out.glob(prefix + "*") if (p / "config.yaml").exists()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    return found[-1] if found else None
+
+
 def resolve_run_dir(cfg: Config, resume: str | None) -> tuple[Path, Path | None]:
     """(run directory, checkpoint to resume from or None).
 
     ``resume``: None (new run), ``"auto"`` (the run named by ``output.name``, else the newest
-    ``model-layer-dataset-*`` run under ``output.dir``) or a run directory / checkpoint file.
+    ``model-layer-dataset-*`` run under ``output.dir``; a new run when there is none, so that a
+    job script can always pass ``--resume``) or a run directory / checkpoint file, which must
+    exist.
     """
-    out = Path(cfg.output.dir)
-    if resume is None:
-        run_dir = out / (cfg.output.name or default_run_name(cfg))
-        if not cfg.output.name:
-            n = 1
-            while run_dir.exists():
-                run_dir = out / f"{default_run_name(cfg)}-{n}"
-                n += 1
-        if (run_dir / CHECKPOINT).exists():
-            raise ConfigError(
-                f"run directory {str(run_dir)!r} already holds a checkpoint; pass --resume to "
-                "continue it, or set output.name to start a new run"
-            )
-        return run_dir, None
-    if resume == "auto":
-        if cfg.output.name:
-            run_dir = out / cfg.output.name
-        else:
-            prefix = f"{cfg.model.name}-{cfg.model.layer}-{cfg.data.dataset}-"
-            found = sorted(
-                (p for p in out.glob(prefix + "*") if (p / "config.yaml").exists()),
-                key=lambda p: p.stat().st_mtime,
-            )
-            if not found:
-                raise CheckpointError(
-                    f"no run {prefix}* to resume under {str(out)!r}; "
-                    "pass --resume RUN_DIR or start without --resume"
-                )
-            run_dir = found[-1]
-    else:
+    if resume not in (None, "auto"):
         path = Path(resume)
         if path.is_file():
             return path.parent, path
+        if not path.is_dir():
+            raise CheckpointError(
+                f"--resume expects a run directory or checkpoint, got {resume!r}, which does "
+                "not exist; pass --resume without a path to continue the latest run"
+            )
         run_dir = path
-    if not run_dir.is_dir():
-        raise CheckpointError(
-            f"no run directory {str(run_dir)!r} to resume; start without --resume"
-        )
+    else:
+        _check_folder(Path(cfg.output.dir), "output.dir (--out-dir)")
+        run_dir = _latest_run(cfg) if resume == "auto" else None
+        if run_dir is None:
+            run_dir = _new_run_dir(cfg)
+            if (run_dir / CHECKPOINT).exists():
+                raise ConfigError(
+                    f"run directory {str(run_dir)!r} already holds a checkpoint; pass --resume "
+                    "to continue it, or set output.name to start a new run"
+                )
+    _check_folder(run_dir, "the run directory (output.dir/output.name)")
     ckpt = run_dir / CHECKPOINT
-    return run_dir, (ckpt if ckpt.exists() else None)  # killed before its first checkpoint
+    return run_dir, (ckpt if ckpt.exists() else None)  # None: new, or killed before a checkpoint
 
 
 def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -165,8 +213,20 @@ class Run:
     def __init__(self, cfg: Config, dist_info: DistInfo, resume: str | None) -> None:
         from convnn.data import BatchAugment, load_dataset, make_loader
 
-        self.cfg, self.dist = cfg, dist_info
+        self.cfg, self.dist = validate_config(cfg), dist_info
         dc, tc, world = cfg.data, cfg.train, dist_info.world_size
+        # Where the run goes (and whether it resumes) is settled before any heavy setup, by
+        # rank 0; a problem with it is raised on every rank, so none waits for the others.
+        where: Any = None
+        if dist_info.is_main:
+            try:
+                where = resolve_run_dir(cfg, resume)
+            except ValueError as e:
+                where = e
+        where = broadcast_object(where)
+        if isinstance(where, ValueError):
+            raise where
+        run_dir, ckpt = where
         setup_torch(cfg)
         for key, value in (
             ("data.batch_size", dc.batch_size),
@@ -225,8 +285,6 @@ class Run:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps)
 
-        run_dir, ckpt = resolve_run_dir(cfg, resume) if dist_info.is_main else (None, None)
-        run_dir, ckpt = broadcast_object((run_dir, ckpt))
         self.dir: Path = run_dir
         self.history: list[dict] = []
         self.best: dict | None = None
@@ -236,7 +294,7 @@ class Run:
         if ckpt is not None:
             self._resume(ckpt)
         elif resume is not None:
-            _say(dist_info, f"no checkpoint in {run_dir} yet; starting it from the beginning")
+            _say(dist_info, f"--resume: no checkpoint in {run_dir} yet; starting a new run there")
 
         self.train_model: torch.nn.Module = self.model
         if dist_info.enabled:
@@ -250,10 +308,21 @@ class Run:
     # ----------------------------------------------------------------------------- resume
     def _resume(self, path: Path) -> None:
         tensors, meta = load_checkpoint(path)
+        st = check_metadata(path, meta["state"], TrainState, "state")
+        if st["epoch"] < 0 or len(st["history"]) != st["epoch"] or st["step_in_epoch"] < 0:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} has invalid metadata: state.epoch "
+                f"{st['epoch']}, state.step_in_epoch {st['step_in_epoch']} and "
+                f"{len(st['history'])} history rows disagree; use another checkpoint"
+            )
         load_weights(path, self.model, self.identity, tensors, meta)
         self.rng = restore_training_state(tensors, meta, self.optimizer, self.scheduler)
-        st = meta["state"]
-        changes = _config_changes(st.get("config", {}), config_to_dict(self.cfg))
+        if st["step_in_epoch"] and not {"torch", "augment"} <= set(self.rng):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} stops mid-epoch but holds no RNG state to continue "
+                "it; use another checkpoint"
+            )
+        changes = _config_changes(st["config"], config_to_dict(self.cfg))
         if changes:
             _say(self.dist, "resuming with changed settings: " + "; ".join(changes))
         self.history, self.best = st["history"], st["best"]
@@ -530,17 +599,24 @@ def load_trained_model(
             raise CheckpointError(f"no checkpoint in {str(p)!r}; train the run first")
     else:
         ckpt = p
+    tensors, meta = load_checkpoint(ckpt)  # verified before anything in it is used
     if config is not None:
         cfg = load_config(config, overrides)
     elif p.is_dir() and (p / "config.yaml").exists():
         cfg = load_config(p / "config.yaml", overrides)
     else:
-        if not ckpt.exists():
-            raise CheckpointError(f"checkpoint {str(ckpt)!r} not found")
-        saved = read_metadata(ckpt)["state"].get("config")
+        saved = check_metadata(
+            ckpt, meta["state"].get("config"), dict[str, Any] | None, "state.config"
+        )
         if saved is None:
             raise CheckpointError(f"checkpoint {str(ckpt)!r} carries no config; pass --config")
-        cfg = apply_overrides(config_from_dict(saved), list(overrides))
+        try:
+            cfg = config_from_dict(saved)
+        except ConfigError as e:
+            raise CheckpointError(
+                f"checkpoint {str(ckpt)!r} carries an invalid config ({e}); pass --config"
+            ) from None
+        cfg = validate_config(apply_overrides(cfg, list(overrides)))
     dist_info = init_distributed(cfg.train.device)
     setup_torch(cfg)
     train, val, test, spec = load_dataset(
@@ -550,7 +626,7 @@ def load_trained_model(
     if ds is None or len(ds) == 0:
         raise ConfigError(f"the {split} split of {cfg.data.dataset} is empty")
     model = build_model(cfg, spec).to(dist_info.device)
-    meta = load_weights(ckpt, model, model_identity(cfg, spec))
+    load_weights(ckpt, model, model_identity(cfg, spec), tensors, meta)
     return TrainedModel(cfg, spec, model, ds, ckpt, meta, dist_info)
 
 
