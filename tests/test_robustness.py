@@ -12,7 +12,7 @@ import pytest
 import torch
 from _helpers import BACKENDS, F64, natten_mask, on_backend, randn
 
-from convnn import Branching2d, BranchingAttention, ConvNN2d, ConvNNAttention, backends
+from convnn import Branching2d, BranchingAttention, ConvNN1d, ConvNN2d, ConvNNAttention, backends
 from convnn.backends import chunked
 from convnn.functional import convnn2d, convnn_attention, knn_select, neighbor_aggregate
 
@@ -397,3 +397,18 @@ def test_attention_shortcut_keeps_the_bias():
     want = convnn_attention(q, k, v, None, bias=bias, backend="reference")
     got = convnn_attention(q, k, v, None, bias=bias)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n: ConvNN1d(2, 2, K=1, candidates="random", num_candidates=n),
+        lambda n: ConvNN2d(2, 2, K=1, candidates="grid", num_candidates=n),
+        lambda n: ConvNNAttention(8, 2, K=2, candidates="random", num_candidates=n),
+    ],
+)
+@pytest.mark.parametrize("value", [2.5, 0, True])
+def test_num_candidates_is_checked_when_the_layer_is_built(make, value):
+    # a map smaller than num_candidates runs 'all', so only the constructor sees the value
+    with pytest.raises(ValueError, match="num_candidates must be an integer"):
+        make(value)

@@ -98,6 +98,8 @@ class ConvNNAttention(nn.Module):
         check_choice("weighting", weighting, WEIGHTINGS)
         check_choice("kernel", kernel, ("depthwise", "standard", "none"))
         check_positive_int("num_heads", num_heads)
+        if num_candidates is not None:
+            check_positive_int("num_candidates", num_candidates)
         if dim % num_heads:
             raise ValueError(f"dim must be divisible by num_heads ({num_heads}), got dim={dim}")
         if K is None and kernel != "none":

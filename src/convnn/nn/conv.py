@@ -177,6 +177,10 @@ class _ConvNNNd(nn.Module):
             )
         if candidates in ("random", "grid") and num_candidates is None:
             raise ValueError(f"num_candidates is required for candidates={candidates!r}, got None")
+        if num_candidates is not None:
+            # checked here too: on a map smaller than num_candidates the layer runs 'all'
+            # and the functional check would never see the value
+            check_positive_int("num_candidates", num_candidates)
         if candidates == "window" and window is None:
             raise ValueError(
                 "window is required for candidates='window' (an odd int >= 1), got None"
