@@ -211,14 +211,19 @@ def test_compile_attention(fresh_dynamo):
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_compile_fullgraph(fresh_dynamo, backend):
-    """DESIGN: the layers trace without graph breaks (dispatch included)."""
+    """DESIGN: the layers trace without graph breaks (dispatch included), at a second input
+    size too (which traces with symbolic sizes)."""
     torch.manual_seed(0)
     conv = ConvNN2d(3, 3, K=4, weighting="softmax").to(F64).eval()
     attention = ConvNNAttention(8, 2, K=3).to(F64).eval()
     with on_backend(backend):
-        for layer, x in ((conv, randn(1, 3, 4, 5)), (attention, randn(1, 6, 8))):
+        for layer, inputs in (
+            (conv, [randn(1, 3, 4, 5), randn(2, 3, 5, 6)]),
+            (attention, [randn(1, 6, 8), randn(2, 9, 8)]),
+        ):
             compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-            assert max_diff(compiled(x), layer(x)) < 1e-12
+            for x in inputs:
+                assert max_diff(compiled(x), layer(x)) < 1e-12
 
 
 def test_compile_backward(fresh_dynamo):

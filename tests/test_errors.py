@@ -280,3 +280,78 @@ def test_branching_rejects_even_kernel_and_uneven_heads():
     BranchingAttention(8, 2, ratio=0.25)  # widths 2 and 6 split into 2 heads each
     with pytest.raises(ValueError, match="num_heads"):
         BranchingAttention(8, 2, ratio=0.375)  # widths 3 and 5 do not
+
+
+# --------------------------------------------------------------------------- argument types
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: ConvNNAttention(8, None), "num_heads"),
+        (lambda: ConvNNAttention(0, 2), "dim"),
+        (lambda: ConvNNAttention(8, 2, attn_drop=float("nan")), "attn_drop"),
+        (lambda: ConvNNAttention(8, 2, proj_drop=1.5), "proj_drop"),
+        (lambda: BranchingAttention(8, 2, attn_drop=-0.5), "attn_drop"),
+        (lambda: BranchingAttention(8, None), "num_heads"),
+        (lambda: BranchingAttention(8, 2, ratio="half"), "ratio"),
+        (lambda: Branching2d(3, 4, kernel_size=None), "kernel_size"),
+        (lambda: Branching2d(None, 4), "in_channels"),
+    ],
+)
+def test_layer_arguments_of_the_wrong_type(make, name):
+    """Not a TypeError or ZeroDivisionError from deep inside: a ValueError naming the argument."""
+    with pytest.raises(ValueError, match=name) as err:
+        make()
+    assert "got" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda: ConvNNAttention(8, 2),
+        lambda: BranchingAttention(8, 2),
+        lambda: Branching2d(3, 4),
+        lambda: ConvNN2d(3, 3, K=3),
+    ],
+)
+def test_layer_input_not_a_tensor_or_of_another_dtype(layer):
+    torch.manual_seed(0)
+    module = layer()
+    x = torch.randn((1, 3, 4, 4) if isinstance(module, (Branching2d, ConvNN2d)) else (1, 5, 8))
+    for bad in (x.tolist(), x.double(), x.long()):
+        with pytest.raises(ValueError, match=r"\bx\b") as err:
+            module(bad)
+        assert "got" in str(err.value)
+
+
+def test_functional_flags_and_options_are_checked():
+    x, w = randn(1, 3, 4, 4), randn(3, 3, 3)
+    for name, bad in [
+        ("include_self", "yes"),
+        ("training", 1),
+        ("return_indices", None),
+        ("generator", 0),
+        ("selection_dtype", torch.int32),
+        ("lam", float("nan")),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            convnn2d(x, w, K=3, **{name: bad})
+    q = randn(1, 2, 4, 3)
+    for name, bad in [("dropout_p", 1.5), ("hw", (0, 4)), ("hw", "2x2"), ("k", q.float())]:
+        with pytest.raises(ValueError, match=name):
+            convnn_attention(
+                q, q if name != "k" else bad, q, 2, **({} if name == "k" else {name: bad})
+            )
+    with pytest.raises(ValueError, match="K"):
+        convnn2d(x, w, K=None)
+    with pytest.raises(ValueError, match="pointwise_weight"):
+        convnn2d(x, None, K=3, kernel="none", pointwise_weight=randn(3, 3, 1))
+    with pytest.raises(ValueError, match="weights"):
+        neighbor_aggregate(
+            randn(1, 4, 3),
+            torch.zeros(1, 2, 2, dtype=torch.long),
+            None,
+            weights=randn(1, 2, 2).float(),
+            kernel="none",
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -226,8 +227,8 @@ def test_convert_exact_keeps_outputs(backend):
     before = net(x)
     report = convert(net, conv="exact", attention="exact", include_strided=True)
     assert isinstance(report, ConversionReport)
-    replaced = {name for name, _, _ in report.replaced}
-    skipped = {name for name, _ in report.skipped}
+    replaced = {r.name for r in report.replaced}
+    skipped = {k.name for k in report.skipped}
     assert replaced == {"stem", "block.0", "block.2", "attn"}
     assert skipped == {"shortcut", "head"}
     assert isinstance(net.stem, ConvNN2d) and isinstance(net.block[2], ConvNN2d)
@@ -244,9 +245,9 @@ def test_convert_skips_strided_unless_asked():
     x = randn(1, 3, 6, 6, seed=10)
     before = net(x)
     report = convert(net, conv="exact", attention=None)
-    reasons = dict(report.skipped)
+    reasons = {k.name: k.reason for k in report.skipped}
     assert "stride" in reasons["block.2"]
-    assert {name for name, _, _ in report.replaced} == {"stem", "block.0"}
+    assert {r.name for r in report.replaced} == {"stem", "block.0"}
     assert isinstance(net.attn, nn.MultiheadAttention)
     assert max_diff(net(x), before) < 1e-9
 
@@ -267,3 +268,76 @@ def test_convert_trainable_layers_run(conv, attention, dtype):
     y = net.train()(x)
     assert y.shape == shape and y.dtype == dtype and y.isfinite().all()
     y.sum().backward()
+
+
+# --------------------------------------------------------------------------- drop-in constructors
+
+
+def test_conv2d_positional_arguments_mean_what_they_mean_for_nn_conv2d():
+    """ConvNN2d(64, 64, 3, padding=1): kernel_size 3 -> K = 9, the input's spatial size."""
+    layer = ConvNN2d(8, 8, 3, padding=1)
+    assert layer.K == 9 and layer.padding == (1, 1) and layer.weight.shape == (8, 8, 9)
+    x = randn(2, 8, 5, 6, dtype=torch.float32)
+    y, idx = layer(x, return_indices=True)
+    assert y.shape == (2, 8, 5, 6) and idx.shape[-1] == 9
+    assert ConvNN2d(8, 8, 3, padding="same").padding == (1, 1)
+    assert ConvNN2d(8, 8, (5, 5), padding="valid").K == 25
+    assert ConvNN2d(8, 8, padding="same").padding == (1, 1)  # K=9 default: a 3x3 window
+    assert ConvNN2d(8, 8, K=16).K == 16  # keyword users of K keep working
+    assert ConvNN1d(8, 8, 5, padding="same").K == 5 and ConvNN1d(8, 8).K == 3
+    depthwise = ConvNN2d(8, 8, 3, 1, 1, groups=8)
+    assert depthwise.kernel == "depthwise" and depthwise.weight.shape == (8, 1, 9)
+    # the same as nn.Conv2d, positional to the end, in the 'spatial' configuration
+    conv = nn.Conv2d(8, 4, 3, (2, 1), 1, 1, 1, True)
+    layer = ConvNN2d(8, 4, 3, (2, 1), 1, 1, 1, True, metric="spatial")
+    with torch.no_grad():
+        layer.weight.copy_(conv.weight.flatten(2))
+        layer.bias.copy_(conv.bias)
+    assert max_diff(layer(x), conv(x)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"kernel_size": 3, "K": 16}, "kernel_size"),
+        ({"kernel_size": 4, "padding": "same"}, "same"),
+        ({"K": 8, "padding": "same"}, "same"),
+        ({"kernel_size": (3, 5)}, "kernel_size"),
+        ({"kernel_size": 3, "dilation": 2}, "dilation"),
+        ({"kernel_size": 3, "groups": 2}, "groups"),
+        ({"kernel_size": 3, "groups": 8, "kernel": "standard"}, "groups"),
+        ({"kernel_size": 3, "padding": "full"}, "padding"),
+        ({"kernel_size": 3, "padding_mode": "reflect"}, "padding_mode"),
+    ],
+)
+def test_conv2d_ambiguous_or_unsupported_calls_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ConvNN2d(8, 8, **kwargs)
+
+
+def _every_module(device=None, dtype=None):
+    f = {"device": device, "dtype": dtype}
+    return [
+        ConvNN2d(4, 4, 3, padding=1, **f),
+        ConvNN1d(4, 4, 3, padding=1, **f),
+        ConvNN2d(4, 4, 3, padding=1, kernel="separable", **f),
+        ConvNNAttention(8, 2, K=3, qk_norm=True, **f),
+        Branching2d(4, 6, 3, padding="same", **f),
+        BranchingAttention(8, 2, ratio=0.5, K=3, **f),
+        BranchingAttention(8, 2, ratio=0.5, K=3, split="heads", **f),
+    ]
+
+
+def test_every_module_takes_device_dtype_and_resets():
+    for module in _every_module(device="meta", dtype=F64):
+        assert {(p.device.type, p.dtype) for p in module.parameters()} == {("meta", F64)}
+    for module in _every_module():
+        text = repr(module)
+        assert type(module).__name__ in text and module.extra_repr()
+        before = copy.deepcopy(module.state_dict())
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(1.0)
+        module.reset_parameters()  # every parameter re-initialised, none left as it was
+        after = module.state_dict()
+        assert all(not torch.equal(after[n], before[n] + 1) for n in before), type(module)

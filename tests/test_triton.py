@@ -1,8 +1,10 @@
 """The Triton backend agrees with the reference backend (kernels run under TRITON_INTERPRET=1
-on the CPU, so every size here is tiny)."""
+on the CPU, so every size here is tiny), covers exactly its table, and the auto backend's
+rule on CUDA (covered calls only, after a one-time check) holds, simulated on the CPU."""
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import pytest
@@ -10,23 +12,30 @@ import torch
 
 pytest.importorskip("triton")
 
-from convnn.backends import reference  # noqa: E402
+from convnn import backends  # noqa: E402
+from convnn.backends import chunked, reference, triton_aot  # noqa: E402
 from convnn.backends import triton as tb  # noqa: E402
 from convnn.backends._common import prepare  # noqa: E402
 from convnn.functional import convnn2d, convnn_attention  # noqa: E402
 
 F32, F64 = torch.float32, torch.float64
+HALF = [torch.bfloat16, torch.float16]
 
 
 def randn(*shape, seed=0, dtype=F64):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+def small_ints(*shape, seed=0, dtype=F32):
+    """Features in {-2..2}: every score is an exact small integer in every dtype (many tie)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-2, 3, shape, generator=gen).to(dtype)
+
+
 @pytest.fixture(params=["split", "stream"])
-def small_tiles(request, monkeypatch):
-    """16-key tiles, so tiny inputs span several; 'stream' runs every tile of a query block
-    through one program's running top-K, 'split' gives each tile its own program and merges."""
-    monkeypatch.setattr(tb, "SELECT_BLOCK_M", 16)
+def key_ranges(request, monkeypatch):
+    """'stream' runs every key tile of a query block through one program's running top-K,
+    'split' gives each tile its own program and merges the per-range top-Ks."""
     monkeypatch.setattr(tb, "TARGET_PROGRAMS", 1 if request.param == "stream" else 1 << 20)
 
 
@@ -34,18 +43,16 @@ def small_tiles(request, monkeypatch):
 
 SHAPES = [  # (B_query, B_key, N, M, D): N, M, D not multiples of any block; batch broadcast
     (2, 2, 19, 53, 5),
-    (1, 2, 7, 40, 17),
-    (3, 1, 5, 21, 3),
+    (1, 2, 7, 100, 17),
+    (3, 1, 5, 41, 3),
 ]
 
 
-@pytest.mark.parametrize(
-    "dtype, K, shape",
-    [(F32, K, shape) for K in (1, 3, 8) for shape in SHAPES] + [(F64, 3, SHAPES[0])],
-)
-def test_select_matches_reference(small_tiles, dtype, K, shape):
+@pytest.mark.parametrize("K", [1, 3, 8, 20, 40])  # every running top-K width up to 64
+@pytest.mark.parametrize("shape", SHAPES)
+def test_select_matches_reference(key_ranges, K, shape):
     Bq, Bk, N, M, D = shape
-    q, k = randn(Bq, N, D, seed=1, dtype=dtype), randn(Bk, M, D, seed=2, dtype=dtype)
+    q, k = randn(Bq, N, D, seed=1, dtype=F32), randn(Bk, M, D, seed=2, dtype=F32)
     exclude = torch.randint(-1, M, (N,), generator=torch.Generator().manual_seed(3))
     for ex in (None, exclude):
         got = tb.select(q, k, K, exclude=ex)
@@ -53,29 +60,62 @@ def test_select_matches_reference(small_tiles, dtype, K, shape):
         assert torch.equal(got, reference.select(q, k, K, exclude=ex))
 
 
+def test_select_widest_top_k(key_ranges):
+    """K = MAX_K (the 128-wide running top-K), with the key range split or streamed."""
+    q, k = randn(1, 3, 7, seed=4, dtype=F32), randn(1, 150, 7, seed=5, dtype=F32)
+    assert torch.equal(tb.select(q, k, tb.MAX_K), reference.select(q, k, tb.MAX_K))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("K", [1, 6, 33])
+def test_select_half_precision(key_ranges, dtype, K):
+    """bfloat16/float16 operands, fp32 accumulation: with integer features every score is
+    exact, so the result is the reference's on the same values, ties included."""
+    q, k = small_ints(2, 9, 20, seed=6, dtype=dtype), small_ints(2, 70, 20, seed=7, dtype=dtype)
+    ex = torch.arange(9)
+    assert torch.equal(
+        tb.select(q, k, K, exclude=ex), reference.select(q.double(), k.double(), K, exclude=ex)
+    )
+
+
 @pytest.mark.parametrize("metric", ["cosine", "euclidean", "scaled_dot"])
-def test_select_prepared_metrics(small_tiles, metric):
+def test_select_prepared_metrics(key_ranges, metric):
     q, k = prepare(metric, randn(2, 11, 6, seed=4, dtype=F32), randn(2, 37, 6, seed=5, dtype=F32))
     ex = torch.arange(11)
     assert torch.equal(tb.select(q, k, 5, exclude=ex), reference.select(q, k, 5, exclude=ex))
 
 
-def test_select_ties_keep_lower_indices(small_tiles):
+def test_select_ties_keep_lower_indices(key_ranges):
     """Identical keys score identically: they come out by lower index, and a tie at the
-    K-th score keeps the lower index."""
-    k = randn(1, 45, 4, seed=6, dtype=F32)
-    k[0, [9, 20, 41]] = k[0, 33].clone()
-    q, k = prepare("cosine", k[:, [33, 33, 0]], k)
+    K-th score keeps the lower index. (Integer features: the interpreter's numpy matmul
+    rounds by position in a tile, so only exact scores tie reliably.)"""
+    k = small_ints(1, 45, 4, seed=6)
+    k[0, [9, 20, 41]] = k[0, 33] = torch.tensor([2.0, -1.0, 2.0, 1.0])
+    q = k[:, [33, 33, 0]]
     assert torch.equal(tb.select(q, k, 5), reference.select(q, k, 5))
     assert tb.select(q, k, 4)[0, 0].tolist() == [9, 20, 33, 41]
     assert tb.select(q, k, 3)[0, 0].tolist() == [9, 20, 33]
 
 
-def test_select_fallbacks(monkeypatch):
-    """Large K, windows and spatial selection run on the chunked backend, same result."""
-    q, k = randn(1, 9, 4, seed=7), randn(1, 30, 4, seed=8)
-    monkeypatch.setattr(tb, "MAX_K", 4)
-    assert torch.equal(tb.select(q, k, 6), reference.select(q, k, 6))
+def test_select_keeps_lower_indices_on_ties(key_ranges):
+    """Small integer features tie everywhere: the kept keys must be the reference's (lower
+    indices first among scores tied at the K-th), across tiles and split key ranges."""
+    q, k = small_ints(2, 9, 3, seed=7), small_ints(2, 45, 3, seed=8)
+    for K in (1, 4, 8, 17):
+        assert torch.equal(tb.select(q, k, K), reference.select(q, k, K))
+
+
+def test_select_nan_ranks_first():
+    """NaN scores rank first (as torch.topk); zero scores tie (lower index first)."""
+    q = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])
+    k = torch.tensor([[[0.0, 1.0], [0.0, 2.0], [float("nan"), 0.0], [-3.0, 0.0], [0.0, -1.0]]])
+    for K in (2, 3, 4):
+        assert torch.equal(tb.select(q, k, K), reference.select(q, k, K))
+
+
+def test_select_runs_chunked_where_it_has_no_kernel():
+    """Windows and spatial selection have no kernel: they run chunked, same result."""
+    q, k = randn(1, 9, 4, seed=7, dtype=F32), randn(1, 30, 4, seed=8, dtype=F32)
     window = torch.randint(0, 30, (9, 12), generator=torch.Generator().manual_seed(9))
     window = torch.stack([w.unique()[:6] for w in window])
     assert torch.equal(tb.select(q, k, 3, window=window), reference.select(q, k, 3, window=window))
@@ -123,21 +163,30 @@ def test_aggregate_matches_reference(kernel, G, with_rho, with_bias):
 
 
 @pytest.mark.parametrize("kernel", ["none", "depthwise", "standard"])
-def test_aggregate_float64(kernel):
-    """Several query, channel and output blocks; exact to rounding."""
-    case = _aggregate_case(kernel, 2, True, True, N=36, C=20, C_out=18)
-    for g, r in zip(_run(tb, *case, kernel, F64), _run(reference, *case, kernel, F64)):
-        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_aggregate_many_blocks(kernel, precision):
+    """Several query, channel and output blocks, groups that straddle channel blocks, both
+    float32 product precisions (the interpreter computes both exactly)."""
+    case = _aggregate_case(kernel, 4, True, True, N=36, C=96, C_out=80, K=2)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        got = _run(tb, *case, kernel, F32)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    for g, r in zip(got, _run(reference, *case, kernel, F64), strict=True):
+        torch.testing.assert_close(g, r.float(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["none", "standard"])
-def test_aggregate_bfloat16_accumulates_in_fp32(kernel):
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("kernel", ["none", "depthwise", "standard"])
+def test_aggregate_half_accumulates_in_fp32(dtype, kernel):
     tensors, idx, gy = _aggregate_case(kernel, 1, True, True, K=9, C=16)
-    tensors = {n: None if t is None else t.bfloat16().double() for n, t in tensors.items()}
-    got = _run(tb, tensors, idx, gy, kernel, torch.bfloat16)
-    want = _run(reference, tensors, idx, gy.bfloat16().double(), kernel, F64)
+    tensors = {n: None if t is None else t.to(dtype).double() for n, t in tensors.items()}
+    got = _run(tb, tensors, idx, gy, kernel, dtype)
+    want = _run(reference, tensors, idx, gy.to(dtype).double(), kernel, F64)
     for g, r in zip(got, want, strict=True):
-        assert g.dtype == torch.bfloat16
+        assert g.dtype == dtype
         torch.testing.assert_close(g.double(), r, rtol=2e-2, atol=5e-2)
 
 
@@ -184,11 +233,164 @@ def test_convnn_attention_matches_reference(kernel):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
-def test_select_keeps_lower_indices_on_ties(small_tiles):
-    """Small integer features tie everywhere: the kept keys must be the reference's (lower
-    indices first among scores tied at the K-th), across tiles and split key ranges."""
-    gen = torch.Generator().manual_seed(7)
-    q = torch.randint(-1, 2, (2, 9, 3), generator=gen).to(F32)
-    k = torch.randint(-1, 2, (2, 45, 3), generator=gen).to(F32)
-    for K in (1, 4, 8):
-        assert torch.equal(tb.select(q, k, K), reference.select(q, k, K))
+# --------------------------------------------------------------------------- coverage
+
+
+def test_forced_triton_refuses_what_the_table_does_not_cover(monkeypatch):
+    """backend='triton' outside the compiled table: a ValueError naming what is uncovered."""
+    q, k = randn(1, 9, 4, seed=7, dtype=F32), randn(1, 300, 4, seed=8, dtype=F32)
+    with pytest.raises(ValueError, match=f"K must be <= {tb.MAX_K}, got K=129"):
+        tb.select(q, k, 129)
+    with pytest.raises(ValueError, match="float64"):
+        tb.select(q.double(), k.double(), 3)
+    with pytest.raises(ValueError, match="bfloat16, float32"):
+        tb.select(q, k.bfloat16(), 3)
+    tensors, idx, _ = _aggregate_case("standard", 1, True, True)
+    t = {n: v.float() for n, v in tensors.items()}
+    with pytest.raises(ValueError, match="float64"):
+        tb.aggregate(t["values"].double(), idx, t["rho"], t["weight"], t["bias"], "standard")
+    monkeypatch.setattr(tb, "_arch", lambda device: 86)  # as if on an sm_86 GPU
+    with pytest.raises(ValueError, match="sm_80, sm_90; this device is sm_86"):
+        tb.select(q, k, 3)
+    with pytest.raises(ValueError, match="sm_86"):
+        tb.aggregate(t["values"], idx, t["rho"], t["weight"], t["bias"], "standard")
+
+
+def test_every_launch_is_a_table_entry_with_its_compiled_signature():
+    """What the wrappers launch is exactly what the AOT test compiles: each launch is an entry
+    of table() and its arguments specialise as triton_aot.signature says (dtypes, 16-byte
+    alignment, ints below 2**31, multiples of 16 where promised); and no entry is dead."""
+    launches = triton_aot.sample_launches()
+    assert {launch for launch, _ in launches} == set(tb.table())
+    errors = [e for launch, args in launches for e in triton_aot.argument_errors(launch, args)]
+    assert errors == []
+
+
+def test_argument_errors_finds_a_misaligned_tensor(monkeypatch):
+    launches = []
+    monkeypatch.setattr(tb, "_recorder", lambda launch, grid, args: launches.append((launch, args)))
+    monkeypatch.setattr(tb, "_aligned", lambda t: t.contiguous())
+    q = torch.randn(5 * 16 + 1)[1:].view(1, 5, 16)
+    tb.select(q, torch.randn(1, 9, 16), 3)
+    (launch, args), *_ = launches
+    assert triton_aot.argument_errors(launch, args) == [
+        f"select_topk: argument q_ptr (*x) got a torch.float32 tensor at address {q.data_ptr()}"
+    ]
+
+
+def test_signature_lists_every_kernel_parameter():
+    for launch in tb.table():
+        sig, consts, attrs = triton_aot.signature(launch)
+        assert set(sig) == set(tb.kernels.ARGS[launch.kernel]) | set(consts)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def test_auto_on_cuda_is_the_checked_triton_backend(monkeypatch):
+    assert backends.get(None, "cuda") is tb.auto
+    assert backends.get("triton", "cuda") is tb
+    assert backends.get(None, "cpu") is chunked
+
+
+@pytest.fixture
+def fresh_checks(monkeypatch):
+    """An empty first-use record, and counters of checks and kernel calls."""
+    monkeypatch.setattr(tb, "_ready", {})
+    calls = {"check": 0, "select": 0, "aggregate": 0}
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(tb, "first_use_check", count("check", tb.first_use_check))
+    monkeypatch.setattr(tb, "_select", count("select", tb._select))
+    monkeypatch.setattr(tb, "_aggregate", count("aggregate", tb._aggregate))
+    return calls
+
+
+def _auto_calls():
+    q, k = randn(1, 9, 4, seed=7, dtype=F32), randn(1, 30, 4, seed=8, dtype=F32)
+    tensors, idx, _ = _aggregate_case("depthwise", 1, True, False)
+    t = {n: None if v is None else v.float() for n, v in tensors.items()}
+    return [
+        (lambda be: be.select(q, k, 3)),
+        (lambda be: be.aggregate(t["values"], idx, t["rho"], t["weight"], None, "depthwise")),
+    ]
+
+
+def test_auto_runs_the_kernels_after_one_passing_check(fresh_checks):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            for call in _auto_calls():
+                torch.testing.assert_close(call(tb.auto), call(reference))
+    assert fresh_checks == {"check": 1, "select": 2 + 1, "aggregate": 2 + 3}  # +: the check's
+
+
+def test_auto_falls_back_with_one_warning_when_the_check_fails(fresh_checks, monkeypatch):
+    monkeypatch.setattr(tb, "_compare_with_chunked", lambda device, dtype: "it went wrong")
+    with pytest.warns(RuntimeWarning, match="do not run on cpu for torch.float32: it went wrong"):
+        first = [call(tb.auto) for call in _auto_calls()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        second = [call(tb.auto) for call in _auto_calls()]
+    for a, b, call in zip(first, second, _auto_calls()):
+        torch.testing.assert_close(a, call(reference))
+        torch.testing.assert_close(b, a)
+    assert fresh_checks == {"check": 1, "select": 0, "aggregate": 0}
+
+
+def test_auto_falls_back_with_one_warning_on_an_uncovered_arch(fresh_checks, monkeypatch):
+    monkeypatch.setattr(tb, "_arch", lambda device: 86)
+    with pytest.warns(RuntimeWarning, match="sm_80, sm_90; this device is sm_86"):
+        for call in _auto_calls():
+            torch.testing.assert_close(call(tb.auto), call(reference))
+    assert fresh_checks == {"check": 0, "select": 0, "aggregate": 0}
+
+
+def test_auto_runs_chunked_silently_outside_the_table(fresh_checks):
+    q, k = randn(1, 9, 4, seed=7, dtype=F64), randn(1, 300, 4, seed=8, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(tb.auto.select(q, k, 3), reference.select(q, k, 3))  # float64
+        q, k = q.float(), k.float()
+        assert torch.equal(tb.auto.select(q, k, 129), reference.select(q, k, 129))  # K > 128
+    assert fresh_checks["select"] == fresh_checks["check"]  # only the check's own
+
+
+@pytest.mark.parametrize("dtype", tb.DTYPES)
+def test_first_use_check_passes_on_correct_kernels(dtype):
+    assert tb.first_use_check(torch.device("cpu"), dtype) is None
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "autocast"])
+def test_first_use_check_ignores_the_callers_modes(mode):
+    """A first call under no_grad / inference_mode / autocast must not fail the check."""
+    context = {
+        "no_grad": torch.no_grad(),
+        "inference_mode": torch.inference_mode(),
+        "autocast": torch.autocast("cpu", dtype=torch.bfloat16),
+    }[mode]
+    with context:
+        assert tb.first_use_check(torch.device("cpu"), F32) is None
+
+
+def test_first_use_check_catches_wrong_kernels(monkeypatch):
+    cpu = torch.device("cpu")
+    real = tb._select
+    monkeypatch.setattr(tb, "_select", lambda q, k, K, ex: real(q, k, K, ex).flip(-1))
+    assert "picked other neighbours" in tb.first_use_check(cpu, F32)
+    monkeypatch.setattr(tb, "_select", real)
+    real_agg = tb._aggregate
+    monkeypatch.setattr(tb, "_aggregate", lambda *a: real_agg(*a) * 1.001)
+    assert "kernel='none': output differs" in tb.first_use_check(cpu, F32)
+
+    def broken(*args):
+        raise RuntimeError("out of resource: shared memory\nmore text")
+
+    monkeypatch.setattr(tb, "_aggregate", broken)
+    assert tb.first_use_check(cpu, F32) == "RuntimeError: out of resource: shared memory"

@@ -19,6 +19,7 @@ Shapes: B batch, C channels, N queries, M candidate tokens, K neighbours, G chan
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +34,16 @@ from .options import (
     KERNELS,
     METRICS,
     WEIGHTINGS,
+    check_bool,
     check_choice,
+    check_fraction,
+    check_generator,
+    check_indices,
+    check_like,
     check_positive_int,
     check_rank,
+    check_selection_dtype,
+    check_tensor,
     pair,
 )
 
@@ -147,7 +155,7 @@ def _check_candidates(grid: Grid, candidates, num_candidates, window, K, include
     check_choice("candidates", candidates, CANDIDATES)
     if candidates in ("random", "grid"):
         if num_candidates is None:
-            raise ValueError(f"num_candidates is required for candidates={candidates!r}")
+            raise ValueError(f"num_candidates is required for candidates={candidates!r}, got None")
         check_positive_int("num_candidates", num_candidates)
         if num_candidates > grid.H * grid.W:
             raise ValueError(
@@ -156,7 +164,9 @@ def _check_candidates(grid: Grid, candidates, num_candidates, window, K, include
             )
     if candidates == "window":
         if window is None:
-            raise ValueError("window is required for candidates='window' (an odd int >= 1)")
+            raise ValueError(
+                "window is required for candidates='window' (an odd int >= 1), got None"
+            )
         check_positive_int("window", window)
         if window % 2 == 0:
             raise ValueError(f"window must be odd, got {window}")
@@ -199,6 +209,7 @@ def _select_indices(
     if k_sel == 0:
         idx = self_index.new_empty(q.shape[0], q.shape[1], 0)
     elif cand is not None:
+        cand = cand.sort().values  # ascending, so ties between candidates go to the lower index
         lookup = torch.full((k.shape[1],), -1, dtype=torch.long, device=k.device)
         lookup[cand] = torch.arange(cand.numel(), device=k.device)
         ex = None if exclude is None else lookup[exclude]
@@ -263,21 +274,41 @@ def knn_select(
     """
     check_rank("query", query, 3, "(B, N, D)")
     check_rank("key", key, 3, "(B, M, D)")
+    check_like("key", key, "query", query)
     check_choice("metric", metric, tuple(m for m in METRICS if m != "spatial"))
     if query.shape[-1] != key.shape[-1] or query.shape[0] != key.shape[0]:
         raise ValueError(
             f"query and key must share batch and feature dims, got {tuple(query.shape)} "
             f"and {tuple(key.shape)}"
         )
+    check_bool("include_self", include_self)
+    check_selection_dtype(selection_dtype)
     N, M = query.shape[1], key.shape[1]
+    if candidates is not None:
+        check_tensor("candidates", candidates, "(Mc,) or (N, W)")
+        if candidates.dim() not in (1, 2) or candidates.dim() == 2 and candidates.shape[0] != N:
+            raise ValueError(
+                f"candidates must be (Mc,) or (N, W) with N = {N} queries, got shape "
+                f"{tuple(candidates.shape)}"
+            )
+        candidates = check_indices(
+            "candidates", candidates, M, f"(key indices, M = {M})", distinct=True
+        )
     count = M if candidates is None else candidates.shape[-1]
     check_positive_int("K", K)
     if K > count:
         raise ValueError(f"K must be <= the number of candidates ({count}), got K={K}")
     if self_index is None:
         if include_self and N != M:
-            raise ValueError("self_index (N,) is required with include_self when N != M")
+            raise ValueError(
+                f"self_index (N,) is required with include_self when N != M ({N} != {M}), got None"
+            )
         self_index = torch.arange(N, device=query.device) if N == M else None
+    else:
+        check_rank("self_index", self_index, 1, f"(N,) = ({N},)", floating=False)
+        if self_index.shape[0] != N:
+            raise ValueError(f"self_index must be (N,) = ({N},), got {tuple(self_index.shape)}")
+        self_index = check_indices("self_index", self_index, M, f"(key indices, M = {M})")
     be = backends.get(backend, query.device.type)
     q, k = _selection_operands(metric, query, key, selection_dtype)
     shared = candidates if candidates is not None and candidates.dim() == 1 else None
@@ -307,42 +338,68 @@ def _selection_operands(metric, query, key, selection_dtype):
 # --------------------------------------------------------------------------- aggregation
 
 
-def _check_kernel_weights(kernel, weight, pointwise_weight, channels, K) -> int:
-    """Validate weights for ``kernel``; return the output channel count."""
+def _check_kernel_weights(kernel, weight, bias, pointwise_weight, channels, K, source) -> int:
+    """Validate weights and bias for ``kernel`` on ``channels`` input channels (those of the
+    argument named ``source``); return the output channel count."""
+    c_out = _kernel_out_channels(kernel, weight, pointwise_weight, channels, K, source)
+    if bias is not None:
+        check_tensor("bias", bias, f"({c_out},)")
+        if tuple(bias.shape) != (c_out,):
+            raise ValueError(
+                f"bias must have shape (C_out,) = ({c_out},) for kernel={kernel!r} with the "
+                f"{channels} channels of {source}, got {tuple(bias.shape)}"
+            )
+    return c_out
+
+
+def _kernel_out_channels(kernel, weight, pointwise_weight, channels, K, source) -> int:
     check_choice("kernel", kernel, KERNELS)
+    if kernel != "separable" and pointwise_weight is not None:
+        raise ValueError(
+            f"pointwise_weight must be None for kernel={kernel!r}, got {_shape(pointwise_weight)}"
+        )
     if kernel == "none":
         if weight is not None:
-            raise ValueError("weight must be None for kernel='none'")
+            raise ValueError(f"weight must be None for kernel='none', got {_shape(weight)}")
         return channels
     expected = {"standard": f"(C_out, {channels}, {K})", "depthwise": f"({channels}, 1, {K})"}
     expected["separable"] = expected["depthwise"]
-    if weight is None or weight.dim() != 3:
+    if not isinstance(weight, Tensor) or weight.dim() != 3:
         raise ValueError(
             f"weight must be a 3-D tensor {expected[kernel]} for kernel={kernel!r}, got "
-            f"{None if weight is None else tuple(weight.shape)}"
+            f"{_shape(weight)}"
         )
     want_in = 1 if kernel != "standard" else channels
     want_out = weight.shape[0] if kernel == "standard" else channels
     if tuple(weight.shape) != (want_out, want_in, K):
         raise ValueError(
-            f"weight must have shape {expected[kernel]} for kernel={kernel!r} with {channels} "
-            f"input channels and K={K}, got {tuple(weight.shape)}"
+            f"weight must have shape {expected[kernel]} for kernel={kernel!r} with the {channels} "
+            f"channels of {source} and K={K}, got {tuple(weight.shape)}"
         )
     if kernel == "separable":
-        if pointwise_weight is None or pointwise_weight.shape[1:] != (channels, 1):
+        pw = pointwise_weight
+        if not isinstance(pw, Tensor) or pw.dim() != 3 or pw.shape[1:] != (channels, 1):
             raise ValueError(
-                f"pointwise_weight must have shape (C_out, {channels}, 1) for kernel='separable', "
-                f"got {None if pointwise_weight is None else tuple(pointwise_weight.shape)}"
+                f"pointwise_weight must have shape (C_out, {channels}, 1) for kernel='separable' "
+                f"with the {channels} channels of {source}, got {_shape(pw)}"
             )
-        return pointwise_weight.shape[0]
+        return pw.shape[0]
     return weight.shape[0]
 
 
+def _shape(t) -> object:
+    """What came, for an error message: a tensor's shape, else the value itself."""
+    return tuple(t.shape) if isinstance(t, Tensor) else t
+
+
 def _aggregate(be, values, indices, rho, weight, bias, kernel, pointwise_weight):
-    if kernel == "separable":
-        y = be.aggregate(values, indices, rho, weight, None, "depthwise")
-        return F.linear(y, pointwise_weight[:, :, 0], bias)
-    return be.aggregate(values, indices, rho, weight, bias, kernel)
+    """The backend's aggregation on tensors of one dtype (cast by the caller as autocast
+    casts a convolution's inputs), so every backend returns that dtype."""
+    with torch.autocast(values.device.type, enabled=False):
+        if kernel == "separable":
+            y = be.aggregate(values, indices, rho, weight, None, "depthwise")
+            return F.linear(y, pointwise_weight[:, :, 0], bias)
+        return be.aggregate(values, indices, rho, weight, bias, kernel)
 
 
 def neighbor_aggregate(
@@ -367,27 +424,42 @@ def neighbor_aggregate(
         pointwise_weight: (C_out, C, 1) for 'separable'.
 
     Returns:
-        (B, N, C_out).
+        (B, N, C_out). Under autocast the floating inputs are cast as for ``F.conv1d`` and
+        the output has the autocast dtype, on every backend.
+
+    Raises:
+        ValueError: indices that are not integers in [0, M) (checked with one min/max
+            reduction; in a compiled graph an asynchronous assert, a RuntimeError, instead).
     """
     check_rank("values", values, 3, "(B, M, C)")
+    check_tensor("indices", indices, "(B, N, K) or (B, G, N, K)")
     if indices.dim() not in (3, 4):
         raise ValueError(
             f"indices must be (B, N, K) or (B, G, N, K), got shape {tuple(indices.shape)}"
         )
+    B, M, C = values.shape
+    indices = check_indices("indices", indices, M, f"(token indices of values, M = {M})")
     grouped = indices if indices.dim() == 4 else indices[:, None]
+    if weights is not None:
+        check_tensor("weights", weights, f"shaped like indices {tuple(indices.shape)}")
     rho = None if weights is None else (weights if weights.dim() == 4 else weights[:, None])
     if rho is not None and rho.shape != grouped.shape:
         raise ValueError(
             f"weights must have the shape of indices {tuple(indices.shape)}, got "
             f"{tuple(weights.shape)}"
         )
-    B, M, C = values.shape
     if grouped.shape[0] != B or C % grouped.shape[1]:
         raise ValueError(
-            f"indices {tuple(indices.shape)} do not fit values {tuple(values.shape)}: need the "
-            f"same batch and channels divisible by the groups"
+            f"indices must have the batch of values {tuple(values.shape)} and a number of "
+            f"groups that divides its channels, got indices of shape {tuple(indices.shape)}"
         )
-    _check_kernel_weights(kernel, weight, pointwise_weight, C, grouped.shape[-1])
+    _check_kernel_weights(kernel, weight, bias, pointwise_weight, C, grouped.shape[-1], "values")
+    values, rho, weight, bias, pointwise_weight = _autocast_cast(
+        values, rho, weight, bias, pointwise_weight, device_type=values.device.type
+    )
+    for name, t in (("weights", rho), ("weight", weight), ("bias", bias)):
+        check_like(name, t, "values", values)
+    check_like("pointwise_weight", pointwise_weight, "values", values)
     be = backends.get(backend, values.device.type)
     return _aggregate(be, values, grouped, rho, weight, bias, kernel, pointwise_weight)
 
@@ -455,13 +527,13 @@ def _operator(
             include_self=include_self,
         )
     B, G = values.shape[0], groups
-    idx = idx.expand(B * G, -1, -1)
+    shared, idx = idx, idx.expand(B * G, -1, -1)  # spatial selection is one (1, N, K) for all
 
     rho = None
     if weighting == "softmax":
         if metric == "spatial":
             pos = grid.positions(device)
-            d = pos[self_index][:, None, :2] - pos[idx[0]][..., :2]
+            d = pos[self_index][:, None, :2] - pos[shared[0]][..., :2]
             scores = -d.pow(2).sum(-1).to(values.dtype).expand(B * G, -1, -1)
         else:
             scores = _gather_scores(metric, q_feat, k_feat, idx)
@@ -474,11 +546,25 @@ def _operator(
 
 
 def _autocast_cast(*tensors: Tensor | None, device_type: str):
-    """Cast like autocast casts a convolution's inputs (the backends run with it off)."""
+    """Cast like autocast casts a convolution's inputs (the backends run with it off):
+    float32/float16/bfloat16 tensors to the autocast dtype, float64 left alone."""
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(None if t is None else t.to(dtype) for t in tensors)
+    lower = (torch.float32, torch.float16, torch.bfloat16)
+    return tuple(t.to(dtype) if t is not None and t.dtype in lower else t for t in tensors)
+
+
+def _check_flags(include_self, training, return_indices, generator, selection_dtype) -> None:
+    """The options convnn2d and convnn_attention share, beyond the operator's choices."""
+    for name, value in (
+        ("include_self", include_self),
+        ("training", training),
+        ("return_indices", return_indices),
+    ):
+        check_bool(name, value)
+    check_generator(generator)
+    check_selection_dtype(selection_dtype)
 
 
 def _conv_shortcut(grid: Grid, K: int) -> tuple[int, int] | None:
@@ -529,17 +615,20 @@ def convnn2d(
     check_choice("metric", metric, METRICS)
     check_choice("weighting", weighting, WEIGHTINGS)
     check_choice("coords", coords, COORDS)
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    check_fraction("lam", lam)
+    _check_flags(include_self, training, return_indices, generator, selection_dtype)
     (sh, sw), (ph, pw) = pair("stride", stride, minimum=1), pair("padding", padding)
+    check_positive_int("K", K)
     B, C, H, W = x.shape
     grid = Grid(H, W, ph, pw, sh, sw)
     K = _check_candidates(grid, candidates, num_candidates, window, K, include_self)
-    C_out = _check_kernel_weights(kernel, weight, pointwise_weight, C, K)
+    C_out = _check_kernel_weights(kernel, weight, bias, pointwise_weight, C, K, "x")
     x_select = x  # rank neighbours at the input's precision even under autocast
     x, weight, bias, pointwise_weight = _autocast_cast(
         x, weight, bias, pointwise_weight, device_type=x.device.type
     )
+    for name, t in (("weight", weight), ("bias", bias), ("pointwise_weight", pointwise_weight)):
+        check_like(name, t, "x", x)
 
     shortcut = _conv_shortcut(grid, K)
     exact_conv = metric == "spatial" and candidates == "all" and weighting == "none"
@@ -605,6 +694,35 @@ def convnn1d(
     return out[:, :, 0]
 
 
+def _token_map(N, hw, needs_map: bool) -> tuple[int, int]:
+    """The (h, w) map of N tokens: ``hw`` when given (checked), else a 1 x N row.
+
+    Only 'window', 'grid' and 'spatial' read the layout. For them, hw=None still lays a
+    perfect-square N out as a square map, with a FutureWarning: guessing the map from N
+    is deprecated (a class token or a non-square map makes the guess wrong). The layout is
+    never computed when nothing reads it, so any sequence length traces.
+    """
+    if hw is not None:
+        hw = pair("hw", hw, minimum=1)
+        if hw[0] * hw[1] != N:
+            raise ValueError(f"hw must multiply to the number of tokens {N}, got {hw}")
+        return hw
+    if not needs_map:
+        return 1, N
+    side = round(N**0.5)  # exact for squares; math.isqrt cannot take a traced (symbolic) N
+    if side * side != N or side == 1:
+        return 1, N
+    if not torch.compiler.is_compiling():
+        warnings.warn(
+            f"convnn_attention: hw=None lays the {N} tokens out as a {side} x {side} map "
+            f"because {N} is a perfect square; this guess is deprecated and will become a "
+            f"1 x {N} row. Pass hw=(h, w) (hw=(1, {N}) for a sequence).",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return side, side
+
+
 def convnn_attention(
     q: Tensor,
     k: Tensor,
@@ -633,7 +751,8 @@ def convnn_attention(
     q, k, v: (B, heads, N, d) -> (B, N, C_out) with C_out = heads * d unless a 'standard'
     kernel maps to another width. K=None takes every candidate (kernel 'none' only).
     ``hw`` lays the N tokens out as an (h, w) map for 'window', 'grid' and 'spatial'
-    (default: a square map when N is a perfect square, else a 1 x N row).
+    (default: a 1 x N row; a perfect-square N is still laid out as a square map, with a
+    FutureWarning: that guess is deprecated, pass ``hw``).
     With ``return_indices`` also returns indices (B, heads, N, K).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -645,13 +764,11 @@ def convnn_attention(
         )
     check_choice("metric", metric, METRICS)
     check_choice("weighting", weighting, WEIGHTINGS)
+    check_choice("candidates", candidates, CANDIDATES)
+    check_fraction("dropout_p", dropout_p)
+    _check_flags(include_self, training, return_indices, generator, selection_dtype)
     B, G, N, d = q.shape
-    if hw is None:
-        side = math.isqrt(N)
-        hw = (side, side) if side * side == N else (1, N)
-    if hw[0] * hw[1] != N:
-        raise ValueError(f"hw must multiply to the number of tokens {N}, got {tuple(hw)}")
-    grid = Grid(*hw)
+    grid = Grid(*_token_map(N, hw, candidates in ("window", "grid") or metric == "spatial"))
     if K is None and kernel != "none":
         raise ValueError(
             f"K=None (every candidate) needs kernel='none': per-slot weights need a fixed K, "
@@ -659,14 +776,17 @@ def convnn_attention(
         )
     K = _check_candidates(grid, candidates, num_candidates, window, K, include_self)
     C = G * v.shape[-1]
-    _check_kernel_weights(kernel, weight, None, C, K)
+    _check_kernel_weights(kernel, weight, bias, None, C, K, "v (heads * d)")
     q, k, v, weight, bias = _autocast_cast(q, k, v, weight, bias, device_type=q.device.type)
+    for name, t in (("k", k), ("v", v), ("weight", weight), ("bias", bias)):
+        check_like(name, t, "q", q)
 
     full = candidates == "all" and K == N and not include_self and kernel == "none"
     if full and metric == "scaled_dot" and weighting == "softmax" and not return_indices:
         if backends.requested(backend) is None:  # exactly SDPA: use the fused kernel
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p if training else 0)
-            return out.transpose(1, 2).reshape(B, N, C)
+            out = out.transpose(1, 2).reshape(B, N, C)
+            return out if bias is None else out + bias
     values = v.transpose(1, 2).reshape(B, N, C)
     y, idx = _operator(
         values,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 METRICS = ("cosine", "euclidean", "dot", "scaled_dot", "spatial")
 CANDIDATES = ("all", "random", "grid", "window")
 WEIGHTINGS = ("none", "softmax")
@@ -35,8 +37,83 @@ def pair(name: str, value, *, minimum: int = 0) -> tuple[int, int]:
     return items  # type: ignore[return-value]
 
 
-def check_rank(name: str, tensor, rank: int, layout: str) -> None:
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_fraction(name: str, value) -> float:
+    """A real number in [0, 1] (lam, a dropout probability)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return value
+
+
+def check_tensor(name: str, tensor, layout: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor {layout}, got {type(tensor).__name__}")
+
+
+def check_rank(name: str, tensor, rank: int, layout: str, *, floating: bool = True) -> None:
+    """A ``rank``-D tensor (of a floating dtype unless ``floating`` is False)."""
+    check_tensor(name, tensor, layout)
     if tensor.dim() != rank:
         raise ValueError(
             f"{name} must be a {rank}-D tensor {layout}, got shape {tuple(tensor.shape)}"
         )
+    if floating and not tensor.is_floating_point():
+        raise ValueError(f"{name} must have a floating dtype, got {tensor.dtype}")
+
+
+def check_like(name: str, tensor, ref_name: str, ref) -> None:
+    """``tensor`` (a tensor or None) has the dtype and device of ``ref``."""
+    if tensor is None:
+        return
+    check_tensor(name, tensor, f"like {ref_name}")
+    if tensor.dtype != ref.dtype or tensor.device != ref.device:
+        raise ValueError(
+            f"{name} must have the dtype and device of {ref_name} ({ref.dtype}, {ref.device}), "
+            f"got {tensor.dtype}, {tensor.device}"
+        )
+
+
+def check_selection_dtype(value) -> None:
+    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise ValueError(f"selection_dtype must be None or a floating torch.dtype, got {value!r}")
+
+
+def check_generator(value) -> None:
+    if value is not None and not isinstance(value, torch.Generator):
+        raise ValueError(f"generator must be None or a torch.Generator, got {value!r}")
+
+
+def check_indices(name: str, indices, size: int, layout: str, *, distinct: bool = False):
+    """Integer indices in [0, size), as int64: one min/max reduction (and, with ``distinct``,
+    a sort showing that no index repeats along the last dim).
+
+    The bound is read back to the host, so this runs at public entry points only (the layers
+    build their indices themselves). In a compiled graph it becomes an asynchronous assert
+    (a RuntimeError on a bad index), so the check never breaks the graph.
+    """
+    check_tensor(name, indices, layout)
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor {layout}, got dtype {indices.dtype}")
+    indices = indices.long()
+    if indices.numel() == 0:
+        return indices
+    ordered = indices.sort(-1).values if distinct else None
+    repeats = None if ordered is None else (ordered[..., 1:] == ordered[..., :-1]).any()
+    if torch.compiler.is_compiling():
+        inside = ((indices >= 0) & (indices < size)).all()
+        torch._assert_async(inside, f"{name} must lie in [0, {size})")
+        if repeats is not None:
+            torch._assert_async(~repeats, f"{name} must not repeat an index")
+        return indices
+    lo, hi = (int(v) for v in torch.aminmax(indices))
+    if lo < 0 or hi >= size:
+        raise ValueError(f"{name} must lie in [0, {size}) {layout}, got values from {lo} to {hi}")
+    if repeats is not None and repeats:
+        twice = ordered[..., 1:][ordered[..., 1:] == ordered[..., :-1]][0]
+        raise ValueError(f"{name} must not repeat an index {layout}, got {int(twice)} twice")
+    return indices

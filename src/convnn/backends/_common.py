@@ -10,6 +10,9 @@ bilinear form ``score = q' . k'`` (one GEMM per block, the shape fused kernels w
 
 ``spatial`` ranks by position only: Chebyshev distance, then squared distance, then raster
 index, encoded exactly as one float64 key per pair.
+
+Every backend ranks the scores of :func:`rankable`, where -inf is free to mark a candidate a
+query may not pick: such a candidate loses to every real one, whatever its score.
 """
 
 from __future__ import annotations
@@ -52,6 +55,33 @@ def spatial_keys(pos_q: Tensor, pos_k: Tensor, grid: tuple[int, int]) -> Tensor:
     return -((cheb * scale + sq) * float(grid[0] * grid[1]) + pos_k[..., 2])
 
 
+def rankable(scores: Tensor) -> Tensor:
+    """Scores as every backend ranks them, in place: NaN ranks like +inf (first, as
+    ``torch.topk`` ranks it) and a real -inf like the lowest finite value.
+
+    So -inf marks excluded candidates only (they lose to every real candidate, even one whose
+    similarity overflowed to -inf), and every comparison is a total order in which equal
+    scores, NaN ones included, tie and go to the lower index.
+    """
+    lowest = torch.finfo(scores.dtype).min
+    return torch.nan_to_num_(scores, nan=float("inf"), posinf=float("inf"), neginf=lowest)
+
+
+def window_scores(
+    query: Tensor, key: Tensor, window: Tensor, spatial_grid: tuple[int, int] | None
+) -> Tensor:
+    """Rankable scores of each query against its own candidates: query (B, N, D), key
+    (B, M, D), window (N, W) key indices -> (B, N, W).
+
+    Every backend scores per-query candidates with this one function, so equal scores (ties,
+    which go to the lower index) are equal bit for bit everywhere: a dense GEMM rounds
+    differently (e.g. +-1e-8 where this gives an exact 0).
+    """
+    if spatial_grid is not None:
+        return spatial_keys(query[0], key[0][window], spatial_grid)[None]
+    return rankable(torch.einsum("bnd,bnwd->bnw", query, key[:, window]))
+
+
 def topk_low_ties(scores: Tensor, K: int, topk=None) -> tuple[Tensor, Tensor]:
     """Top-K of the last dim where a tie at the K-th score keeps the lower index.
 
@@ -59,7 +89,8 @@ def topk_low_ties(scores: Tensor, K: int, topk=None) -> tuple[Tensor, Tensor]:
     it is asked for K + 1, so a row cut a tie exactly when its (K+1)-th score equals its K-th
     (a comparison of two scores, not a pass over the row). Eager code redoes just those
     rows; a compiled graph (no data-dependent branches) redoes every row without sorting.
-    scores (..., M) -> values (..., K), positions (..., K), not necessarily sorted.
+    scores (..., M), without NaN (see :func:`rankable`) -> values (..., K), positions
+    (..., K), not necessarily sorted.
     """
     M = scores.shape[-1]
     vals, idx = (topk or _topk)(scores, min(K + 1, M))
@@ -127,4 +158,4 @@ def scale_groups(prime: Tensor, rho: Tensor) -> Tensor:
     over the group's C // G channels (never expanded to (B, N, K, C))."""
     G = rho.shape[1]
     rho = rho.permute(0, 2, 3, 1)[..., None]  # (B, N, K, G, 1)
-    return (prime.unflatten(-1, (G, -1)) * rho).flatten(-2)
+    return (prime.unflatten(-1, (G, prime.shape[-1] // G)) * rho).flatten(-2)

@@ -15,9 +15,11 @@ from ._common import (
     canonical_order,
     group_gather,
     group_scatter,
+    rankable,
     scale_groups,
     spatial_keys,
     topk_low_ties,
+    window_scores,
 )
 
 name = "chunked"
@@ -68,7 +70,7 @@ def topk_grouped(scores: Tensor, K: int, group: int = 64) -> tuple[Tensor, Tenso
 def _block_scores(query, key, spatial_grid):
     if spatial_grid is not None:
         return spatial_keys(query[0], key[0], spatial_grid)[None]
-    return query @ key.transpose(-1, -2)
+    return rankable(query @ key.transpose(-1, -2))
 
 
 def select(
@@ -110,18 +112,15 @@ def _select_window(query, key, K, spatial_grid, exclude, window):
     """Per-query candidate lists (N, W): score only the W candidates of each query."""
     B = max(query.shape[0], key.shape[0])
     N, W = window.shape
+    window = window.sort(-1).values  # columns ascend in index, so ties go to the lower index
     qb = max(1, BLOCK_ELEMENTS // max(1, B * W * key.shape[-1]))
     out = torch.empty(B, N, K, dtype=torch.long, device=query.device)
     for n0 in range(0, N, qb):
         w = window[n0 : n0 + qb]  # (n, W)
-        q = query[:, n0 : n0 + qb]
-        if spatial_grid is not None:
-            s = spatial_keys(q[0], key[0][w], spatial_grid)[None]
-        else:
-            s = torch.einsum("bnd,bnwd->bnw", q, key[:, w])
+        s = window_scores(query[:, n0 : n0 + qb], key, w, spatial_grid)
         if exclude is not None:
             s = _mask_excluded(s, w - exclude[n0 : n0 + qb, None], 0)
-        s, pos = topk_low_ties(s, K)  # window columns ascend in index
+        s, pos = topk_low_ties(s, K)
         idx = w.expand(s.shape[0], -1, -1).gather(-1, pos)
         out[:, n0 : n0 + qb] = canonical_order(s, idx)[1]
     return out
@@ -193,7 +192,7 @@ class _Aggregate(torch.autograd.Function):
                     g_flat = prime.reshape(-1, K * C).t() @ gy.reshape(-1, gy.shape[-1])
                     g_w += g_flat.view(K, C, -1).permute(2, 1, 0)
             if need_rho:
-                g = (g_prime * gathered).view(B, n, K, rho.shape[1], -1).sum(-1)
+                g = (g_prime * gathered).view(B, n, K, rho.shape[1], C // rho.shape[1]).sum(-1)
                 g_rho[:, :, n0 : n0 + nb] = g.permute(0, 3, 1, 2)
             if need_v:
                 group_scatter(g_prime if r is None else scale_groups(g_prime, r), idx, g_values)

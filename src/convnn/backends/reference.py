@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import canonical_order, group_gather, scale_groups, spatial_keys, topk_low_ties
+from ._common import (
+    canonical_order,
+    group_gather,
+    rankable,
+    scale_groups,
+    spatial_keys,
+    topk_low_ties,
+    window_scores,
+)
 
 name = "reference"
 
@@ -37,14 +45,18 @@ def select(
     (also among candidates tied at the K-th score: the lower indices are kept).
 
     window: (N, W) per-query candidate keys (default all M); exclude: (N,) a key each query
-    may not pick (-1 for none).
+    may not pick (-1 for none). Scores rank as :func:`~convnn.backends._common.rankable`
+    makes them (NaN first); a blocked key is never picked over a real one.
     """
     with torch.no_grad():
-        scores = similarity(query, key, spatial_grid)
+        if window is None:
+            scores = rankable(similarity(query, key, spatial_grid))
+        else:  # the window's scores, every other key blocked
+            own = window_scores(query, key, window, spatial_grid)
+            scores = own.new_full((own.shape[0], window.shape[0], key.shape[1]), float("-inf"))
+            scores.scatter_(2, window.expand_as(own), own)
         N, M = scores.shape[-2:]
         blocked = torch.zeros(N, M, dtype=torch.bool, device=scores.device)
-        if window is not None:
-            blocked.fill_(True).scatter_(1, window, False)
         if exclude is not None:
             rows = (exclude >= 0).nonzero().squeeze(1)
             blocked[rows, exclude[rows]] = True

@@ -2,21 +2,37 @@
 
 - ``select``: each program takes a block of queries and one range of keys, computes
   ``q' . k'`` tile by tile with ``tl.dot`` (fp32 accumulation) and merges every tile into a
-  running top-K held in registers, so the (N, M) similarity matrix is never written. Key
-  ranges are split over programs when N * B alone cannot fill the GPU; the per-range top-Ks
-  are merged afterwards (a sort of ``splits * K`` candidates per query).
+  running top-K of packed (score, index) keys, so the (N, M) similarity matrix is never
+  written. Key ranges are split over programs when N * B alone cannot fill the GPU; the
+  per-range top-Ks are merged afterwards (a top-K of ``splits * K`` packed keys per query).
 - ``aggregate``: ``y_n = sum_k W_k (rho_nk * v_{idx_nk}) + b`` gathers neighbour rows inside
   the kernel (a gather-GEMM for 'standard', a weighted sum for 'none'/'depthwise'), so the
   (B, N, K, C) tensor of gathered neighbours is never formed, forward or backward. The
   gradients of values (scatter with ``tl.atomic_add``), rho and weight are kernels too;
   the weight gradients are reduced over per-program partials, so they are deterministic.
 
-Contracts are those of :mod:`convnn.backends.reference`. Falls back to
-:mod:`convnn.backends.chunked` where a kernel would not pay: spatial or windowed selection,
-K > ``MAX_K``, dtypes other than float16/bfloat16/float32/float64, empty inputs.
-Accumulation is fp32 (fp64 for float64 inputs); outputs have the input dtype. float32
-``tl.dot`` follows ``torch.get_float32_matmul_precision()``: 'highest' (the default) is
-exact IEEE fp32, 'high'/'medium' allow TF32.
+**What runs.** Every kernel launch is one entry of :func:`table` (kernel, tile sizes, warps,
+stages, dtype); the ahead-of-time test compiles each entry for every arch in ``ARCHS`` and
+checks that it fits (registers, shared memory, no spills) and uses tensor cores.
+:func:`unsupported_select` and :func:`unsupported_aggregate` say whether a call is inside
+that table: float32/bfloat16/float16,
+``K <= MAX_K``, sizes whose offsets fit 32 bits, and (on CUDA) a device in ``ARCHS``.
+
+- Forced (``backend="triton"``): a call outside the table is a ``ValueError``. Spatial and
+  windowed selection and empty inputs have no kernel by design and run on
+  :mod:`convnn.backends.chunked`.
+- Auto (``backend=None`` on CUDA, :data:`auto`): the kernels run only for calls inside the
+  table, and only after a one-time check per (device, dtype), on the first call, against
+  the chunked backend on a tiny input. If the device is not in ``ARCHS`` or the check fails,
+  that (device, dtype) runs on chunked, with one warning that says why. The check runs
+  eagerly: code traced by ``torch.compile`` before any eager call runs chunked (an eager
+  warm-up step first lets the compiled code use the kernels).
+
+Accumulation is fp32; outputs have the input dtype. float32 products run on tensor cores:
+selection always as ``tf32x3`` (three TF32 products, close to fp32, so the ranking matches
+the chunked backend's), aggregation as ``tf32x3`` under ``torch.get_float32_matmul_precision()
+== 'highest'`` (the default) and as ``tf32`` otherwise. Channel dims are zero-padded to
+multiples of 16 (a copy only when they are not already), so every row is 16-element aligned.
 
 Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (slow: for tests only).
 """
@@ -24,151 +40,285 @@ Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (slow: for tests only)
 from __future__ import annotations
 
 import os
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import chunked
-from ._common import canonical_order
+from . import triton_kernels as kernels
 
 name = "triton"
 
-MAX_K = 128  # largest K the selection kernel keeps in registers; above it chunked runs
-SELECT_BLOCK_M = 64  # keys per tile
-AGG_BLOCK_N = 32  # queries per aggregation program
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ARCHS = (80, 90)  # compute capabilities the AOT test compiles for (sm_80, sm_90)
+MAX_K = 128  # largest K the selection kernel keeps in registers
 TARGET_PROGRAMS = 1024  # enough programs to fill a large GPU when splitting key ranges
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+ALIGN = 16  # channel dims are padded to a multiple of this (elements)
+_INT32 = 2**31
+_LOW32 = 2**32 - 1
 
 
-def _precision(dtype: torch.dtype) -> str | None:
-    """``tl.dot`` input precision for float32: TF32 only where torch's matmuls allow it."""
-    if dtype != torch.float32:
-        return None  # half types: native tensor cores; float64 does not use tl.dot
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+# --------------------------------------------------------------------------- the table
 
 
-def _dot_dtype(dtype: torch.dtype):
-    """Operand type of tl.dot: the input's, except bfloat16 under the interpreter (which
-    stores it as raw uint16 and multiplies those), where fp32 is exact instead."""
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+@dataclass(frozen=True)
+class Launch:
+    """One compiled configuration: a kernel of :mod:`triton_kernels` with its compile-time
+    constants, for one operand dtype. The AOT test compiles exactly these."""
+
+    kernel: str
+    dtype: torch.dtype
+    constants: tuple[tuple[str, object], ...]
+    num_warps: int = 4
+    num_stages: int = 1
+    maxnreg: int = 128  # register cap given to ptxas: without one it may spill to reach occupancy
+
+    def options(self) -> dict:
+        """Compile options (warps, stages, register cap)."""
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of the launch: compile-time constants and options."""
+        out = {k: _tl_dtype(v) if k == "DOT" else v for k, v in self.constants}
+        return dict(out, **self.options())
+
+    @property
+    def has_matmul(self) -> bool:
+        """Whether the kernel multiplies matrices (tl.dot), so it must use tensor cores."""
+        consts = dict(self.constants)
+        return "DOT" in consts and consts.get("STANDARD", True)
+
+    def describe(self) -> str:
+        consts = " ".join(f"{k}={v}" for k, v in self.constants if k != "DOT")
+        dtype = str(self.dtype).removeprefix("torch.")
+        opts = " ".join(f"{k}={v}" for k, v in self.options().items())
+        return f"{self.kernel}[{dtype}] {consts} {opts}"
+
+
+def _tl_dtype(name: str):
+    # bfloat16 under the interpreter: numpy has no bfloat16 matmul (it would multiply the raw
+    # uint16 storage); fp32 products of bfloat16 values are exact.
+    if name == "bf16" and os.environ.get("TRITON_INTERPRET") == "1":
         return tl.float32
-    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(dtype, tl.float32)
+    return {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}[name]
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+_DOT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+SELECT_KP = (16, 32, 64, 128)  # running top-K widths (K rounded up to a power of 2, >= 16)
+# KP -> (queries per program, keys per tile, register cap): the running top-K and the score
+# tile stay in registers without spilling (measured by the AOT test; see BENCHMARKS.md).
+_SELECT_TILES = {16: (64, 32, 128), 32: (64, 32, 128), 64: (32, 16, 168), 128: (16, 32, 128)}
+AGG_BLOCK_N = 32  # queries per aggregation program
 
 
-def _block(n: int, lo: int = 16, hi: int = 64, dtype: torch.dtype | None = None) -> int:
-    """Power-of-2 block for a dim of size n, within [lo, hi] (tl.dot needs >= 16).
-
-    float64 products run as (a, b, c) broadcasts, so their blocks stay small.
-    """
-    hi = min(hi, 16) if dtype == torch.float64 else hi
-    return max(min(lo, hi), min(hi, triton.next_power_of_2(max(n, 1))))
+def _precisions(dtype: torch.dtype) -> tuple[str | None, ...]:
+    return ("tf32x3", "tf32") if dtype == torch.float32 else (None,)
 
 
-@triton.jit
-def _mm(a, b, acc, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr):
-    """acc + a @ b: tl.dot on DOT operands with ACC accumulation; float64 by FMA (fp64
-    tl.dot is not available on every target)."""
-    if ACC == tl.float64:
-        return acc + tl.sum(a.to(ACC)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
-    else:
-        return tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
+def _matmul_precision(dtype: torch.dtype) -> str | None:
+    """``tl.dot`` input precision of the aggregation GEMMs (torch's float32 matmul setting)."""
+    if dtype != torch.float32:
+        return None
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def select_launch(dtype: torch.dtype, K: int) -> Launch:
+    """The selection kernel's configuration for ``K`` neighbours of ``dtype`` operands."""
+    kp = max(SELECT_KP[0], triton.next_power_of_2(K))
+    block_n, block_m, regs = _SELECT_TILES[kp]
+    consts = dict(KP=kp, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=16)
+    consts.update(PRECISION="tf32x3" if dtype == torch.float32 else None, DOT=_DOT[dtype])
+    return Launch("select_topk", dtype, tuple(consts.items()), maxnreg=regs)
+
+
+def aggregate_launches(dtype: torch.dtype, kernel: str, precision: str | None) -> dict:
+    """The aggregation kernels of ``kernel`` ('none'/'depthwise' or 'standard'):
+    {'fwd': Launch, 'bwd': Launch[, 'grad_w': Launch]}."""
+    precision = precision if kernel == "standard" else None  # no products otherwise
+    gemm = (("PRECISION", precision), ("DOT", _DOT[dtype]))
+    bwd = (("BLOCK_N", AGG_BLOCK_N), ("BLOCK_C", 32), ("BLOCK_O", 32)) + gemm
+    if kernel != "standard":
+        return {
+            "fwd": Launch("channelwise_fwd", dtype, (("BLOCK_N", AGG_BLOCK_N), ("BLOCK_C", 64))),
+            "bwd": Launch("aggregate_bwd", dtype, (("STANDARD", False),) + bwd),
+        }
+    return {
+        "fwd": Launch(
+            "standard_fwd",
+            dtype,
+            (("BLOCK_N", AGG_BLOCK_N), ("BLOCK_C", 32), ("BLOCK_O", 64)) + gemm,
+        ),
+        # tf32x3 needs more than 128 registers not to spill
+        "bwd": Launch("aggregate_bwd", dtype, (("STANDARD", True),) + bwd, maxnreg=168),
+        "grad_w": Launch(
+            "standard_grad_w",
+            dtype,
+            (("BLOCK_N", AGG_BLOCK_N), ("BLOCK_C", 32), ("BLOCK_O", 64)) + gemm,
+        ),
+    }
+
+
+def table() -> list[Launch]:
+    """Every configuration the backend can launch (what the AOT test compiles)."""
+    out: list[Launch] = []
+    for dtype in DTYPES:
+        out += [select_launch(dtype, kp) for kp in SELECT_KP]
+        out += aggregate_launches(dtype, "none", None).values()
+        for precision in _precisions(dtype):
+            out += aggregate_launches(dtype, "standard", precision).values()
+    return list(dict.fromkeys(out))
+
+
+# --------------------------------------------------------------------------- coverage
+
+
+def _arch(device: torch.device) -> int | None:
+    """Compute capability as an int (80 for sm_80) of a CUDA device; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _device_reason(device: torch.device) -> str | None:
+    arch = _arch(device)
+    if arch is None or arch in ARCHS:
+        return None
+    covered = ", ".join(f"sm_{a}" for a in ARCHS)
+    return f"the kernels are compiled and checked for {covered}; this device is sm_{arch}"
+
+
+def _pad16(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _dtype_reason(*tensors: Tensor | None) -> str | None:
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES:
+        got = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        return f"the kernels take one dtype among float32, bfloat16, float16; got {got}"
+    return None
+
+
+def _size_reason(**sizes: int) -> str | None:
+    big = {k: v for k, v in sizes.items() if v >= _INT32}
+    if big:
+        return f"offsets past 32 bits ({', '.join(f'{k}={v}' for k, v in big.items())})"
+    return None
+
+
+def unsupported_select(query: Tensor, key: Tensor, K: int) -> str | None:
+    """Why the selection kernel does not cover this call (None: it does)."""
+    reason = _dtype_reason(query, key) or _device_reason(query.device)
+    if reason is None and K > MAX_K:
+        reason = f"K must be <= {MAX_K}, got K={K}"
+    D = _pad16(query.shape[-1])
+    return reason or _size_reason(
+        query_elements=query.shape[1] * D, key_elements=key.shape[1] * D, keys=key.shape[1]
+    )
+
+
+def unsupported_aggregate(
+    values: Tensor,
+    indices: Tensor,
+    rho: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    kernel: str,
+) -> str | None:
+    """Why the aggregation kernels do not cover this call (None: they do)."""
+    B, M, C = values.shape
+    G, N, K = indices.shape[1:]
+    c_pad = G * _pad16(C // G)
+    c_out = _pad16(weight.shape[0]) if kernel == "standard" else c_pad
+    reason = _dtype_reason(values, rho, weight, bias) or _device_reason(values.device)
+    return reason or _size_reason(
+        value_elements=M * c_pad,
+        output_elements=N * c_out,
+        index_elements=G * N * K,
+        weight_elements=K * c_pad * c_out,
+    )
+
+
+def _no_kernel(query: Tensor, key: Tensor, spatial_grid, window) -> bool:
+    """Selections the backend has no kernel for by design (they run chunked)."""
+    empty = 0 in (query.shape[0], key.shape[0], query.shape[1], key.shape[1])
+    return spatial_grid is not None or window is not None or empty
+
+
+def _refuse(what: str, reason: str):
+    raise ValueError(
+        f"backend='triton' does not cover this {what}: {reason}. Use backend='auto' (the "
+        f"chunked backend runs it) or backend='chunked'"
+    )
+
+
+# --------------------------------------------------------------------------- launching
+
+# A test hook: called with (launch, grid, args) instead of launching, when set.
+_recorder: Callable | None = None
+
+
+def _launch(launch: Launch, grid: tuple[int, int, int], *args) -> None:
+    if _recorder is not None:
+        _recorder(launch, grid, args)
+        return
+    getattr(kernels, launch.kernel)[grid](*args, **launch.kwargs())
+
+
+def _aligned(t: Tensor) -> Tensor:
+    """Contiguous and 16-byte aligned (the kernels are compiled for aligned pointers). A
+    traced graph has no addresses: its buffers are the compiler's (aligned when fresh)."""
+    t = t.contiguous()
+    if torch.compiler.is_compiling() or t.data_ptr() % 16 == 0:
+        return t
+    return t.clone()
+
+
+def _dummy(dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.empty(ALIGN, dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------- selection
 
 
-@triton.jit
-def _select_kernel(
-    q_ptr,
-    k_ptr,
-    ex_ptr,
-    out_v_ptr,
-    out_i_ptr,
-    N,
-    M,
-    D,
-    stride_qb,
-    stride_kb,
-    keys_per_split,
-    num_splits,
-    K: tl.constexpr,
-    KP: tl.constexpr,
-    HAS_EXCLUDE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
-    DOT: tl.constexpr,
-    LOWEST: tl.constexpr,
-):
-    """Top-K of q[b, n] . k[b, m] over one key range; writes (B, N, splits, KP) candidates."""
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    slots = tl.arange(0, KP)
-    if HAS_EXCLUDE:
-        ex = tl.load(ex_ptr + offs_n, mask=mask_n, other=-1)
-    # Running top-K: slots >= K hold +inf so they are never the worst and never evicted;
-    # empty slots hold -inf and distinct negative indices (so "evict the highest index
-    # among the tied worst" always names exactly one slot).
-    top_v = tl.where(
-        slots[None, :] < K,
-        tl.full((BLOCK_N, KP), float("-inf"), ACC),
-        tl.full((BLOCK_N, KP), float("inf"), ACC),
-    )
-    top_i = -1 - slots[None, :] + tl.zeros((BLOCK_N, KP), dtype=tl.int32)
-    m_start = split * keys_per_split
-    m_end = tl.minimum(m_start + keys_per_split, M)
-    q_base = q_ptr + b * stride_qb + offs_n[:, None] * D
-    k_base = k_ptr + b * stride_kb
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < m_end
-        s = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
-            q = tl.load(q_base + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0)
-            kt = tl.load(
-                k_base + offs_m[None, :] * D + offs_d[:, None],
-                mask=mask_d[:, None] & mask_m[None, :],
-                other=0,
-            )
-            s = _mm(q, kt, s, PRECISION, ACC, DOT)
-        # NaN ranks first (as torch.topk); real scores stay above the -inf of blocked keys.
-        s = tl.where(s == float("-inf"), tl.full((BLOCK_N, BLOCK_M), LOWEST, ACC), s)
-        s = tl.where(s != s, float("inf"), s)
-        valid = mask_m[None, :]
-        if HAS_EXCLUDE:
-            valid = valid & (offs_m[None, :] != ex[:, None])
-        s = tl.where(valid, s, float("-inf"))
-        # At most min(K, #entries beating the current worst) insertions per row.
-        worst = tl.min(top_v, axis=1)
-        beat = tl.sum((s > worst[:, None]).to(tl.int32), axis=1)
-        rounds = tl.minimum(tl.max(beat, axis=0), K)
-        for _ in range(rounds):
-            best = tl.max(s, axis=1)
-            best_i = tl.min(tl.where(s == best[:, None], offs_m[None, :], 2147483647), axis=1)
-            worst = tl.min(top_v, axis=1)
-            worst_i = tl.max(tl.where(top_v == worst[:, None], top_i, -2147483647), axis=1)
-            evict = (top_i == worst_i[:, None]) & (best > worst)[:, None]
-            top_v = tl.where(evict, best[:, None], top_v)
-            top_i = tl.where(evict, best_i[:, None], top_i)
-            s = tl.where(offs_m[None, :] == best_i[:, None], float("-inf"), s)
-    out = ((b * N + offs_n[:, None]) * num_splits + split) * KP + slots[None, :]
-    keep = slots[None, :] < K
-    tl.store(out_v_ptr + out, tl.where(keep, top_v, float("-inf")), mask=mask_n[:, None])
-    tl.store(out_i_ptr + out, tl.where(keep & (top_i >= 0), top_i, M), mask=mask_n[:, None])
+def _select(query: Tensor, key: Tensor, K: int, exclude: Tensor | None) -> Tensor:
+    """The kernel path of :func:`select` (the call is covered)."""
+    with torch.no_grad():
+        B = max(query.shape[0], key.shape[0])
+        N, M, D = query.shape[1], key.shape[1], query.shape[-1]
+        pad = _pad16(D) - D
+        q, k = (_aligned(F.pad(t, (0, pad)) if pad else t) for t in (query, key))
+        launch = select_launch(q.dtype, K)
+        consts = dict(launch.constants)
+        block_n, block_m = consts["BLOCK_N"], consts["BLOCK_M"]
+        tiles, rows = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
+        tiles_per_split = triton.cdiv(tiles, max(1, min(tiles, TARGET_PROGRAMS // (rows * B))))
+        splits = triton.cdiv(tiles, tiles_per_split)
+        packed = torch.empty(B, N, splits * K, dtype=torch.int64, device=q.device)
+        if exclude is None:
+            ex = _dummy(torch.int32, q.device)
+        else:
+            ex = _aligned(exclude.to(device=q.device, dtype=torch.int32))
+        _launch(
+            launch,
+            (rows, splits, B),
+            *(q, k, ex, packed),
+            *(N, M, D + pad, int(q.shape[0] > 1), int(k.shape[0] > 1)),
+            *(tiles_per_split * block_m, splits, K, int(exclude is not None)),
+        )
+        # Packed keys order as (score desc, index asc): a top-K of them is the merge with
+        # the tie rule, and sorted=True gives the canonical slot order.
+        packed = packed.topk(K, dim=-1).values
+        idx = _LOW32 - (packed & _LOW32)
+        return idx.masked_fill_(packed >> 32 == -_INT32, M)  # empty slots (EMPTY + slot)
 
 
 def select(
@@ -182,564 +332,138 @@ def select(
 ) -> Tensor:
     """Same contract as :func:`convnn.backends.reference.select`, fused.
 
-    Spatial and windowed selection (cheap, not the hot path), K > ``MAX_K``, unsupported
-    dtypes and empty inputs run on the chunked backend.
+    Spatial and windowed selection and empty inputs run on the chunked backend; a call the
+    kernels do not cover (see :func:`unsupported_select`) is a ``ValueError``.
     """
-    N, M = query.shape[1], key.shape[1]
-    if (
-        spatial_grid is not None
-        or window is not None
-        or K > MAX_K
-        or query.dtype not in _DTYPES
-        or key.dtype != query.dtype
-        or N == 0
-        or M == 0
-    ):
+    if _no_kernel(query, key, spatial_grid, window):
         return chunked.select(
             query, key, K, spatial_grid=spatial_grid, exclude=exclude, window=window
         )
-    with torch.no_grad():
-        B = max(query.shape[0], key.shape[0])
-        D = query.shape[-1]
-        q, k = query.contiguous(), key.contiguous()
-        acc = _acc_dtype(q.dtype)
-        KP = triton.next_power_of_2(K)
-        block_n = 64 if KP <= 32 else (32 if KP <= 64 else 16)
-        block_m = SELECT_BLOCK_M
-        if q.dtype == torch.float64:
-            block_n, block_m = 16, min(block_m, 32)
-        tiles, rows = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
-        tiles_per_split = triton.cdiv(tiles, max(1, min(tiles, TARGET_PROGRAMS // (rows * B))))
-        splits = triton.cdiv(tiles, tiles_per_split)
-        vals = torch.empty(B, N, splits, KP, dtype=acc, device=q.device)
-        idx = torch.empty(B, N, splits, KP, dtype=torch.int32, device=q.device)
-        ex = q if exclude is None else exclude.to(device=q.device, dtype=torch.int32).contiguous()
-        _select_kernel[(rows, splits, B)](
-            q,
-            k,
-            ex,
-            vals,
-            idx,
-            N,
-            M,
-            D,
-            0 if q.shape[0] == 1 else N * D,
-            0 if k.shape[0] == 1 else M * D,
-            tiles_per_split * block_m,
-            splits,
-            K=K,
-            KP=KP,
-            HAS_EXCLUDE=exclude is not None,
-            BLOCK_N=block_n,
-            BLOCK_M=block_m,
-            BLOCK_D=_block(D, dtype=q.dtype),
-            PRECISION=_precision(q.dtype),
-            ACC=_TL_ACC[acc],
-            DOT=_dot_dtype(q.dtype),
-            LOWEST=-torch.finfo(acc).max,
-        )
-        vals, idx = vals.view(B, N, splits * KP), idx.view(B, N, splits * KP).long()
-        # Merge the per-range candidates; ties at the K-th score keep the lower index, as
-        # each range's running top-K does.
-        return canonical_order(vals, idx)[1][..., :K].contiguous()
+    reason = unsupported_select(query, key, K)
+    if reason:
+        _refuse("selection", reason)
+    return _select(query, key, K, exclude)
 
 
 # --------------------------------------------------------------------------- aggregation
 
 
-@triton.jit
-def _gather(
-    v_ptr,
-    idx_ptr,
-    rho_ptr,
-    b,
-    offs_n,
-    offs_c,
-    k,
-    N,
-    M,
-    C,
-    K,
-    G,
-    GROUP_C,
-    HAS_RHO: tl.constexpr,
-    GROUPED: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    """(BLOCK_N, BLOCK_C) tile of rho[b, g, n, k] * v[b, idx[b, g, n, k], c], g = c // GROUP_C.
-
-    idx/rho are contiguous (B, G, N, K), v is contiguous (B, M, C). Returns ACC.
-    """
-    mask_n = offs_n < N
-    mask_c = offs_c < C
-    mask = mask_n[:, None] & mask_c[None, :]
-    if GROUPED:  # the channel block may span groups: one index per (n, c)
-        g = offs_c // GROUP_C
-        at = ((b * G + g[None, :]) * N + offs_n[:, None]) * K + k
-        idx = tl.load(idx_ptr + at, mask=mask, other=0)
-        x = tl.load(v_ptr + (b * M + idx) * C + offs_c[None, :], mask=mask, other=0)
-        x = x.to(ACC)
-        if HAS_RHO:
-            x = x * tl.load(rho_ptr + at, mask=mask, other=0).to(ACC)
-    else:
-        at = (b * N + offs_n) * K + k
-        idx = tl.load(idx_ptr + at, mask=mask_n, other=0)
-        x = tl.load(v_ptr + (b * M + idx[:, None]) * C + offs_c[None, :], mask=mask, other=0)
-        x = x.to(ACC)
-        if HAS_RHO:
-            x = x * tl.load(rho_ptr + at, mask=mask_n, other=0).to(ACC)[:, None]
-    return x
-
-
-@triton.jit
-def _channelwise_fwd(
-    v_ptr,
-    idx_ptr,
-    rho_ptr,
-    w_ptr,
-    bias_ptr,
-    out_ptr,
-    N,
-    M,
-    C,
-    K,
-    G,
-    GROUP_C,
-    HAS_RHO: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    GROUPED: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    """'none' / 'depthwise': y[b, n, c] = sum_k w[c, k] rho v[idx, c] + bias[c]."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    b = tl.program_id(2).to(tl.int64)
-    mask_c = offs_c < C
-    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
-    for k in range(K):
-        x = _gather(
-            v_ptr,
-            idx_ptr,
-            rho_ptr,
-            b,
-            offs_n,
-            offs_c,
-            k,
-            N,
-            M,
-            C,
-            K,
-            G,
-            GROUP_C,
-            HAS_RHO,
-            GROUPED,
-            ACC,
-        )
-        if HAS_W:
-            x = x * tl.load(w_ptr + offs_c * K + k, mask=mask_c, other=0).to(acc.dtype)[None, :]
-        acc += x
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_c, mask=mask_c, other=0).to(acc.dtype)[None, :]
-    out = (b * N + offs_n[:, None]) * C + offs_c[None, :]
-    tl.store(out_ptr + out, acc, mask=(offs_n < N)[:, None] & mask_c[None, :])
-
-
-@triton.jit
-def _standard_fwd(
-    v_ptr,
-    idx_ptr,
-    rho_ptr,
-    w_ptr,
-    bias_ptr,
-    out_ptr,
-    N,
-    M,
-    C,
-    C_OUT,
-    K,
-    G,
-    GROUP_C,
-    HAS_RHO: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    GROUPED: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_O: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
-    DOT: tl.constexpr,
-):
-    """Gather-GEMM: y[b, n, :] = sum_k (rho v[idx_k]) @ W_k + bias; w is (K, C, C_out)."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-    b = tl.program_id(2).to(tl.int64)
-    mask_o = offs_o < C_OUT
-    acc = tl.zeros((BLOCK_N, BLOCK_O), dtype=ACC)
-    for k in range(K):
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            a = _gather(
-                v_ptr,
-                idx_ptr,
-                rho_ptr,
-                b,
-                offs_n,
-                offs_c,
-                k,
-                N,
-                M,
-                C,
-                K,
-                G,
-                GROUP_C,
-                HAS_RHO,
-                GROUPED,
-                ACC,
-            )
-            w = tl.load(
-                w_ptr + (k * C + offs_c[:, None]) * C_OUT + offs_o[None, :],
-                mask=(offs_c < C)[:, None] & mask_o[None, :],
-                other=0,
-            )
-            acc = _mm(a, w, acc, PRECISION, ACC, DOT)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0).to(ACC)[None, :]
-    out = (b * N + offs_n[:, None]) * C_OUT + offs_o[None, :]
-    tl.store(out_ptr + out, acc, mask=(offs_n < N)[:, None] & mask_o[None, :])
-
-
-@triton.jit
-def _aggregate_bwd(
-    gy_ptr,
-    v_ptr,
-    idx_ptr,
-    rho_ptr,
-    w_ptr,
-    gv_ptr,
-    grho_ptr,
-    gw_ptr,
-    N,
-    M,
-    C,
-    C_OUT,
-    K,
-    G,
-    GROUP_C,
-    KERNEL: tl.constexpr,  # 0 none, 1 depthwise, 2 standard
-    HAS_RHO: tl.constexpr,
-    NEED_V: tl.constexpr,
-    NEED_RHO: tl.constexpr,
-    NEED_W: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_O: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
-    DOT: tl.constexpr,
-):
-    """One (query block, slot k, batch): grads of values (atomic scatter), rho and, for
-    'depthwise', per-program partials of the weight grad.
-
-    g'[n, c] = dL/d(rho v[idx])[n, k, c] is gy (none), gy * w[c, k] (depthwise) or
-    gy @ W_k^T (standard); grad_rho[b, g, n, k] = sum_{c in g} g' v[idx, c];
-    grad_v[b, idx, c] += g' rho.
-    """
-    pid_n = tl.program_id(0)
-    k = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    for g in range(G):
-        at = ((b * G + g) * N + offs_n) * K + k
-        idx = tl.load(idx_ptr + at, mask=mask_n, other=0)
-        if HAS_RHO:
-            rho = tl.load(rho_ptr + at, mask=mask_n, other=0).to(ACC)
-        g_rho = tl.zeros((BLOCK_N,), dtype=ACC)
-        for c0 in range(0, GROUP_C, BLOCK_C):
-            offs_j = c0 + tl.arange(0, BLOCK_C)
-            mask_c = offs_j < GROUP_C
-            offs_c = g * GROUP_C + offs_j
-            mask = mask_n[:, None] & mask_c[None, :]
-            if KERNEL == 2:
-                gp = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
-                for o0 in range(0, C_OUT, BLOCK_O):
-                    offs_o = o0 + tl.arange(0, BLOCK_O)
-                    mask_o = offs_o < C_OUT
-                    gy = tl.load(
-                        gy_ptr + (b * N + offs_n[:, None]) * C_OUT + offs_o[None, :],
-                        mask=mask_n[:, None] & mask_o[None, :],
-                        other=0,
-                    )
-                    wt = tl.load(  # W_k^T block: (BLOCK_O, BLOCK_C) of w (K, C, C_OUT)
-                        w_ptr + (k * C + offs_c[None, :]) * C_OUT + offs_o[:, None],
-                        mask=mask_o[:, None] & mask_c[None, :],
-                        other=0,
-                    )
-                    gp = _mm(gy, wt, gp, PRECISION, ACC, DOT)
-            else:
-                gy = tl.load(
-                    gy_ptr + (b * N + offs_n[:, None]) * C + offs_c[None, :], mask=mask, other=0
-                ).to(ACC)
-                gp = gy
-                if KERNEL == 1:
-                    w = tl.load(w_ptr + offs_c * K + k, mask=mask_c, other=0).to(ACC)
-                    gp = gy * w[None, :]
-            if NEED_RHO or (KERNEL == 1 and NEED_W):
-                x = tl.load(
-                    v_ptr + (b * M + idx[:, None]) * C + offs_c[None, :], mask=mask, other=0
-                )
-                x = x.to(ACC)
-                if NEED_RHO:
-                    g_rho += tl.sum(gp * x, axis=1)
-                if KERNEL == 1 and NEED_W:  # partial dL/dw[c, k] = sum_n gy rho v
-                    if HAS_RHO:
-                        x = x * rho[:, None]
-                    part = tl.sum(gy * x, axis=0)
-                    row = b * tl.num_programs(0) + pid_n
-                    tl.store(gw_ptr + (row * C + offs_c) * K + k, part, mask=mask_c)
-            if NEED_V:
-                if HAS_RHO:
-                    gp = gp * rho[:, None]
-                tl.atomic_add(gv_ptr + (b * M + idx[:, None]) * C + offs_c[None, :], gp, mask=mask)
-        if NEED_RHO:
-            tl.store(grho_ptr + at, g_rho, mask=mask_n)
-
-
-@triton.jit
-def _standard_grad_w(
-    gy_ptr,
-    v_ptr,
-    idx_ptr,
-    rho_ptr,
-    gw_ptr,
-    B,
-    N,
-    M,
-    C,
-    C_OUT,
-    K,
-    G,
-    GROUP_C,
-    blocks_per_split,
-    HAS_RHO: tl.constexpr,
-    GROUPED: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_O: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
-    DOT: tl.constexpr,
-):
-    """Partial dL/dW_k = sum_{b, n} (rho v[idx_k])^T gy over one split of the query blocks.
-
-    Writes gw[split, k, c, o]; the splits are summed afterwards (deterministic).
-    """
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-    k = tl.program_id(2) % K
-    split = tl.program_id(2) // K
-    mask_o = offs_o < C_OUT
-    acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=ACC)
-    n_start = split * blocks_per_split * BLOCK_N
-    n_end = tl.minimum(n_start + blocks_per_split * BLOCK_N, N)
-    zero = tl.program_id(0).to(tl.int64) * 0  # 64-bit batch offsets
-    for b64 in range(zero, B):
-        for n0 in range(n_start, n_end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            a = _gather(
-                v_ptr,
-                idx_ptr,
-                rho_ptr,
-                b64,
-                offs_n,
-                offs_c,
-                k,
-                N,
-                M,
-                C,
-                K,
-                G,
-                GROUP_C,
-                HAS_RHO,
-                GROUPED,
-                ACC,
-            )
-            gy = tl.load(
-                gy_ptr + (b64 * N + offs_n[:, None]) * C_OUT + offs_o[None, :],
-                mask=(offs_n < N)[:, None] & mask_o[None, :],
-                other=0,
-            )
-            acc = _mm(tl.trans(a), gy, acc, PRECISION, ACC, DOT)
-    out = ((split * K + k) * C + offs_c[:, None]) * C_OUT + offs_o[None, :]
-    tl.store(gw_ptr + out, acc, mask=(offs_c < C)[:, None] & mask_o[None, :])
-
-
-_KERNEL_CODE = {"none": 0, "depthwise": 1, "standard": 2}
-
-
 class _Aggregate(torch.autograd.Function):
+    """Kernel-layout aggregation: values (B, M, C), w None | (C, K) depthwise | (K, C, C_out)
+    standard, channel dims multiples of 16, every tensor of one dtype."""
+
     @staticmethod
-    def forward(ctx, values, indices, rho, weight, bias, kernel):
-        values, indices = values.contiguous(), indices.contiguous()
-        rho = None if rho is None else rho.contiguous()
+    def forward(ctx, values, indices, rho, w, bias, kernel):
         B, M, C = values.shape
         G, N, K = indices.shape[1:]
-        c_out = weight.shape[0] if kernel == "standard" else C
+        c_out = w.shape[-1] if kernel == "standard" else C
         out = values.new_empty(B, N, c_out)
+        launches = aggregate_launches(values.dtype, kernel, _matmul_precision(values.dtype))
+        fwd = launches["fwd"]
+        block = dict(fwd.constants)
+        rows = triton.cdiv(N, AGG_BLOCK_N)
         dummy = values
-        common = dict(HAS_RHO=rho is not None, HAS_BIAS=bias is not None, GROUPED=G > 1)
-        args = (values, indices, dummy if rho is None else rho)
+        head = (values, indices, dummy if rho is None else rho, dummy if w is None else w)
+        head += (dummy if bias is None else bias, out)
         if kernel == "standard":
-            w = weight.permute(2, 1, 0).contiguous()  # (K, C, C_out): rows of W_k^T
-            block_o = _block(c_out, hi=64, dtype=values.dtype)
-            grid = (triton.cdiv(N, AGG_BLOCK_N), triton.cdiv(c_out, block_o), B)
-            _standard_fwd[grid](
-                *args,
-                w,
-                dummy if bias is None else bias,
-                out,
-                N,
-                M,
-                C,
-                c_out,
-                K,
-                G,
-                C // G,
-                **common,
-                BLOCK_N=AGG_BLOCK_N,
-                ACC=_TL_ACC[_acc_dtype(values.dtype)],
-                DOT=_dot_dtype(values.dtype),
-                BLOCK_C=_block(C, hi=32, dtype=values.dtype),
-                BLOCK_O=block_o,
-                PRECISION=_precision(values.dtype),
-            )
+            grid = (rows, triton.cdiv(c_out, block["BLOCK_O"]), B)
+            sizes = (N, M, C, c_out, K, G, C // G, int(rho is not None), int(bias is not None))
         else:
-            w = None if weight is None else weight[:, 0].contiguous()  # (C, K)
-            block_c = _block(C, lo=1, hi=64)
-            grid = (triton.cdiv(N, AGG_BLOCK_N), triton.cdiv(C, block_c), B)
-            _channelwise_fwd[grid](
-                *args,
-                dummy if w is None else w,
-                dummy if bias is None else bias,
-                out,
-                N,
-                M,
-                C,
-                K,
-                G,
-                C // G,
-                **common,
-                HAS_W=w is not None,
-                BLOCK_N=AGG_BLOCK_N,
-                ACC=_TL_ACC[_acc_dtype(values.dtype)],
-                BLOCK_C=block_c,
-            )
-        ctx.kernel = kernel
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(values, indices, rho, weight)
+            grid = (rows, triton.cdiv(C, block["BLOCK_C"]), B)
+            flags = (int(rho is not None), int(w is not None), int(bias is not None))
+            sizes = (N, M, C, K, G, C // G, *flags)
+        _launch(fwd, grid, *head, *sizes)
+        ctx.kernel, ctx.launches = kernel, launches
+        ctx.save_for_backward(values, indices, rho, w)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        values, indices, rho, weight = ctx.saved_tensors
-        kernel = ctx.kernel
+        values, indices, rho, w = ctx.saved_tensors
+        kernel, launches = ctx.kernel, ctx.launches
         B, M, C = values.shape
         G, N, K = indices.shape[1:]
         need_v, _, need_rho, need_w, need_b = ctx.needs_input_grad[:5]
-        acc = _acc_dtype(values.dtype)
-        gy = grad_out.to(values.dtype).contiguous()
+        gy = _aligned(grad_out.to(values.dtype))
         c_out = gy.shape[-1]
-        dummy = values
-        w = None
-        if kernel == "standard":
-            w = weight.permute(2, 1, 0).contiguous()
-        elif kernel == "depthwise":
-            w = weight[:, 0].contiguous()
+        dev, f32 = values.device, torch.float32
         rows = triton.cdiv(N, AGG_BLOCK_N)
-        g_values = torch.zeros(values.shape, dtype=acc, device=values.device) if need_v else None
-        g_rho = torch.empty(indices.shape, dtype=acc, device=values.device) if need_rho else None
+        g_v = torch.zeros(values.shape, dtype=f32, device=dev) if need_v else None
+        g_rho = torch.empty(indices.shape, dtype=f32, device=dev) if need_rho else None
         g_w = None
-        need_w_part = need_w and kernel == "depthwise"
-        if need_w_part:
-            g_w = torch.empty(B * rows, C, K, dtype=acc, device=values.device)
-        precision = _precision(values.dtype)
-        group_c = C // G
-        if need_v or need_rho or need_w_part:
-            _aggregate_bwd[(rows, K, B)](
-                gy,
-                values,
-                indices,
-                dummy if rho is None else rho,
-                dummy if w is None else w,
-                dummy if g_values is None else g_values,
-                dummy if g_rho is None else g_rho,
-                dummy if g_w is None else g_w,
-                N,
-                M,
-                C,
-                c_out,
-                K,
-                G,
-                group_c,
-                KERNEL=_KERNEL_CODE[kernel],
-                HAS_RHO=rho is not None,
-                NEED_V=need_v,
-                NEED_RHO=need_rho,
-                NEED_W=need_w_part,
-                BLOCK_N=AGG_BLOCK_N,
-                ACC=_TL_ACC[_acc_dtype(values.dtype)],
-                DOT=_dot_dtype(values.dtype),
-                BLOCK_C=_block(group_c, hi=32, dtype=values.dtype),
-                BLOCK_O=_block(c_out, hi=32, dtype=values.dtype),
-                PRECISION=precision,
+        dummy, dummy32 = values, _dummy(f32, dev)
+        rho_arg, w_arg = dummy if rho is None else rho, dummy if w is None else w
+        part_w = need_w and kernel == "depthwise"  # per-program partials of its weight grad
+        if part_w:
+            g_w = torch.empty(B * rows, C, K, dtype=f32, device=dev)
+        if need_v or need_rho or part_w:
+            grads = [dummy32 if g is None else g for g in (g_v, g_rho, g_w)]
+            flags = (int(need_v), int(need_rho), int(part_w))
+            _launch(
+                launches["bwd"],
+                (rows, K, B),
+                *(gy, values, indices, rho_arg, w_arg, *grads),
+                *(N, M, C, c_out, K, G, C // G, int(rho is not None), int(w is not None), *flags),
             )
-        if need_w_part:
-            g_w = g_w.sum(0)[:, None, :]  # (C, 1, K)
-        elif need_w and kernel == "standard":
-            block_c = _block(C, hi=64, dtype=values.dtype)
-            block_o = _block(c_out, hi=64, dtype=values.dtype)
-            tiles = triton.cdiv(C, block_c) * triton.cdiv(c_out, block_o) * K
-            per_split = triton.cdiv(rows, max(1, min(rows, TARGET_PROGRAMS // tiles)))
-            splits = triton.cdiv(rows, per_split)
-            part = torch.empty(splits, K, C, c_out, dtype=acc, device=values.device)
-            _standard_grad_w[(triton.cdiv(C, block_c), triton.cdiv(c_out, block_o), K * splits)](
-                gy,
-                values,
-                indices,
-                dummy if rho is None else rho,
-                part,
-                B,
-                N,
-                M,
-                C,
-                c_out,
-                K,
-                G,
-                group_c,
-                per_split,
-                HAS_RHO=rho is not None,
-                GROUPED=G > 1,
-                BLOCK_N=AGG_BLOCK_N,
-                ACC=_TL_ACC[_acc_dtype(values.dtype)],
-                DOT=_dot_dtype(values.dtype),
-                BLOCK_C=block_c,
-                BLOCK_O=block_o,
-                PRECISION=precision,
-            )
-            g_w = part.sum(0).permute(2, 1, 0)  # (C_out, C, K)
-        g_b = grad_out.to(acc).sum((0, 1)) if need_b else None
-        cast = lambda g, like: None if g is None else g.to(like)  # noqa: E731
-        return (
-            cast(g_values, values.dtype),
-            None,
-            cast(g_rho, None if rho is None else rho.dtype),
-            cast(g_w, None if weight is None else weight.dtype),
-            cast(g_b, ctx.bias_dtype),
-            None,
-        )
+        if part_w:
+            g_w = g_w.sum(0)  # (C, K)
+        elif need_w:  # 'standard'
+            g_w = _standard_grad_w(launches["grad_w"], gy, values, indices, rho_arg, rho)
+        g_b = grad_out.to(f32).sum((0, 1)) if need_b else None
+        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+        return cast(g_v, values), None, cast(g_rho, rho), cast(g_w, w), cast(g_b, values), None
+
+
+def _standard_grad_w(launch, gy, values, indices, rho_arg, rho) -> Tensor:
+    """dL/dW as (K, C, C_out): per-split partial GEMMs, summed (deterministic)."""
+    B, M, C = values.shape
+    G, N, K = indices.shape[1:]
+    c_out = gy.shape[-1]
+    block = dict(launch.constants)
+    rows = triton.cdiv(N, AGG_BLOCK_N)
+    c_blocks, o_blocks = triton.cdiv(C, block["BLOCK_C"]), triton.cdiv(c_out, block["BLOCK_O"])
+    per_split = triton.cdiv(rows, max(1, min(rows, TARGET_PROGRAMS // (c_blocks * o_blocks * K))))
+    splits = triton.cdiv(rows, per_split)
+    part = torch.empty(splits, K, C, c_out, dtype=torch.float32, device=values.device)
+    _launch(
+        launch,
+        (c_blocks, o_blocks, K * splits),
+        *(gy, values, indices, rho_arg, part),
+        *(B, N, M, C, c_out, K, G, C // G, per_split, int(rho is not None)),
+    )
+    return part.sum(0)
+
+
+def _pad_groups(t: Tensor, dim: int, groups: int) -> Tensor:
+    """Zero-pad each of ``groups`` equal chunks of ``dim`` to a multiple of 16."""
+    size = t.shape[dim] // groups
+    pad = _pad16(size) - size
+    if pad == 0:
+        return t
+    t = t.unflatten(dim, (groups, size))
+    spec = [0, 0] * (t.dim() - dim - 2) + [0, pad]
+    return F.pad(t, spec).flatten(dim, dim + 1)
+
+
+def _aggregate(values, indices, rho, weight, bias, kernel) -> Tensor:
+    """The kernel path of :func:`aggregate`: pad channels, lay weights out, run, unpad."""
+    G = indices.shape[1]
+    B, M, C = values.shape
+    v = _aligned(_pad_groups(values, 2, G))
+    indices = _aligned(indices.long())
+    r = None if rho is None else _aligned(rho)
+    if kernel == "standard":
+        c_out = weight.shape[0]
+        w = _pad_groups(_pad_groups(weight, 0, 1), 1, G)  # (C_out', C', K)
+        w = _aligned(w.permute(2, 1, 0))  # (K, C', C_out'): rows of W_k^T
+        b = None if bias is None else _aligned(_pad_groups(bias, 0, 1))
+        return _Aggregate.apply(v, indices, r, w, b, kernel)[..., :c_out]
+    w = None if weight is None else _aligned(_pad_groups(weight[:, 0], 0, G))  # (C', K)
+    b = None if bias is None else _aligned(_pad_groups(bias, 0, G))
+    out = _Aggregate.apply(v, indices, r, w, b, kernel)
+    if out.shape[-1] == C:
+        return out
+    return out.unflatten(-1, (G, -1))[..., : C // G].flatten(-2)
 
 
 def aggregate(
@@ -751,7 +475,145 @@ def aggregate(
     kernel: str,
 ) -> Tensor:
     """Same contract as :func:`convnn.backends.reference.aggregate`, fused (never gathers
-    the (B, N, K, C) neighbour tensor). Unsupported dtypes and empty inputs run chunked."""
-    if values.dtype not in _DTYPES or values.numel() == 0 or indices.numel() == 0:
+    the (B, N, K, C) neighbour tensor). Empty inputs run chunked; a call the kernels do not
+    cover (see :func:`unsupported_aggregate`) is a ``ValueError``."""
+    if values.numel() == 0 or indices.numel() == 0:
         return chunked.aggregate(values, indices, rho, weight, bias, kernel)
-    return _Aggregate.apply(values, indices, rho, weight, bias, kernel)
+    reason = unsupported_aggregate(values, indices, rho, weight, bias, kernel)
+    if reason:
+        _refuse("aggregation", reason)
+    return _aggregate(values, indices, rho, weight, bias, kernel)
+
+
+# --------------------------------------------------------------------------- auto
+
+_ready: dict[tuple[torch.device, torch.dtype], bool] = {}
+_ready_lock = threading.Lock()
+_CHECK_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def first_use_check(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Run every kernel once on a tiny input against the chunked backend.
+
+    Returns None when all agree, else what went wrong (an exception while compiling or
+    launching, or a result that differs). Selection compares indices exactly: the features
+    are small integers, so every score is exact in every dtype, and many tie.
+    """
+    device = torch.device(device)
+    try:
+        # Whatever the caller's modes: the check needs autograd, and fp32 must stay fp32.
+        with torch.inference_mode(False), torch.enable_grad():
+            with torch.autocast(device.type, enabled=False):
+                return _compare_with_chunked(device, dtype)
+    except Exception as err:  # compile, resource or launch errors: report, never raise
+        first = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {first[0] if first else ''}".strip()
+
+
+def _compare_with_chunked(device: torch.device, dtype: torch.dtype) -> str | None:
+    gen = torch.Generator().manual_seed(0)
+
+    def ints(*shape, lo=-2, hi=3, scale=1.0):  # dyadic values: exact in every dtype
+        t = torch.randint(lo, hi, shape, generator=gen) * scale
+        return t.to(device=device, dtype=dtype)
+
+    q, k = ints(2, 21, 8), ints(2, 45, 8)
+    ex = torch.arange(21, device=device)
+    got, want = _select(q, k, 5, ex), chunked.select(q, k, 5, exclude=ex)
+    if not torch.equal(got, want):
+        return (
+            f"the selection kernel picked other neighbours than the chunked backend "
+            f"({int((got != want).sum())} of {got.numel()} indices)"
+        )
+    tol = _CHECK_TOLERANCE[dtype]
+    for kernel, G in (("none", 2), ("depthwise", 1), ("standard", 2)):
+        # 12 channels (6 per group): exercises the padding to 16 too.
+        tensors = [
+            ints(2, 13, 12, scale=0.25),
+            ints(2, G, 9, 3, lo=1, hi=5, scale=0.25),
+            {"none": None, "depthwise": ints(12, 1, 3, scale=0.5)}.get(kernel),
+            ints(10 if kernel == "standard" else 12, scale=0.5),
+        ]
+        if kernel == "standard":
+            tensors[2] = ints(10, 12, 3, scale=0.125)
+        idx = torch.randint(0, 13, (2, G, 9, 3), generator=gen).to(device)
+        gy = ints(2, 9, tensors[3].shape[0], scale=0.5)
+        results = []
+        for run in (_aggregate, chunked.aggregate):
+            leaves = [None if t is None else t.detach().requires_grad_() for t in tensors]
+            values, rho, weight, bias = leaves
+            out = run(values, idx, rho, weight, bias, kernel)
+            present = [t for t in leaves if t is not None]
+            results.append([out, *torch.autograd.grad(out, present, gy)])
+        names = ["output", "grad values", "grad rho", "grad weight", "grad bias"]
+        names = [n for n, t in zip(names, [gy] + tensors) if t is not None]
+        for label, a, b in zip(names, *results):
+            err = (a.float() - b.float()).abs().max().item()
+            if not err <= tol * (1 + b.float().abs().max().item()):
+                return f"kernel={kernel!r}: {label} differs from the chunked backend by {err:.3g}"
+    return None
+
+
+def _kernels_ready(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether auto may run the kernels for (device, dtype): the device is covered and the
+    first-use check passed. Decided once; a failure warns once, saying why."""
+    ok = _ready.get((device, dtype))
+    if ok is None:
+        if torch.compiler.is_compiling():
+            return False  # a traced graph cannot run the check: chunked until an eager call has
+        with _ready_lock:
+            ok = _ready.get((device, dtype))
+            if ok is None:
+                reason = _device_reason(device) or first_use_check(device, dtype)
+                if reason:
+                    warnings.warn(
+                        f"convnn: the Triton kernels do not run on {device} for {dtype}: "
+                        f"{reason}. The chunked backend runs instead.",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                ok = _ready[(device, dtype)] = reason is None
+    return ok
+
+
+class _Auto:
+    """The auto backend on CUDA: the kernels for the calls they cover, once checked; the
+    chunked backend for everything else."""
+
+    name = "auto"
+
+    @staticmethod
+    def select(
+        query: Tensor,
+        key: Tensor,
+        K: int,
+        *,
+        spatial_grid: tuple[int, int] | None = None,
+        exclude: Tensor | None = None,
+        window: Tensor | None = None,
+    ) -> Tensor:
+        if (
+            not _no_kernel(query, key, spatial_grid, window)
+            and query.dtype in DTYPES
+            and _kernels_ready(query.device, query.dtype)
+            and unsupported_select(query, key, K) is None
+        ):
+            return _select(query, key, K, exclude)
+        return chunked.select(
+            query, key, K, spatial_grid=spatial_grid, exclude=exclude, window=window
+        )
+
+    @staticmethod
+    def aggregate(values, indices, rho, weight, bias, kernel) -> Tensor:
+        if (
+            values.numel() > 0
+            and indices.numel() > 0
+            and values.dtype in DTYPES
+            and _kernels_ready(values.device, values.dtype)
+            and unsupported_aggregate(values, indices, rho, weight, bias, kernel) is None
+        ):
+            return _aggregate(values, indices, rho, weight, bias, kernel)
+        return chunked.aggregate(values, indices, rho, weight, bias, kernel)
+
+
+auto = _Auto()

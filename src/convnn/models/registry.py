@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ..nn.convert import split_options
 from ..options import check_choice
 
 CNN_LAYERS = ("conv", "convnn", "branching")
@@ -14,12 +15,6 @@ VIT_LAYERS = ("attention", "convnn_attention", "kvt", "branching_attention", "lo
 
 _MODELS: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...], frozenset[str]]] = {}
 
-# Set by the model from the layer it replaces (channels, stride, padding, heads, ...), or by the
-# registry: not options a user passes.
-_LAYER_FIXED = {
-    "self", "in_channels", "out_channels", "kernel_size", "stride", "padding", "bias",
-    "dim", "num_heads", "qkv_bias", "attn_drop", "device", "dtype",
-}  # fmt: skip
 _MODEL_FIXED = {"self", "cfg", "block", "layers", "num_classes", "in_chans", "img_size", "layer"}
 _MODEL_FIXED |= {"batch_norm"}  # part of the VGG variant's name
 
@@ -27,21 +22,6 @@ _MODEL_FIXED |= {"batch_norm"}  # part of the VGG variant's name
 def _named_params(fn: Callable) -> set[str]:
     kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     return {p.name for p in inspect.signature(fn).parameters.values() if p.kind not in kinds}
-
-
-def layer_options(layer: str) -> set[str]:
-    """The keyword options the layer ``layer`` takes ('conv' and 'attention' take none)."""
-    from ..nn import Branching2d, BranchingAttention, ConvNN2d, ConvNNAttention
-
-    classes = {
-        "convnn": (ConvNN2d,),
-        "branching": (Branching2d, ConvNN2d),
-        "convnn_attention": (ConvNNAttention,),
-        "kvt": (ConvNNAttention,),
-        "local": (ConvNNAttention,),
-        "branching_attention": (BranchingAttention, ConvNNAttention),
-    }.get(layer, ())
-    return set().union(*(_named_params(c.__init__) for c in classes)) - _LAYER_FIXED
 
 
 def register(name: str, layers: tuple[str, ...], model_cls: type | None = None):
@@ -90,13 +70,11 @@ def create_model(
     fn, layers, own = _MODELS[name]
     layer = layer or layers[0]
     check_choice("layer", layer, layers)
-    family = set().union(*(layer_options(choice) for choice in layers))
-    unknown = sorted(set(layer_kwargs) - own - family)
-    if unknown:
-        raise ValueError(
-            f"layer_kwargs of {name} must be among {', '.join(sorted(own | family))}; "
-            f"got unknown {', '.join(unknown)}"
-        )
-    used = own | layer_options(layer)
-    kwargs = {k: v for k, v in layer_kwargs.items() if k in used}
-    return fn(num_classes=num_classes, in_chans=in_chans, img_size=img_size, layer=layer, **kwargs)
+    split = split_options(
+        layer_kwargs, {"layer": layers}, {"layer": layer}, also=own, what=f"layer_kwargs of {name}"
+    )
+    kwargs = {**{k: v for k, v in layer_kwargs.items() if k in own}, **split["layer"]}
+    model = fn(num_classes=num_classes, in_chans=in_chans, img_size=img_size, layer=layer, **kwargs)
+    if hasattr(model, "pretrained_cfg"):
+        model.pretrained_cfg["architecture"] = name
+    return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ._layers import conv3x3
+from .api import TimmModelAPI
 from .registry import CNN_LAYERS, register
 
 
@@ -59,10 +60,13 @@ class Bottleneck(nn.Module):
         return self.relu(self.bn3(self.conv3(out)) + identity)
 
 
-class ResNet(nn.Module):
+class ResNet(TimmModelAPI, nn.Module):
     """torchvision's ResNet. Below 64 px input the stem is a 3x3 stride-1 ``conv1`` with no
     max-pool (the usual CIFAR stem: the 7x7/2 + pool stem would leave a 32 px image 8 px
-    wide before the first block); the parameter names stay the same."""
+    wide before the first block); the parameter names stay the same. ``drop_rate``: dropout
+    before ``fc`` (timm's). timm's model API: see :class:`TimmModelAPI`."""
+
+    _classifier = "fc"
 
     def __init__(
         self,
@@ -72,6 +76,7 @@ class ResNet(nn.Module):
         in_chans: int = 3,
         img_size: int = 224,
         layer: str = "conv",
+        drop_rate: float = 0.0,
         **layer_kwargs,
     ) -> None:
         super().__init__()
@@ -90,13 +95,16 @@ class ResNet(nn.Module):
             )
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.drop = nn.Dropout(drop_rate)
+        self.num_classes, self.num_features = num_classes, 512 * block.expansion
+        self.fc = nn.Linear(self.num_features, num_classes)
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        self._init_api(in_chans, img_size)
 
     def _make_layer(self, block, planes, blocks, stride, layer, layer_kwargs) -> nn.Sequential:
         downsample = None
@@ -112,11 +120,13 @@ class ResNet(nn.Module):
         ]
         return nn.Sequential(*mods)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, in_chans, H, W) -> (B, num_classes)."""
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, in_chans, H, W) -> (B, num_features, H', W'): the last stage's map."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(self.avgpool(x).flatten(1))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def _pool(self, x: Tensor) -> Tensor:
+        return self.drop(self.avgpool(x).flatten(1))
 
 
 for _name, (_block, _layers) in {

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ._layers import conv3x3
+from .api import TimmModelAPI
 from .registry import CNN_LAYERS, register
 
 CFGS = {
@@ -35,14 +36,18 @@ CFGS = {
 }
 
 
-class VGG(nn.Module):
+class VGG(TimmModelAPI, nn.Module):
     """VGG: ``features`` then ``avgpool`` then ``classifier`` (indices 0/3/6 as torchvision).
 
     At img_size >= 224 the head is torchvision's (7x7 pool, 4096-wide); below, a 1x1 pool
     and a 512-wide head, the usual choice for CIFAR-sized inputs. Pools use ceil_mode so
     that maps as small as 8x8 (the digits set) never shrink to nothing; for even sizes
-    this is the same as torchvision.
+    this is the same as torchvision. timm's model API: see :class:`TimmModelAPI` (the
+    pooled features are the MLP's last hidden layer, as timm's VGG).
     """
+
+    _classifier = "classifier.6"
+    _first_conv = "features.0"
 
     def __init__(
         self,
@@ -89,10 +94,15 @@ class VGG(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
+        self.num_classes, self.num_features = num_classes, hidden
+        self._init_api(in_chans, img_size)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, in_chans, H, W) -> (B, num_classes)."""
-        return self.classifier(self.avgpool(self.features(x)).flatten(1))
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, in_chans, H, W) -> (B, 512, H / 32, W / 32)."""
+        return self.features(x)
+
+    def _pool(self, x: Tensor) -> Tensor:
+        return self.classifier[:6](self.avgpool(x).flatten(1))
 
 
 def _make(name: str, batch_norm: bool):

@@ -6,6 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import ConvNNAttention, make_attention_layer
+from ..nn.convert import default_window
+from .api import TimmModelAPI
 from .registry import VIT_LAYERS, register
 
 
@@ -50,7 +52,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(TimmModelAPI, nn.Module):
     """timm's ViT: ``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.N.{norm1,
     attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm``, ``head``.
 
@@ -58,7 +60,10 @@ class VisionTransformer(nn.Module):
     self-attention, run by SDPA), 'convnn_attention', 'kvt', 'branching_attention' or
     'local'. Local (window) attention needs the tokens to form a map, so that model has no
     class token and averages the tokens (timm's ``class_token=False, global_pool='avg'``).
+    timm's model API: see :class:`TimmModelAPI`.
     """
+
+    _first_conv = "patch_embed.proj"
 
     def __init__(
         self,
@@ -87,7 +92,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         if layer == "local":
-            window = layer_kwargs.pop("window", min(7, side - (side + 1) % 2))
+            window = layer_kwargs.pop("window", default_window(self.grid_size))
             layer_kwargs = {"window": window, "K": window * window, **layer_kwargs}
         if layer in ("kvt", "convnn_attention", "branching_attention"):
             layer_kwargs.setdefault("K", min(9, num_tokens))
@@ -104,7 +109,10 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes)
+        self.num_classes, self.num_features = num_classes, embed_dim
+        self.num_prefix_tokens = int(self.class_token)
         self._init_weights()
+        self._init_api(in_chans, img_size)
 
     @staticmethod
     def _attention(dim, heads, layer, qkv_bias, attn_drop, layer_kwargs) -> nn.Module:
@@ -137,10 +145,11 @@ class VisionTransformer(nn.Module):
             x = blk(x, hw)
         return self.norm(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, in_chans, H, W) -> (B, num_classes)."""
-        x = self.forward_features(x)
-        return self.head(x[:, 0] if self.class_token else x.mean(1))
+    def _pool(self, x: Tensor) -> Tensor:
+        return x[:, 0] if self.class_token else x.mean(1)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"} if self.class_token else {"pos_embed"}
 
 
 SIZES = {

@@ -21,35 +21,147 @@ from ..options import (
 )
 
 
+def conv_geometry(
+    ndim: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size,
+    K: int | None,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+    padding_mode: str,
+    kernel: str | None,
+    *,
+    default_K: int,
+    kernel_size_sets_K: bool = True,
+) -> dict:
+    """Resolve ``nn.ConvNd``-style arguments into ConvNN's K, stride, padding and kernel.
+
+    The one place where a drop-in call (``ConvNN2d(64, 64, 3, padding=1)``) becomes ConvNN
+    options: kernel_size k means K = k**ndim neighbours (a k x k conv's taps), ``padding``
+    'same' is k // 2 rings of zero candidates and 'valid' none, ``groups=in_channels`` is the
+    'depthwise' kernel. Giving both kernel_size and a different K is ambiguous and refused
+    (unless ``kernel_size_sets_K`` is False, as for Branching2d's convolution branch).
+    """
+    k = None
+    if kernel_size is not None:
+        sizes = tuple(kernel_size) if isinstance(kernel_size, (tuple, list)) else (kernel_size,)
+        for v in sizes:
+            check_positive_int("kernel_size", v)
+        if len(set(sizes)) != 1 or len(sizes) not in (1, ndim):
+            raise ValueError(
+                f"kernel_size must be an int or {ndim} equal ints (ConvNN's neighbourhood is "
+                f"square), got {kernel_size!r}"
+            )
+        k = sizes[0]
+    if K is not None:
+        check_positive_int("K", K)
+    if kernel_size_sets_K and k is not None:
+        if K is not None and K != k**ndim:
+            raise ValueError(
+                f"give kernel_size (K = kernel_size**{ndim}) or K, not both: got kernel_size="
+                f"{kernel_size!r} (K={k**ndim}) and K={K}"
+            )
+        K = k**ndim
+    K = default_K if K is None else K
+    if k is None:  # the kernel K stands for, when K is the size of an odd window
+        side = round(K ** (1 / ndim))
+        k = side if side**ndim == K and side % 2 else None
+    if isinstance(padding, str):
+        check_choice("padding", padding, ("same", "valid"))
+        if padding == "same" and (k is None or k % 2 == 0):
+            raise ValueError(
+                f"padding='same' needs an odd kernel_size (or K an odd k**{ndim}), got "
+                f"kernel_size={kernel_size!r}, K={K}"
+            )
+        padding = k // 2 if padding == "same" else 0
+    dilations = tuple(dilation) if isinstance(dilation, (tuple, list)) else (dilation,)
+    if set(dilations) != {1}:
+        raise ValueError(f"dilation must be 1 (ConvNN selects neighbours), got {dilation!r}")
+    if padding_mode != "zeros":
+        raise ValueError(f"padding_mode must be 'zeros', got {padding_mode!r}")
+    depthwise = groups == in_channels == out_channels and groups > 1
+    if groups != 1 and not depthwise:
+        raise ValueError(
+            f"groups must be 1 or in_channels == out_channels (depthwise), got groups={groups} "
+            f"for {in_channels} -> {out_channels} channels"
+        )
+    if kernel is None:
+        kernel = "depthwise" if depthwise else "standard"
+    elif depthwise and kernel != "depthwise":
+        raise ValueError(f"groups={groups} is a depthwise kernel, got kernel={kernel!r}")
+    return {"K": K, "kernel_size": k, "stride": stride, "padding": padding, "kernel": kernel}
+
+
+def options_repr(layer: nn.Module) -> str:
+    """The selection options of a ConvNN layer, for its ``extra_repr``."""
+    s = f", metric={layer.metric!r}, candidates={layer.candidates!r}"
+    if layer.num_candidates is not None:
+        s += f", num_candidates={layer.num_candidates}"
+    if layer.window is not None:
+        s += f", window={layer.window}"
+    return s + f", weighting={layer.weighting!r}, kernel={layer.kernel!r}"
+
+
 class _ConvNNNd(nn.Module):
-    """Parameters, options and forward shared by ConvNN1d and ConvNN2d."""
+    """Parameters, options and forward shared by ConvNN1d and ConvNN2d.
+
+    The positional arguments are ``nn.ConvNd``'s: ``ConvNN2d(64, 64, 3, padding=1)`` selects
+    K = 9 neighbours and keeps the input's spatial size. K (neighbours per position) is a
+    keyword: ``ConvNN2d(64, 64, K=16, metric='cosine')``.
+    """
 
     _functional = staticmethod(CF.convnn2d)
     _layout = "(B, {c}, H, W)"
+    _ndim = 2
+    _default_K = 9
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        K: int = 9,
+        kernel_size: int | tuple[int, ...] | None = None,
         stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
         bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
         *,
+        K: int | None = None,
         metric: str = "cosine",
         candidates: str = "all",
         num_candidates: int | None = None,
         include_self: bool = True,
         weighting: str = "none",
-        kernel: str = "standard",
+        kernel: str | None = None,
         coords: str | None = None,
         lam: float = 0.5,
         window: int | None = None,
         selection_dtype: torch.dtype | None = None,
-        device=None,
-        dtype=None,
     ) -> None:
         super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            check_positive_int(name, value)
+        geometry = conv_geometry(
+            self._ndim,
+            in_channels,
+            out_channels,
+            kernel_size,
+            K,
+            stride,
+            padding,
+            dilation,
+            groups,
+            padding_mode,
+            kernel,
+            default_K=self._default_K,
+        )
+        K, kernel = geometry["K"], geometry["kernel"]
         for name, value, choices in (
             ("metric", metric, METRICS),
             ("candidates", candidates, CANDIDATES),
@@ -58,19 +170,23 @@ class _ConvNNNd(nn.Module):
             ("coords", coords, COORDS),
         ):
             check_choice(name, value, choices)
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("K", K)):
-            check_positive_int(name, value)
         if kernel in ("depthwise", "none") and out_channels != in_channels:
             raise ValueError(
                 f"out_channels must equal in_channels ({in_channels}) for kernel={kernel!r}, "
                 f"got {out_channels}"
             )
         if candidates in ("random", "grid") and num_candidates is None:
-            raise ValueError(f"num_candidates is required for candidates={candidates!r}")
+            raise ValueError(f"num_candidates is required for candidates={candidates!r}, got None")
+        if num_candidates is not None:
+            # checked here too: on a map smaller than num_candidates the layer runs 'all'
+            # and the functional check would never see the value
+            check_positive_int("num_candidates", num_candidates)
         if candidates == "window" and window is None:
-            raise ValueError("window is required for candidates='window' (an odd int >= 1)")
+            raise ValueError(
+                "window is required for candidates='window' (an odd int >= 1), got None"
+            )
         self.in_channels, self.out_channels, self.K = in_channels, out_channels, K
-        self.stride, self.padding = self._geometry(stride, padding)
+        self.stride, self.padding = self._geometry(geometry["stride"], geometry["padding"])
         self.metric, self.candidates, self.num_candidates = metric, candidates, num_candidates
         self.window, self.include_self, self.weighting = window, include_self, weighting
         self.kernel, self.coords, self.lam = kernel, coords, lam
@@ -108,7 +224,7 @@ class _ConvNNNd(nn.Module):
             self.stride,
             self.padding,
             return_indices=return_indices,
-            **self._options(),
+            **self._options(math.prod(x.shape[2:])),
         )
 
     def reset_parameters(self) -> None:
@@ -122,10 +238,20 @@ class _ConvNNNd(nn.Module):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def _options(self) -> dict:
+    def effective_candidates(self, positions: int) -> str:
+        """The candidate mode used on a map of ``positions`` positions.
+
+        A 'random' or 'grid' subset asking for more positions than the map has is
+        the whole map: 'all' (the padded map's zero candidates included), so that a
+        ``num_candidates`` chosen for the first layers still runs on the small deep maps.
+        """
+        sparse = self.candidates in ("random", "grid")
+        return "all" if sparse and self.num_candidates > positions else self.candidates
+
+    def _options(self, positions: int) -> dict:
         return dict(
             metric=self.metric,
-            candidates=self.candidates,
+            candidates=self.effective_candidates(positions),
             num_candidates=self.num_candidates,
             window=self.window,
             include_self=self.include_self,
@@ -140,12 +266,7 @@ class _ConvNNNd(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, K={self.K}, stride={self.stride}"
-        s += f", padding={self.padding}, metric={self.metric!r}, candidates={self.candidates!r}"
-        if self.num_candidates is not None:
-            s += f", num_candidates={self.num_candidates}"
-        if self.window is not None:
-            s += f", window={self.window}"
-        s += f", weighting={self.weighting!r}, kernel={self.kernel!r}"
+        s += f", padding={self.padding}" + options_repr(self)
         if self.coords:
             s += f", coords={self.coords!r}, lam={self.lam}"
         return s + ("" if self.bias is not None else ", bias=False")
@@ -158,13 +279,23 @@ class ConvNN2d(_ConvNNNd):
     candidates most similar to it: ``y_i = sum_k W_k v_{n_i(k)} + b``. Output
     (B, out_channels, ceil(H/stride), ceil(W/stride)), for any input size.
 
+    The positional arguments are ``nn.Conv2d``'s, so ``ConvNN2d(64, 64, 3, padding=1)`` is
+    what an ``nn.Conv2d`` user means: K = 3 * 3 = 9 neighbours, the input's spatial size.
+
     Args:
-        K: neighbours per position.  padding: rings of zero candidates around the map.
+        kernel_size: k sets K = k * k (and what padding='same' means); give it or K.
+        stride, padding: as ``nn.Conv2d`` (padding: rings of zero candidates around the map,
+            an int, a pair, 'same' = kernel_size // 2 or 'valid' = 0). The output is
+            ceil(H / stride) x ceil(W / stride) whatever the padding.
+        dilation: 1 only.  groups: 1, or in_channels (= out_channels) for the 'depthwise'
+            kernel.  padding_mode: 'zeros' only.
+        K: neighbours per position (keyword; default kernel_size**2, else 9).
         metric: 'cosine' | 'euclidean' | 'dot' | 'scaled_dot' | 'spatial' (position only:
             with K = k*k and padding (k-1)//2 this is exactly a k x k convolution).
         candidates: 'all' | 'random' (``num_candidates`` drawn per forward in training,
             a fixed draw in eval) | 'grid' (an even lattice of about ``num_candidates``) |
-            'window' (the ``window`` x ``window`` neighbourhood).
+            'window' (the ``window`` x ``window`` neighbourhood). A 'random' or 'grid'
+            subset larger than the map (deep layers of a network) is the whole padded map.
         include_self: the position itself fills slot 0 (ignored by 'spatial', which is
             always in the raster order of a convolution kernel).
         weighting: 'none' | 'softmax' over the selected similarities.
@@ -179,7 +310,11 @@ class ConvNN2d(_ConvNNNd):
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d) -> ConvNN2d:
-        """The exact ConvNN equivalent of ``conv`` (metric 'spatial'), weights copied."""
+        """The exact ConvNN equivalent of ``conv`` (metric 'spatial'), weights copied.
+
+        Any stride, including an anisotropic one such as (2, 1); depthwise convolutions
+        (groups = in_channels = out_channels) become the 'depthwise' kernel.
+        """
         return _from_conv(cls, conv)
 
 
@@ -188,18 +323,8 @@ class ConvNN1d(_ConvNNNd):
 
     _functional = staticmethod(CF.convnn1d)
     _layout = "(B, {c}, L)"
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        K: int = 3,
-        stride: int = 1,
-        padding: int = 0,
-        bias: bool = True,
-        **options,
-    ) -> None:
-        super().__init__(in_channels, out_channels, K, stride, padding, bias, **options)
+    _ndim = 1
+    _default_K = 3
 
     @staticmethod
     def _geometry(stride, padding):
@@ -221,8 +346,11 @@ def _from_conv(cls, conv: nn.Conv1d | nn.Conv2d):
         raise ValueError(f"conv.kernel_size must be odd and square, got {ks}")
     if set(conv.dilation) != {1}:
         raise ValueError(f"conv.dilation must be 1, got {tuple(conv.dilation)}")
-    if isinstance(conv.padding, str) or set(conv.padding) != {k // 2}:
-        raise ValueError(f"conv.padding must be {k // 2} for kernel {ks}, got {conv.padding!r}")
+    # 'same' on an odd kernel (stride 1, which nn.Conv2d enforces) is k // 2 on every side.
+    if conv.padding != "same" and (isinstance(conv.padding, str) or set(conv.padding) != {k // 2}):
+        raise ValueError(
+            f"conv.padding must be {k // 2} or 'same' for kernel {ks}, got {conv.padding!r}"
+        )
     if conv.padding_mode != "zeros":
         raise ValueError(f"conv.padding_mode must be 'zeros', got {conv.padding_mode!r}")
     depthwise = conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1
