@@ -9,10 +9,10 @@ import pytest
 from _data_formats import CIFAR, cifar_files, make_image_folder, write_archive
 
 from convnn.data import DataSpec, list_datasets
-from convnn.models import layer_choices, list_models
 from convnn.train.config import load_config
 from convnn.train.engine import build_model
 from convnn.train.metrics import read_metrics_csv
+from convnn.train.zoo import layer_choices, list_models  # the zoo and small_cnn
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 RECIPES = sorted(CONFIGS.glob("*.yaml"))
