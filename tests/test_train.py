@@ -602,6 +602,27 @@ def test_a_diverging_run_is_reported_in_its_output_and_summary(tmp_path, tiny, c
     assert result.code == 0 and "WARNING" not in result.out
 
 
+@pytest.mark.slow
+def test_an_eval_mode_collapse_is_reported(tmp_path, tiny):
+    """The collapse of the issue, reproduced with a plain convolutional ResNet-18: SGD at 0.05
+    for batch 32 (the rate the branching network collapsed at). In 15 steps train mode reaches
+    ~56% while eval mode, whose BatchNorm running statistics lag far behind weights moving
+    that fast, predicts at chance with a loss in the hundreds. Both are reported."""
+    from convnn.train.runner import run_training
+
+    settings = [*tiny.resnet, "train.max_steps_per_epoch=15", "train.epochs=1"]
+    settings += ["optim.name=sgd", "optim.lr=0.05", "sched.name=constant"]
+    settings += [f"output.dir={tmp_path}", "output.name=run"]
+    summary = run_training(load_config(None, settings))
+    (row,) = read_metrics_csv(tmp_path / "run" / "metrics.csv")
+    assert row["train_acc"] > 0.4 and row["val_acc"] < 0.2 and row["val_loss"] > 23, row
+    gap, exploded = (
+        [w for w in summary["warnings"] if key in w] for key in ("near chance", "validation loss")
+    )
+    assert len(gap) == 1 and "eval mode" in gap[0] and "lower optim.lr" in gap[0]
+    assert len(exploded) == 1 and "the run diverged" in exploded[0]
+
+
 def test_a_train_eval_gap_is_a_warning():
     """The branching ResNet-18 of the issue: 80% in train mode, chance in eval mode."""
     from convnn.train.health import epoch_warnings
