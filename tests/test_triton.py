@@ -113,12 +113,30 @@ def test_select_nan_ranks_first():
         assert torch.equal(tb.select(q, k, K), reference.select(q, k, K))
 
 
-def test_select_runs_chunked_where_it_has_no_kernel():
-    """Windows and spatial selection have no kernel: they run chunked, same result."""
+def test_select_refuses_what_it_has_no_kernel_for():
+    """Windows and spatial selection have no kernel: the backend refuses them (it never hands
+    work to another backend itself); the dispatcher runs that stage on chunked, says so,
+    and the result is the reference's."""
     q, k = randn(1, 9, 4, seed=7, dtype=F32), randn(1, 30, 4, seed=8, dtype=F32)
     window = torch.randint(0, 30, (9, 12), generator=torch.Generator().manual_seed(9))
     window = torch.stack([w.unique()[:6] for w in window])
-    assert torch.equal(tb.select(q, k, 3, window=window), reference.select(q, k, 3, window=window))
+    with pytest.raises(ValueError, match="no selection kernel for per-query candidates"):
+        tb.select(q, k, 3, window=window)
+    pos = torch.randn(1, 9, 3, dtype=F64)
+    with pytest.raises(ValueError, match="spatial metric ranks positions"):
+        tb.select(pos, pos, 3, spatial_grid=(3, 3))
+    x = randn(1, 2, 5, 6, seed=10, dtype=F32)
+    options = dict(K=4, metric="cosine", candidates="window", window=3, kernel="none")
+    want = convnn2d(x, None, backend="reference", return_indices=True, **options)
+    decisions = backends.explain(partial(convnn2d, backend="triton", **options), x, None)
+    assert [(d.stage, d.backend) for d in decisions] == [
+        ("selection", "chunked"),
+        ("aggregation", "triton"),
+    ]
+    assert "no selection kernel for per-query candidates" in decisions[0].reason
+    got = convnn2d(x, None, backend="triton", return_indices=True, **options)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0])
 
 
 # --------------------------------------------------------------------------- aggregate

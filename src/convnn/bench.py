@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from . import backends
 from .nn import ConvNN2d, ConvNNAttention
+from .spec import ConvNNSpec
 
 __all__ = ["Case", "add_arguments", "build_cases", "main", "measure", "ratios", "run", "targets"]
 
@@ -80,6 +81,15 @@ class Case:
     backend: str = "auto"
     heads: int = 1
     est_bytes: int = 0  # estimated O(N*M) / O(N*K*C) footprint; over the budget: skipped
+
+    def __post_init__(self) -> None:
+        # The operator options of a case are ConvNNSpec fields: a catalogue entry with an
+        # unknown or invalid option fails here, not halfway through a run.
+        if self.kind in ("convnn2d", "attention"):
+            unknown = set(self.options) - set(ConvNNSpec.fields())
+            if unknown:
+                raise ValueError(f"options must be ConvNNSpec fields, got {sorted(unknown)}")
+            ConvNNSpec.take(self.options)
 
     @property
     def name(self) -> str:

@@ -9,11 +9,9 @@ from collections.abc import Sequence
 
 import torch
 
-METRICS = ("cosine", "euclidean", "dot", "scaled_dot", "spatial")
 CANDIDATES = ("all", "random", "grid", "window")
 WEIGHTINGS = ("none", "softmax")
 KERNELS = ("standard", "depthwise", "separable", "none")
-COORDS = (None, "xy")
 
 
 def check_choice(name: str, value, choices: Sequence) -> None:

@@ -1,85 +1,29 @@
-"""Pieces every backend shares: the selection scores and the canonical slot order.
+"""Pieces every backend shares: the top-K with the tie rule, the canonical slot order and
+the grouped gathers. What backends rank (:class:`~convnn.metrics.BlockScores`) and every
+metric's maths live in :mod:`convnn.metrics`.
 
-Selection needs only a *rank-equivalent* score, so every feature metric is prepared as a
-bilinear form ``score = q' . k'`` (one GEMM per block, the shape fused kernels want):
-
-- cosine:      q' = q / |q|,           k' = k / |k|        (zero vectors score 0)
-- dot:         q' = q,                 k' = k
-- scaled_dot:  q' = q / sqrt(d),       k' = k
-- euclidean:   q' = [2q, -1],          k' = [k, |k|^2]    (= -|q-k|^2 + |q|^2; |q|^2 is constant per query)
-
-``spatial`` ranks by position only: Chebyshev distance, then squared distance, then raster
-index, encoded exactly as one float64 key per pair.
-
-Every backend ranks the scores of :func:`rankable`, where -inf is free to mark a candidate a
-query may not pick: such a candidate loses to every real one, whatever its score.
+Every backend ranks scores as :func:`~convnn.metrics.rankable` makes them, where -inf is free
+to mark a candidate a query may not pick: such a candidate loses to every real one,
+whatever its score.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-EPS = 1e-12
+from ..metrics import BlockScores, get_metric, rankable, spatial_keys, tensor_scores
+
+__all__ = ["BlockScores", "rankable", "spatial_keys", "tensor_scores", "prepare"]
 
 
 def prepare(metric: str, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
-    """Bilinear operands for a feature metric: (B, N, D), (B, M, D) -> (B, N, D'), (B, M, D')."""
-    if metric == "cosine":
-        return F.normalize(query, dim=-1, eps=EPS), F.normalize(key, dim=-1, eps=EPS)
-    if metric == "dot":
-        return query, key
-    if metric == "scaled_dot":
-        return query * query.shape[-1] ** -0.5, key
-    if metric == "euclidean":
-        ones = query.new_ones(query.shape[:-1] + (1,))
-        sq = key.pow(2).sum(-1, keepdim=True)
-        return torch.cat([2 * query, -ones], -1), torch.cat([key, sq], -1)
-    raise ValueError(f"metric {metric!r} has no bilinear form")
-
-
-def spatial_keys(pos_q: Tensor, pos_k: Tensor, grid: tuple[int, int]) -> Tensor:
-    """Exact ranking key for the spatial metric, higher = nearer.
-
-    pos_q: (N, 3), pos_k: (M, 3) or per query (N, M, 3); float64 rows (row, col, raster
-    index) on a grid of shape ``grid`` (the padded map) -> (N, M).
-    Exact in float64 while 2 * extent^3 * grid size < 2^53 (grids up to ~1000 x 1000).
-    """
-    dy = pos_q[:, None, 0] - pos_k[..., 0]
-    dx = pos_q[:, None, 1] - pos_k[..., 1]
-    cheb = torch.maximum(dy.abs(), dx.abs())
-    sq = dy * dy + dx * dx
-    # sq <= 2 * cheb^2 < scale, so cheb dominates, then sq, then the raster index.
-    scale = 2.0 * max(grid) ** 2 + 1
-    return -((cheb * scale + sq) * float(grid[0] * grid[1]) + pos_k[..., 2])
-
-
-def rankable(scores: Tensor) -> Tensor:
-    """Scores as every backend ranks them, in place: NaN ranks like +inf (first, as
-    ``torch.topk`` ranks it) and a real -inf like the lowest finite value.
-
-    So -inf marks excluded candidates only (they lose to every real candidate, even one whose
-    similarity overflowed to -inf), and every comparison is a total order in which equal
-    scores, NaN ones included, tie and go to the lower index.
-    """
-    lowest = torch.finfo(scores.dtype).min
-    return torch.nan_to_num_(scores, nan=float("inf"), posinf=float("inf"), neginf=lowest)
-
-
-def window_scores(
-    query: Tensor, key: Tensor, window: Tensor, spatial_grid: tuple[int, int] | None
-) -> Tensor:
-    """Rankable scores of each query against its own candidates: query (B, N, D), key
-    (B, M, D), window (N, W) key indices -> (B, N, W).
-
-    Every backend scores per-query candidates with this one function, so equal scores (ties,
-    which go to the lower index) are equal bit for bit everywhere: a dense GEMM rounds
-    differently (e.g. +-1e-8 where this gives an exact 0).
-    """
-    if spatial_grid is not None:
-        return spatial_keys(query[0], key[0][window], spatial_grid)[None]
-    return rankable(torch.einsum("bnd,bnwd->bnw", query, key[:, window]))
+    """GEMM operands of a built-in feature metric: (B, N, D), (B, M, D) -> (B, N, D'),
+    (B, M, D') (see :meth:`convnn.metrics.Metric.operands`)."""
+    pair = get_metric(metric).operands(query, key)
+    if pair is None:
+        raise ValueError(f"metric {metric!r} has no bilinear form")
+    return pair
 
 
 def topk_low_ties(scores: Tensor, K: int, topk=None) -> tuple[Tensor, Tensor]:

@@ -12,14 +12,13 @@ import torch
 from torch import Tensor
 
 from ._common import (
+    BlockScores,
     canonical_order,
     group_gather,
     group_scatter,
-    rankable,
     scale_groups,
-    spatial_keys,
+    tensor_scores,
     topk_low_ties,
-    window_scores,
 )
 
 name = "chunked"
@@ -35,13 +34,13 @@ def _mask_excluded(scores: Tensor, exclude: Tensor | None, offset: Tensor | int)
     """Set scores[:, n, exclude[n] - offset] to -inf where that key lies in this block."""
     if exclude is None:
         return scores
-    local = exclude - offset  # (n,) or (n, W) for windows
+    local = exclude - offset  # (n,) or (n, W) / (B, n, W) for per-query candidates
     if local.dim() == 1:
         inside = (local >= 0) & (local < scores.shape[-1])
         slot = local.clamp(0, scores.shape[-1] - 1)[None, :, None].expand(scores.shape[0], -1, 1)
         kept = scores.gather(-1, slot)
         return scores.scatter_(-1, slot, torch.where(inside[None, :, None], -torch.inf, kept))
-    return scores.masked_fill((local == 0)[None], -torch.inf)
+    return scores.masked_fill(local == 0, -torch.inf)
 
 
 def topk_grouped(scores: Tensor, K: int, group: int = 64) -> tuple[Tensor, Tensor]:
@@ -67,12 +66,6 @@ def topk_grouped(scores: Tensor, K: int, group: int = 64) -> tuple[Tensor, Tenso
     return vals, idx.gather(-1, pos)
 
 
-def _block_scores(query, key, spatial_grid):
-    if spatial_grid is not None:
-        return spatial_keys(query[0], key[0], spatial_grid)[None]
-    return rankable(query @ key.transpose(-1, -2))
-
-
 def select(
     query: Tensor,
     key: Tensor,
@@ -83,20 +76,28 @@ def select(
     window: Tensor | None = None,
 ) -> Tensor:
     """Same contract as :func:`convnn.backends.reference.select`, in O(N*K) memory."""
+    scores = tensor_scores(query, key, spatial_grid)
+    return select_scores(scores, K, exclude=exclude, window=window)
+
+
+def select_scores(
+    scores: BlockScores, K: int, *, exclude: Tensor | None = None, window: Tensor | None = None
+) -> Tensor:
+    """Same contract as :func:`convnn.backends.reference.select_scores`, in O(N*K) memory:
+    key blocks stream through a running top-K."""
     with torch.no_grad():
         if window is not None:
-            return _select_window(query, key, K, spatial_grid, exclude, window)
-        B = max(query.shape[0], key.shape[0])
-        N, M = query.shape[1], key.shape[1]
+            return _select_window(scores, K, exclude, window)
+        B, N, M = scores.batch, scores.num_queries, scores.num_keys
         kb = min(M, max(K, KEY_BLOCK))
         qb = max(32, BLOCK_ELEMENTS // max(1, B * kb))
-        out = torch.empty(B, N, K, dtype=torch.long, device=query.device)
+        out = torch.empty(B, N, K, dtype=torch.long, device=scores.device)
         for n0 in range(0, N, qb):
-            q = query[:, n0 : n0 + qb]
-            ex = None if exclude is None else exclude[n0 : n0 + qb]
+            qs = slice(n0, n0 + qb)
+            ex = None if exclude is None else exclude[qs]
             best_s = best_i = None
             for m0 in range(0, M, kb):
-                s = _mask_excluded(_block_scores(q, key[:, m0 : m0 + kb], spatial_grid), ex, m0)
+                s = _mask_excluded(scores.block(qs, slice(m0, m0 + kb)), ex, m0)
                 s, i = canonical_order(*topk_low_ties(s, min(K, s.shape[-1]), topk_grouped))
                 i = i + m0
                 if best_s is not None:  # merge; a stable sort keeps earlier (lower) indices first
@@ -104,25 +105,26 @@ def select(
                     s, pos = s.sort(dim=-1, descending=True, stable=True)
                     s, i = s[..., :K], i.gather(-1, pos[..., :K])
                 best_s, best_i = s, i
-            out[:, n0 : n0 + qb] = best_i
+            out[:, qs] = best_i
         return out
 
 
-def _select_window(query, key, K, spatial_grid, exclude, window):
-    """Per-query candidate lists (N, W): score only the W candidates of each query."""
-    B = max(query.shape[0], key.shape[0])
-    N, W = window.shape
+def _select_window(scores: BlockScores, K, exclude, window):
+    """Per-query candidate lists (N, W) or (B, N, W): score only each query's W."""
+    B = scores.batch
+    N, W = window.shape[-2:]
     window = window.sort(-1).values  # columns ascend in index, so ties go to the lower index
-    qb = max(1, BLOCK_ELEMENTS // max(1, B * W * key.shape[-1]))
-    out = torch.empty(B, N, K, dtype=torch.long, device=query.device)
+    qb = max(1, BLOCK_ELEMENTS // max(1, B * W * scores.width))
+    out = torch.empty(B, N, K, dtype=torch.long, device=scores.device)
     for n0 in range(0, N, qb):
-        w = window[n0 : n0 + qb]  # (n, W)
-        s = window_scores(query[:, n0 : n0 + qb], key, w, spatial_grid)
+        qs = slice(n0, n0 + qb)
+        w = window[..., qs, :]  # (n, W) or (B', n, W)
+        s = scores.window(qs, w)
         if exclude is not None:
-            s = _mask_excluded(s, w - exclude[n0 : n0 + qb, None], 0)
+            s = _mask_excluded(s, w - exclude[qs, None], 0)
         s, pos = topk_low_ties(s, K)
         idx = w.expand(s.shape[0], -1, -1).gather(-1, pos)
-        out[:, n0 : n0 + qb] = canonical_order(s, idx)[1]
+        out[:, qs] = canonical_order(s, idx)[1]
     return out
 
 

@@ -13,23 +13,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import (
+    BlockScores,
     canonical_order,
     group_gather,
-    rankable,
     scale_groups,
-    spatial_keys,
+    tensor_scores,
     topk_low_ties,
-    window_scores,
 )
 
 name = "reference"
-
-
-def similarity(query: Tensor, key: Tensor, spatial_grid: tuple[int, int] | None) -> Tensor:
-    """(B, N, D), (B, M, D) -> (B, N, M) ranking scores (bilinear, or spatial keys)."""
-    if spatial_grid is not None:
-        return spatial_keys(query[0], key[0], spatial_grid)[None]
-    return query @ key.transpose(1, 2)
 
 
 def select(
@@ -41,27 +33,38 @@ def select(
     exclude: Tensor | None = None,
     window: Tensor | None = None,
 ) -> Tensor:
+    """Indices (B, N, K) of the K best keys per query by ``query @ key.T`` (GEMM operands
+    (B, N, D), (B, M, D)), or by the spatial keys of positions (1, N, 3), (1, M, 3) on a
+    padded map ``spatial_grid``. See :func:`select_scores`."""
+    scores = tensor_scores(query, key, spatial_grid)
+    return select_scores(scores, K, exclude=exclude, window=window)
+
+
+def select_scores(
+    scores: BlockScores, K: int, *, exclude: Tensor | None = None, window: Tensor | None = None
+) -> Tensor:
     """Indices (B, N, K) of the K best keys per query, descending score, ties by lower index
     (also among candidates tied at the K-th score: the lower indices are kept).
 
-    window: (N, W) per-query candidate keys (default all M); exclude: (N,) a key each query
-    may not pick (-1 for none). Scores rank as :func:`~convnn.backends._common.rankable`
-    makes them (NaN first); a blocked key is never picked over a real one.
+    window: (N, W) or (B, N, W) per-query candidate keys (default all M); exclude: (N,) a
+    key each query may not pick (-1 for none). Scores rank as
+    :func:`~convnn.metrics.rankable` makes them (NaN first); a blocked key is never picked
+    over a real one.
     """
     with torch.no_grad():
+        N, M = scores.num_queries, scores.num_keys
         if window is None:
-            scores = rankable(similarity(query, key, spatial_grid))
+            dense = scores.block(slice(None), slice(None))  # (B, N, M): the dense formulation
         else:  # the window's scores, every other key blocked
-            own = window_scores(query, key, window, spatial_grid)
-            scores = own.new_full((own.shape[0], window.shape[0], key.shape[1]), float("-inf"))
-            scores.scatter_(2, window.expand_as(own), own)
-        N, M = scores.shape[-2:]
-        blocked = torch.zeros(N, M, dtype=torch.bool, device=scores.device)
+            own = scores.window(slice(None), window)
+            dense = own.new_full((own.shape[0], N, M), float("-inf"))
+            dense.scatter_(2, window.expand_as(own), own)
+        blocked = torch.zeros(N, M, dtype=torch.bool, device=dense.device)
         if exclude is not None:
             rows = (exclude >= 0).nonzero().squeeze(1)
             blocked[rows, exclude[rows]] = True
-        scores = scores.masked_fill(blocked, float("-inf"))
-        return canonical_order(*topk_low_ties(scores, K))[1]
+        dense = dense.masked_fill(blocked, float("-inf"))
+        return canonical_order(*topk_low_ties(dense, K))[1]
 
 
 def aggregate(

@@ -18,9 +18,17 @@ checks that it fits (registers, shared memory, no spills) and uses tensor cores.
 that table: float32/bfloat16/float16,
 ``K <= MAX_K``, sizes whose offsets fit 32 bits, and (on CUDA) a device in ``ARCHS``.
 
-- Forced (``backend="triton"``): a call outside the table is a ``ValueError``. Spatial and
-  windowed selection and empty inputs have no kernel by design and run on
-  :mod:`convnn.backends.chunked`.
+The dispatcher (:mod:`convnn.backends.dispatch`) applies these rules; this module only says
+what its kernels can run (:func:`no_kernel_select`, :func:`unsupported_select`, ...) and
+refuses anything else, never handing work to another backend itself.
+
+- By design the selection kernel ranks a GEMM form (``q' . k'``) over all keys or a shared
+  subset: spatial selection, per-query candidates (windows), metrics without GEMM operands
+  (L1 / Lp, user metrics without ``operands``), relative position biases and empty inputs
+  have no kernel; the dispatcher runs those stages on :mod:`convnn.backends.chunked`, even
+  when the triton backend is forced, and says so (``convnn.explain``).
+- Forced (``backend="triton"``): a call the kernels are designed for but that lies outside
+  the table is a ``ValueError``.
 - Auto (``backend=None`` on CUDA, :data:`auto`): the kernels run only for calls inside the
   table, and only after a one-time check per (device, dtype), on the first call, against
   the chunked backend on a tiny input. If the device is not in ``ARCHS`` or the check fails,
@@ -53,6 +61,7 @@ from torch import Tensor
 
 from . import chunked
 from . import triton_kernels as kernels
+from ._common import BlockScores, tensor_scores
 
 name = "triton"
 
@@ -247,10 +256,20 @@ def unsupported_aggregate(
     )
 
 
-def _no_kernel(query: Tensor, key: Tensor, spatial_grid, window) -> bool:
-    """Selections the backend has no kernel for by design (they run chunked)."""
-    empty = 0 in (query.shape[0], key.shape[0], query.shape[1], key.shape[1])
-    return spatial_grid is not None or window is not None or empty
+def no_kernel_select(scores: BlockScores, window: Tensor | None) -> str | None:
+    """Why the selection kernel is not designed for this call (None: it is)."""
+    if window is not None:
+        return "per-query candidates (a window or a candidate list per query)"
+    if scores.operands is None:
+        return scores.why_not_gemm or "scores without a GEMM form"
+    if 0 in (scores.batch, scores.num_queries, scores.num_keys):
+        return "an empty input"
+    return None
+
+
+def no_kernel_aggregate(values: Tensor, indices: Tensor) -> str | None:
+    """Why the aggregation kernels are not designed for this call (None: they are)."""
+    return "an empty input" if values.numel() == 0 or indices.numel() == 0 else None
 
 
 def _refuse(what: str, reason: str):
@@ -330,15 +349,28 @@ def select(
     exclude: Tensor | None = None,
     window: Tensor | None = None,
 ) -> Tensor:
-    """Same contract as :func:`convnn.backends.reference.select`, fused.
+    """Same contract as :func:`convnn.backends.reference.select`, fused. An empty batch or
+    query set gives empty indices; see :func:`select_scores`."""
+    B, N = max(query.shape[0], key.shape[0]), query.shape[1]
+    if B == 0 or N == 0:
+        return torch.empty(B, N, K, dtype=torch.long, device=query.device)
+    scores = tensor_scores(query, key, spatial_grid)
+    return select_scores(scores, K, exclude=exclude, window=window)
 
-    Spatial and windowed selection and empty inputs run on the chunked backend; a call the
-    kernels do not cover (see :func:`unsupported_select`) is a ``ValueError``.
-    """
-    if _no_kernel(query, key, spatial_grid, window):
-        return chunked.select(
-            query, key, K, spatial_grid=spatial_grid, exclude=exclude, window=window
+
+def select_scores(
+    scores: BlockScores, K: int, *, exclude: Tensor | None = None, window: Tensor | None = None
+) -> Tensor:
+    """Same contract as :func:`convnn.backends.reference.select_scores`, fused. A call the
+    kernel is not designed for (:func:`no_kernel_select`) or that its table does not cover
+    (:func:`unsupported_select`) is a ``ValueError``."""
+    reason = no_kernel_select(scores, window)
+    if reason:
+        raise ValueError(
+            f"backend='triton' has no selection kernel for {reason}: the dispatcher runs this "
+            f"stage on the chunked backend (convnn.explain shows it), got such a call"
         )
+    query, key = scores.operands
     reason = unsupported_select(query, key, K)
     if reason:
         _refuse("selection", reason)
@@ -475,10 +507,16 @@ def aggregate(
     kernel: str,
 ) -> Tensor:
     """Same contract as :func:`convnn.backends.reference.aggregate`, fused (never gathers
-    the (B, N, K, C) neighbour tensor). Empty inputs run chunked; a call the kernels do not
-    cover (see :func:`unsupported_aggregate`) is a ``ValueError``."""
-    if values.numel() == 0 or indices.numel() == 0:
-        return chunked.aggregate(values, indices, rho, weight, bias, kernel)
+    the (B, N, K, C) neighbour tensor). An empty input (no kernel: the dispatcher runs it
+    chunked) or a call the kernels do not cover (see :func:`unsupported_aggregate`) is a
+    ``ValueError``."""
+    empty = no_kernel_aggregate(values, indices)
+    if empty:
+        raise ValueError(
+            f"backend='triton' has no aggregation kernel for {empty}: the dispatcher runs it "
+            f"on the chunked backend, got values {tuple(values.shape)}, indices "
+            f"{tuple(indices.shape)}"
+        )
     reason = unsupported_aggregate(values, indices, rho, weight, bias, kernel)
     if reason:
         _refuse("aggregation", reason)
@@ -577,8 +615,9 @@ def _kernels_ready(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class _Auto:
-    """The auto backend on CUDA: the kernels for the calls they cover, once checked; the
-    chunked backend for everything else."""
+    """The automatic choice on CUDA as a backend object (what ``backends.get(None, 'cuda')``
+    returns): each call goes through the dispatcher's auto rule for CUDA (the kernels for
+    the calls they cover, once checked; the chunked backend for everything else)."""
 
     name = "auto"
 
@@ -592,28 +631,20 @@ class _Auto:
         exclude: Tensor | None = None,
         window: Tensor | None = None,
     ) -> Tensor:
-        if (
-            not _no_kernel(query, key, spatial_grid, window)
-            and query.dtype in DTYPES
-            and _kernels_ready(query.device, query.dtype)
-            and unsupported_select(query, key, K) is None
-        ):
-            return _select(query, key, K, exclude)
-        return chunked.select(
-            query, key, K, spatial_grid=spatial_grid, exclude=exclude, window=window
-        )
+        from . import dispatch
+
+        scores = tensor_scores(query, key, spatial_grid)
+        be = dispatch.select_backend(scores, K, exclude, window, backend="auto", device="cuda")
+        return be.select_scores(scores, K, exclude=exclude, window=window)
 
     @staticmethod
     def aggregate(values, indices, rho, weight, bias, kernel) -> Tensor:
-        if (
-            values.numel() > 0
-            and indices.numel() > 0
-            and values.dtype in DTYPES
-            and _kernels_ready(values.device, values.dtype)
-            and unsupported_aggregate(values, indices, rho, weight, bias, kernel) is None
-        ):
-            return _aggregate(values, indices, rho, weight, bias, kernel)
-        return chunked.aggregate(values, indices, rho, weight, bias, kernel)
+        from . import dispatch
+
+        be = dispatch.aggregate_backend(
+            values, indices, rho, weight, bias, kernel, backend="auto", device="cuda"
+        )
+        return be.aggregate(values, indices, rho, weight, bias, kernel)
 
 
 auto = _Auto()

@@ -12,9 +12,6 @@ from torch import Tensor, nn
 
 from .. import functional as CF
 from ..options import (
-    CANDIDATES,
-    METRICS,
-    WEIGHTINGS,
     check_choice,
     check_fraction,
     check_like,
@@ -22,7 +19,8 @@ from ..options import (
     check_rank,
     pair,
 )
-from .conv import options_repr
+from ..spec import ConvNNSpec
+from .conv import SpecOptions
 
 
 def check_heads(dim: int, num_heads: int, attn_drop: float, proj_drop: float) -> None:
@@ -43,7 +41,12 @@ def check_tokens(x, dim: int, param: Tensor) -> None:
         check_like("x", x, "the layer's parameters", param)
 
 
-class ConvNNAttention(nn.Module):
+ATTENTION_DEFAULTS = ConvNNSpec(
+    K=9, metric="scaled_dot", include_self=False, weighting="softmax", kernel="depthwise"
+)
+
+
+class ConvNNAttention(SpecOptions, nn.Module):
     """Each head's queries aggregate K selected keys' values.
 
     Parameters follow timm's ViT ``Attention``: ``qkv`` (Linear dim -> 3*dim, rows q, k, v),
@@ -63,7 +66,23 @@ class ConvNNAttention(nn.Module):
     token is a candidate of every query, and its own candidates are every token (with
     'grid', the lattice and the prefix tokens), so that a window covering the whole map is
     exactly multi-head attention. The map is never guessed from the token count.
+
+    Args (the operator's options, a :class:`convnn.ConvNNSpec` kept as ``layer.spec``):
+        K: neighbours per query; None = every candidate (kernel 'none').
+        metric: a similarity of ``convnn.metrics.metric_names()`` (default 'scaled_dot').
+        candidates: 'all' | 'random' | 'grid' | 'window', as for :class:`ConvNN2d`.
+        num_candidates: size of the 'random' / 'grid' candidate set.
+        window: odd side of the 'window' neighbourhood (needs the token map).
+        include_self: the query's own token fills slot 0.
+        weighting: 'softmax' (attention) | 'none'.
+        kernel: 'depthwise' | 'standard' | 'none' over the K slots.
+        positional: 'none' | 'coords' (lam-weighted map coordinates appended to q and k for
+            selection and weighting).
+        lam: the weight of the coordinates for positional='coords', in [0, 1].
+        selection_dtype: rank similarities in this dtype (e.g. torch.bfloat16).
     """
+
+    _spec_defaults = ATTENTION_DEFAULTS
 
     def __init__(
         self,
@@ -77,41 +96,35 @@ class ConvNNAttention(nn.Module):
         metric: str = "scaled_dot",
         candidates: str = "all",
         num_candidates: int | None = None,
+        window: int | None = None,
         include_self: bool = False,
         weighting: str = "softmax",
         kernel: str = "depthwise",
-        window: int | None = None,
+        positional: str = "none",
+        lam: float = 0.5,
+        selection_dtype: torch.dtype | None = None,
         proj_bias: bool = True,
         qk_norm: bool = False,
         scale_norm: bool = False,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         grid_size: tuple[int, int] | None = None,
         num_prefix_tokens: int = 0,
-        selection_dtype: torch.dtype | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         check_heads(dim, num_heads, attn_drop, proj_drop)
-        check_choice("metric", metric, METRICS)
-        check_choice("candidates", candidates, CANDIDATES)
-        check_choice("weighting", weighting, WEIGHTINGS)
         check_choice("kernel", kernel, ("depthwise", "standard", "none"))
-        check_positive_int("num_heads", num_heads)
         if dim % num_heads:
             raise ValueError(f"dim must be divisible by num_heads ({num_heads}), got dim={dim}")
-        if K is None and kernel != "none":
-            raise ValueError(f"K=None (every token) needs kernel='none', got kernel={kernel!r}")
-        if K is not None and (not isinstance(K, int) or K < 1):
+        if K is not None and (isinstance(K, bool) or not isinstance(K, int) or K < 1):
             raise ValueError(f"K must be an integer >= 1 or None, got {K!r}")
+        self.spec = ConvNNSpec.take(locals())
         check_positive_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
         if grid_size is not None:
             grid_size = pair("grid_size", grid_size, minimum=1)
         factory = {"device": device, "dtype": dtype}
-        self.dim, self.num_heads, self.head_dim, self.K = dim, num_heads, dim // num_heads, K
-        self.metric, self.candidates, self.num_candidates = metric, candidates, num_candidates
-        self.include_self, self.weighting, self.kernel = include_self, weighting, kernel
-        self.window, self.selection_dtype = window, selection_dtype
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.grid_size, self.num_prefix_tokens = grid_size, num_prefix_tokens
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **factory)
         norm = lambda width, on: norm_layer(width, **factory) if on else nn.Identity()
@@ -195,25 +208,22 @@ class ConvNNAttention(nn.Module):
 
     def _run(self, q, k, v, hw, prefix, return_indices, kernel, weight):
         B, G, N, d = q.shape
-        options = dict(
-            metric=self.metric,
-            candidates=self.candidates,
-            num_candidates=self.num_candidates,
-            window=self.window,
-            include_self=self.include_self,
-            weighting=self.weighting,
-            kernel=kernel,
-            weight=weight,
-            dropout_p=self.attn_drop.p,
-            training=self.training,
-            return_indices=return_indices,
-            selection_dtype=self.selection_dtype,
-        )
         if hw is None or (prefix and not self._needs_map()):
             hw = (1, N)  # the configuration does not read positions: any layout is the same
         elif prefix:
             return self._run_prefixed(q, k, v, hw, prefix, return_indices, kernel, weight)
-        return CF.convnn_attention(q, k, v, self.K, hw=hw, **options)
+        spec = self.spec if kernel == self.kernel else self.spec.replace(kernel=kernel)
+        return CF.attention_call(
+            q,
+            k,
+            v,
+            spec,
+            hw=hw,
+            weight=weight,
+            dropout_p=self.attn_drop.p,
+            training=self.training,
+            return_indices=return_indices,
+        )
 
     def _run_prefixed(self, q, k, v, hw, P, return_indices, kernel, weight):
         """'window' / 'grid' candidates on a map after P prefix tokens: the operator's stages
@@ -321,7 +331,7 @@ class ConvNNAttention(nn.Module):
         return self.attend(q, k, v, *self.token_layout(x.shape[1], hw), probabilities=True)
 
     def extra_repr(self) -> str:
-        s = f"dim={self.dim}, num_heads={self.num_heads}, K={self.K}" + options_repr(self)
+        s = f"dim={self.dim}, num_heads={self.num_heads}, K={self.K}" + self.options_repr()
         if self.grid_size is not None or self.num_prefix_tokens:
             s += f", grid_size={self.grid_size}, num_prefix_tokens={self.num_prefix_tokens}"
         return s

@@ -8,17 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as CF
-from ..options import (
-    CANDIDATES,
-    COORDS,
-    KERNELS,
-    METRICS,
-    WEIGHTINGS,
-    check_choice,
-    check_positive_int,
-    check_rank,
-    pair,
-)
+from ..options import check_choice, check_positive_int, check_rank, pair
+from ..spec import ConvNNSpec, legacy_coords
 
 
 def conv_geometry(
@@ -95,17 +86,34 @@ def conv_geometry(
     return {"K": K, "kernel_size": k, "stride": stride, "padding": padding, "kernel": kernel}
 
 
-def options_repr(layer: nn.Module) -> str:
-    """The selection options of a ConvNN layer, for its ``extra_repr``."""
-    s = f", metric={layer.metric!r}, candidates={layer.candidates!r}"
-    if layer.num_candidates is not None:
-        s += f", num_candidates={layer.num_candidates}"
-    if layer.window is not None:
-        s += f", window={layer.window}"
-    return s + f", weighting={layer.weighting!r}, kernel={layer.kernel!r}"
+class SpecOptions:
+    """Read-only attributes for the options of ``self.spec`` (``layer.metric``, ``layer.K``,
+    ...), and the ``extra_repr`` part that shows the options differing from the layer's
+    defaults."""
+
+    spec: ConvNNSpec
+    _spec_defaults: ConvNNSpec
+
+    def options_repr(self) -> str:
+        """``, name=value`` for each option (K aside) that differs from the layer's default."""
+        changed = self.spec.describe(self._spec_defaults, skip=("K",))
+        return f", {changed}" if changed else ""
+
+    @property
+    def coords(self) -> str | None:
+        """The deprecated name of ``positional='coords'``: 'xy' or None."""
+        return "xy" if self.spec.positional == "coords" else None
 
 
-class _ConvNNNd(nn.Module):
+for _name in ConvNNSpec.fields():
+    setattr(
+        SpecOptions,
+        _name,
+        property(lambda self, n=_name: getattr(self.spec, n), doc=f"``spec.{_name}``"),
+    )
+
+
+class _ConvNNNd(SpecOptions, nn.Module):
     """Parameters, options and forward shared by ConvNN1d and ConvNN2d.
 
     The positional arguments are ``nn.ConvNd``'s: ``ConvNN2d(64, 64, 3, padding=1)`` selects
@@ -113,10 +121,10 @@ class _ConvNNNd(nn.Module):
     keyword: ``ConvNN2d(64, 64, K=16, metric='cosine')``.
     """
 
-    _functional = staticmethod(CF.convnn2d)
     _layout = "(B, {c}, H, W)"
     _ndim = 2
     _default_K = 9
+    _spec_defaults = ConvNNSpec()
 
     def __init__(
         self,
@@ -136,13 +144,14 @@ class _ConvNNNd(nn.Module):
         metric: str = "cosine",
         candidates: str = "all",
         num_candidates: int | None = None,
+        window: int | None = None,
         include_self: bool = True,
         weighting: str = "none",
         kernel: str | None = None,
-        coords: str | None = None,
+        positional: str = "none",
         lam: float = 0.5,
-        window: int | None = None,
         selection_dtype: torch.dtype | None = None,
+        coords: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
@@ -162,31 +171,15 @@ class _ConvNNNd(nn.Module):
             default_K=self._default_K,
         )
         K, kernel = geometry["K"], geometry["kernel"]
-        for name, value, choices in (
-            ("metric", metric, METRICS),
-            ("candidates", candidates, CANDIDATES),
-            ("weighting", weighting, WEIGHTINGS),
-            ("kernel", kernel, KERNELS),
-            ("coords", coords, COORDS),
-        ):
-            check_choice(name, value, choices)
+        positional = legacy_coords(coords, positional)
+        self.spec = ConvNNSpec.take(locals())
         if kernel in ("depthwise", "none") and out_channels != in_channels:
             raise ValueError(
                 f"out_channels must equal in_channels ({in_channels}) for kernel={kernel!r}, "
                 f"got {out_channels}"
             )
-        if candidates in ("random", "grid") and num_candidates is None:
-            raise ValueError(f"num_candidates is required for candidates={candidates!r}, got None")
-        if candidates == "window" and window is None:
-            raise ValueError(
-                "window is required for candidates='window' (an odd int >= 1), got None"
-            )
-        self.in_channels, self.out_channels, self.K = in_channels, out_channels, K
+        self.in_channels, self.out_channels = in_channels, out_channels
         self.stride, self.padding = self._geometry(geometry["stride"], geometry["padding"])
-        self.metric, self.candidates, self.num_candidates = metric, candidates, num_candidates
-        self.window, self.include_self, self.weighting = window, include_self, weighting
-        self.kernel, self.coords, self.lam = kernel, coords, lam
-        self.selection_dtype = selection_dtype
         factory = {"device": device, "dtype": dtype}
         shape = {"standard": (out_channels, in_channels, K), "none": None}
         shape.update(depthwise=(in_channels, 1, K), separable=(in_channels, 1, K))
@@ -212,15 +205,17 @@ class _ConvNNNd(nn.Module):
             raise ValueError(
                 f"x must have {self.in_channels} channels {layout}, got shape {tuple(x.shape)}"
             )
-        return self._functional(
+        return CF.convnn_map(
             x,
             self.weight,
             self.bias,
-            self.K,
-            self.stride,
-            self.padding,
+            self.effective_spec(math.prod(x.shape[2:])),
+            stride=self.stride if self._ndim == 2 else (1, self.stride),
+            padding=self.padding if self._ndim == 2 else (0, self.padding),
+            ndim=self._ndim,
+            pointwise_weight=self.pointwise_weight,
+            training=self.training,
             return_indices=return_indices,
-            **self._options(math.prod(x.shape[2:])),
         )
 
     def reset_parameters(self) -> None:
@@ -244,27 +239,15 @@ class _ConvNNNd(nn.Module):
         sparse = self.candidates in ("random", "grid")
         return "all" if sparse and self.num_candidates > positions else self.candidates
 
-    def _options(self, positions: int) -> dict:
-        return dict(
-            metric=self.metric,
-            candidates=self.effective_candidates(positions),
-            num_candidates=self.num_candidates,
-            window=self.window,
-            include_self=self.include_self,
-            weighting=self.weighting,
-            kernel=self.kernel,
-            pointwise_weight=self.pointwise_weight,
-            coords=self.coords,
-            lam=self.lam,
-            training=self.training,
-            selection_dtype=self.selection_dtype,
-        )
+    def effective_spec(self, positions: int) -> ConvNNSpec:
+        """The spec run on a map of ``positions`` positions (see :meth:`effective_candidates`)."""
+        candidates = self.effective_candidates(positions)
+        return self.spec if candidates == self.candidates else self.spec.replace(candidates="all")
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, K={self.K}, stride={self.stride}"
-        s += f", padding={self.padding}" + options_repr(self)
-        if self.coords:
-            s += f", coords={self.coords!r}, lam={self.lam}"
+        s += f", padding={self.padding}"
+        s += self.options_repr()
         return s + ("" if self.bias is not None else ", bias=False")
 
 
@@ -286,20 +269,28 @@ class ConvNN2d(_ConvNNNd):
         dilation: 1 only.  groups: 1, or in_channels (= out_channels) for the 'depthwise'
             kernel.  padding_mode: 'zeros' only.
         K: neighbours per position (keyword; default kernel_size**2, else 9).
-        metric: 'cosine' | 'euclidean' | 'dot' | 'scaled_dot' | 'spatial' (position only:
-            with K = k*k and padding (k-1)//2 this is exactly a k x k convolution).
+        metric: a similarity of ``convnn.metrics.metric_names()`` (README's table): 'cosine' |
+            'euclidean' | 'dot' | 'scaled_dot' | 'spatial' (position only: with K = k*k and
+            padding (k-1)//2 this is exactly a k x k convolution) | a registered one.
         candidates: 'all' | 'random' (``num_candidates`` drawn per forward in training,
             a fixed draw in eval) | 'grid' (an even lattice of about ``num_candidates``) |
             'window' (the ``window`` x ``window`` neighbourhood). A 'random' or 'grid'
             subset larger than the map (deep layers of a network) is the whole padded map.
+        num_candidates: size of the 'random' / 'grid' candidate set.
+        window: odd side of the 'window' neighbourhood.
         include_self: the position itself fills slot 0 (ignored by 'spatial', which is
             always in the raster order of a convolution kernel).
         weighting: 'none' | 'softmax' over the selected similarities.
         kernel: 'standard' (weight (out, in, K)) | 'depthwise' ((in, 1, K)) |
             'separable' (depthwise, then ``pointwise_weight`` (out, in, 1)) | 'none'.
-        coords: 'xy' appends lam-weighted coordinates to the selection features.
+        positional: 'none' | 'coords' (append lam-weighted coordinates to the selection
+            features).
+        lam: the weight of the coordinates for positional='coords', in [0, 1].
         selection_dtype: rank similarities in this dtype (e.g. torch.bfloat16).
+        coords: deprecated; coords='xy' is positional='coords'.
 
+    The options are a :class:`convnn.ConvNNSpec` (``layer.spec``); ``repr`` shows those that
+    differ from the defaults.
     ``layer(x, return_indices=True)`` also returns (B, H_out * W_out, K) neighbour indices
     into the row-major flattened padded map, in slot order.
     """
@@ -317,7 +308,6 @@ class ConvNN2d(_ConvNNNd):
 class ConvNN1d(_ConvNNNd):
     """Convolutional Nearest Neighbours over a (B, C, L) sequence map; see :class:`ConvNN2d`."""
 
-    _functional = staticmethod(CF.convnn1d)
     _layout = "(B, {c}, L)"
     _ndim = 1
     _default_K = 3

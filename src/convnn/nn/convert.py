@@ -3,7 +3,6 @@ with ConvNN layers, in place, and report every one it saw."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -11,6 +10,7 @@ from typing import NamedTuple
 from torch import nn
 
 from ..options import check_choice
+from ..spec import ConvNNSpec
 from .attention import (
     ConvNNAttention,
     MultiheadAttentionAdapter,
@@ -23,13 +23,14 @@ from .conv import ConvNN2d
 CONV_LAYERS = ("exact", "convnn", "branching")
 ATTENTION_LAYERS = ("exact", "convnn_attention", "kvt", "local", "branching_attention")
 
-_LAYER_CLASSES = {
-    "convnn": (ConvNN2d,),
-    "branching": (Branching2d, ConvNN2d),
-    "convnn_attention": (ConvNNAttention,),
-    "kvt": (ConvNNAttention,),
-    "local": (ConvNNAttention,),
-    "branching_attention": (BranchingAttention, ConvNNAttention),
+# The options each kind takes beyond the operator's (the fields of ConvNNSpec).
+_KIND_OPTIONS = {
+    "convnn": ("coords",),  # the deprecated name of positional='coords'
+    "branching": ("ratio", "coords"),
+    "convnn_attention": (),
+    "kvt": (),
+    "local": (),
+    "branching_attention": ("ratio", "split"),
 }
 # Set from the layer a ConvNN layer replaces (channels, stride, padding, heads, the token
 # map...), not options a user passes.
@@ -43,15 +44,13 @@ LAYER_FIXED = frozenset(
 )  # fmt: skip
 
 
-def _named_params(fn: Callable) -> set[str]:
-    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    return {p.name for p in inspect.signature(fn).parameters.values() if p.kind not in kinds}
-
-
 def layer_options(layer: str) -> set[str]:
-    """The keyword options a layer kind takes ('exact', 'conv' and 'attention' take none)."""
-    classes = _LAYER_CLASSES.get(layer, ())
-    return set().union(*(_named_params(c.__init__) for c in classes)) - LAYER_FIXED
+    """The keyword options a layer kind takes: the operator's (:class:`ConvNNSpec`'s fields)
+    and the kind's own (a branching layer's ``ratio``...); 'exact', 'conv' and 'attention'
+    take none."""
+    if layer not in _KIND_OPTIONS:
+        return set()
+    return set(ConvNNSpec.fields()) | set(_KIND_OPTIONS[layer])
 
 
 def split_options(

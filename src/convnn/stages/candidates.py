@@ -1,0 +1,174 @@
+"""Stage 1, candidates: which keys each query may select.
+
+The geometry of a map (:class:`Grid`: size, padding, stride, token indices) and the
+candidate modes of DESIGN.md section 2 as a :class:`Candidates` set:
+
+- ``all``: every key (``Candidates()``);
+- ``random`` / ``grid``: one subset shared by every query and batch element (``shared``);
+- ``window``: a list per query (``per_query`` (N, W)).
+
+A content-based mode (an approximate-nearest-neighbour index, one candidate list per batch
+element and query) plugs in as ``per_query`` of shape (B', N, L), B' the selection batch
+(batch x heads): every backend ranks such lists (see ``select_scores`` in the backends).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..options import CANDIDATES, check_choice, check_positive_int
+from ..spec import ConvNNSpec
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A (H, W) map zero-padded by (ph, pw), queried at stride (sh, sw).
+
+    Token indices are row-major into the padded (Hp, Wp) map.
+    """
+
+    H: int
+    W: int
+    ph: int = 0
+    pw: int = 0
+    sh: int = 1
+    sw: int = 1
+
+    @property
+    def padded(self) -> tuple[int, int]:
+        return self.H + 2 * self.ph, self.W + 2 * self.pw
+
+    @property
+    def out(self) -> tuple[int, int]:
+        return -(-self.H // self.sh), -(-self.W // self.sw)
+
+    def index(self, device, stride: bool = True) -> Tensor:
+        """Padded-map indices of the original positions (at the stride): (H_out * W_out,)."""
+        sh, sw = (self.sh, self.sw) if stride else (1, 1)
+        rows = torch.arange(0, self.H, sh, device=device) + self.ph
+        cols = torch.arange(0, self.W, sw, device=device) + self.pw
+        return (rows[:, None] * self.padded[1] + cols).reshape(-1)
+
+    def positions(self, device) -> Tensor:
+        """(row, col, raster index) of every padded-map token, float64: (Hp * Wp, 3)."""
+        Hp, Wp = self.padded
+        raster = torch.arange(Hp * Wp, device=device, dtype=torch.float64)
+        return torch.stack([raster.div(Wp, rounding_mode="floor"), raster % Wp, raster], -1)
+
+    def coords(self, device, dtype) -> Tensor:
+        """Coordinates normalised to [-1, 1] over the original map (padding extends past)."""
+        Hp, Wp = self.padded
+        rows = (torch.arange(Hp, device=device, dtype=dtype) - self.ph) / max(self.H - 1, 1)
+        cols = (torch.arange(Wp, device=device, dtype=dtype) - self.pw) / max(self.W - 1, 1)
+        grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), -1)
+        return (grid * 2 - 1).reshape(Hp * Wp, 2)
+
+    def window_size(self, window: int) -> tuple[int, int]:
+        return (1 if self.padded[0] == 1 else window), window
+
+    def window(self, window: int, device) -> Tensor:
+        """Each query's window x window neighbourhood, shifted inside the padded map at its
+        borders so it always holds window^2 tokens (as neighbourhood attention does):
+        (N_out, wh * ww)."""
+        (Hp, Wp), (wh, ww) = self.padded, self.window_size(window)
+        q = self.index(device)
+        r0 = (q.div(Wp, rounding_mode="floor") - wh // 2).clamp(0, Hp - wh)
+        c0 = (q % Wp - ww // 2).clamp(0, Wp - ww)
+        dr = torch.arange(wh, device=device)
+        dc = torch.arange(ww, device=device)
+        offsets = (dr[:, None] * Wp + dc).reshape(-1)
+        return (r0 * Wp + c0)[:, None] + offsets
+
+    def sample(self, num: int, training: bool, generator, device) -> Tensor:
+        """``num`` distinct original positions: random in training, a fixed draw in eval."""
+        n = self.H * self.W
+        if training:
+            pick = torch.randperm(n, generator=generator, device=device)[:num]
+        else:
+            # A fixed pseudo-random subset (Knuth's multiplicative hash), with no RNG state.
+            pick = ((torch.arange(n, device=device) * 2654435761) % 4294967296).argsort()[:num]
+        return self.index(device, stride=False)[pick.sort().values]
+
+    def lattice(self, num: int, device) -> Tensor:
+        """About ``num`` positions on an even lattice matching the map's aspect ratio."""
+        gh = min(self.H, max(1, round(math.sqrt(num * self.H / self.W))))
+        gw = min(self.W, max(1, round(num / gh)))
+        rows = ((torch.arange(gh, device=device) + 0.5) * self.H / gh).long() + self.ph
+        cols = ((torch.arange(gw, device=device) + 0.5) * self.W / gw).long() + self.pw
+        return (rows[:, None] * self.padded[1] + cols).reshape(-1)
+
+
+def candidate_count(grid: Grid, candidates: str, num_candidates: int | None, window: int | None):
+    """How many candidates each query has under a candidate mode."""
+    if candidates == "all":
+        return grid.padded[0] * grid.padded[1]
+    if candidates == "window":
+        wh, ww = grid.window_size(window)
+        return wh * ww
+    if candidates == "grid":
+        gh = min(grid.H, max(1, round(math.sqrt(num_candidates * grid.H / grid.W))))
+        return gh * min(grid.W, max(1, round(num_candidates / gh)))
+    return num_candidates
+
+
+def check_candidates(grid: Grid, candidates, num_candidates, window, K) -> int:
+    """Check a candidate mode against the map; return K (the candidate count when K is None)."""
+    check_choice("candidates", candidates, CANDIDATES)
+    if candidates in ("random", "grid"):
+        if num_candidates is None:
+            raise ValueError(f"num_candidates is required for candidates={candidates!r}, got None")
+        check_positive_int("num_candidates", num_candidates)
+        if num_candidates > grid.H * grid.W:
+            raise ValueError(
+                f"num_candidates must be <= the number of positions ({grid.H * grid.W} on a "
+                f"{grid.H} x {grid.W} map), got {num_candidates}"
+            )
+    if candidates == "window":
+        if window is None:
+            raise ValueError(
+                "window is required for candidates='window' (an odd int >= 1), got None"
+            )
+        check_positive_int("window", window)
+        if window % 2 == 0:
+            raise ValueError(f"window must be odd, got {window}")
+        wh, ww = grid.window_size(window)
+        if wh > grid.padded[0] or ww > grid.padded[1]:
+            raise ValueError(
+                f"window must fit in the (padded) map of {grid.padded[0]} x {grid.padded[1]}, "
+                f"got window={window}"
+            )
+    count = candidate_count(grid, candidates, num_candidates, window)
+    if K is None:
+        return count
+    check_positive_int("K", K)
+    if K > count:
+        raise ValueError(
+            f"K must be <= the number of candidates ({count} for candidates={candidates!r} on a "
+            f"{grid.padded[0]} x {grid.padded[1]} padded map), got K={K}"
+        )
+    return K
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The keys each query may select: every key (both None), a subset ``shared`` (Mc,) by
+    all queries, or ``per_query`` lists (N, W) or (B', N, W) of key indices."""
+
+    shared: Tensor | None = None
+    per_query: Tensor | None = None
+
+
+def build(spec: ConvNNSpec, grid: Grid, training: bool, generator, device) -> Candidates:
+    """The candidate set of ``spec.candidates`` on ``grid`` (checked by
+    :func:`check_candidates`)."""
+    if spec.candidates == "random":
+        return Candidates(shared=grid.sample(spec.num_candidates, training, generator, device))
+    if spec.candidates == "grid":
+        return Candidates(shared=grid.lattice(spec.num_candidates, device))
+    if spec.candidates == "window":
+        return Candidates(per_query=grid.window(spec.window, device))
+    return Candidates()
