@@ -9,9 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 from _helpers import F64, on_backend, randn, similarity
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from convnn import ConvNN2d
 from convnn.ann import AnnIndex, AnnSpec, ann_candidates, ann_select
+from convnn.nn import ConvNNAttention
 
 METRICS = ("cosine", "euclidean", "dot", "scaled_dot")
 INDEXES = (
@@ -236,3 +239,91 @@ def test_bad_inputs_name_the_argument():
     for call, name in cases:
         with pytest.raises(ValueError, match=name):
             call()
+
+
+# --------------------------------------------------------------------------- the layers
+
+
+def feature_map(B: int, C: int, H: int, W: int, seed: int) -> torch.Tensor:
+    return clustered(B, H * W, C, seed).transpose(1, 2).reshape(B, C, H, W)
+
+
+@pytest.mark.parametrize("method", ["grid", "lsh"])
+def test_layers_rank_the_same_ann_candidates_on_every_backend(method):
+    x = feature_map(2, 8, 12, 12, seed=12)
+    torch.manual_seed(0)
+    layer = ConvNN2d(
+        8, 8, K=9, padding=1, candidates="ann", num_candidates=64, ann_method=method, ann_tables=4
+    ).eval()
+    found = {}
+    for backend in ("reference", "chunked", "auto"):
+        with on_backend(backend):
+            found[backend] = layer(x, return_indices=True)
+    y, idx = found["reference"]
+    for backend, (y_b, idx_b) in found.items():
+        assert torch.equal(idx_b, idx), backend
+        torch.testing.assert_close(y_b, y)
+    with on_backend("chunked"):
+        assert torch.equal(layer(x, return_indices=True)[1], idx)  # deterministic
+    # a budget covering the padded map (196 tokens) is the exact selection
+    exact = ConvNN2d(8, 8, K=9, padding=1).eval()
+    full = ConvNN2d(8, 8, K=9, padding=1, candidates="ann", num_candidates=196).eval()
+    full.load_state_dict(exact.state_dict())
+    assert torch.equal(full(x, return_indices=True)[1], exact(x, return_indices=True)[1])
+
+
+def test_attention_ranks_the_same_ann_candidates_on_every_backend():
+    x = clustered(2, 64, 16, seed=13)
+    torch.manual_seed(0)
+    attn = ConvNNAttention(
+        16, num_heads=2, K=6, candidates="ann", num_candidates=24, ann_tables=2
+    ).eval()
+    out = {}
+    for backend in ("reference", "chunked"):
+        with on_backend(backend):
+            out[backend] = attn(x)
+    torch.testing.assert_close(out["reference"], out["chunked"])
+
+
+def test_ann_layer_options_name_the_argument():
+    cases = [
+        (dict(candidates="ann"), "num_candidates"),
+        (dict(candidates="ann", num_candidates=64, ann_method="kd"), "ann_method"),
+        (dict(candidates="ann", num_candidates=64, ann_tables=0), "ann_tables"),
+        (dict(candidates="ann", num_candidates=64, ann_seed=-1), "ann_seed"),
+        (dict(candidates="ann", num_candidates=64, metric="manhattan"), "metric"),
+    ]
+    for options, name in cases:
+        with pytest.raises(ValueError, match=name):
+            ConvNN2d(4, 4, K=9, **options)
+    layer = ConvNN2d(4, 4, K=9, candidates="ann", num_candidates=32)  # 8 tables of 4 < K
+    with pytest.raises(ValueError, match="num_candidates"):
+        layer(feature_map(1, 4, 8, 8, seed=14))
+
+
+def test_a_network_with_ann_candidates_learns_the_digits():
+    from convnn.data.digits import load_digits
+
+    train, _, test, _ = load_digits()
+    torch.manual_seed(0)
+    ann = dict(K=9, padding=1, candidates="ann", num_candidates=32, ann_tables=2)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),  # pixels are scalars: give the index features to hash
+        nn.ReLU(),
+        ConvNN2d(16, 16, **ann),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 64, 10),
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        i = torch.randint(0, len(train.labels), (32,), generator=g)
+        loss = nn.functional.cross_entropy(model(train.images[i]), train.labels[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(test.images).argmax(-1) == test.labels).double().mean().item()
+    assert acc > 0.6, acc  # chance is 0.1

@@ -49,12 +49,13 @@ from torch import Tensor, nn
 
 from .backends._common import prepare, rankable, topk_low_ties
 from .backends.chunked import topk_grouped
+from .metrics import get_metric
+from .options import ANN_METHODS as METHODS
+from .options import ANN_METRICS as METRICS
 from .options import check_bool, check_choice, check_positive_int, check_rank
 
 __all__ = ["METHODS", "METRICS", "AnnSpec", "AnnIndex", "ann_candidates", "ann_select"]
 
-METHODS = ("grid", "lsh")
-METRICS = ("cosine", "dot", "scaled_dot", "euclidean")
 PROJECTIONS = {"grid": ("random", "pca"), "lsh": ("random",)}
 
 _P_BITS = 20  # fixed-point bits of the projection entries
@@ -162,15 +163,18 @@ class AnnIndex(nn.Module):
             f"tables={s.num_tables}, tile={s.tile}, seed={s.seed}"
         )
 
-    def candidates(self, query: Tensor, key: Tensor, budget: int, *, metric: str = "cosine"):
-        """Each query's candidate keys: (B, N, L) key indices, L = ``budget`` (``M`` when
-        budget >= M), ascending and distinct, -1 at the end of a row where the tables proposed
-        a key more than once. O(N * L) memory: for inspection and tests; :meth:`select` never
-        forms it."""
+    def candidates(
+        self, query: Tensor, key: Tensor, budget: int, *, metric: str = "cosine", fill=False
+    ) -> Tensor:
+        """Each query's candidate keys: (B, N, L) key indices, L = ``budget`` rounded down
+        to a multiple of the tables (``M`` when budget >= M), ascending and distinct, -1 at
+        the end of a row where the tables proposed a key more than once, or with ``fill``
+        the keys next in table 0's order instead (then every entry is a key). O(N * L)
+        memory: the operator's per-query candidate lists; :meth:`select` never forms it."""
         self._check(query, key, metric, budget, 1, False, None)
         with torch.no_grad():
             plan = _plan(self, query.detach(), key.detach(), budget, metric)
-            return plan.per_query()
+            return plan.per_query(fill)
 
     def select(
         self,
@@ -409,21 +413,41 @@ class _Plan:
         pos = (bt * self.key_order.shape[1] + start)[:, None] + torch.arange(W, device=flat.device)
         return self.key_order.view(-1).index_select(0, pos.view(-1)).view(-1, W).sort(-1).values
 
-    def per_query(self) -> Tensor:
+    def per_query(self, fill: bool = False) -> Tensor:
+        """(B, N, T * W) candidate lists: ascending and distinct, where the tables proposed
+        a key twice -1 at the end of the row or, with ``fill``, the keys nearest the query's
+        table-0 window in table 0's order (rows of exactly T * W distinct keys, in no
+        particular order)."""
         B, N, M, T = self.shape
         W = self.window
         G, tile = self.tile_query.shape[1:]
-        out = torch.full((B, T, N, W), -1, dtype=torch.long, device=self.key_order.device)
-        win = self.windows(0, B * T * G).view(B, T, G, 1, W).expand(-1, -1, -1, tile, -1)
+        dev = self.key_order.device
         q = self.tile_query.view(B, T, G, tile)
         valid = q >= 0
-        bb, tt, _, _ = torch.meshgrid(*(torch.arange(s) for s in q.shape), indexing="ij")
-        out[bb[valid], tt[valid], q[valid]] = win[valid]
+        bb, tt, gg, _ = torch.meshgrid(
+            *(torch.arange(n, device=dev) for n in q.shape), indexing="ij"
+        )
+        out = torch.full((B, T, N, W), -1, dtype=torch.long, device=dev)
+        win = self.windows(0, B * T * G).view(B, T, G, W)
+        out[bb[valid], tt[valid], q[valid]] = win[bb[valid], tt[valid], gg[valid]]
         ids = out.permute(0, 2, 1, 3).reshape(B, N, T * W).sort(-1).values
         dup = torch.zeros_like(ids, dtype=torch.bool)
         dup[..., 1:] = ids[..., 1:] == ids[..., :-1]
         ids = torch.where(dup, M, ids).sort(-1).values  # duplicates to the end
-        return torch.where(ids == M, -1, ids)
+        if not fill or T == 1:
+            return torch.where(ids == M, -1, ids)
+        L = T * W  # < M: with budget >= M there is one table
+        width = min(M, W + 2 * L)  # holds >= L distinct keys
+        start = self.tile_start.view(B, T, G)[:, 0]  # table 0's windows, (B, G)
+        lo = (start - L).clamp(0, M - width)
+        pos = lo[..., None] + torch.arange(width, device=dev)  # (B, G, width)
+        rows = torch.arange(B, device=dev).view(B, 1, 1) * T * M
+        ext = self.key_order.view(-1)[rows + pos]
+        near = torch.empty(B, N, width, dtype=torch.long, device=dev)
+        v0 = valid[:, 0]
+        near[bb[:, 0][v0], q[:, 0][v0]] = ext[bb[:, 0][v0], gg[:, 0][v0]]
+        rows = torch.cat([torch.where(ids == M, -1, ids), near], -1).view(B * N, -1)
+        return _first_distinct(rows, L).view(B, N, L)
 
     def select(self, query: Tensor, key: Tensor, metric: str, K: int, self_index) -> Tensor:
         """Indices (B, N, K) of each query's K best candidates (slot 0: itself with
@@ -471,6 +495,20 @@ class _Plan:
         s, p = s.sort(dim=-1, descending=True, stable=True)
         idx = i.gather(-1, p[:, :k_sel]).view(B, N, k_sel)
         return _with_self(idx, self_index)
+
+
+def _first_distinct(rows: Tensor, L: int) -> Tensor:
+    """The first L distinct non-negative entries of each row, in order: (R, S) -> (R, L)
+    (every row must hold L)."""
+    vals, order = rows.sort(dim=-1, stable=True)
+    first = torch.ones_like(vals, dtype=torch.bool)
+    first[:, 1:] = vals[:, 1:] != vals[:, :-1]
+    keep = torch.empty_like(first).scatter_(1, order, first & (vals >= 0))
+    rank = keep.long().cumsum(-1) - 1
+    sel = keep & (rank < L)
+    out = torch.empty(rows.shape[0], L, dtype=torch.long, device=rows.device)
+    out[sel.nonzero()[:, 0], rank[sel]] = rows[sel]
+    return out
 
 
 def _grouped(W: int, k: int):
@@ -527,9 +565,9 @@ def _plan(index: AnnIndex, query: Tensor, key: Tensor, budget: int, metric: str)
 
 def _pair_scores(metric: str, query: Tensor, key: Tensor, indices: Tensor) -> Tensor:
     """Differentiable similarity of each query to its selected keys: (B, N, K)."""
-    from .functional import _gather_scores  # the operator's own pair scores
+    from .stages.similarity import pair_scores  # the operator's own (stages import this module)
 
-    return _gather_scores(metric, query, key, indices)
+    return pair_scores(get_metric(metric), query, key, indices)
 
 
 # --------------------------------------------------------------------------- functions

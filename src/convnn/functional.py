@@ -50,6 +50,7 @@ from .stages import aggregation, selection, similarity, weighting
 from .stages import positional as encoding
 from .stages.aggregation import autocast_cast, check_kernel_weights
 from .stages.candidates import Candidates, Grid, candidate_count, check_candidates
+from .stages.candidates import ann as ann_candidates_stage
 from .stages.candidates import build as build_candidates
 
 __all__ = [
@@ -103,6 +104,9 @@ def _operator(
         scores = similarity.spatial_scores(grid, queries)
     else:
         scores = similarity.selection_scores(metric, q_feat, k_feat, spec.selection_dtype)
+
+    if spec.candidates == "ann":  # content-based: an index over the selection features
+        cands = ann_candidates_stage(spec, q_feat, k_feat, K)
 
     # 3. selection: the K best candidates (no gradient)
     with torch.autocast(device.type, enabled=False):
@@ -316,6 +320,9 @@ def convnn2d(
     metric: str = "cosine",
     candidates: str = "all",
     num_candidates: int | None = None,
+    ann_method: str = "grid",
+    ann_tables: int | None = None,
+    ann_seed: int = 0,
     window: int | None = None,
     include_self: bool = True,
     weighting: str = "none",
@@ -447,6 +454,9 @@ def convnn1d(
     metric: str = "cosine",
     candidates: str = "all",
     num_candidates: int | None = None,
+    ann_method: str = "grid",
+    ann_tables: int | None = None,
+    ann_seed: int = 0,
     window: int | None = None,
     include_self: bool = True,
     weighting: str = "none",
@@ -528,6 +538,9 @@ def convnn_attention(
     metric: str = "scaled_dot",
     candidates: str = "all",
     num_candidates: int | None = None,
+    ann_method: str = "grid",
+    ann_tables: int | None = None,
+    ann_seed: int = 0,
     window: int | None = None,
     include_self: bool = False,
     weighting: str = "softmax",

@@ -71,7 +71,10 @@ class ConvNNAttention(SpecOptions, nn.Module):
         K: neighbours per query; None = every candidate (kernel 'none').
         metric: a similarity of ``convnn.metrics.metric_names()`` (default 'scaled_dot').
         candidates: 'all' | 'random' | 'grid' | 'window', as for :class:`ConvNN2d`.
-        num_candidates: size of the 'random' / 'grid' candidate set.
+        num_candidates: size of the 'random' / 'grid' candidate set; 'ann': the budget of
+            candidates each query's index proposes (see ``convnn.ann``).
+        ann_method, ann_tables, ann_seed: the 'ann' index: 'grid' (multiprobe grid) or 'lsh',
+            its hash tables (None: 8) and the seed of its fixed projections.
         window: odd side of the 'window' neighbourhood (needs the token map).
         include_self: the query's own token fills slot 0.
         weighting: 'softmax' (attention) | 'none'.
@@ -96,6 +99,9 @@ class ConvNNAttention(SpecOptions, nn.Module):
         metric: str = "scaled_dot",
         candidates: str = "all",
         num_candidates: int | None = None,
+        ann_method: str = "grid",
+        ann_tables: int | None = None,
+        ann_seed: int = 0,
         window: int | None = None,
         include_self: bool = False,
         weighting: str = "softmax",
