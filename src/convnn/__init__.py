@@ -1,6 +1,8 @@
 """convnn: Convolutional Nearest Neighbors — one k-NN operator for convolution and attention."""
 
 from . import functional
+from .backends import explain
+from .metrics import Metric, metric_names, register_metric, unregister_metric
 from .nn import (
     Branching2d,
     BranchingAttention,
@@ -10,6 +12,7 @@ from .nn import (
     ConvNNAttention,
     convert,
 )
+from .spec import ConvNNSpec
 
 __version__ = "0.1.0"
 
@@ -20,6 +23,12 @@ __all__ = [
     "ConvNN1d",
     "ConvNN2d",
     "ConvNNAttention",
+    "ConvNNSpec",
+    "Metric",
     "convert",
+    "explain",
     "functional",
+    "metric_names",
+    "register_metric",
+    "unregister_metric",
 ]

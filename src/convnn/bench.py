@@ -178,6 +178,16 @@ TARGET_SCOPE = "target 8x64x64x64"
 MEMCHECK_SCOPE = "memcheck 1x64x128x128"
 STAGE1_SCOPE = "resnet-s1 {b}x64x56x56"
 COSINE_K9 = ("cosine", "all", 9)
+# A non-GEMM metric and a relative position bias: both stream block by block, so the peak
+# stays far below one 16384 x 16384 fp32 score matrix (1 GiB).
+DESIGN_SPACE_MEMCHECK = Case(
+    MEMCHECK_SCOPE,
+    "manhattan relative_bias K=9",
+    "ours",
+    "convnn2d",
+    (1, 64, 128, 128),
+    dict(K=9, metric="manhattan", positional="relative_bias", weighting="softmax"),
+)
 
 
 def _sweep_scope(side: int) -> str:
@@ -211,6 +221,7 @@ def build_cases(suite: str, device: str = "cpu") -> list[Case]:
         cases += _conv_cases(STAGE1_SCOPE.format(b=b), (b, 64, 56, 56), stage, device)
         cases += _conv_cases(f"resnet-s2 {b}x128x28x28", (b, 128, 28, 28), stage, device)
         cases += _conv_cases(MEMCHECK_SCOPE, (1, 64, 128, 128), [COSINE_K9], device, conv=False)
+        cases.append(DESIGN_SPACE_MEMCHECK)
     if suite in ("attention", "full"):
         for n, b_cpu, b_cuda in ((197, 8, 64), (1024, 2, 16)):
             for dim, heads, tag in ((192, 3, "vit-ti"), (768, 12, "vit-b")):

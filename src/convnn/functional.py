@@ -83,11 +83,16 @@ def _operator(
     training: bool,
     generator: torch.Generator | None,
     backend: str | None,
+    metric_params: dict[str, Tensor] | None = None,
+    pos_params: dict[str, Tensor] | None = None,
+    ndim: int = 2,
 ) -> tuple[Tensor, Tensor]:
     """candidates -> similarity -> selection -> weighting -> aggregation.
 
     values (B, M, C) tokens of the padded map; q_feat (B*G, N, d) / k_feat (B*G, M, d)
-    selection features of the queries / all tokens (ignored for 'spatial'), G = groups.
+    selection features of the queries / all tokens (ignored for 'spatial'), G = groups;
+    metric_params: the metric's learnable tensors, each (G, *shape) (None: initial values);
+    pos_params: the positional encoding's tensors (checked); ndim: 1 for a sequence.
     Returns y (B, N, C_out) and indices (B, G, N, K) into the padded map.
     """
     device = values.device
@@ -98,12 +103,25 @@ def _operator(
     cands = build_candidates(spec, grid, training, generator, device)
 
     # 2. similarity (with its positional encoding): what selection ranks
-    metric = get_metric(spec.metric)
-    q_feat, k_feat = encoding.encode_features(spec, grid, q_feat, k_feat, queries)
+    metric = get_metric(spec.metric, spec.p)
+    if metric.uses_positions:
+        if metric_params:
+            raise ValueError(f"metric_params must be None for metric={spec.metric!r}, got some")
+    else:
+        q_feat, k_feat = encoding.encode_features(
+            spec, grid, q_feat, k_feat, queries, pos_params, ndim
+        )
+        params = similarity.metric_parameters(
+            metric, spec.metric, metric_params, q_feat.shape[-1], G, q_feat
+        )
+        if params:  # learnable metrics map the features they score, per head
+            q_feat, k_feat = similarity.prepare(metric, q_feat, k_feat, params, G)
     if metric.uses_positions:
         scores = similarity.spatial_scores(grid, queries)
     else:
         scores = similarity.selection_scores(metric, q_feat, k_feat, spec.selection_dtype)
+        if spec.positional == "relative_bias":
+            scores = encoding.bias_scores(scores, grid, queries, pos_params["table"])
 
     if spec.candidates == "ann":  # content-based: an index over the selection features
         cands = ann_candidates_stage(spec, q_feat, k_feat, K)
@@ -129,6 +147,8 @@ def _operator(
             s = s.expand(B * G, -1, -1)
         else:
             s = similarity.pair_scores(metric, q_feat, k_feat, idx)
+            if spec.positional == "relative_bias":
+                s = s + encoding.pair_bias(grid, queries, idx, pos_params["table"]).to(s.dtype)
         rho = weighting.softmax(s, values.dtype, dropout_p, training)
         rho = rho.view(B, G, *rho.shape[1:])
 
@@ -149,6 +169,7 @@ def knn_select(
     K: int,
     *,
     metric: str = "cosine",
+    p: float = 2.0,
     candidates: Tensor | None = None,
     include_self: bool = False,
     self_index: Tensor | None = None,
@@ -162,6 +183,7 @@ def knn_select(
         K: neighbours per query.
         metric: any metric but 'spatial' (``convnn.metrics.metric_names()``: built-in and
             registered ones; learnable ones at their initial parameters).
+        p: the exponent of metric 'minkowski' (>= 1; math.inf is Chebyshev).
         candidates: None (all M keys), a shared subset (Mc,) of key indices, or candidate
             lists per query (N, W) or per batch element and query (B, N, W).
         include_self: put each query's own token in slot 0 and select K-1 others.
@@ -216,7 +238,8 @@ def knn_select(
         if self_index.shape[0] != N:
             raise ValueError(f"self_index must be (N,) = ({N},), got {tuple(self_index.shape)}")
         self_index = check_indices("self_index", self_index, M, f"(key indices, M = {M})")
-    m = get_metric(metric)
+    ConvNNSpec(p=p)  # checks p
+    m = get_metric(metric, p)
     scores = similarity.selection_scores(m, query, key, selection_dtype)
     shared = candidates is not None and candidates.dim() == 1
     cands = Candidates(
@@ -318,6 +341,7 @@ def convnn2d(
     padding: int | tuple[int, int] = 0,
     *,
     metric: str = "cosine",
+    p: float = 2.0,
     candidates: str = "all",
     num_candidates: int | None = None,
     ann_method: str = "grid",
@@ -329,9 +353,15 @@ def convnn2d(
     kernel: str = "standard",
     positional: str = "none",
     lam: float = 0.5,
+    num_frequencies: int = 8,
+    sigma: float = 1.0,
+    max_offset: int = 8,
+    cpe_kernel: int = 3,
     selection_dtype: torch.dtype | None = None,
     coords: str | None = None,
     pointwise_weight: Tensor | None = None,
+    metric_params: dict[str, Tensor] | None = None,
+    positional_params: dict[str, Tensor] | None = None,
     training: bool = False,
     generator: torch.Generator | None = None,
     return_indices: bool = False,
@@ -356,6 +386,8 @@ def convnn2d(
         stride=stride,
         padding=padding,
         pointwise_weight=pointwise_weight,
+        metric_params=metric_params,
+        positional_params=positional_params,
         training=training,
         generator=generator,
         return_indices=return_indices,
@@ -373,6 +405,8 @@ def convnn_map(
     padding: int | tuple[int, int] = 0,
     ndim: int = 2,
     pointwise_weight: Tensor | None = None,
+    metric_params: dict[str, Tensor] | None = None,
+    positional_params: dict[str, Tensor] | None = None,
     training: bool = False,
     generator: torch.Generator | None = None,
     return_indices: bool = False,
@@ -394,6 +428,9 @@ def convnn_map(
     grid = Grid(H, W, ph, pw, sh, sw)
     K = check_candidates(grid, spec.candidates, spec.num_candidates, spec.window, spec.K)
     C_out = check_kernel_weights(spec.kernel, weight, bias, pointwise_weight, C, K, "x")
+    pos_params = encoding.parameters(spec, positional_params, ndim, 1, C, x)
+    if spec.positional == "cpe":  # the features themselves change: selection and values
+        x = encoding.conditional(x, pos_params)
     x_select = x  # rank neighbours at the input's precision even under autocast
     x, weight, bias, pointwise_weight = autocast_cast(
         x, weight, bias, pointwise_weight, device_type=x.device.type
@@ -437,6 +474,9 @@ def convnn_map(
         training=training,
         generator=generator,
         backend=backend,
+        metric_params=metric_params,
+        pos_params=pos_params,
+        ndim=ndim,
     )
     y = y.transpose(1, 2).reshape(B, C_out, *grid.out)
     y = y[:, :, 0] if ndim == 1 else y
@@ -452,6 +492,7 @@ def convnn1d(
     padding: int = 0,
     *,
     metric: str = "cosine",
+    p: float = 2.0,
     candidates: str = "all",
     num_candidates: int | None = None,
     ann_method: str = "grid",
@@ -463,9 +504,15 @@ def convnn1d(
     kernel: str = "standard",
     positional: str = "none",
     lam: float = 0.5,
+    num_frequencies: int = 8,
+    sigma: float = 1.0,
+    max_offset: int = 8,
+    cpe_kernel: int = 3,
     selection_dtype: torch.dtype | None = None,
     coords: str | None = None,
     pointwise_weight: Tensor | None = None,
+    metric_params: dict[str, Tensor] | None = None,
+    positional_params: dict[str, Tensor] | None = None,
     training: bool = False,
     generator: torch.Generator | None = None,
     return_indices: bool = False,
@@ -490,6 +537,8 @@ def convnn1d(
         padding=(0, padding),
         ndim=1,
         pointwise_weight=pointwise_weight,
+        metric_params=metric_params,
+        positional_params=positional_params,
         training=training,
         generator=generator,
         return_indices=return_indices,
@@ -536,6 +585,7 @@ def convnn_attention(
     K: int | None = None,
     *,
     metric: str = "scaled_dot",
+    p: float = 2.0,
     candidates: str = "all",
     num_candidates: int | None = None,
     ann_method: str = "grid",
@@ -547,10 +597,16 @@ def convnn_attention(
     kernel: str = "none",
     positional: str = "none",
     lam: float = 0.5,
+    num_frequencies: int = 8,
+    sigma: float = 1.0,
+    max_offset: int = 8,
+    cpe_kernel: int = 3,
     selection_dtype: torch.dtype | None = None,
     hw: tuple[int, int] | None = None,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
+    metric_params: dict[str, Tensor] | None = None,
+    positional_params: dict[str, Tensor] | None = None,
     dropout_p: float = 0.0,
     training: bool = False,
     generator: torch.Generator | None = None,
@@ -570,6 +626,11 @@ def convnn_attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_rank(name, t, 4, "(B, heads, N, d)")
     spec = ConvNNSpec.take(locals())
+    if spec.positional == "cpe":
+        raise ValueError(
+            "positional='cpe' changes the tokens before q, k and v are projected: use the "
+            "ConvNNAttention layer, got it in convnn_attention (which takes q, k, v)"
+        )
     return attention_call(
         q,
         k,
@@ -578,6 +639,8 @@ def convnn_attention(
         hw=hw,
         weight=weight,
         bias=bias,
+        metric_params=metric_params,
+        positional_params=positional_params,
         dropout_p=dropout_p,
         training=training,
         generator=generator,
@@ -595,14 +658,18 @@ def attention_call(
     hw: tuple[int, int] | None = None,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
+    metric_params: dict[str, Tensor] | None = None,
+    positional_params: dict[str, Tensor] | None = None,
     dropout_p: float = 0.0,
     training: bool = False,
     generator: torch.Generator | None = None,
     return_indices: bool = False,
     backend: str | None = None,
+    ndim: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`convnn_attention` with the options given as a
-    :class:`~convnn.spec.ConvNNSpec` (what the layers call)."""
+    :class:`~convnn.spec.ConvNNSpec` (what the layers call). ``ndim``: the positional
+    encodings' form (default 1 on a 1 x N row, else 2); 'cpe' is the caller's."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_rank(name, t, 4, "(B, heads, N, d)")
     if not (q.shape == k.shape and q.shape[:3] == v.shape[:3]):
@@ -621,6 +688,8 @@ def attention_call(
     K = check_candidates(grid, spec.candidates, spec.num_candidates, spec.window, spec.K)
     C = G * v.shape[-1]
     check_kernel_weights(spec.kernel, weight, bias, None, C, K, "v (heads * d)")
+    ndim = ndim or (2 if grid.H > 1 else 1)
+    pos_params = encoding.parameters(spec, positional_params, ndim, G, C, q)
     q, k, v, weight, bias = autocast_cast(q, k, v, weight, bias, device_type=q.device.type)
     for name, t in (("k", k), ("v", v), ("weight", weight), ("bias", bias)):
         check_like(name, t, "q", q)
@@ -657,5 +726,8 @@ def attention_call(
         training=training,
         generator=generator,
         backend=backend,
+        metric_params=metric_params,
+        pos_params=pos_params,
+        ndim=ndim,
     )
     return (y, idx) if return_indices else y

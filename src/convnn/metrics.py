@@ -211,6 +211,12 @@ _BUILTIN: dict[str, Metric] = {
     "dot": Dot(),
     "scaled_dot": Dot(scaled=True),
     "spatial": Spatial(),
+    "manhattan": Minkowski(1.0),
+    "minkowski": Minkowski(2.0),  # its exponent is the ``p`` option (get_metric)
+    "chebyshev": Minkowski(float("inf")),
+    "pearson": Pearson(),
+    "mahalanobis": Mahalanobis(),
+    "bilinear": Bilinear(),
 }
 _REGISTRY: dict[str, Metric] = dict(_BUILTIN)
 _LOCK = threading.Lock()

@@ -117,3 +117,24 @@ def check_indices(name: str, indices, size: int, layout: str, *, distinct: bool 
         twice = ordered[..., 1:][ordered[..., 1:] == ordered[..., :-1]][0]
         raise ValueError(f"{name} must not repeat an index {layout}, got {int(twice)} twice")
     return indices
+
+
+def tensors_or_initial(name: str, given, initial: dict, like, what: str) -> dict:
+    """A component's tensors: ``given`` {name: tensor} with exactly the names and shapes of
+    ``initial`` and the dtype and device of ``like``, or ``initial`` cast like it when None.
+    ``what`` says whose tensors they are, for the error message."""
+    if given is None:
+        return {n: t.to(device=like.device, dtype=like.dtype) for n, t in initial.items()}
+    if not isinstance(given, dict) or set(given) != set(initial):
+        got = sorted(given) if isinstance(given, dict) else type(given).__name__
+        raise ValueError(
+            f"{name} must be a dict with the tensors {sorted(initial)} of {what}, got {got}"
+        )
+    for n, t in initial.items():
+        check_like(f"{name}[{n!r}]", given[n], "the features", like)
+        if given[n].shape != t.shape:
+            raise ValueError(
+                f"{name}[{n!r}] must have shape {tuple(t.shape)} for {what}, got "
+                f"{tuple(given[n].shape)}"
+            )
+    return given

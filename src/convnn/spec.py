@@ -33,7 +33,7 @@ from .options import (
     check_selection_dtype,
 )
 
-POSITIONALS = ("none", "coords")
+POSITIONALS = ("none", "coords", "fourier", "relative_bias", "cpe", "rope")
 
 
 def _doc(text: str, default: Any) -> Any:
@@ -50,6 +50,7 @@ class ConvNNSpec:
 
     K: int | None = _doc("neighbours per query; None = every candidate (kernel 'none' only)", 9)
     metric: str = _doc("similarity used to rank and weight candidates", "cosine")
+    p: float = _doc("'minkowski': the exponent, >= 1 (math.inf: Chebyshev)", 2.0)
     candidates: str = _doc("which positions each query may select", "all")
     num_candidates: int | None = _doc(
         "size of the 'random' / 'grid' candidate set; 'ann': the budget per query", None
@@ -63,12 +64,18 @@ class ConvNNSpec:
     kernel: str = _doc("aggregation kernel over the K slots", "standard")
     positional: str = _doc("positional encoding of the similarity", "none")
     lam: float = _doc("'coords': weight of the coordinates, in [0, 1]", 0.5)
+    num_frequencies: int = _doc("'fourier': frequencies m (2m features)", 8)
+    sigma: float = _doc("'fourier': std of the random frequencies", 1.0)
+    max_offset: int = _doc("'relative_bias': offsets clamp to +-max_offset grid steps", 8)
+    cpe_kernel: int = _doc("'cpe': side of the depthwise convolution (odd)", 3)
     selection_dtype: torch.dtype | None = _doc("dtype similarities are ranked in", None)
 
     def __post_init__(self) -> None:
         if self.K is not None:
             check_positive_int("K", self.K)
         check_choice("metric", self.metric, metric_names())
+        if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not self.p >= 1:
+            raise ValueError(f"p must be a number >= 1 (math.inf for Chebyshev), got {self.p!r}")
         check_choice("candidates", self.candidates, CANDIDATES)
         if self.num_candidates is not None:
             check_positive_int("num_candidates", self.num_candidates)
@@ -103,6 +110,22 @@ class ConvNNSpec:
             )
         check_choice("positional", self.positional, POSITIONALS)
         check_fraction("lam", self.lam)
+        check_positive_int("num_frequencies", self.num_frequencies)
+        if (
+            isinstance(self.sigma, bool)
+            or not isinstance(self.sigma, (int, float))
+            or not self.sigma > 0
+        ):
+            raise ValueError(f"sigma must be a number > 0, got {self.sigma!r}")
+        check_positive_int("max_offset", self.max_offset, minimum=0)
+        check_positive_int("cpe_kernel", self.cpe_kernel)
+        if self.cpe_kernel % 2 == 0:
+            raise ValueError(f"cpe_kernel must be odd, got {self.cpe_kernel}")
+        if self.metric == "spatial" and self.positional not in ("none", "coords"):
+            raise ValueError(
+                f"positional must be 'none' for metric='spatial' (it ranks positions, not "
+                f"features), got {self.positional!r}"
+            )
         check_selection_dtype(self.selection_dtype)
 
     # ----------------------------------------------------------------- views

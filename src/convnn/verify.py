@@ -31,6 +31,15 @@ class CaseResult:
         return self.max_diff <= self.tolerance
 
 
+def _config(layer) -> str:
+    """The layer's repr line plus the options that make it the recovered operation, shown
+    even where they are the layer's defaults (its repr shows only the changed ones)."""
+    text = layer.extra_repr()
+    defining = ("metric", "candidates", "weighting", "kernel")
+    shown = [f"{n}={getattr(layer.spec, n)!r}" for n in defining if f"{n}=" not in text]
+    return ", ".join([text, *shown])
+
+
 def _conv(
     depthwise: bool, k: int, stride: int, dtype
 ) -> tuple[str, str, torch.Tensor, torch.Tensor]:
@@ -41,14 +50,14 @@ def _conv(
     x = torch.randn(2, c, 9, 13, dtype=dtype)
     ref = f"nn.Conv2d({c}, {conv.out_channels}, {k}, stride={stride}, padding={k // 2}"
     ref += f", groups={c})" if depthwise else ")"
-    return layer.extra_repr(), ref, layer(x), conv(x)
+    return _config(layer), ref, layer(x), conv(x)
 
 
 def _mha(dtype):
     mha = nn.MultiheadAttention(32, 4, batch_first=True).to(dtype)
     layer = ConvNNAttention.from_attention(mha)
     x = torch.randn(2, 23, 32, dtype=dtype)
-    return layer.extra_repr(), "nn.MultiheadAttention(32, 4)", layer(x), mha(x, x, x)[0]
+    return _config(layer), "nn.MultiheadAttention(32, 4)", layer(x), mha(x, x, x)[0]
 
 
 def _masked_attention(q, k, v, mask):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as CF
+from ..metrics import get_metric
 from ..options import (
     check_choice,
     check_fraction,
@@ -20,6 +21,9 @@ from ..options import (
     pair,
 )
 from ..spec import ConvNNSpec
+from ..stages import positional as encoding
+from ..stages.positional import extra_features
+from .components import metric_component, positional_component, tensors
 from .conv import SpecOptions
 
 
@@ -70,6 +74,8 @@ class ConvNNAttention(SpecOptions, nn.Module):
     Args (the operator's options, a :class:`convnn.ConvNNSpec` kept as ``layer.spec``):
         K: neighbours per query; None = every candidate (kernel 'none').
         metric: a similarity of ``convnn.metrics.metric_names()`` (default 'scaled_dot').
+        p: the exponent of metric 'minkowski' (>= 1; math.inf: Chebyshev). Learnable metrics
+            keep one tensor per head in ``layer.metric_params``.
         candidates: 'all' | 'random' | 'grid' | 'window', as for :class:`ConvNN2d`.
         num_candidates: size of the 'random' / 'grid' candidate set; 'ann': the budget of
             candidates each query's index proposes (see ``convnn.ann``).
@@ -79,9 +85,13 @@ class ConvNNAttention(SpecOptions, nn.Module):
         include_self: the query's own token fills slot 0.
         weighting: 'softmax' (attention) | 'none'.
         kernel: 'depthwise' | 'standard' | 'none' over the K slots.
-        positional: 'none' | 'coords' (lam-weighted map coordinates appended to q and k for
-            selection and weighting).
+        positional: 'none' | 'coords' | 'fourier' | 'relative_bias' (per head) | 'cpe' (on
+            the input tokens) | 'rope' on the token map (``grid_size``, 2-D) or the sequence
+            (1-D); prefix tokens have none. Tensors: ``layer.positional_params``.
         lam: the weight of the coordinates for positional='coords', in [0, 1].
+        num_frequencies, sigma: 'fourier': m random frequencies of std sigma.
+        max_offset: 'relative_bias': offsets clamp to +-max_offset grid steps.
+        cpe_kernel: 'cpe': odd side of its depthwise convolution.
         selection_dtype: rank similarities in this dtype (e.g. torch.bfloat16).
     """
 
@@ -97,6 +107,7 @@ class ConvNNAttention(SpecOptions, nn.Module):
         proj_drop: float = 0.0,
         *,
         metric: str = "scaled_dot",
+        p: float = 2.0,
         candidates: str = "all",
         num_candidates: int | None = None,
         ann_method: str = "grid",
@@ -108,6 +119,10 @@ class ConvNNAttention(SpecOptions, nn.Module):
         kernel: str = "depthwise",
         positional: str = "none",
         lam: float = 0.5,
+        num_frequencies: int = 8,
+        sigma: float = 1.0,
+        max_offset: int = 8,
+        cpe_kernel: int = 3,
         selection_dtype: torch.dtype | None = None,
         proj_bias: bool = True,
         qk_norm: bool = False,
@@ -144,6 +159,14 @@ class ConvNNAttention(SpecOptions, nn.Module):
         else:
             shape = (dim, 1, K) if kernel == "depthwise" else (dim, dim, K)
             self.weight = nn.Parameter(torch.empty(shape, **factory))
+        dim_sel = self.head_dim + extra_features(self.spec)  # per head, what selection compares
+        self.metric_params = metric_component(
+            self.spec, dim_sel, num_heads, type(self).__name__, factory
+        )
+        self._pos_ndim = 1 if grid_size is None or grid_size[0] == 1 else 2
+        self.positional_params = positional_component(
+            self.spec, self._pos_ndim, num_heads, dim, type(self).__name__, factory
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -152,6 +175,9 @@ class ConvNNAttention(SpecOptions, nn.Module):
         for module in (self.qkv, self.q_norm, self.k_norm, self.norm, self.proj):
             if module is not None and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
+        for component in (self.metric_params, self.positional_params):
+            if component is not None:
+                component.reset_parameters()
         if self.weight is None:
             return
         if self.kernel == "depthwise":
@@ -214,6 +240,12 @@ class ConvNNAttention(SpecOptions, nn.Module):
 
     def _run(self, q, k, v, hw, prefix, return_indices, kernel, weight):
         B, G, N, d = q.shape
+        if prefix and self.positional not in ("none", "cpe"):
+            raise ValueError(
+                f"positional={self.positional!r} with num_prefix_tokens > 0 is not supported "
+                f"(prefix tokens have no position): use num_prefix_tokens=0, got "
+                f"{self.num_prefix_tokens}"
+            )
         if hw is None or (prefix and not self._needs_map()):
             hw = (1, N)  # the configuration does not read positions: any layout is the same
         elif prefix:
@@ -226,6 +258,9 @@ class ConvNNAttention(SpecOptions, nn.Module):
             spec,
             hw=hw,
             weight=weight,
+            metric_params=tensors(self.metric_params),
+            positional_params=tensors(self.positional_params),
+            ndim=self._pos_ndim,
             dropout_p=self.attn_drop.p,
             training=self.training,
             return_indices=return_indices,
@@ -240,8 +275,19 @@ class ConvNNAttention(SpecOptions, nn.Module):
                 "metric='spatial' ranks by position and prefix tokens have none: use "
                 "num_prefix_tokens=0 or another metric"
             )
+        if self.positional != "none":
+            raise ValueError(
+                f"positional={self.positional!r} with num_prefix_tokens > 0 and candidates="
+                f"{self.candidates!r} is not supported yet: use num_prefix_tokens=0, "
+                f"candidates='all' or positional='none'"
+            )
         B, G, N, d = q.shape
         device, grid = q.device, CF.Grid(*hw)
+        if self.metric_params is not None:  # score the learnable metric's mapped features
+            metric = get_metric(self.metric, self.p)
+            params = self.metric_params.tensors()
+            q = metric.prepare(q, params, "query")
+            k = metric.prepare(k, params, "key")
         prefix = torch.arange(P, device=device)
         if self.candidates == "window":
             window = check_positive_int("window", self.window)
@@ -277,6 +323,7 @@ class ConvNNAttention(SpecOptions, nn.Module):
                 keys,
                 K,
                 metric=self.metric,
+                p=self.p,
                 candidates=cand,
                 include_self=self.include_self,
                 self_index=torch.arange(rows.start, rows.stop, device=device),
@@ -324,8 +371,9 @@ class ConvNNAttention(SpecOptions, nn.Module):
         With ``return_indices`` also returns (B, heads, N, K) neighbour indices.
         """
         _check_no_mask(attn_mask, is_causal)
-        q, k, v = self._heads(x)
+        check_tokens(x, self.dim, self.qkv.weight)
         layout = self.token_layout(x.shape[1], hw)
+        q, k, v = self._heads(self._cpe(x, *layout))
         out = self.attend(q, k, v, *layout, return_indices=return_indices)
         y, idx = out if return_indices else (out, None)
         y = self.proj_drop(self.proj(self.norm(y)))
@@ -333,8 +381,27 @@ class ConvNNAttention(SpecOptions, nn.Module):
 
     def attention_probabilities(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
         """The weights each query gives each token, dense: (B, heads, N, N)."""
-        q, k, v = self._heads(x)
-        return self.attend(q, k, v, *self.token_layout(x.shape[1], hw), probabilities=True)
+        check_tokens(x, self.dim, self.qkv.weight)
+        layout = self.token_layout(x.shape[1], hw)
+        q, k, v = self._heads(self._cpe(x, *layout))
+        return self.attend(q, k, v, *layout, probabilities=True)
+
+    def _cpe(self, x: Tensor, hw, prefix: int) -> Tensor:
+        """positional='cpe': the map tokens of x (B, N, dim) plus their depthwise conv (on
+        the (h, w) map, or the 1 x L sequence); prefix tokens unchanged."""
+        if self.positional != "cpe":
+            return x
+        B, N, C = x.shape
+        h, w = hw or (1, N - prefix)
+        params = self.positional_params.tensors()
+        if params["weight"].shape[2] != (1 if h == 1 else params["weight"].shape[3]):
+            raise ValueError(
+                f"positional='cpe' of a layer built for {self._pos_ndim}-D tokens (grid_size="
+                f"{self.grid_size}) needs the same form, got a {h} x {w} map"
+            )
+        maps = x[:, prefix:].transpose(1, 2).reshape(B, C, h, w)
+        maps = encoding.conditional(maps, params).reshape(B, C, h * w).transpose(1, 2)
+        return torch.cat([x[:, :prefix], maps], 1)
 
     def extra_repr(self) -> str:
         s = f"dim={self.dim}, num_heads={self.num_heads}, K={self.K}" + self.options_repr()

@@ -7,6 +7,10 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from ..metrics import get_metric
+from ..spec import ConvNNSpec
+from ..stages import positional as encoding
+
 
 class ComponentParameters(nn.Module):
     """Tensors of one component, held by the layer: parameters (in its ``state_dict``,
@@ -60,3 +64,32 @@ def warn_no_gradient(layer: str, what: list[str], weighting: str) -> None:
             UserWarning,
             stacklevel=3,
         )
+
+
+def metric_component(spec: ConvNNSpec, dim: int, heads: int, layer: str, factory: dict):
+    """The learnable tensors of ``spec``'s metric for ``heads`` heads of ``dim`` selection
+    features, each (heads, *shape), or None when it has none."""
+    metric = get_metric(spec.metric, spec.p)
+    initial = {} if metric.uses_positions else metric.parameters(dim)
+    if not initial:
+        return None
+    warn_no_gradient(layer, [f"the parameters of metric {spec.metric!r}"], spec.weighting)
+    return ComponentParameters(per_head(initial, heads), **factory)
+
+
+def tensors(component: ComponentParameters | None) -> dict[str, Tensor] | None:
+    """What the functional API takes for a component (None when the layer has none)."""
+    return None if component is None else component.tensors()
+
+
+def positional_component(
+    spec: ConvNNSpec, ndim: int, heads: int, channels: int, layer: str, factory: dict
+):
+    """The tensors of ``spec``'s positional encoding (learnable ones and fixed buffers), or
+    None when it has none."""
+    learn, fixed = encoding.initial(spec, ndim, heads, channels)
+    if not learn and not fixed:
+        return None
+    if spec.positional != "cpe":
+        warn_no_gradient(layer, list(learn) and ["the relative position bias"], spec.weighting)
+    return ComponentParameters(learn, fixed, **factory)

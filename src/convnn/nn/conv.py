@@ -10,6 +10,8 @@ from torch import Tensor, nn
 from .. import functional as CF
 from ..options import check_choice, check_positive_int, check_rank, pair
 from ..spec import ConvNNSpec, legacy_coords
+from ..stages.positional import extra_features
+from .components import metric_component, positional_component, tensors
 
 
 def conv_geometry(
@@ -142,6 +144,7 @@ class _ConvNNNd(SpecOptions, nn.Module):
         *,
         K: int | None = None,
         metric: str = "cosine",
+        p: float = 2.0,
         candidates: str = "all",
         num_candidates: int | None = None,
         ann_method: str = "grid",
@@ -153,6 +156,10 @@ class _ConvNNNd(SpecOptions, nn.Module):
         kernel: str | None = None,
         positional: str = "none",
         lam: float = 0.5,
+        num_frequencies: int = 8,
+        sigma: float = 1.0,
+        max_offset: int = 8,
+        cpe_kernel: int = 3,
         selection_dtype: torch.dtype | None = None,
         coords: str | None = None,
     ) -> None:
@@ -195,6 +202,11 @@ class _ConvNNNd(SpecOptions, nn.Module):
             else None
         )
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        dim = in_channels + extra_features(self.spec)  # the features selection compares
+        self.metric_params = metric_component(self.spec, dim, 1, type(self).__name__, factory)
+        self.positional_params = positional_component(
+            self.spec, self._ndim, 1, in_channels, type(self).__name__, factory
+        )
         self.reset_parameters()
 
     @staticmethod
@@ -217,6 +229,8 @@ class _ConvNNNd(SpecOptions, nn.Module):
             padding=self.padding if self._ndim == 2 else (0, self.padding),
             ndim=self._ndim,
             pointwise_weight=self.pointwise_weight,
+            metric_params=tensors(self.metric_params),
+            positional_params=tensors(self.positional_params),
             training=self.training,
             return_indices=return_indices,
         )
@@ -231,6 +245,9 @@ class _ConvNNNd(SpecOptions, nn.Module):
         if self.bias is not None:
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
+        for component in (self.metric_params, self.positional_params):
+            if component is not None:
+                component.reset_parameters()
 
     def effective_candidates(self, positions: int) -> str:
         """The candidate mode used on a map of ``positions`` positions.
@@ -275,6 +292,9 @@ class ConvNN2d(_ConvNNNd):
         metric: a similarity of ``convnn.metrics.metric_names()`` (README's table): 'cosine' |
             'euclidean' | 'dot' | 'scaled_dot' | 'spatial' (position only: with K = k*k and
             padding (k-1)//2 this is exactly a k x k convolution) | a registered one.
+        p: the exponent of metric 'minkowski' (>= 1; math.inf: Chebyshev). Learnable metrics
+            ('mahalanobis', 'bilinear') keep their tensors in ``layer.metric_params`` (in the
+            state_dict); they train through softmax weighting only.
         candidates: 'all' | 'random' (``num_candidates`` drawn per forward in training,
             a fixed draw in eval) | 'grid' (an even lattice of about ``num_candidates``) |
             'window' (the ``window`` x ``window`` neighbourhood). A 'random' or 'grid'
@@ -289,9 +309,14 @@ class ConvNN2d(_ConvNNNd):
         weighting: 'none' | 'softmax' over the selected similarities.
         kernel: 'standard' (weight (out, in, K)) | 'depthwise' ((in, 1, K)) |
             'separable' (depthwise, then ``pointwise_weight`` (out, in, 1)) | 'none'.
-        positional: 'none' | 'coords' (append lam-weighted coordinates to the selection
-            features).
+        positional: 'none' | 'coords' | 'fourier' | 'relative_bias' | 'cpe' | 'rope': the
+            positional encoding of the similarity (README's table; DESIGN.md 2b). Its
+            tensors are ``layer.positional_params`` (the relative-bias table and the CPE
+            start at zero: the layer starts as the one without them).
         lam: the weight of the coordinates for positional='coords', in [0, 1].
+        num_frequencies, sigma: 'fourier': m random frequencies of std sigma.
+        max_offset: 'relative_bias': offsets clamp to +-max_offset grid steps.
+        cpe_kernel: 'cpe': odd side of its depthwise convolution.
         selection_dtype: rank similarities in this dtype (e.g. torch.bfloat16).
         coords: deprecated; coords='xy' is positional='coords'.
 

@@ -1,30 +1,207 @@
-"""Positional encodings (``positional=``, DESIGN.md 2b): they act on the similarity only
-(selection and weighting), never on the aggregated values.
+"""Positional encodings (``positional=``, DESIGN.md 2b). They act on the similarity
+(selection and softmax weighting), never on the aggregated values, except 'cpe', which
+changes the features themselves.
 
-- ``coords``: selection features become [(1 - lam) x, lam p], p the (row, col) of the
-  original map normalised to [-1, 1] (padding extends past).
+Positions are those of the *original* map: normalised to [-1, 1] for 'coords' and
+'fourier' (padding extends past), in grid steps for 'relative_bias' and 'rope' (padding
+rows are -1, -2, ...). 1-D forms (a sequence, ``ndim=1``) use the index only.
+
+- ``coords``: selection features become [(1 - lam) x, lam p];
+- ``fourier``: [x, sin(2 pi B p), cos(2 pi B p)], B (m, ndim) a fixed Gaussian (std
+  ``sigma``) drawn from a generator seeded with 0;
+- ``relative_bias``: s'(i, j) = s(i, j) + T[dy, dx], (dy, dx) = position of j minus that of
+  i clamped to +-R (``max_offset``); T ((2R+1) x (2R+1), per head; (1, 2R+1) in 1-D) is
+  learnable and starts at zero. It is added block by block (:class:`BiasScores`), never as
+  an N x N tensor;
+- ``cpe``: x <- x + DWConv(x) (a ``cpe_kernel`` x ``cpe_kernel`` depthwise conv, zero at
+  the start) before everything (:func:`conditional`);
+- ``rope``: the selection features rotated: in 2-D the first d/2 channels by the row, the
+  last d/2 by the column (1-D: all d by the index); within a block of D channels, channel j
+  and j + D/2 (j < D/2) turn by pos * theta_j, theta_j = 10000^(-2j/D).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from ..metrics import BlockScores, rankable
+from ..options import tensors_or_initial
 from ..spec import ConvNNSpec
 from .candidates import Grid
 
+ROPE_BASE = 10000.0
+
+
+def extra_features(spec: ConvNNSpec, ndim: int = 2) -> int:
+    """How many features the encoding appends to each token's selection features."""
+    if spec.positional == "coords":
+        return 2
+    if spec.positional == "fourier":
+        return 2 * spec.num_frequencies
+    return 0
+
+
+def initial(spec: ConvNNSpec, ndim: int, groups: int, channels: int):
+    """(learnable, fixed) tensors of the encoding at their initial values: a layer with
+    ``groups`` heads over ``channels`` input channels (cpe)."""
+    if spec.positional == "fourier":
+        g = torch.Generator().manual_seed(0)
+        return {}, {"B": torch.randn(spec.num_frequencies, ndim, generator=g) * spec.sigma}
+    if spec.positional == "relative_bias":
+        R = spec.max_offset
+        return {"table": torch.zeros(groups, 2 * R + 1 if ndim == 2 else 1, 2 * R + 1)}, {}
+    if spec.positional == "cpe":
+        k = spec.cpe_kernel
+        shape = (channels, 1, k if ndim == 2 else 1, k)
+        return {"weight": torch.zeros(shape), "bias": torch.zeros(channels)}, {}
+    return {}, {}
+
+
+def parameters(
+    spec: ConvNNSpec, given: dict | None, ndim: int, groups: int, channels: int, like: Tensor
+) -> dict[str, Tensor]:
+    """The encoding's tensors: ``given`` (checked against their expected shapes), or their
+    initial values when None."""
+    learn, fixed = initial(spec, ndim, groups, channels)
+    what = f"positional={spec.positional!r} ({ndim}-D, {groups} heads)"
+    return tensors_or_initial("positional_params", given, {**learn, **fixed}, like, what)
+
+
+def conditional(x: Tensor, params: dict[str, Tensor]) -> Tensor:
+    """'cpe': x + DWConv(x) on a map x (B, C, H, W) (a 1-D map is (B, C, 1, L))."""
+    w = params["weight"]
+    return x + F.conv2d(
+        x, w, params["bias"], padding=(w.shape[2] // 2, w.shape[3] // 2), groups=x.shape[1]
+    )
+
+
+def steps(grid: Grid, device) -> Tensor:
+    """(row, col) of every padded-map token in grid steps of the original map: (M, 2) int64."""
+    pos = grid.positions(device)[:, :2].long()
+    return pos - torch.tensor([grid.ph, grid.pw], device=device)
+
+
+def _rotate(x: Tensor, pos: Tensor) -> Tensor:
+    """Rotate pairs (j, j + D/2) of x (..., D) by pos (D/2 angles broadcastable) radians."""
+    D = x.shape[-1]
+    theta = ROPE_BASE ** (-2 * torch.arange(D // 2, device=x.device, dtype=x.dtype) / D)
+    angle = pos[..., None].to(x.dtype) * theta
+    cos, sin = angle.cos(), angle.sin()
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+def rope(x: Tensor, pos: Tensor, ndim: int) -> Tensor:
+    """x (B', n, d) rotated by the positions pos (n, 2) in grid steps."""
+    d = x.shape[-1]
+    if ndim == 1:
+        if d % 2:
+            raise ValueError(f"positional='rope' needs an even feature dim d in 1-D, got d={d}")
+        return _rotate(x, pos[:, 1])
+    if d % 4:
+        raise ValueError(
+            f"positional='rope' needs a feature dim d divisible by 4 in 2-D (half of the pairs "
+            f"turn with the row, half with the column), got d={d}"
+        )
+    h = d // 2
+    return torch.cat([_rotate(x[..., :h], pos[:, 0]), _rotate(x[..., h:], pos[:, 1])], -1)
+
 
 def encode_features(
-    spec: ConvNNSpec, grid: Grid, query: Tensor, key: Tensor, queries: Tensor
+    spec: ConvNNSpec,
+    grid: Grid,
+    query: Tensor,
+    key: Tensor,
+    queries: Tensor,
+    params: dict[str, Tensor],
+    ndim: int = 2,
 ) -> tuple[Tensor, Tensor]:
     """The selection features with the feature-side encoding of ``spec.positional``.
 
     query (B', N, d) features of the queries ``queries`` (N,) (padded-map indices), key
     (B', M, d) features of every token of the padded map -> (B', N, d'), (B', M, d').
     """
-    if spec.positional == "coords":
-        xy = grid.coords(key.device, key.dtype)  # (M, 2)
-        lam = spec.lam
-        cat = lambda f, p: torch.cat([(1 - lam) * f, lam * p.expand(f.shape[0], -1, -1)], -1)
-        return cat(query, xy[queries]), cat(key, xy)
+    if spec.positional in ("coords", "fourier"):
+        p = grid.coords(key.device, key.dtype)  # (M, 2), normalised
+        p = p[:, 1:] if ndim == 1 else p
+        if spec.positional == "coords":
+            lam = spec.lam
+            cat = lambda f, e: torch.cat([(1 - lam) * f, lam * e.expand(f.shape[0], -1, -1)], -1)
+        else:
+            proj = 2 * math.pi * p @ params["B"].T  # (M, m)
+            p = torch.cat([proj.sin(), proj.cos()], -1)
+            cat = lambda f, e: torch.cat([f, e.expand(f.shape[0], -1, -1)], -1)
+        return cat(query, p[queries]), cat(key, p)
+    if spec.positional == "rope":
+        pos = steps(grid, key.device)
+        return rope(query, pos[queries], ndim), rope(key, pos, ndim)
     return query, key
+
+
+# --------------------------------------------------------------------------- relative bias
+
+
+def _bias(table: Tensor, pq: Tensor, pk: Tensor, group: Tensor | None) -> Tensor:
+    """T[dy, dx] of queries at pq (n, 2) and keys pk (n or 1, m, 2) or (B', n, m, 2).
+
+    table (G, Ty, Tx). Without ``group``: (G, n, m); with group (B',) the head of each
+    batch row: (B', n, m)."""
+    Ry, Rx = (table.shape[1] - 1) // 2, (table.shape[2] - 1) // 2
+    dy = (pk[..., 0] - pq[:, None, 0]).clamp(-Ry, Ry) + Ry
+    dx = (pk[..., 1] - pq[:, None, 1]).clamp(-Rx, Rx) + Rx
+    if group is None:
+        return table[:, dy, dx]
+    return table[group.view(-1, *([1] * (dy.dim() - 1))), dy, dx]
+
+
+class BiasScores(BlockScores):
+    """``inner`` scores plus the relative bias T[dy, dx], block by block (O(block) memory).
+
+    pos_q (N, 2), pos_k (M, 2) grid-step positions; table (G, Ty, Tx) with G heads, the
+    batch rows of ``inner`` being (batch, head) pairs."""
+
+    why_not_gemm = "a relative position bias (added per block)"
+
+    def __init__(self, inner: BlockScores, pos_q: Tensor, pos_k: Tensor, table: Tensor):
+        self.inner, self.pos_q, self.pos_k, self.table = inner, pos_q, pos_k, table
+        self.batch, self.num_queries, self.num_keys = inner.batch, inner.num_queries, inner.num_keys
+        self.width, self.device = inner.width, inner.device
+
+    def _add(self, s: Tensor, bias: Tensor) -> Tensor:
+        """s (B*G, n, m) + bias (G, n, m), batch rows being (batch, head) pairs."""
+        G = self.table.shape[0]
+        return rankable((s.unflatten(0, (-1, G)) + bias.to(s.dtype)).flatten(0, 1))
+
+    def block(self, qs, ks):
+        s = self.inner.block(qs, ks)
+        return self._add(s, _bias(self.table, self.pos_q[qs], self.pos_k[ks][None], None))
+
+    def window(self, qs, cand):
+        s = self.inner.window(qs, cand)
+        pk = self.pos_k[cand]  # (n, W, 2) or (B', n, W, 2)
+        if cand.dim() == 2:
+            return self._add(s, _bias(self.table, self.pos_q[qs], pk, None))
+        G = self.table.shape[0]
+        group = torch.arange(cand.shape[0], device=cand.device) % G
+        return rankable(s + _bias(self.table, self.pos_q[qs], pk, group).to(s.dtype))
+
+    def keys(self, index):
+        return BiasScores(self.inner.keys(index), self.pos_q, self.pos_k[index], self.table)
+
+
+def bias_scores(scores: BlockScores, grid: Grid, queries: Tensor, table: Tensor) -> BiasScores:
+    """Selection scores with the relative bias of ``table`` (G, Ty, Tx) (no gradient)."""
+    pos = steps(grid, scores.device)
+    return BiasScores(scores, pos[queries], pos, table.detach())
+
+
+def pair_bias(grid: Grid, queries: Tensor, indices: Tensor, table: Tensor) -> Tensor:
+    """The differentiable bias T[dy, dx] of each query's selected keys: indices (B*G, N, K)
+    -> (B*G, N, K)."""
+    pos = steps(grid, indices.device)
+    group = torch.arange(indices.shape[0], device=indices.device) % table.shape[0]
+    return _bias(table, pos[queries], pos[indices], group)

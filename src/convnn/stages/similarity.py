@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..metrics import BlockScores, Metric, SpatialScores, metric_scores
-from ..options import check_like
+from ..options import tensors_or_initial
 from .candidates import Grid
 
 
@@ -27,27 +27,9 @@ def metric_parameters(
 ) -> dict[str, Tensor]:
     """The learnable parameters of ``metric`` for ``groups`` heads of ``dim`` features, each
     (groups, *shape): ``given`` (checked), or their initial values when None."""
-    initial = metric.parameters(dim)
-    if given is None:
-        return {
-            n: t.to(device=like.device, dtype=like.dtype).expand(groups, *t.shape)
-            for n, t in initial.items()
-        }
-    if not isinstance(given, dict) or set(given) != set(initial):
-        got = sorted(given) if isinstance(given, dict) else type(given).__name__
-        raise ValueError(
-            f"metric_params must be a dict with the tensors {sorted(initial)} of metric="
-            f"{name!r}, got {got}"
-        )
-    for n, t in initial.items():
-        want = (groups, *t.shape)
-        check_like(f"metric_params[{n!r}]", given[n], "the features", like)
-        if tuple(given[n].shape) != want:
-            raise ValueError(
-                f"metric_params[{n!r}] must have shape {want} (heads, *shape) for {dim} "
-                f"selection features, got {tuple(given[n].shape)}"
-            )
-    return given
+    initial = {n: t.expand(groups, *t.shape) for n, t in metric.parameters(dim).items()}
+    what = f"metric={name!r} ((heads, *shape) for {dim} selection features)"
+    return tensors_or_initial("metric_params", given, initial, like, what)
 
 
 def prepare(
