@@ -50,6 +50,7 @@ from .stages import aggregation, selection, similarity, weighting
 from .stages import positional as encoding
 from .stages.aggregation import autocast_cast, check_kernel_weights
 from .stages.candidates import Candidates, Grid, candidate_count, check_candidates
+from .stages.candidates import ann as ann_candidates_stage
 from .stages.candidates import build as build_candidates
 
 __all__ = [
@@ -121,6 +122,9 @@ def _operator(
         scores = similarity.selection_scores(metric, q_feat, k_feat, spec.selection_dtype)
         if spec.positional == "relative_bias":
             scores = encoding.bias_scores(scores, grid, queries, pos_params["table"])
+
+    if spec.candidates == "ann":  # content-based: an index over the selection features
+        cands = ann_candidates_stage(spec, q_feat, k_feat, K)
 
     # 3. selection: the K best candidates (no gradient)
     with torch.autocast(device.type, enabled=False):
@@ -340,6 +344,9 @@ def convnn2d(
     p: float = 2.0,
     candidates: str = "all",
     num_candidates: int | None = None,
+    ann_method: str = "grid",
+    ann_tables: int | None = None,
+    ann_seed: int = 0,
     window: int | None = None,
     include_self: bool = True,
     weighting: str = "none",
@@ -488,6 +495,9 @@ def convnn1d(
     p: float = 2.0,
     candidates: str = "all",
     num_candidates: int | None = None,
+    ann_method: str = "grid",
+    ann_tables: int | None = None,
+    ann_seed: int = 0,
     window: int | None = None,
     include_self: bool = True,
     weighting: str = "none",
@@ -578,6 +588,9 @@ def convnn_attention(
     p: float = 2.0,
     candidates: str = "all",
     num_candidates: int | None = None,
+    ann_method: str = "grid",
+    ann_tables: int | None = None,
+    ann_seed: int = 0,
     window: int | None = None,
     include_self: bool = False,
     weighting: str = "softmax",

@@ -9,7 +9,9 @@ from collections.abc import Sequence
 
 import torch
 
-CANDIDATES = ("all", "random", "grid", "window")
+CANDIDATES = ("all", "random", "grid", "window", "ann")
+ANN_METHODS = ("grid", "lsh")  # convnn.ann: multiprobe grid, locality-sensitive hashing
+ANN_METRICS = ("cosine", "dot", "scaled_dot", "euclidean")  # the metrics an index can hash
 WEIGHTINGS = ("none", "softmax")
 KERNELS = ("standard", "depthwise", "separable", "none")
 

@@ -21,6 +21,8 @@ import torch
 
 from .metrics import metric_names
 from .options import (
+    ANN_METHODS,
+    ANN_METRICS,
     CANDIDATES,
     KERNELS,
     WEIGHTINGS,
@@ -50,8 +52,13 @@ class ConvNNSpec:
     metric: str = _doc("similarity used to rank and weight candidates", "cosine")
     p: float = _doc("'minkowski': the exponent, >= 1 (math.inf: Chebyshev)", 2.0)
     candidates: str = _doc("which positions each query may select", "all")
-    num_candidates: int | None = _doc("size of the 'random' / 'grid' candidate set", None)
+    num_candidates: int | None = _doc(
+        "size of the 'random' / 'grid' candidate set; 'ann': the budget per query", None
+    )
     window: int | None = _doc("side of the 'window' candidate neighbourhood (odd)", None)
+    ann_method: str = _doc("'ann' candidates: 'grid' (multiprobe grid) or 'lsh'", "grid")
+    ann_tables: int | None = _doc("'ann': independent hash tables (None: 8)", None)
+    ann_seed: int = _doc("'ann': seed of the index's fixed projections", 0)
     include_self: bool = _doc("the query itself fills slot 0", True)
     weighting: str = _doc("weights of the K selected neighbours: 'none' or 'softmax'", "none")
     kernel: str = _doc("aggregation kernel over the K slots", "standard")
@@ -72,7 +79,16 @@ class ConvNNSpec:
         check_choice("candidates", self.candidates, CANDIDATES)
         if self.num_candidates is not None:
             check_positive_int("num_candidates", self.num_candidates)
-        if self.candidates in ("random", "grid") and self.num_candidates is None:
+        check_choice("ann_method", self.ann_method, ANN_METHODS)
+        if self.ann_tables is not None:
+            check_positive_int("ann_tables", self.ann_tables)
+        check_positive_int("ann_seed", self.ann_seed, minimum=0)
+        if self.candidates == "ann" and self.metric not in ANN_METRICS:
+            raise ValueError(
+                f"metric must be one of {list(ANN_METRICS)} for candidates='ann' (an index "
+                f"hashes those), got {self.metric!r}"
+            )
+        if self.candidates in ("random", "grid", "ann") and self.num_candidates is None:
             raise ValueError(
                 f"num_candidates is required for candidates={self.candidates!r}, got None"
             )

@@ -77,7 +77,10 @@ class ConvNNAttention(SpecOptions, nn.Module):
         p: the exponent of metric 'minkowski' (>= 1; math.inf: Chebyshev). Learnable metrics
             keep one tensor per head in ``layer.metric_params``.
         candidates: 'all' | 'random' | 'grid' | 'window', as for :class:`ConvNN2d`.
-        num_candidates: size of the 'random' / 'grid' candidate set.
+        num_candidates: size of the 'random' / 'grid' candidate set; 'ann': the budget of
+            candidates each query's index proposes (see ``convnn.ann``).
+        ann_method, ann_tables, ann_seed: the 'ann' index: 'grid' (multiprobe grid) or 'lsh',
+            its hash tables (None: 8) and the seed of its fixed projections.
         window: odd side of the 'window' neighbourhood (needs the token map).
         include_self: the query's own token fills slot 0.
         weighting: 'softmax' (attention) | 'none'.
@@ -107,6 +110,9 @@ class ConvNNAttention(SpecOptions, nn.Module):
         p: float = 2.0,
         candidates: str = "all",
         num_candidates: int | None = None,
+        ann_method: str = "grid",
+        ann_tables: int | None = None,
+        ann_seed: int = 0,
         window: int | None = None,
         include_self: bool = False,
         weighting: str = "softmax",

@@ -7,9 +7,11 @@ candidate modes of DESIGN.md section 2 as a :class:`Candidates` set:
 - ``random`` / ``grid``: one subset shared by every query and batch element (``shared``);
 - ``window``: a list per query (``per_query`` (N, W)).
 
-A content-based mode (an approximate-nearest-neighbour index, one candidate list per batch
-element and query) plugs in as ``per_query`` of shape (B', N, L), B' the selection batch
-(batch x heads): every backend ranks such lists (see ``select_scores`` in the backends).
+- ``ann``: content-based lists from an approximate-nearest-neighbour index over the
+  selection features (:mod:`convnn.ann`), one per batch element and query: ``per_query``
+  (B', N, L), B' the selection batch (batch x heads), built by :func:`ann` once the features
+  exist. Every backend ranks such lists (see ``select_scores`` in the backends), so every
+  backend selects from the same candidates.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..ann import AnnIndex, AnnSpec
 from ..options import CANDIDATES, check_choice, check_positive_int
 from ..spec import ConvNNSpec
 
@@ -109,6 +112,8 @@ def candidate_count(grid: Grid, candidates: str, num_candidates: int | None, win
     if candidates == "window":
         wh, ww = grid.window_size(window)
         return wh * ww
+    if candidates == "ann":
+        return min(num_candidates, grid.padded[0] * grid.padded[1])
     if candidates == "grid":
         gh = min(grid.H, max(1, round(math.sqrt(num_candidates * grid.H / grid.W))))
         return gh * min(grid.W, max(1, round(num_candidates / gh)))
@@ -118,11 +123,11 @@ def candidate_count(grid: Grid, candidates: str, num_candidates: int | None, win
 def check_candidates(grid: Grid, candidates, num_candidates, window, K) -> int:
     """Check a candidate mode against the map; return K (the candidate count when K is None)."""
     check_choice("candidates", candidates, CANDIDATES)
-    if candidates in ("random", "grid"):
+    if candidates in ("random", "grid", "ann"):
         if num_candidates is None:
             raise ValueError(f"num_candidates is required for candidates={candidates!r}, got None")
         check_positive_int("num_candidates", num_candidates)
-        if num_candidates > grid.H * grid.W:
+        if candidates != "ann" and num_candidates > grid.H * grid.W:
             raise ValueError(
                 f"num_candidates must be <= the number of positions ({grid.H * grid.W} on a "
                 f"{grid.H} x {grid.W} map), got {num_candidates}"
@@ -172,3 +177,22 @@ def build(spec: ConvNNSpec, grid: Grid, training: bool, generator, device) -> Ca
     if spec.candidates == "window":
         return Candidates(per_query=grid.window(spec.window, device))
     return Candidates()
+
+
+def ann(spec: ConvNNSpec, q_feat: Tensor, k_feat: Tensor, K: int) -> Candidates:
+    """'ann' candidates: each query's ``num_candidates`` keys (all M when it is >= M) from an
+    index over the selection features q_feat (B', N, d), k_feat (B', M, d); the same lists
+    for every backend, deterministic (they depend only on the features' values)."""
+    index = AnnIndex(
+        q_feat.shape[-1],
+        AnnSpec(method=spec.ann_method, tables=spec.ann_tables, seed=spec.ann_seed),
+    )
+    budget, M = spec.num_candidates, k_feat.shape[1]
+    tables = 1 if budget >= M else index.spec.num_tables
+    if K > min(budget, M) // tables:
+        raise ValueError(
+            f"num_candidates must give each of the {tables} ann tables at least K = {K} keys "
+            f"(num_candidates >= {K * tables}, or >= the {M} tokens), got {budget}"
+        )
+    lists = index.candidates(q_feat, k_feat, budget, metric=spec.metric, fill=True)
+    return Candidates(per_query=lists)

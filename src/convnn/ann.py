@@ -1,0 +1,609 @@
+"""Approximate, content-based candidates for large maps: a multiprobe grid and LSH.
+
+With ``all`` candidates, exact selection costs O(N * M * D). An index orders the keys so that
+similar keys lie close together, and each query compares only against a *budget* of keys near
+it in that order (plus itself with ``include_self``). Two families share one engine:
+
+- ``grid`` (multiprobe grid): a seeded random projection of the features to a few dims
+  (``projection='pca'``: the keys' principal axes), each cut into equal-mass bins at the
+  keys' quantiles;
+- ``lsh`` (locality-sensitive hashing): random hyperplanes, one sign bit per projection, for
+  cosine, dot and scaled_dot; p-stable (Gaussian) projections cut into buckets of one width,
+  shifted by a random offset, for euclidean.
+
+A key's *cell* is its tuple of bins; its *code* interleaves the bins' bits (Morton order), so
+cells that share their high bits (neighbours in the projected space) are neighbours in the
+order. Keys are sorted by code (O(M log M) per table). Queries, placed in the same order by
+binary search, are cut into tiles of ``tile`` consecutive queries; a tile probes its own cell
+and then the neighbouring cells of the order, the ``budget // tables`` keys centred on it, in
+every table. All queries of a tile share those keys, so scoring is one GEMM per tile
+(tile x D by D x W) and its top-K one pass; the tables' top-K lists are then merged with
+duplicates dropped. A larger budget gives each tile a window that contains the smaller one, so
+recall never falls as the budget grows; with ``budget >= M`` every query sees every key and
+the selection is exact. Memory is O(N * (K + budget)) at most; nothing is N x M.
+
+Metrics. ``cosine`` hashes directions (x / |x|; zero vectors project to 0). ``dot`` and
+``scaled_dot`` (maximum inner product) become cosine by the asymmetric transform of Neyshabur
+and Srebro (2015): keys [k / U, sqrt(1 - |k|^2 / U^2)] with U the largest key norm, queries
+[q / |q|, 0]. ``euclidean`` hashes x itself.
+
+Determinism. The projections are fixed buffers drawn from a seeded ``torch.Generator`` and
+stored as integers (``AnnIndex``). Features are rounded to fixed point (a power-of-two scale,
+so rounding is the only change) with few enough bits that every projection sum is an integer
+below 2^53: exact in float64 whatever the summation order. Everything after that is integer
+arithmetic, a stable sort or a binary search. So the candidate sets depend only on the
+features' values: the same on every backend and device, and for float32 features and the same
+values in float64.
+
+Shapes: B batch, N queries, M keys, D feature dims, L budget, K neighbours, T tables,
+d projected dims per table, W = L // T keys per table and tile.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .backends._common import prepare, rankable, topk_low_ties
+from .backends.chunked import topk_grouped
+from .metrics import get_metric
+from .options import ANN_METHODS as METHODS
+from .options import ANN_METRICS as METRICS
+from .options import check_bool, check_choice, check_positive_int, check_rank
+
+__all__ = ["METHODS", "METRICS", "AnnSpec", "AnnIndex", "ann_candidates", "ann_select"]
+
+PROJECTIONS = {"grid": ("random", "pca"), "lsh": ("random",)}
+
+_P_BITS = 20  # fixed-point bits of the projection entries
+_P_MAX = 8 * 2**_P_BITS  # bound on their magnitude (Gaussian draws are clamped to +-8)
+_MAX_DIMS = {"grid": 8, "lsh": 32}
+_DEFAULT_DIMS = {"grid": 8, "lsh": 16}
+_DEFAULT_TABLES = {"grid": 8, "lsh": 8}
+_CODE_BITS = 62  # bits of a Morton code (int64)
+_BLOCK = 1 << 22  # elements of one block of gathered keys or scores (16 MiB of fp32)
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class AnnSpec:
+    """Options of an approximate candidate index.
+
+    Args:
+        method: 'grid' (multiprobe grid) or 'lsh' (hyperplanes for cosine / dot, p-stable
+            buckets for euclidean).
+        projection: grid only: 'random' (the seeded Gaussian buffer) or 'pca' (the keys'
+            principal axes, computed exactly every call: O(M D^2)).
+        dims: projected dims per table: grid 1..8 (default 8), lsh 1..32 (default 16).
+        tables: independent orders (default 8); the budget is split
+            evenly between them. 'pca' has one set of axes, so one table.
+        tile: queries that share one window of keys (default 64).
+        seed: seed of the projections (and the p-stable offsets).
+    """
+
+    method: str = "grid"
+    projection: str = "random"
+    dims: int | None = None
+    tables: int | None = None
+    tile: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("method", self.method, METHODS)
+        check_choice("projection", self.projection, PROJECTIONS[self.method])
+        if self.dims is not None:
+            check_positive_int("dims", self.dims)
+            if self.dims > _MAX_DIMS[self.method]:
+                raise ValueError(
+                    f"dims must be <= {_MAX_DIMS[self.method]} for method={self.method!r}, "
+                    f"got {self.dims}"
+                )
+        if self.tables is not None:
+            check_positive_int("tables", self.tables)
+            if self.projection == "pca" and self.tables != 1:
+                raise ValueError(
+                    f"tables must be 1 with projection='pca' (one set of axes), got {self.tables}"
+                )
+        check_positive_int("tile", self.tile)
+        check_positive_int("seed", self.seed, minimum=0)
+
+    @property
+    def num_tables(self) -> int:
+        if self.tables is not None:
+            return self.tables
+        return 1 if self.projection == "pca" else _DEFAULT_TABLES[self.method]
+
+    @property
+    def num_dims(self) -> int:
+        return self.dims or _DEFAULT_DIMS[self.method]
+
+
+# --------------------------------------------------------------------------- the index
+
+
+class AnnIndex(nn.Module):
+    """An approximate candidate index for ``dim``-dimensional features.
+
+    Its projections are buffers (integers, so ``.half()`` or ``.to(dtype)`` never round
+    them): ``projection`` (T, dim + 1, d) and ``offset`` (T, d), drawn from
+    ``torch.Generator().manual_seed(spec.seed)`` on the CPU, so an index made with the same
+    spec and dim is the same on every device.
+
+    Args:
+        dim: feature dims D of the queries and keys it will see.
+        spec: an :class:`AnnSpec`, or None to build one from ``options``.
+    """
+
+    projection: Tensor
+    offset: Tensor
+
+    def __init__(self, dim: int, spec: AnnSpec | None = None, **options) -> None:
+        super().__init__()
+        check_positive_int("dim", dim)
+        if spec is not None and options:
+            raise ValueError(f"give spec or options, not both, got spec and {sorted(options)}")
+        self.spec = spec if spec is not None else AnnSpec(**options)
+        self.dim = dim
+        gen = torch.Generator().manual_seed(self.spec.seed)
+        T, d = self.spec.num_tables, self.spec.num_dims
+        proj = torch.randn(T, dim + 1, d, generator=gen, dtype=torch.float64).clamp(-8, 8)
+        offset = torch.rand(T, d, generator=gen, dtype=torch.float64)
+        self.register_buffer("projection", torch.round(proj * 2**_P_BITS).long())
+        self.register_buffer("offset", torch.round(offset * 2**_P_BITS).long())
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (
+            f"{self.dim}, method={s.method!r}, projection={s.projection!r}, dims={s.num_dims}, "
+            f"tables={s.num_tables}, tile={s.tile}, seed={s.seed}"
+        )
+
+    def candidates(
+        self, query: Tensor, key: Tensor, budget: int, *, metric: str = "cosine", fill=False
+    ) -> Tensor:
+        """Each query's candidate keys: (B, N, L) key indices, L = ``budget`` rounded down
+        to a multiple of the tables (``M`` when budget >= M), ascending and distinct, -1 at
+        the end of a row where the tables proposed a key more than once, or with ``fill``
+        the keys next in table 0's order instead (then every entry is a key). O(N * L)
+        memory: the operator's per-query candidate lists; :meth:`select` never forms it."""
+        self._check(query, key, metric, budget, 1, False, None)
+        with torch.no_grad():
+            plan = _plan(self, query.detach(), key.detach(), budget, metric)
+            return plan.per_query(fill)
+
+    def select(
+        self,
+        query: Tensor,
+        key: Tensor,
+        K: int,
+        budget: int,
+        *,
+        metric: str = "cosine",
+        include_self: bool = False,
+        self_index: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Approximate top-K: candidates, then exact scores over them, then top-K.
+
+        Same contract as ``convnn.functional.knn_select`` (slots in descending similarity,
+        ties to the lower key index; ``include_self`` puts the query's own token in slot 0),
+        with each query ranking only its candidates. With budget >= M the candidates are all
+        keys and the result is the exact selection.
+
+        query (B, N, D), key (B, M, D) -> scores (B, N, K), differentiable in query and key,
+        and indices (B, N, K).
+        """
+        self_index = self._check(query, key, metric, budget, K, include_self, self_index)
+        with torch.no_grad():
+            plan = _plan(self, query.detach(), key.detach(), budget, metric)
+            idx = plan.select(query.detach(), key.detach(), metric, K, self_index)
+        return _pair_scores(metric, query, key, idx), idx
+
+    forward = select
+
+    def _check(self, query, key, metric, budget, K, include_self, self_index):
+        check_rank("query", query, 3, "(B, N, D)")
+        check_rank("key", key, 3, "(B, M, D)")
+        if key.dtype != query.dtype or key.device != query.device:
+            raise ValueError(
+                f"key must have the dtype and device of query ({query.dtype}, {query.device}), "
+                f"got {key.dtype}, {key.device}"
+            )
+        if key.shape[0] != query.shape[0] or key.shape[2] != query.shape[2]:
+            raise ValueError(
+                f"query and key must share batch and feature dims, got {tuple(query.shape)} "
+                f"and {tuple(key.shape)}"
+            )
+        if query.shape[2] != self.dim:
+            raise ValueError(
+                f"query and key must have D = {self.dim} feature dims (the index's dim), got "
+                f"{query.shape[2]}"
+            )
+        for name, t in (("query", query), ("key", key)):
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} must be finite to be hashed, got NaN or infinite values")
+        check_choice("metric", metric, METRICS)
+        check_positive_int("budget", budget)
+        check_positive_int("K", K)
+        check_bool("include_self", include_self)
+        N, M = query.shape[1], key.shape[1]
+        T = 1 if budget >= M else self.spec.num_tables
+        W = min(budget, M) // T
+        if K > W:
+            raise ValueError(
+                f"budget must give each of the {T} tables at least K = {K} keys (budget >= "
+                f"{K * T}, or >= M = {M}), got budget={budget}"
+            )
+        return _check_self_index(self_index, include_self, N, M, query.device)
+
+
+def _check_self_index(self_index, include_self: bool, N: int, M: int, device) -> Tensor | None:
+    if self_index is None:
+        if include_self and N != M:
+            raise ValueError(
+                f"self_index (N,) is required with include_self when N != M ({N} != {M}), got None"
+            )
+        return torch.arange(N, device=device) if include_self else None
+    if not isinstance(self_index, Tensor) or self_index.shape != (N,):
+        shape = tuple(self_index.shape) if isinstance(self_index, Tensor) else self_index
+        raise ValueError(f"self_index must be a tensor (N,) = ({N},), got {shape!r}")
+    if self_index.is_floating_point() or self_index.dtype == torch.bool:
+        raise ValueError(f"self_index must be an integer tensor, got dtype {self_index.dtype}")
+    if N and (int(self_index.min()) < 0 or int(self_index.max()) >= M):
+        raise ValueError(
+            f"self_index must lie in [0, {M}), got values from {int(self_index.min())} to "
+            f"{int(self_index.max())}"
+        )
+    return self_index.long().to(device) if include_self else None
+
+
+# --------------------------------------------------------------------------- projection
+
+
+def _fixed(x: Tensor, exponent: Tensor, bits: int) -> Tensor:
+    """round(x * 2^(bits - exponent)) in float64: exact scaling, then one rounding."""
+    return torch.round(torch.ldexp(x.double(), (bits - exponent).double()))
+
+
+def _exponent(x: Tensor, dims) -> Tensor:
+    """The least e with max |x| over ``dims`` <= 2^e (0 for zeros)."""
+    return torch.frexp(x.detach().double().abs().amax(dim=dims, keepdim=True))[1]
+
+
+def _hash_space(metric: str, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor, int]:
+    """The vectors the index hashes, in fixed point: (B, N, D + 1), (B, M, D + 1) float64
+    holding integers of at most ``bits`` bits, and ``bits``.
+
+    cosine: x / |x|; dot / scaled_dot: queries [q / |q|, 0], keys [k / U, sqrt(1 - |k|^2 / U^2)];
+    euclidean: x, both scaled by one power of two per batch element. Every step is exact or
+    one correctly rounded operation, so the result depends only on the features' values."""
+    D = query.shape[-1]
+    bits = 52 - math.ceil(math.log2((D + 1) * _P_MAX))  # every projection sum < 2^52
+    bits_n = (52 - math.ceil(math.log2(D + 1))) // 2  # every squared norm < 2^52
+    if bits < 12:
+        raise ValueError(f"query and key have too many feature dims to hash exactly, got D={D}")
+    one = torch.ldexp(torch.ones((), dtype=torch.float64, device=query.device), torch.tensor(bits))
+
+    def unit(x: Tensor, e: Tensor, sq_max: bool) -> tuple[Tensor, Tensor]:
+        xn = _fixed(x, e, bits_n)
+        sq = xn.pow(2).sum(-1, keepdim=True)  # exact
+        norm = sq.amax(1, keepdim=True) if sq_max else sq
+        h = torch.where(norm > 0, torch.round(xn / norm.sqrt() * one), 0.0)
+        return h, (sq / norm.clamp_min(1)).clamp_max(1)
+
+    pad = query.new_zeros(()).double()
+    if metric == "euclidean":
+        e = torch.maximum(_exponent(query, (1, 2)), _exponent(key, (1, 2)))
+        hq, hk = _fixed(query, e, bits), _fixed(key, e, bits)
+        return _extend(hq, pad), _extend(hk, pad), bits
+    hq = unit(query, _exponent(query, -1), False)[0]
+    if metric == "cosine":
+        return _extend(hq, pad), _extend(unit(key, _exponent(key, -1), False)[0], pad), bits
+    hk, ratio = unit(key, _exponent(key, (1, 2)), True)  # dot: maximum inner product search
+    return _extend(hq, pad), torch.cat([hk, torch.round((1 - ratio).sqrt() * one)], -1), bits
+
+
+def _extend(h: Tensor, value: Tensor) -> Tensor:
+    return torch.cat([h, value.expand(*h.shape[:-1], 1)], -1)
+
+
+def _principal_axes(hk: Tensor, d: int, bits: int) -> Tensor:
+    """The keys' d principal axes: (B, M, D') fixed-point vectors -> (B, 1, D', d) projection
+    in fixed point (2^20 = 1), largest variance first, each axis signed so that its largest
+    entry is positive.
+
+    The covariance is computed exactly in integers (vectors cut to fewer bits); the
+    eigenvectors come from float64 ``eigh`` on the CPU, so they depend on the keys only."""
+    B, M, Dp = hk.shape
+    c = max(1, min(bits, 31 - math.ceil(math.log2(M + 1))))  # M * sums < 2^62: exact in int64
+    hc = torch.floor(torch.ldexp(hk, torch.tensor(float(c - bits), device=hk.device)))
+    second = (hc.transpose(1, 2) @ hc).cpu().long()  # entries < 2^53: exact in float64
+    total = hc.sum(1).cpu().long()
+    cov = M * second - total[:, :, None] * total[:, None, :]  # M^2 x covariance, exact
+    _, vec = torch.linalg.eigh(cov.double())
+    axes = vec[..., -d:].flip(-1)  # (B, D', d)
+    biggest = axes.abs().argmax(-2, keepdim=True)
+    axes = axes * torch.where(axes.gather(-2, biggest) < 0, -1.0, 1.0)
+    return torch.round(axes * 2**_P_BITS).to(hk.device)[:, None]
+
+
+def _project(hq: Tensor, hk: Tensor, P: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Exact projections of the hashed vectors: (B, R, D'), P (T, D', d) or (B, T, D', d)
+    integer-valued -> (B, T, N, d), (B, T, M, d) int64, 2^20 = a unit-scale projection."""
+    shift = torch.tensor(float(-bits), device=hq.device)
+
+    def lin(h: Tensor) -> Tensor:
+        return torch.round(torch.ldexp(torch.matmul(h[:, None], P.double()), shift)).long()
+
+    return lin(hq), lin(hk)
+
+
+# --------------------------------------------------------------------------- codes
+
+
+def _bins(spec: AnnSpec, metric: str, zq: Tensor, zk: Tensor, offset: Tensor):
+    """Cell of every query and key: (B, T, R, d) int64 bins in [0, 2^r), and r.
+
+    grid: 2^r equal-mass bins per dim, cut at the keys' quantiles; lsh: the side of each
+    random hyperplane (cosine, dot), shifted to the keys' median so that it halves them (ReLU
+    features fill one orthant, where hyperplanes through 0 rarely split them), or p-stable
+    buckets of one width shifted by a random offset (euclidean)."""
+    B, T, M, d = zk.shape
+    hyperplanes = spec.method == "lsh" and metric != "euclidean"
+    r = 1 if hyperplanes else max(1, min(_CODE_BITS // d, math.ceil(math.log2(max(M, 2)))))
+    nb = 2**r  # grid: many bins per dim, so that the order is local within a cell too
+    ordered = zk.sort(dim=2).values  # (B, T, M, d)
+    if spec.method == "grid" or hyperplanes:  # equal-mass bins: the keys' quantiles
+        at = torch.tensor([i * M // nb for i in range(1, nb)], device=zk.device)
+        edges = ordered[:, :, at].permute(0, 1, 3, 2).double()  # (B, T, d, nb - 1)
+    else:  # p-stable: equal widths over the central 98% of the keys, offset in [0, 1) widths
+        lo = ordered[:, :, (M - 1) // 100].double()
+        hi = ordered[:, :, (M - 1) - (M - 1) // 100].double()
+        width = torch.floor((hi - lo) / nb).clamp_min(1.0)  # (B, T, d); integers
+        frac = torch.floor(offset[:, :d].double() * width / 2**_P_BITS)  # (B, T, d)
+        steps = torch.arange(1, nb, device=zk.device, dtype=torch.float64)
+        edges = lo[..., None] - frac[..., None] + steps * width[..., None]
+    edges = edges.contiguous()
+
+    def cut(z: Tensor) -> Tensor:
+        zt = z.transpose(-1, -2).double().contiguous()  # (B, T, d, R)
+        return torch.searchsorted(edges, zt, right=True).transpose(-1, -2)
+
+    return cut(zq), cut(zk), r
+
+
+def _morton(bins: Tensor, r: int) -> Tensor:
+    """Interleave the bits of the bins, highest first: (..., d) -> (...,) int64 codes."""
+    d = bins.shape[-1]
+    shifts = torch.arange(r - 1, -1, -1, device=bins.device)
+    bits = (bins[..., None] >> shifts) & 1  # (..., d, r)
+    weight = 2 ** torch.arange(d * r - 1, -1, -1, device=bins.device)
+    return (bits.transpose(-1, -2).flatten(-2) * weight).sum(-1)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where each tile of queries looks: per (batch, table) row ``bt``, the keys in code order
+    and the tiles' queries and window starts.
+
+    key_order (B * T, M): key index at each position of the code order;
+    tile_query (B * T, G, tile): query index of each tile slot (-1: padding);
+    tile_start (B * T, G): first position of the tile's window of W keys.
+    """
+
+    key_order: Tensor
+    tile_query: Tensor
+    tile_start: Tensor
+    shape: tuple[int, int, int, int]  # B, N, M, T
+    window: int
+
+    def windows(self, t0: int, t1: int) -> Tensor:
+        """Key indices of the windows of flat tiles t0:t1, ascending: (t1 - t0, W)."""
+        G = self.tile_start.shape[1]
+        W = self.window
+        flat = torch.arange(t0, t1, device=self.key_order.device)
+        bt, start = flat // G, self.tile_start.view(-1)[t0:t1]
+        pos = (bt * self.key_order.shape[1] + start)[:, None] + torch.arange(W, device=flat.device)
+        return self.key_order.view(-1).index_select(0, pos.view(-1)).view(-1, W).sort(-1).values
+
+    def per_query(self, fill: bool = False) -> Tensor:
+        """(B, N, T * W) candidate lists: ascending and distinct, where the tables proposed
+        a key twice -1 at the end of the row or, with ``fill``, the keys nearest the query's
+        table-0 window in table 0's order (rows of exactly T * W distinct keys, in no
+        particular order)."""
+        B, N, M, T = self.shape
+        W = self.window
+        G, tile = self.tile_query.shape[1:]
+        dev = self.key_order.device
+        q = self.tile_query.view(B, T, G, tile)
+        valid = q >= 0
+        bb, tt, gg, _ = torch.meshgrid(
+            *(torch.arange(n, device=dev) for n in q.shape), indexing="ij"
+        )
+        out = torch.full((B, T, N, W), -1, dtype=torch.long, device=dev)
+        win = self.windows(0, B * T * G).view(B, T, G, W)
+        out[bb[valid], tt[valid], q[valid]] = win[bb[valid], tt[valid], gg[valid]]
+        ids = out.permute(0, 2, 1, 3).reshape(B, N, T * W).sort(-1).values
+        dup = torch.zeros_like(ids, dtype=torch.bool)
+        dup[..., 1:] = ids[..., 1:] == ids[..., :-1]
+        ids = torch.where(dup, M, ids).sort(-1).values  # duplicates to the end
+        if not fill or T == 1:
+            return torch.where(ids == M, -1, ids)
+        L = T * W  # < M: with budget >= M there is one table
+        width = min(M, W + 2 * L)  # holds >= L distinct keys
+        start = self.tile_start.view(B, T, G)[:, 0]  # table 0's windows, (B, G)
+        lo = (start - L).clamp(0, M - width)
+        pos = lo[..., None] + torch.arange(width, device=dev)  # (B, G, width)
+        rows = torch.arange(B, device=dev).view(B, 1, 1) * T * M
+        ext = self.key_order.view(-1)[rows + pos]
+        near = torch.empty(B, N, width, dtype=torch.long, device=dev)
+        v0 = valid[:, 0]
+        near[bb[:, 0][v0], q[:, 0][v0]] = ext[bb[:, 0][v0], gg[:, 0][v0]]
+        rows = torch.cat([torch.where(ids == M, -1, ids), near], -1).view(B * N, -1)
+        return _first_distinct(rows, L).view(B, N, L)
+
+    def select(self, query: Tensor, key: Tensor, metric: str, K: int, self_index) -> Tensor:
+        """Indices (B, N, K) of each query's K best candidates (slot 0: itself with
+        ``self_index``)."""
+        B, N, M, T = self.shape
+        W = self.window
+        G, tile = self.tile_query.shape[1:]
+        k_sel = K - 1 if self_index is not None else K
+        if k_sel == 0 or N == 0:
+            idx = torch.empty(B, N, 0, dtype=torch.long, device=query.device)
+            return _with_self(idx, self_index)
+        q, k = prepare(metric, query, key)
+        Dp = q.shape[-1]
+        q_rows, k_rows = q.reshape(B * N, Dp), k.reshape(B * M, Dp)
+        # each table's top K per query, (B * N, T, K) flat; padding slots write the last row
+        k_tab = K  # K - 1 others, and one more in case the query itself is among them
+        best_s = q.new_empty(B * N * T + 1, k_tab)
+        best_i = torch.empty(B * N * T + 1, k_tab, dtype=torch.long, device=q.device)
+        step = max(1, _BLOCK // (W * (Dp + tile)))  # tiles per block
+        dev = q.device
+        for t0 in range(0, B * T * G, step):
+            t1 = min(B * T * G, t0 + step)
+            flat = torch.arange(t0, t1, device=dev)
+            b, t = flat // (T * G), flat // G % T
+            ids = self.windows(t0, t1)  # (n, W), ascending: a tie goes to the lower id
+            qs = self.tile_query.view(-1, tile)[t0:t1]  # (n, tile)
+            rows = (b[:, None] * N + qs.clamp_min(0)).view(-1)
+            qt = q_rows.index_select(0, rows).view(-1, tile, Dp)
+            kt = k_rows.index_select(0, (b[:, None] * M + ids).view(-1)).view(-1, W, Dp)
+            s = rankable(qt @ kt.transpose(1, 2))  # (n, tile, W): one GEMM per tile
+            v, pos = topk_low_ties(s, k_tab, _grouped(W, k_tab))  # (n, tile, K)
+            got = ids.gather(-1, pos.reshape(pos.shape[0], -1)).view_as(pos)
+            out = torch.where(qs >= 0, rows.view_as(qs) * T + t[:, None], B * N * T).view(-1)
+            best_s.index_copy_(0, out, v.reshape(-1, k_tab))
+            best_i.index_copy_(0, out, got.reshape(-1, k_tab))
+        s = best_s[:-1].view(B * N, T * k_tab)
+        i = best_i[:-1].view(B * N, T * k_tab)
+        i, p = i.sort(dim=-1, stable=True)  # by key id, so a tie keeps the lower id first
+        s = s.gather(-1, p)
+        dup = torch.zeros_like(i, dtype=torch.bool)
+        dup[:, 1:] = i[:, 1:] == i[:, :-1]  # a key two tables found: keep one
+        if self_index is not None:  # the query itself is never one of the K - 1 others
+            dup |= i == self_index.repeat(B)[:, None]
+        s = s.masked_fill(dup, -torch.inf)
+        s, p = s.sort(dim=-1, descending=True, stable=True)
+        idx = i.gather(-1, p[:, :k_sel]).view(B, N, k_sel)
+        return _with_self(idx, self_index)
+
+
+def _first_distinct(rows: Tensor, L: int) -> Tensor:
+    """The first L distinct non-negative entries of each row, in order: (R, S) -> (R, L)
+    (every row must hold L)."""
+    vals, order = rows.sort(dim=-1, stable=True)
+    first = torch.ones_like(vals, dtype=torch.bool)
+    first[:, 1:] = vals[:, 1:] != vals[:, :-1]
+    keep = torch.empty_like(first).scatter_(1, order, first & (vals >= 0))
+    rank = keep.long().cumsum(-1) - 1
+    sel = keep & (rank < L)
+    out = torch.empty(rows.shape[0], L, dtype=torch.long, device=rows.device)
+    out[sel.nonzero()[:, 0], rank[sel]] = rows[sel]
+    return out
+
+
+def _grouped(W: int, k: int):
+    """Top-k of rows of W scores through group maxima, groups sized to the rows."""
+    group = min(64, W // (4 * (k + 1)))  # topk_low_ties asks for k + 1
+    return (lambda s, kk: topk_grouped(s, kk, group)) if group >= 4 else None
+
+
+def _with_self(idx: Tensor, self_index: Tensor | None) -> Tensor:
+    if self_index is None:
+        return idx
+    B, N = idx.shape[:2]
+    return torch.cat([self_index.expand(B, N)[..., None], idx], -1)
+
+
+def _plan(index: AnnIndex, query: Tensor, key: Tensor, budget: int, metric: str) -> _Plan:
+    """Hash, order the keys and cut the queries into tiles: O((N + M) log M) per table."""
+    spec = index.spec
+    B, N, _ = query.shape
+    M = key.shape[1]
+    dev = query.device
+    tile = min(spec.tile, max(N, 1))
+    G = -(-N // tile)
+    if budget >= M:  # every key: one window over all of them
+        T, W = 1, M
+        key_order = torch.arange(M, device=dev).expand(B, M).contiguous()
+        qpos = torch.zeros(B, 1, N, dtype=torch.long, device=dev)
+    else:
+        T, W = spec.num_tables, budget // spec.num_tables
+        hq, hk, bits = _hash_space(metric, query, key)
+        d = spec.num_dims
+        if spec.projection == "pca":
+            P = _principal_axes(hk, d, bits)
+        else:
+            P = index.projection[..., :d].to(dev)
+        zq, zk = _project(hq, hk, P, bits)  # (B, T, N, d), (B, T, M, d)
+        bq, bk, r = _bins(spec, metric, zq, zk, index.offset.to(dev))
+        code_q, code_k = _morton(bq, r), _morton(bk, r)  # (B, T, N), (B, T, M)
+        code_k, key_order = code_k.sort(dim=-1, stable=True)  # a cell's keys by index
+        qpos = torch.searchsorted(code_k, code_q)  # each query's place in the order
+        key_order = key_order.view(B * T, M)
+    # tiles: consecutive queries in the order; padding slots repeat nothing (-1)
+    qpos = qpos.view(B * T, N)
+    qpos, qorder = qpos.sort(dim=-1, stable=True)
+    pad = G * tile - N
+    tile_query = torch.cat([qorder, qorder.new_full((B * T, pad), -1)], -1).view(B * T, G, tile)
+    centre = qpos[:, (torch.arange(G, device=dev) * tile + tile // 2).clamp_max(N - 1)]
+    tile_start = (centre - W // 2).clamp(0, M - W)
+    return _Plan(key_order, tile_query, tile_start, (B, N, M, T), W)
+
+
+# --------------------------------------------------------------------------- scores
+
+
+def _pair_scores(metric: str, query: Tensor, key: Tensor, indices: Tensor) -> Tensor:
+    """Differentiable similarity of each query to its selected keys: (B, N, K)."""
+    from .stages.similarity import pair_scores  # the operator's own (stages import this module)
+
+    return pair_scores(get_metric(metric), query, key, indices)
+
+
+# --------------------------------------------------------------------------- functions
+
+
+def _index(query, options: dict) -> AnnIndex:
+    """An index for ``query``'s feature dims from :class:`AnnSpec` options (checked there)."""
+    D = query.shape[-1] if isinstance(query, Tensor) and query.dim() == 3 else 1
+    return AnnIndex(D, AnnSpec(**options))
+
+
+def ann_candidates(query: Tensor, key: Tensor, budget: int, *, metric: str = "cosine", **options):
+    """Approximate candidates: (B, N, min(budget, M)) key indices per query, ascending and
+    distinct, -1 at the end of a row for keys the tables proposed twice.
+
+    options: :class:`AnnSpec`'s fields (method, projection, dims, tables, tile, seed)."""
+    return _index(query, options).candidates(query, key, budget, metric=metric)
+
+
+def ann_select(
+    query: Tensor,
+    key: Tensor,
+    K: int,
+    *,
+    metric: str = "cosine",
+    budget: int = 256,
+    include_self: bool = False,
+    self_index: Tensor | None = None,
+    **options,
+) -> tuple[Tensor, Tensor]:
+    """Approximate top-K selection: ``convnn.functional.knn_select``'s contract, each query
+    ranking only its ``budget`` candidates (exact selection when budget >= M).
+
+    query (B, N, D), key (B, M, D) -> scores (B, N, K), indices (B, N, K).
+    options: :class:`AnnSpec`'s fields (method, projection, dims, tables, tile, seed).
+    """
+    return _index(query, options).select(
+        query, key, K, budget, metric=metric, include_self=include_self, self_index=self_index
+    )
