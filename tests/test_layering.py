@@ -1,7 +1,7 @@
 """The package's layers import only downwards.
 
-options/spec -> backends -> functional -> nn -> models -> data / viz -> train -> bench / verify
--> cli, with utils below everything. Imports are read from the source with ``ast`` (those
+options -> metrics -> spec -> backends -> stages (with ann) -> functional -> nn -> models ->
+data / viz -> train -> bench / verify -> cli, with utils below everything. Imports are read from the source with ``ast`` (those
 inside functions too), so a lazy import that runs backwards is caught as well.
 """
 
@@ -15,13 +15,28 @@ import pytest
 SRC = Path(__file__).parents[1] / "src"
 PACKAGE = SRC / "convnn"
 
-CORE = ("convnn.options", "convnn.backends", "convnn.functional", "convnn.nn", "convnn.models")
+# the core's layers, lowest first; a layer imports only from the layers before it (the
+# candidates stage and the ANN index it calls form one layer)
+CORE = (
+    ("convnn.options",),
+    ("convnn.metrics",),
+    ("convnn.spec",),
+    ("convnn.backends",),
+    ("convnn.stages", "convnn.ann"),
+    ("convnn.functional",),
+    ("convnn.nn",),
+    ("convnn.models",),
+)
 APP = ("convnn.data", "convnn.viz", "convnn.train", "convnn.bench", "convnn.verify", "convnn.cli")
 
 # module prefix -> the prefixes it must not import
 FORBIDDEN = {
     "convnn.utils": ("convnn.",),
-    **{core: APP for core in CORE},
+    **{
+        member: tuple(m for later in CORE[i + 1 :] for m in later) + APP
+        for i, layer in enumerate(CORE)
+        for member in layer
+    },
     "convnn.data": ("convnn.train", "convnn.viz", "convnn.bench", "convnn.verify", "convnn.cli"),
     "convnn.viz": ("convnn.train", "convnn.data", "convnn.bench", "convnn.verify", "convnn.cli"),
     "convnn.train": ("convnn.bench", "convnn.verify", "convnn.cli"),
