@@ -64,3 +64,22 @@ def test_tie_repair_matches_a_stable_sort(compiled):
         assert torch.equal(idx.sort(-1).values, want.sort(-1).values), (M, K)
         assert torch.equal(vals, scores.gather(-1, idx))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_ranking_keys_follow_the_tie_rule(dtype):
+    """A compiled graph ranks distinct integer keys: signed zeros tie (as the scores
+    compare), -inf loses to every real score, and the grouped top-K of wide rows agrees."""
+    from convnn.backends.chunked import topk_grouped
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(4)
+    table = torch.tensor([-0.0, 0.0, -0.0, 0.0, -1.5, -torch.inf, 3e-39])  # zeros cut ties
+    for M, K, topk in [(50, 9, None), (4 * 10 * 64 + 37, 9, topk_grouped)]:
+        scores = table[torch.randint(0, len(table), (2, 3, M), generator=g)].to(dtype)
+        fn = torch.compile(topk_low_ties, backend="aot_eager", fullgraph=True)
+        vals, idx = fn(scores, K, topk)
+        want = scores.sort(dim=-1, descending=True, stable=True).indices[..., :K]
+        assert torch.equal(idx.sort(-1).values, want.sort(-1).values), M
+        assert torch.equal(vals, scores.gather(-1, idx))
+    torch._dynamo.reset()

@@ -32,13 +32,17 @@ def topk_low_ties(scores: Tensor, K: int, topk=None) -> tuple[Tensor, Tensor]:
     ``topk(scores, k)`` finds an unsorted top-k with arbitrary ties (default ``torch.topk``);
     it is asked for K + 1, so a row cut a tie exactly when its (K+1)-th score equals its K-th
     (a comparison of two scores, not a pass over the row). Only those rows are repaired
-    (:func:`_lowest_ties`): eager code repairs just them; a compiled graph (no
-    data-dependent shapes) repairs every row without a branch and keeps the repair where a
-    row was cut.
+    (:func:`_lowest_ties`) in eager code. A compiled graph (no data-dependent shapes) ranks
+    distinct keys that fold the lower-index rule into the score (:func:`_tie_free_keys`),
+    so nothing needs repair; float64 scores, which do not fit such a key, get every row
+    repaired without a branch, kept where the row was cut.
     scores (..., M), without NaN (see :func:`rankable`) -> values (..., K), positions
     (..., K), not necessarily sorted.
     """
     M = scores.shape[-1]
+    if torch.compiler.is_compiling() and scores.dtype != torch.float64:
+        _, idx = (topk or _topk)(_tie_free_keys(scores), K)  # distinct keys: nothing to repair
+        return scores.gather(-1, idx), idx
     vals, idx = (topk or _topk)(scores, min(K + 1, M))
     vals, order = vals.sort(dim=-1, descending=True)
     idx = idx.gather(-1, order)
@@ -50,6 +54,17 @@ def topk_low_ties(scores: Tensor, K: int, topk=None) -> tuple[Tensor, Tensor]:
         rows = cut.nonzero(as_tuple=True)
         idx[rows] = _lowest_ties(scores[rows], vals[rows], idx[rows])
     return vals, idx
+
+
+def _tie_free_keys(scores: Tensor) -> Tensor:
+    """int64 keys (..., M) of float32-exact scores, all distinct, in the order of the tie
+    rule: the score's bits made monotone (an ordered integer) above the reversed index."""
+    s = scores.float()
+    s = torch.where(s == 0, torch.zeros_like(s), s)  # -0.0 ties +0.0, as the scores compare
+    bits = s.view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    rev = torch.arange(scores.shape[-1] - 1, -1, -1, device=scores.device)
+    return ordered * (1 << 32) + rev
 
 
 def _lowest_ties(scores: Tensor, vals: Tensor, idx: Tensor) -> Tensor:
