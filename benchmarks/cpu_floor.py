@@ -60,6 +60,28 @@ def case_local_attention():
     return ours, sdpa
 
 
+def case_vit_local():
+    """ViT-Tiny training step (batch 32, 32x32 images, 10 classes): 'local' attention (a
+    7x7 window of the 8x8 token map, K = 49) vs plain attention."""
+    from convnn.models.registry import create_model
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    models = [
+        create_model("vit_tiny", num_classes=10, img_size=32, layer=k)
+        for k in ("local", "attention")
+    ]
+
+    def step(model):
+        def f():
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+
+        return f
+
+    return step(models[0]), step(models[1])
+
+
 def case_compile():
     """torch.compile(ConvNN2d(64, 64, K=9, cosine, all)) vs eager, forward+backward, 2x64x32x32."""
     torch.manual_seed(0)
@@ -153,6 +175,7 @@ def case_selection_all():
 
 CASES = {
     "local_attention/sdpa_masked": case_local_attention,
+    "vit_tiny_local/attention": case_vit_local,
     "compiled/eager": case_compile,
     "bf16_selection/fp32_selection": case_bf16_selection,
     "bf16_tail/fp32_tail": case_bf16_tail,
