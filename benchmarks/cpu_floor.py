@@ -3,7 +3,7 @@
 Interleaved repeats on one thread; prints the load average and the CPU, then one line per
 ratio (median of the per-round ratios, with the range). Run it from a checkout:
 
-    PYTHONPATH=$PWD/src python benchmarks/cpu_floor.py [--rounds 5] [--only NAME]
+    PYTHONPATH=$PWD/src python benchmarks/cpu_floor.py [--rounds 5] [--reps 1] [--only NAME]
 """
 
 from __future__ import annotations
@@ -197,6 +197,7 @@ def _cpu() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=1, help="calls timed together per round")
     parser.add_argument("--only", default="")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -209,7 +210,7 @@ def main() -> None:
         ours(), base()  # warm-up
         ratios, t_ours, t_base = [], [], []
         for _ in range(args.rounds):
-            a, b = _time(ours), _time(base)
+            a, b = _time(ours, args.reps), _time(base, args.reps)
             t_ours.append(a), t_base.append(b)
             ratios.append(a / b)
         print(
