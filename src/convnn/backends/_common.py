@@ -59,12 +59,11 @@ def topk_low_ties(scores: Tensor, K: int, topk=None) -> tuple[Tensor, Tensor]:
 def _tie_free_keys(scores: Tensor) -> Tensor:
     """int64 keys (..., M) of float32-exact scores, all distinct, in the order of the tie
     rule: the score's bits made monotone (an ordered integer) above the reversed index."""
-    s = scores.float()
-    s = torch.where(s == 0, torch.zeros_like(s), s)  # -0.0 ties +0.0, as the scores compare
-    bits = s.view(torch.int32)
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    bits = scores.float().view(torch.int32)
+    bits = bits & -(bits != -(2**31)).int()  # -0.0 ties +0.0, as the scores compare
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
     rev = torch.arange(scores.shape[-1] - 1, -1, -1, device=scores.device)
-    return ordered * (1 << 32) + rev
+    return (ordered << 32) | rev
 
 
 def _lowest_ties(scores: Tensor, vals: Tensor, idx: Tensor) -> Tensor:
