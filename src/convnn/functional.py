@@ -694,20 +694,33 @@ def attention_call(
     for name, t in (("k", k), ("v", v), ("weight", weight), ("bias", bias)):
         check_like(name, t, "q", q)
 
-    exact = None
-    if (
-        spec.candidates == "all"
-        and K == N
-        and not spec.include_self
+    exact, mask = None, None
+    plain = (
+        not spec.include_self
         and spec.kernel == "none"
         and spec.metric == "scaled_dot"
         and spec.weighting == "softmax"
         and spec.positional == "none"
         and not return_indices
-    ):
+    )
+    if plain and spec.candidates == "all" and K == N:
         exact = "softmax attention over every token (scaled_dot, K = N, kernel 'none')"
+    elif (
+        plain
+        and spec.candidates == "window"
+        and K == candidate_count(grid, "window", None, spec.window)
+        and dispatch.masked_sdpa_pays(N, K)
+    ):
+        exact = (
+            f"softmax attention over each token's whole window (scaled_dot, K = {K}, kernel "
+            f"'none'): SDPA with a window mask, {N} tokens <= {dispatch.MASKED_SDPA_RATIO} K"
+        )
+        mask = torch.zeros(N, N, dtype=torch.bool, device=q.device)
+        mask.scatter_(1, grid.window(spec.window, q.device), True)
     if dispatch.shortcut("SDPA", exact, backend):
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p if training else 0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0
+        )
         out = out.transpose(1, 2).reshape(B, N, C)
         return out if bias is None else out + bias
     values = v.transpose(1, 2).reshape(B, N, C)

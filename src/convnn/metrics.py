@@ -332,8 +332,8 @@ def spatial_keys(pos_q: Tensor, pos_k: Tensor, grid: tuple[int, int]) -> Tensor:
 def gather_rows(t: Tensor, index: Tensor) -> Tensor:
     """Rows of t (B, M, D) per query: index (n, W) shared by the batch, or (B' , n, W) per
     batch element (B' = B or 1) -> (B, n, W, D)."""
-    if index.dim() == 2:
-        return t[:, index]
+    if index.dim() == 2:  # whole rows: index_select reads a contiguous t fast
+        return t.index_select(1, index.reshape(-1)).view(t.shape[0], *index.shape, t.shape[2])
     B, M, D = t.shape
     index = index.expand(B, -1, -1) if index.shape[0] != B else index
     rows = index + torch.arange(B, device=index.device).view(B, 1, 1) * M
@@ -375,6 +375,7 @@ class GemmScores(BlockScores):
     """score = q' . k' (a metric's GEMM operands): query (Bq, N, D), key (Bk, M, D)."""
 
     def __init__(self, query: Tensor, key: Tensor) -> None:
+        key = key.contiguous()  # once: per-query windows gather its rows (gather_rows)
         self.query, self.key = query, key
         self.operands = (query, key)
         self.batch = max(query.shape[0], key.shape[0])
@@ -400,6 +401,7 @@ class MetricScores(BlockScores):
     """score = metric.score(q, k), block by block (metrics without a GEMM form)."""
 
     def __init__(self, metric: Metric, query: Tensor, key: Tensor, why: str) -> None:
+        key = key.contiguous()  # once: per-query windows gather its rows (gather_rows)
         self.metric, self.query, self.key = metric, query, key
         self.batch = max(query.shape[0], key.shape[0])
         self.num_queries, self.num_keys, self.width = query.shape[1], key.shape[1], key.shape[2]

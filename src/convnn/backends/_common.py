@@ -31,30 +31,58 @@ def topk_low_ties(scores: Tensor, K: int, topk=None) -> tuple[Tensor, Tensor]:
 
     ``topk(scores, k)`` finds an unsorted top-k with arbitrary ties (default ``torch.topk``);
     it is asked for K + 1, so a row cut a tie exactly when its (K+1)-th score equals its K-th
-    (a comparison of two scores, not a pass over the row). Eager code redoes just those
-    rows; a compiled graph (no data-dependent branches) redoes every row without sorting.
+    (a comparison of two scores, not a pass over the row). Only those rows are repaired
+    (:func:`_lowest_ties`) in eager code. A compiled graph (no data-dependent shapes) ranks
+    distinct keys that fold the lower-index rule into the score (:func:`_tie_free_keys`),
+    so nothing needs repair; float64 scores, which do not fit such a key, get every row
+    repaired without a branch, kept where the row was cut.
     scores (..., M), without NaN (see :func:`rankable`) -> values (..., K), positions
     (..., K), not necessarily sorted.
     """
     M = scores.shape[-1]
+    if torch.compiler.is_compiling() and scores.dtype != torch.float64:
+        _, idx = (topk or _topk)(_tie_free_keys(scores), K)  # distinct keys: nothing to repair
+        return scores.gather(-1, idx), idx
     vals, idx = (topk or _topk)(scores, min(K + 1, M))
     vals, order = vals.sort(dim=-1, descending=True)
     idx = idx.gather(-1, order)
     cut = vals[..., K] == vals[..., K - 1] if K < M else vals.new_zeros(vals.shape[:-1], dtype=bool)
     vals, idx = vals[..., :K], idx[..., :K]
     if torch.compiler.is_compiling():
-        kth = vals[..., K - 1 :]
-        above = scores > kth
-        ties = (scores == kth).cumsum(-1) <= K - above.sum(-1, keepdim=True)
-        keep = above | ((scores == kth) & ties)  # exactly K per row
-        fixed = keep.to(torch.uint8).topk(K, dim=-1).indices
-        idx = torch.where(cut[..., None], fixed, idx)
-        return scores.gather(-1, idx), idx
+        return vals, torch.where(cut[..., None], _lowest_ties(scores, vals, idx), idx)
     if cut.any():
         rows = cut.nonzero(as_tuple=True)
-        v, i = scores[rows].sort(dim=-1, descending=True, stable=True)
-        vals[rows], idx[rows] = v[..., :K], i[..., :K]
+        idx[rows] = _lowest_ties(scores[rows], vals[rows], idx[rows])
     return vals, idx
+
+
+def _tie_free_keys(scores: Tensor) -> Tensor:
+    """int64 keys (..., M) of float32-exact scores, all distinct, in the order of the tie
+    rule: the score's bits made monotone (an ordered integer) above the reversed index."""
+    bits = scores.float().view(torch.int32)
+    bits = bits & -(bits != -(2**31)).int()  # -0.0 ties +0.0, as the scores compare
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
+    rev = torch.arange(scores.shape[-1] - 1, -1, -1, device=scores.device)
+    return (ordered << 32) | rev
+
+
+def _lowest_ties(scores: Tensor, vals: Tensor, idx: Tensor) -> Tensor:
+    """Positions of the top K with the K-th score's ties given to the lowest indices.
+
+    scores (R, M); vals (R, K) the top-K scores in descending order with positions idx
+    (R, K), right except which of the tied K-th scores they hold. The slots from the first
+    tied one on get the tied positions in ascending order: one mask, one cumsum and one
+    scatter over the row, no sort.
+    """
+    K = vals.shape[-1]
+    kth = vals[..., K - 1 :]
+    above = (vals > kth).sum(-1, keepdim=True)  # slots [above, K) hold ties
+    tied = scores == kth
+    slot = above + tied.cumsum(-1) - 1  # the slot of each tied position, in index order
+    slot = torch.where(tied & (slot < K), slot, K)  # slot K: a discarded overflow column
+    pos = torch.arange(scores.shape[-1], device=idx.device).expand_as(slot)
+    out = torch.cat([idx, idx[..., :1]], -1).scatter_(-1, slot, pos)
+    return out[..., :K]
 
 
 def _topk(scores: Tensor, K: int) -> tuple[Tensor, Tensor]:

@@ -52,18 +52,23 @@ def topk_grouped(scores: Tensor, K: int, group: int = 64) -> tuple[Tensor, Tenso
     m = scores.shape[-1]
     if m < 4 * K * group:
         return scores.topk(K, dim=-1, sorted=False)
-    body = (m // group) * group
-    groups = scores[..., :body].unflatten(-1, (m // group, group))
-    best = groups.amax(-1).topk(K, dim=-1, sorted=False).indices  # (..., K)
-    cand = groups.gather(-2, best[..., None].expand(*best.shape, group)).flatten(-2)
+    body, ng = (m // group) * group, m // group
+    lead = scores.shape[:-1]
+    rows = scores.reshape(-1, m)
+    groups = rows[:, :body].reshape(-1, group)  # (R * ng, group); a copy only if body < m
+    best = groups.view(-1, ng, group).amax(-1).topk(K, dim=-1, sorted=False).indices  # (R, K)
+    # Whole rows of a contiguous (R * ng, group) matrix: index_select, far cheaper than a
+    # gather of the same elements.
+    first = torch.arange(rows.shape[0], device=scores.device)[:, None] * ng
+    cand = groups.index_select(0, (first + best).reshape(-1)).view(-1, K * group)
     offsets = torch.arange(group, device=scores.device)
     idx = (best[..., None] * group + offsets).flatten(-2)
     if body < m:  # the tail that does not fill a group
-        cand = torch.cat([cand, scores[..., body:]], -1)
+        cand = torch.cat([cand, rows[:, body:]], -1)
         tail = torch.arange(body, m, device=scores.device)
-        idx = torch.cat([idx, tail.expand(*idx.shape[:-1], -1)], -1)
+        idx = torch.cat([idx, tail.expand(idx.shape[0], -1)], -1)
     vals, pos = cand.topk(K, dim=-1, sorted=False)
-    return vals, idx.gather(-1, pos)
+    return vals.view(*lead, K), idx.gather(-1, pos).view(*lead, K)
 
 
 def select(
