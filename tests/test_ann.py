@@ -272,6 +272,41 @@ def test_layers_rank_the_same_ann_candidates_on_every_backend(method):
     assert torch.equal(full(x, return_indices=True)[1], exact(x, return_indices=True)[1])
 
 
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("include_self", [False, True])
+def test_layers_rank_exactly_the_index_lists(metric, include_self):
+    # The layer scores a tile's shared window with one GEMM; its selection must be the top-K
+    # of each query's lists (ann_candidates) with ties to the lower index, and the same as
+    # the query-by-query path that scores without a GEMM form (a zero relative bias).
+    x = feature_map(2, 8, 10, 10, seed=15).double()
+    options = dict(K=7, metric=metric, candidates="ann", num_candidates=40, ann_tables=4)
+    layer = ConvNN2d(8, 8, include_self=include_self, **options).double().eval()
+    idx = layer(x, return_indices=True)[1]  # (B, N, K); padding 0: the tokens are the map
+    tokens = x.flatten(2).transpose(1, 2)
+    lists = ann_candidates(tokens, tokens, 40, metric=metric, tables=4)
+    s = similarity(metric, tokens, tokens)
+    s = s.gather(-1, lists.clamp_min(0)).masked_fill(lists < 0, -torch.inf)
+    if include_self:
+        s = s.masked_fill(lists == torch.arange(100)[:, None], -torch.inf)
+    order = s.sort(dim=-1, descending=True, stable=True).indices  # lists ascend: low ties
+    top = lists.gather(-1, order)[..., : 7 - include_self]
+    if include_self:
+        top = torch.cat([torch.arange(100).expand(2, 100)[..., None], top], -1)
+    assert torch.equal(idx, top)
+    biased = ConvNN2d(
+        8, 8, include_self=include_self, positional="relative_bias", weighting="softmax", **options
+    )
+    biased = biased.double().eval()
+    with torch.no_grad():
+        biased.get_parameter(_bias_table(biased)).zero_()
+    assert torch.equal(biased(x, return_indices=True)[1], idx)
+
+
+def _bias_table(layer: nn.Module) -> str:
+    (name,) = [n for n, _ in layer.named_parameters() if "table" in n]
+    return name
+
+
 def test_attention_ranks_the_same_ann_candidates_on_every_backend():
     x = clustered(2, 64, 16, seed=13)
     torch.manual_seed(0)

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .backends._common import prepare, rankable, topk_low_ties
+from .backends._common import BlockScores, canonical_order, prepare, rankable, topk_low_ties
 from .backends.chunked import topk_grouped
 from .metrics import get_metric
 from .options import ANN_METHODS as METHODS
@@ -164,17 +164,15 @@ class AnnIndex(nn.Module):
         )
 
     def candidates(
-        self, query: Tensor, key: Tensor, budget: int, *, metric: str = "cosine", fill=False
+        self, query: Tensor, key: Tensor, budget: int, *, metric: str = "cosine"
     ) -> Tensor:
         """Each query's candidate keys: (B, N, L) key indices, L = ``budget`` rounded down
         to a multiple of the tables (``M`` when budget >= M), ascending and distinct, -1 at
-        the end of a row where the tables proposed a key more than once, or with ``fill``
-        the keys next in table 0's order instead (then every entry is a key). O(N * L)
-        memory: the operator's per-query candidate lists; :meth:`select` never forms it."""
+        the end of a row where the tables proposed a key more than once. O(N * L) memory;
+        :meth:`select` ranks the same sets without forming it."""
         self._check(query, key, metric, budget, 1, False, None)
         with torch.no_grad():
-            plan = _plan(self, query.detach(), key.detach(), budget, metric)
-            return plan.per_query(fill)
+            return _plan(self, query.detach(), key.detach(), budget, metric).per_query()
 
     def select(
         self,
@@ -200,8 +198,36 @@ class AnnIndex(nn.Module):
         self_index = self._check(query, key, metric, budget, K, include_self, self_index)
         with torch.no_grad():
             plan = _plan(self, query.detach(), key.detach(), budget, metric)
-            idx = plan.select(query.detach(), key.detach(), metric, K, self_index)
+            idx = plan.select(*prepare(metric, query.detach(), key.detach()), K, self_index)
         return _pair_scores(metric, query, key, idx), idx
+
+    def select_indices(
+        self,
+        query: Tensor,
+        key: Tensor,
+        scores: BlockScores,
+        K: int,
+        budget: int,
+        *,
+        metric: str,
+        self_index: Tensor | None = None,
+    ) -> Tensor:
+        """The operator's selection: indices (B, N, K) of each query's K best candidates as
+        ``scores`` rank them (what the backends would rank: the selection dtype, a position
+        bias), candidates from the index over ``query`` (B, N, D) and ``key`` (B, M, D).
+
+        With a GEMM form (``scores.operands``) the tiles of :meth:`select` score them, one
+        GEMM per tile; otherwise each query's lists are scored through ``scores.window``.
+        Both rank the same candidate sets with the same tie rule; ``self_index`` (N,): each
+        query's own key, put in slot 0 and never among the others."""
+        self._check(query, key, metric, budget, K, self_index is not None, self_index)
+        with torch.no_grad():
+            plan = _plan(self, query.detach(), key.detach(), budget, metric)
+            B, N, M = query.shape[0], query.shape[1], key.shape[1]
+            if scores.operands is not None:
+                q, k = scores.operands
+                return plan.select(q.expand(B, N, -1), k.expand(B, M, -1), K, self_index)
+            return plan.rank(scores, K, self_index)
 
     forward = select
 
@@ -413,11 +439,10 @@ class _Plan:
         pos = (bt * self.key_order.shape[1] + start)[:, None] + torch.arange(W, device=flat.device)
         return self.key_order.view(-1).index_select(0, pos.view(-1)).view(-1, W).sort(-1).values
 
-    def per_query(self, fill: bool = False) -> Tensor:
-        """(B, N, T * W) candidate lists: ascending and distinct, where the tables proposed
-        a key twice -1 at the end of the row or, with ``fill``, the keys nearest the query's
-        table-0 window in table 0's order (rows of exactly T * W distinct keys, in no
-        particular order)."""
+    def per_query(self) -> Tensor:
+        """(B, N, T * W) candidate lists: the union of the query's windows in every table,
+        ascending and distinct, -1 at the end of the row where the tables proposed a key
+        twice."""
         B, N, M, T = self.shape
         W = self.window
         G, tile = self.tile_query.shape[1:]
@@ -434,32 +459,40 @@ class _Plan:
         dup = torch.zeros_like(ids, dtype=torch.bool)
         dup[..., 1:] = ids[..., 1:] == ids[..., :-1]
         ids = torch.where(dup, M, ids).sort(-1).values  # duplicates to the end
-        if not fill or T == 1:
-            return torch.where(ids == M, -1, ids)
-        L = T * W  # < M: with budget >= M there is one table
-        width = min(M, W + 2 * L)  # holds >= L distinct keys
-        start = self.tile_start.view(B, T, G)[:, 0]  # table 0's windows, (B, G)
-        lo = (start - L).clamp(0, M - width)
-        pos = lo[..., None] + torch.arange(width, device=dev)  # (B, G, width)
-        rows = torch.arange(B, device=dev).view(B, 1, 1) * T * M
-        ext = self.key_order.view(-1)[rows + pos]
-        near = torch.empty(B, N, width, dtype=torch.long, device=dev)
-        v0 = valid[:, 0]
-        near[bb[:, 0][v0], q[:, 0][v0]] = ext[bb[:, 0][v0], gg[:, 0][v0]]
-        rows = torch.cat([torch.where(ids == M, -1, ids), near], -1).view(B * N, -1)
-        return _first_distinct(rows, L).view(B, N, L)
+        return torch.where(ids == M, -1, ids)
 
-    def select(self, query: Tensor, key: Tensor, metric: str, K: int, self_index) -> Tensor:
-        """Indices (B, N, K) of each query's K best candidates (slot 0: itself with
-        ``self_index``)."""
+    def rank(self, scores: BlockScores, K: int, self_index) -> Tensor:
+        """Indices (B, N, K) of each query's K best candidates by ``scores`` (any
+        :class:`~convnn.metrics.BlockScores`, e.g. with a position bias), query by query over
+        the lists of :meth:`per_query`: the selection of :meth:`select` for scores without a
+        GEMM form. O(n * L * D) memory per block of n queries."""
+        B, N, M, T = self.shape
+        k_sel = K - 1 if self_index is not None else K
+        lists = self.per_query()
+        out = lists.new_empty(B, N, k_sel)
+        step = max(1, _BLOCK // max(1, lists.shape[-1] * scores.width * B))
+        for n0 in range(0 if k_sel else N, N, step):
+            qs = slice(n0, min(N, n0 + step))
+            cand = lists[:, qs]  # ascending ids: a tie goes to the lower id
+            blocked = cand < 0
+            if self_index is not None:
+                blocked |= cand == self_index[qs, None]
+            s = scores.window(qs, cand.clamp_min(0)).masked_fill(blocked, -torch.inf)
+            v, pos = topk_low_ties(s, k_sel)
+            out[:, qs] = canonical_order(v, cand.gather(-1, pos))[1]
+        return _with_self(out, self_index)
+
+    def select(self, q: Tensor, k: Tensor, K: int, self_index) -> Tensor:
+        """Indices (B, N, K) of each query's K best candidates by rankable(q . k) (slot 0:
+        itself with ``self_index``): GEMM operands q (B, N, D'), k (B, M, D'), one GEMM per
+        tile and table, then the tables' top-K merged."""
         B, N, M, T = self.shape
         W = self.window
         G, tile = self.tile_query.shape[1:]
         k_sel = K - 1 if self_index is not None else K
         if k_sel == 0 or N == 0:
-            idx = torch.empty(B, N, 0, dtype=torch.long, device=query.device)
+            idx = torch.empty(B, N, 0, dtype=torch.long, device=q.device)
             return _with_self(idx, self_index)
-        q, k = prepare(metric, query, key)
         Dp = q.shape[-1]
         q_rows, k_rows = q.reshape(B * N, Dp), k.reshape(B * M, Dp)
         # each table's top K per query, (B * N, T, K) flat; padding slots write the last row
@@ -495,20 +528,6 @@ class _Plan:
         s, p = s.sort(dim=-1, descending=True, stable=True)
         idx = i.gather(-1, p[:, :k_sel]).view(B, N, k_sel)
         return _with_self(idx, self_index)
-
-
-def _first_distinct(rows: Tensor, L: int) -> Tensor:
-    """The first L distinct non-negative entries of each row, in order: (R, S) -> (R, L)
-    (every row must hold L)."""
-    vals, order = rows.sort(dim=-1, stable=True)
-    first = torch.ones_like(vals, dtype=torch.bool)
-    first[:, 1:] = vals[:, 1:] != vals[:, :-1]
-    keep = torch.empty_like(first).scatter_(1, order, first & (vals >= 0))
-    rank = keep.long().cumsum(-1) - 1
-    sel = keep & (rank < L)
-    out = torch.empty(rows.shape[0], L, dtype=torch.long, device=rows.device)
-    out[sel.nonzero()[:, 0], rank[sel]] = rows[sel]
-    return out
 
 
 def _grouped(W: int, k: int):
