@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from convnn.ann import ann_select
-from convnn.bench import _fmt, _peak_rss, _reset_peak, _rss, _table, hardware, write_markdown
+from convnn.bench.measurement import _peak_rss, _reset_peak, _rss
+from convnn.bench.reporting import _fmt, _table, hardware, write_markdown
 from convnn.functional import knn_select
 
 K = 9

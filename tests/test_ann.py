@@ -77,6 +77,24 @@ def test_full_budget_float32_and_ties_to_the_lower_index():
     assert idx[0, 5].tolist() == [5, 20, 21, 22]
 
 
+@pytest.mark.parametrize("include_self", [False, True])
+def test_ties_within_a_budget_go_to_the_lower_index(include_self):
+    # Integer features: every dot product is exact whatever the summation order, and most
+    # scores tie. Within a budget the windows hold keys in code order, not index order.
+    g = torch.Generator().manual_seed(16)
+    x = torch.randint(-2, 3, (2, 300, 4), generator=g).double()
+    _, idx = ann_select(x, x, 8, metric="dot", budget=96, include_self=include_self, tables=3)
+    lists = ann_candidates(x, x, 96, metric="dot", tables=3)
+    s = (x @ x.transpose(1, 2)).gather(-1, lists.clamp_min(0)).masked_fill(lists < 0, -torch.inf)
+    if include_self:
+        s = s.masked_fill(lists == torch.arange(300)[:, None], -torch.inf)
+    order = s.sort(dim=-1, descending=True, stable=True).indices  # lists ascend: low ties
+    top = lists.gather(-1, order)[..., : 8 - include_self]
+    if include_self:
+        top = torch.cat([torch.arange(300).expand(2, 300)[..., None], top], -1)
+    assert torch.equal(idx, top)
+
+
 def recall(idx: torch.Tensor, ref: torch.Tensor) -> float:
     return (idx[..., None] == ref[..., None, :]).any(-1).double().mean().item()
 
