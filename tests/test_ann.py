@@ -85,14 +85,22 @@ def test_ties_within_a_budget_go_to_the_lower_index(include_self):
     x = torch.randint(-2, 3, (2, 300, 4), generator=g).double()
     _, idx = ann_select(x, x, 8, metric="dot", budget=96, include_self=include_self, tables=3)
     lists = ann_candidates(x, x, 96, metric="dot", tables=3)
-    s = (x @ x.transpose(1, 2)).gather(-1, lists.clamp_min(0)).masked_fill(lists < 0, -torch.inf)
+    assert torch.equal(idx, topk_of_lists(x @ x.transpose(1, 2), lists, 8, include_self))
+
+
+def topk_of_lists(s: torch.Tensor, lists: torch.Tensor, K: int, include_self: bool):
+    """The exact top-K (B, N, K) of each query's candidate lists (B, N, L) (ascending, -1 for
+    none) under the full scores s (B, N, M): descending, ties to the lower index; with
+    include_self the query itself (index n) in slot 0 and the K - 1 best others."""
+    B, N = lists.shape[:2]
+    s = s.gather(-1, lists.clamp_min(0)).masked_fill(lists < 0, -torch.inf)
     if include_self:
-        s = s.masked_fill(lists == torch.arange(300)[:, None], -torch.inf)
+        s = s.masked_fill(lists == torch.arange(N)[:, None], -torch.inf)
     order = s.sort(dim=-1, descending=True, stable=True).indices  # lists ascend: low ties
-    top = lists.gather(-1, order)[..., : 8 - include_self]
+    top = lists.gather(-1, order)[..., : K - include_self]
     if include_self:
-        top = torch.cat([torch.arange(300).expand(2, 300)[..., None], top], -1)
-    assert torch.equal(idx, top)
+        top = torch.cat([torch.arange(N).expand(B, N)[..., None], top], -1)
+    return top
 
 
 def recall(idx: torch.Tensor, ref: torch.Tensor) -> float:
@@ -303,14 +311,7 @@ def test_layers_rank_exactly_the_index_lists(metric, include_self):
     tokens = x.flatten(2).transpose(1, 2)
     lists = ann_candidates(tokens, tokens, 40, metric=metric, tables=4)
     s = similarity(metric, tokens, tokens)
-    s = s.gather(-1, lists.clamp_min(0)).masked_fill(lists < 0, -torch.inf)
-    if include_self:
-        s = s.masked_fill(lists == torch.arange(100)[:, None], -torch.inf)
-    order = s.sort(dim=-1, descending=True, stable=True).indices  # lists ascend: low ties
-    top = lists.gather(-1, order)[..., : 7 - include_self]
-    if include_self:
-        top = torch.cat([torch.arange(100).expand(2, 100)[..., None], top], -1)
-    assert torch.equal(idx, top)
+    assert torch.equal(idx, topk_of_lists(s, lists, 7, include_self))
     biased = ConvNN2d(
         8, 8, include_self=include_self, positional="relative_bias", weighting="softmax", **options
     )
