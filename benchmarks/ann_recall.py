@@ -14,10 +14,12 @@ What it measures (cosine, K = 9 with the query itself in slot 0, as ConvNN2d sel
   of queries, whose exact neighbours come from the library's own chunked exact selection
   (``knn_select``, all candidates). Baseline: ``random`` candidates of the same budget (the
   library's shared random subset).
-- **Time** of selecting all N queries: ANN runs them all; the exact selection's time is its
-  time on the query sample times N / sample (its cost is linear in the queries; at 128^2 the
-  full exact run is timed as well, to check that estimate). Repeats are interleaved
-  (exact, then each budget, then again); the table shows the median.
+- **Time** of selecting all N queries, ANN and the exact selection alike: at 128^2 and 256^2
+  the full exact selection (every query, one image, C = 64) is timed in the same run, and
+  "x exact" divides by it; its time on the query sample times N / sample is shown beside it.
+  Repeats are interleaved (exact, then each budget, then again); the table shows the median.
+- **The layers' path**: ``ConvNN2d(64, 64, K=9, padding=1)`` on the 128^2 photo features,
+  forward in eval, with ``all`` and with ``ann`` candidates, beside ``ann_select`` alone.
 - **Scaling**: one photo at 64^2 ... 512^2, C = 64, a fixed budget; the growth exponents of
   time and peak memory are least-squares slopes in log-log over the sizes.
 - **Peak memory**: the peak resident set (VmHWM, reset before each call) minus the resident
@@ -41,7 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from convnn.ann import ann_select
-from convnn.bench import _fmt, _peak_rss, _reset_peak, _rss, _table, hardware, write_markdown
+from convnn.bench.measurement import _peak_rss, _reset_peak, _rss
+from convnn.bench.reporting import _fmt, _table, hardware, write_markdown
 from convnn.functional import knn_select
 
 K = 9
@@ -160,7 +163,8 @@ def recall_table(name: str, feat: torch.Tensor, configs, repeats: int, q: int, f
                 knn_select, feat, feat, K, metric=METRIC, candidates=cand, include_self=True
             )
             add(("random", L), s, p, recall(idx[:, sample], ref))
-    exact_s = statistics.median(r[0] for r in runs[("exact (sample x N/Q)",)])
+    exact_key = ("exact (all queries)",) if full else ("exact (sample x N/Q)",)
+    exact_s = statistics.median(r[0] for r in runs[exact_key])
     rows = []
     for key, vals in runs.items():
         sec = statistics.median(v[0] for v in vals)
@@ -178,6 +182,35 @@ def recall_table(name: str, feat: torch.Tensor, configs, repeats: int, q: int, f
             )
         )
     return rows
+
+
+def layer_table(feat: torch.Tensor, budgets, repeats: int) -> list[dict]:
+    """Forward time (eval, no grad) of ConvNN2d(64, 64, K=9, padding=1) on a square map of
+    ``feat`` (1, N, 64) with 'all' and each 'ann' budget, and of ann_select on the same map's
+    tokens; interleaved repeats, median."""
+    from convnn import ConvNN2d
+
+    N, C = feat.shape[1:]
+    side = math.isqrt(N)
+    x = feat.transpose(1, 2).reshape(1, C, side, side)
+    torch.manual_seed(0)
+    layers = {"all": ConvNN2d(C, C, K=K, padding=1).eval()}
+    for L in budgets:
+        layers[f"ann {L}"] = ConvNN2d(
+            C, C, K=K, padding=1, candidates="ann", num_candidates=L
+        ).eval()
+    runs: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, layer in layers.items():
+                runs.setdefault(f"ConvNN2d {name}", []).append(timed(layer, x)[0])
+            for L in budgets:
+                s = timed(ann_select, feat, feat, K, budget=L, include_self=True, metric=METRIC)[0]
+                runs.setdefault(f"ann_select {L}", []).append(s)
+    return [
+        dict(N=N, what=name, seconds=statistics.median(v), seconds_all=v)
+        for name, v in runs.items()
+    ]
 
 
 def slope(xs, ys) -> float | None:
@@ -225,8 +258,9 @@ def report(data: dict) -> str:
         f"and {data['load_after']:.1f} after (a shared machine: times are noisy); "
         f"{data['minutes']:.1f} min in all. Cosine, K = {K} (self in slot 0), default index "
         f"options (grid: 8 tables x 8 dims; lsh: 8 tables x 16 hyperplanes; tiles of 64). Recall "
-        f"on {a['sample']} sampled queries; exact time = its time on them x N / "
-        f"{a['sample']}. Median of {a['repeats']} interleaved repeats.\n",
+        f"on {a['sample']} sampled queries. x exact: against the full exact selection (every "
+        f"query) where it was run (photo maps), else against its time on the sampled queries x "
+        f"N / {a['sample']}. Median of {a['repeats']} interleaved repeats.\n",
     ]
     header = ["features", "N", "candidates", "budget", "recall", "time s", "x exact", "peak MiB"]
     rows = [
@@ -260,6 +294,15 @@ def report(data: dict) -> str:
         f"\nIssue target (N = 256^2, photo features: recall >= 0.9 in <= 1/5 of the exact "
         f"time): {goal}.\n"
     )
+    if data.get("layer"):
+        lay = data["layer"]
+        out.append(
+            f"\nThe layers' path (N = {lay[0]['N']}, photo features, forward in eval, median of "
+            f"{a['repeats']}):\n\n"
+        )
+        out.append(
+            _table(["what", "time s"], [[r["what"], _fmt(r["seconds"], 2)] for r in lay]) + "\n"
+        )
     sw = data["sweep"]
     out.append(f"\nScaling, one photo, C = 64, grid budget {a['sweep_budget']}:\n\n")
     out.append(
@@ -311,17 +354,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         plan = [
             ("photo", 128, both(256, 1024, 4096), True),
-            ("photo", 256, [("grid", 2048), *both(4096), ("grid", 8192)], False),
+            ("photo", 256, [*both(2048), *both(4096), *both(8192)], True),
             ("digits CNN", 128, both(256, 1024, 4096), False),
         ]
         sides = [64, 128, 256, 512]
-    rows, acc = [], None
+    rows, acc, layer = [], None, []
     for name, side, configs, full in plan:
         if name == "photo":
             feat = photo_features(side)
         else:
             feat, acc = digits_features(side)
         rows += recall_table(name, feat, configs, args.repeats, args.sample, full)
+        if name == "photo" and side == plan[0][1]:
+            layer = layer_table(feat, sorted({L for _, L in configs})[:2], args.repeats)
         print(f"{name} {side}^2 done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     sw = sweep(sides, args.sweep_budget, min(args.sample, 1024))
     big = [r for r in sw if r["side"] >= 128] or sw
@@ -341,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             exact_time=slope(Ns, [r["exact_seconds"] for r in big]),
         ),
         digits_accuracy=acc,
+        layer=layer,
     )
     text = report(data)
     print(text)

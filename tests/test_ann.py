@@ -77,6 +77,32 @@ def test_full_budget_float32_and_ties_to_the_lower_index():
     assert idx[0, 5].tolist() == [5, 20, 21, 22]
 
 
+@pytest.mark.parametrize("include_self", [False, True])
+def test_ties_within_a_budget_go_to_the_lower_index(include_self):
+    # Integer features: every dot product is exact whatever the summation order, and most
+    # scores tie. Within a budget the windows hold keys in code order, not index order.
+    g = torch.Generator().manual_seed(16)
+    x = torch.randint(-2, 3, (2, 300, 4), generator=g).double()
+    _, idx = ann_select(x, x, 8, metric="dot", budget=96, include_self=include_self, tables=3)
+    lists = ann_candidates(x, x, 96, metric="dot", tables=3)
+    assert torch.equal(idx, topk_of_lists(x @ x.transpose(1, 2), lists, 8, include_self))
+
+
+def topk_of_lists(s: torch.Tensor, lists: torch.Tensor, K: int, include_self: bool):
+    """The exact top-K (B, N, K) of each query's candidate lists (B, N, L) (ascending, -1 for
+    none) under the full scores s (B, N, M): descending, ties to the lower index; with
+    include_self the query itself (index n) in slot 0 and the K - 1 best others."""
+    B, N = lists.shape[:2]
+    s = s.gather(-1, lists.clamp_min(0)).masked_fill(lists < 0, -torch.inf)
+    if include_self:
+        s = s.masked_fill(lists == torch.arange(N)[:, None], -torch.inf)
+    order = s.sort(dim=-1, descending=True, stable=True).indices  # lists ascend: low ties
+    top = lists.gather(-1, order)[..., : K - include_self]
+    if include_self:
+        top = torch.cat([torch.arange(N).expand(B, N)[..., None], top], -1)
+    return top
+
+
 def recall(idx: torch.Tensor, ref: torch.Tensor) -> float:
     return (idx[..., None] == ref[..., None, :]).any(-1).double().mean().item()
 
@@ -270,6 +296,34 @@ def test_layers_rank_the_same_ann_candidates_on_every_backend(method):
     full = ConvNN2d(8, 8, K=9, padding=1, candidates="ann", num_candidates=196).eval()
     full.load_state_dict(exact.state_dict())
     assert torch.equal(full(x, return_indices=True)[1], exact(x, return_indices=True)[1])
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("include_self", [False, True])
+def test_layers_rank_exactly_the_index_lists(metric, include_self):
+    # The layer scores a tile's shared window with one GEMM; its selection must be the top-K
+    # of each query's lists (ann_candidates) with ties to the lower index, and the same as
+    # the query-by-query path that scores without a GEMM form (a zero relative bias).
+    x = feature_map(2, 8, 10, 10, seed=15).double()
+    options = dict(K=7, metric=metric, candidates="ann", num_candidates=40, ann_tables=4)
+    layer = ConvNN2d(8, 8, include_self=include_self, **options).double().eval()
+    idx = layer(x, return_indices=True)[1]  # (B, N, K); padding 0: the tokens are the map
+    tokens = x.flatten(2).transpose(1, 2)
+    lists = ann_candidates(tokens, tokens, 40, metric=metric, tables=4)
+    s = similarity(metric, tokens, tokens)
+    assert torch.equal(idx, topk_of_lists(s, lists, 7, include_self))
+    biased = ConvNN2d(
+        8, 8, include_self=include_self, positional="relative_bias", weighting="softmax", **options
+    )
+    biased = biased.double().eval()
+    with torch.no_grad():
+        biased.get_parameter(_bias_table(biased)).zero_()
+    assert torch.equal(biased(x, return_indices=True)[1], idx)
+
+
+def _bias_table(layer: nn.Module) -> str:
+    (name,) = [n for n, _ in layer.named_parameters() if "table" in n]
+    return name
 
 
 def test_attention_ranks_the_same_ann_candidates_on_every_backend():

@@ -47,8 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .backends._common import prepare, rankable, topk_low_ties
-from .backends.chunked import topk_grouped
+from .backends._common import BlockScores, canonical_order, prepare, rankable, topk_low_ties
 from .metrics import get_metric
 from .options import ANN_METHODS as METHODS
 from .options import ANN_METRICS as METRICS
@@ -164,17 +163,15 @@ class AnnIndex(nn.Module):
         )
 
     def candidates(
-        self, query: Tensor, key: Tensor, budget: int, *, metric: str = "cosine", fill=False
+        self, query: Tensor, key: Tensor, budget: int, *, metric: str = "cosine"
     ) -> Tensor:
         """Each query's candidate keys: (B, N, L) key indices, L = ``budget`` rounded down
         to a multiple of the tables (``M`` when budget >= M), ascending and distinct, -1 at
-        the end of a row where the tables proposed a key more than once, or with ``fill``
-        the keys next in table 0's order instead (then every entry is a key). O(N * L)
-        memory: the operator's per-query candidate lists; :meth:`select` never forms it."""
+        the end of a row where the tables proposed a key more than once. O(N * L) memory;
+        :meth:`select` ranks the same sets without forming it."""
         self._check(query, key, metric, budget, 1, False, None)
         with torch.no_grad():
-            plan = _plan(self, query.detach(), key.detach(), budget, metric)
-            return plan.per_query(fill)
+            return _plan(self, query.detach(), key.detach(), budget, metric).per_query()
 
     def select(
         self,
@@ -200,8 +197,36 @@ class AnnIndex(nn.Module):
         self_index = self._check(query, key, metric, budget, K, include_self, self_index)
         with torch.no_grad():
             plan = _plan(self, query.detach(), key.detach(), budget, metric)
-            idx = plan.select(query.detach(), key.detach(), metric, K, self_index)
+            idx = plan.select(*prepare(metric, query.detach(), key.detach()), K, self_index)
         return _pair_scores(metric, query, key, idx), idx
+
+    def select_indices(
+        self,
+        query: Tensor,
+        key: Tensor,
+        scores: BlockScores,
+        K: int,
+        budget: int,
+        *,
+        metric: str,
+        self_index: Tensor | None = None,
+    ) -> Tensor:
+        """The operator's selection: indices (B, N, K) of each query's K best candidates as
+        ``scores`` rank them (what the backends would rank: the selection dtype, a position
+        bias), candidates from the index over ``query`` (B, N, D) and ``key`` (B, M, D).
+
+        With a GEMM form (``scores.operands``) the tiles of :meth:`select` score them, one
+        GEMM per tile; otherwise each query's lists are scored through ``scores.window``.
+        Both rank the same candidate sets with the same tie rule; ``self_index`` (N,): each
+        query's own key, put in slot 0 and never among the others."""
+        self._check(query, key, metric, budget, K, self_index is not None, self_index)
+        with torch.no_grad():
+            plan = _plan(self, query.detach(), key.detach(), budget, metric)
+            B, N, M = query.shape[0], query.shape[1], key.shape[1]
+            if scores.operands is not None:
+                q, k = scores.operands
+                return plan.select(q.expand(B, N, -1), k.expand(B, M, -1), K, self_index)
+            return plan.rank(scores, K, self_index)
 
     forward = select
 
@@ -331,58 +356,54 @@ def _principal_axes(hk: Tensor, d: int, bits: int) -> Tensor:
     return torch.round(axes * 2**_P_BITS).to(hk.device)[:, None]
 
 
-def _project(hq: Tensor, hk: Tensor, P: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Exact projections of the hashed vectors: (B, R, D'), P (T, D', d) or (B, T, D', d)
-    integer-valued -> (B, T, N, d), (B, T, M, d) int64, 2^20 = a unit-scale projection."""
-    shift = torch.tensor(float(-bits), device=hq.device)
-
-    def lin(h: Tensor) -> Tensor:
-        return torch.round(torch.ldexp(torch.matmul(h[:, None], P.double()), shift)).long()
-
-    return lin(hq), lin(hk)
+def _project(h: Tensor, P: Tensor, bits: int) -> Tensor:
+    """Exact projections of hashed vectors: (B, R, D'), P (T, D', d) or (B, T, D', d)
+    integer-valued -> (B, T, d, R) int64 (one row per projected dim), 2^20 = a unit-scale
+    projection. Every sum is an integer below 2^53, so exact in any summation order."""
+    shift = torch.tensor(float(-bits), device=h.device)
+    z = torch.matmul(P.double().transpose(-1, -2), h.transpose(-1, -2)[:, None])
+    return torch.round(torch.ldexp(z, shift)).long()
 
 
 # --------------------------------------------------------------------------- codes
 
 
-def _bins(spec: AnnSpec, metric: str, zq: Tensor, zk: Tensor, offset: Tensor):
-    """Cell of every query and key: (B, T, R, d) int64 bins in [0, 2^r), and r.
+def _bins(spec: AnnSpec, metric: str, zk: Tensor, offset: Tensor):
+    """The cells: a function of (B, T, d, R) projections -> (B, T, d, R) int64 bins in
+    [0, 2^r), and r.
 
     grid: 2^r equal-mass bins per dim, cut at the keys' quantiles; lsh: the side of each
     random hyperplane (cosine, dot), shifted to the keys' median so that it halves them (ReLU
     features fill one orthant, where hyperplanes through 0 rarely split them), or p-stable
-    buckets of one width shifted by a random offset (euclidean)."""
-    B, T, M, d = zk.shape
+    buckets of one width shifted by a random offset (euclidean). Integer arithmetic only."""
+    B, T, d, M = zk.shape
     hyperplanes = spec.method == "lsh" and metric != "euclidean"
     r = 1 if hyperplanes else max(1, min(_CODE_BITS // d, math.ceil(math.log2(max(M, 2)))))
     nb = 2**r  # grid: many bins per dim, so that the order is local within a cell too
-    ordered = zk.sort(dim=2).values  # (B, T, M, d)
+    ordered = zk.sort(dim=-1).values  # (B, T, d, M)
     if spec.method == "grid" or hyperplanes:  # equal-mass bins: the keys' quantiles
         at = torch.tensor([i * M // nb for i in range(1, nb)], device=zk.device)
-        edges = ordered[:, :, at].permute(0, 1, 3, 2).double()  # (B, T, d, nb - 1)
+        edges = ordered[..., at]  # (B, T, d, nb - 1)
     else:  # p-stable: equal widths over the central 98% of the keys, offset in [0, 1) widths
-        lo = ordered[:, :, (M - 1) // 100].double()
-        hi = ordered[:, :, (M - 1) - (M - 1) // 100].double()
-        width = torch.floor((hi - lo) / nb).clamp_min(1.0)  # (B, T, d); integers
-        frac = torch.floor(offset[:, :d].double() * width / 2**_P_BITS)  # (B, T, d)
-        steps = torch.arange(1, nb, device=zk.device, dtype=torch.float64)
+        lo = ordered[..., (M - 1) // 100]
+        hi = ordered[..., (M - 1) - (M - 1) // 100]
+        width = ((hi - lo) // nb).clamp_min(1)  # (B, T, d)
+        frac = (offset[:, :d] * width) >> _P_BITS  # (B, T, d), offset < 2^20 is the fraction
+        steps = torch.arange(1, nb, device=zk.device)
         edges = lo[..., None] - frac[..., None] + steps * width[..., None]
     edges = edges.contiguous()
-
-    def cut(z: Tensor) -> Tensor:
-        zt = z.transpose(-1, -2).double().contiguous()  # (B, T, d, R)
-        return torch.searchsorted(edges, zt, right=True).transpose(-1, -2)
-
-    return cut(zq), cut(zk), r
+    return (lambda z: torch.searchsorted(edges, z, right=True)), r
 
 
 def _morton(bins: Tensor, r: int) -> Tensor:
-    """Interleave the bits of the bins, highest first: (..., d) -> (...,) int64 codes."""
-    d = bins.shape[-1]
-    shifts = torch.arange(r - 1, -1, -1, device=bins.device)
-    bits = (bins[..., None] >> shifts) & 1  # (..., d, r)
-    weight = 2 ** torch.arange(d * r - 1, -1, -1, device=bins.device)
-    return (bits.transpose(-1, -2).flatten(-2) * weight).sum(-1)
+    """Interleave the bits of the bins, highest first: (..., d, R) -> (..., R) int64 codes
+    (bit by bit: never a tensor of d * r bits per vector)."""
+    d = bins.shape[-2]
+    code = torch.zeros_like(bins[..., 0, :])
+    for j in range(r - 1, -1, -1):
+        for i in range(d):
+            code = (code << 1) | ((bins[..., i, :] >> j) & 1)
+    return code
 
 
 # --------------------------------------------------------------------------- the plan
@@ -405,19 +426,18 @@ class _Plan:
     window: int
 
     def windows(self, t0: int, t1: int) -> Tensor:
-        """Key indices of the windows of flat tiles t0:t1, ascending: (t1 - t0, W)."""
+        """Key indices of the windows of flat tiles t0:t1, in code order: (t1 - t0, W)."""
         G = self.tile_start.shape[1]
         W = self.window
         flat = torch.arange(t0, t1, device=self.key_order.device)
         bt, start = flat // G, self.tile_start.view(-1)[t0:t1]
         pos = (bt * self.key_order.shape[1] + start)[:, None] + torch.arange(W, device=flat.device)
-        return self.key_order.view(-1).index_select(0, pos.view(-1)).view(-1, W).sort(-1).values
+        return self.key_order.view(-1).index_select(0, pos.view(-1)).view(-1, W)
 
-    def per_query(self, fill: bool = False) -> Tensor:
-        """(B, N, T * W) candidate lists: ascending and distinct, where the tables proposed
-        a key twice -1 at the end of the row or, with ``fill``, the keys nearest the query's
-        table-0 window in table 0's order (rows of exactly T * W distinct keys, in no
-        particular order)."""
+    def per_query(self) -> Tensor:
+        """(B, N, T * W) candidate lists: the union of the query's windows in every table,
+        ascending and distinct, -1 at the end of the row where the tables proposed a key
+        twice."""
         B, N, M, T = self.shape
         W = self.window
         G, tile = self.tile_query.shape[1:]
@@ -434,32 +454,40 @@ class _Plan:
         dup = torch.zeros_like(ids, dtype=torch.bool)
         dup[..., 1:] = ids[..., 1:] == ids[..., :-1]
         ids = torch.where(dup, M, ids).sort(-1).values  # duplicates to the end
-        if not fill or T == 1:
-            return torch.where(ids == M, -1, ids)
-        L = T * W  # < M: with budget >= M there is one table
-        width = min(M, W + 2 * L)  # holds >= L distinct keys
-        start = self.tile_start.view(B, T, G)[:, 0]  # table 0's windows, (B, G)
-        lo = (start - L).clamp(0, M - width)
-        pos = lo[..., None] + torch.arange(width, device=dev)  # (B, G, width)
-        rows = torch.arange(B, device=dev).view(B, 1, 1) * T * M
-        ext = self.key_order.view(-1)[rows + pos]
-        near = torch.empty(B, N, width, dtype=torch.long, device=dev)
-        v0 = valid[:, 0]
-        near[bb[:, 0][v0], q[:, 0][v0]] = ext[bb[:, 0][v0], gg[:, 0][v0]]
-        rows = torch.cat([torch.where(ids == M, -1, ids), near], -1).view(B * N, -1)
-        return _first_distinct(rows, L).view(B, N, L)
+        return torch.where(ids == M, -1, ids)
 
-    def select(self, query: Tensor, key: Tensor, metric: str, K: int, self_index) -> Tensor:
-        """Indices (B, N, K) of each query's K best candidates (slot 0: itself with
-        ``self_index``)."""
+    def rank(self, scores: BlockScores, K: int, self_index) -> Tensor:
+        """Indices (B, N, K) of each query's K best candidates by ``scores`` (any
+        :class:`~convnn.metrics.BlockScores`, e.g. with a position bias), query by query over
+        the lists of :meth:`per_query`: the selection of :meth:`select` for scores without a
+        GEMM form. O(n * L * D) memory per block of n queries."""
+        B, N, M, T = self.shape
+        k_sel = K - 1 if self_index is not None else K
+        lists = self.per_query()
+        out = lists.new_empty(B, N, k_sel)
+        step = max(1, _BLOCK // max(1, lists.shape[-1] * scores.width * B))
+        for n0 in range(0 if k_sel else N, N, step):
+            qs = slice(n0, min(N, n0 + step))
+            cand = lists[:, qs]  # ascending ids: a tie goes to the lower id
+            blocked = cand < 0
+            if self_index is not None:
+                blocked |= cand == self_index[qs, None]
+            s = scores.window(qs, cand.clamp_min(0)).masked_fill(blocked, -torch.inf)
+            v, pos = topk_low_ties(s, k_sel)
+            out[:, qs] = canonical_order(v, cand.gather(-1, pos))[1]
+        return _with_self(out, self_index)
+
+    def select(self, q: Tensor, k: Tensor, K: int, self_index) -> Tensor:
+        """Indices (B, N, K) of each query's K best candidates by rankable(q . k) (slot 0:
+        itself with ``self_index``): GEMM operands q (B, N, D'), k (B, M, D'), one GEMM per
+        tile and table, then the tables' top-K merged."""
         B, N, M, T = self.shape
         W = self.window
         G, tile = self.tile_query.shape[1:]
         k_sel = K - 1 if self_index is not None else K
         if k_sel == 0 or N == 0:
-            idx = torch.empty(B, N, 0, dtype=torch.long, device=query.device)
+            idx = torch.empty(B, N, 0, dtype=torch.long, device=q.device)
             return _with_self(idx, self_index)
-        q, k = prepare(metric, query, key)
         Dp = q.shape[-1]
         q_rows, k_rows = q.reshape(B * N, Dp), k.reshape(B * M, Dp)
         # each table's top K per query, (B * N, T, K) flat; padding slots write the last row
@@ -472,14 +500,13 @@ class _Plan:
             t1 = min(B * T * G, t0 + step)
             flat = torch.arange(t0, t1, device=dev)
             b, t = flat // (T * G), flat // G % T
-            ids = self.windows(t0, t1)  # (n, W), ascending: a tie goes to the lower id
+            ids = self.windows(t0, t1)  # (n, W)
             qs = self.tile_query.view(-1, tile)[t0:t1]  # (n, tile)
             rows = (b[:, None] * N + qs.clamp_min(0)).view(-1)
             qt = q_rows.index_select(0, rows).view(-1, tile, Dp)
             kt = k_rows.index_select(0, (b[:, None] * M + ids).view(-1)).view(-1, W, Dp)
             s = rankable(qt @ kt.transpose(1, 2))  # (n, tile, W): one GEMM per tile
-            v, pos = topk_low_ties(s, k_tab, _grouped(W, k_tab))  # (n, tile, K)
-            got = ids.gather(-1, pos.reshape(pos.shape[0], -1)).view_as(pos)
+            v, got = _topk_low_ids(s, ids, k_tab)  # (n, tile, K)
             out = torch.where(qs >= 0, rows.view_as(qs) * T + t[:, None], B * N * T).view(-1)
             best_s.index_copy_(0, out, v.reshape(-1, k_tab))
             best_i.index_copy_(0, out, got.reshape(-1, k_tab))
@@ -497,24 +524,31 @@ class _Plan:
         return _with_self(idx, self_index)
 
 
-def _first_distinct(rows: Tensor, L: int) -> Tensor:
-    """The first L distinct non-negative entries of each row, in order: (R, S) -> (R, L)
-    (every row must hold L)."""
-    vals, order = rows.sort(dim=-1, stable=True)
-    first = torch.ones_like(vals, dtype=torch.bool)
-    first[:, 1:] = vals[:, 1:] != vals[:, :-1]
-    keep = torch.empty_like(first).scatter_(1, order, first & (vals >= 0))
-    rank = keep.long().cumsum(-1) - 1
-    sel = keep & (rank < L)
-    out = torch.empty(rows.shape[0], L, dtype=torch.long, device=rows.device)
-    out[sel.nonzero()[:, 0], rank[sel]] = rows[sel]
-    return out
+def _topk_low_ids(scores: Tensor, ids: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    """Top-K of each row of ``scores`` (n, t, W) whose columns are the keys ``ids`` (n, W), in
+    any order, a tie going to the lower key id: values and key ids (n, t, K), unsorted.
 
-
-def _grouped(W: int, k: int):
-    """Top-k of rows of W scores through group maxima, groups sized to the rows."""
-    group = min(64, W // (4 * (k + 1)))  # topk_low_ties asks for k + 1
-    return (lambda s, kk: topk_grouped(s, kk, group)) if group >= 4 else None
+    One unsorted top-(K + 1) per row; only a row whose (K + 1)-th score equals its K-th (a
+    tie at the cut: frequent, fp32 similarities of near neighbours collide) is fixed: its
+    slots holding the K-th score get the lowest ids among all keys with that score."""
+    W = scores.shape[-1]
+    vals, pos = scores.topk(min(K + 1, W), dim=-1, sorted=False)
+    got = ids.gather(-1, pos.flatten(1)).view_as(pos)
+    if K >= W:
+        return vals, got
+    vals, order = vals.sort(dim=-1, descending=True)
+    got = got.gather(-1, order)
+    cut = vals[..., K] == vals[..., K - 1]
+    vals, got = vals[..., :K].contiguous(), got[..., :K].contiguous()
+    if cut.any():
+        n, t = cut.nonzero(as_tuple=True)
+        kth = vals[n, t, K - 1 :]  # (R, 1)
+        tied = ids[n].masked_fill(scores[n, t] != kth, torch.iinfo(ids.dtype).max)
+        lowest = tied.topk(K, dim=-1, largest=False).values  # ascending
+        slot = vals[n, t] == kth  # (R, K): the last slots, vals being sorted
+        rank = (slot.cumsum(-1) - 1).clamp_min(0)
+        got[n, t] = torch.where(slot, lowest.gather(-1, rank), got[n, t])
+    return vals, got
 
 
 def _with_self(idx: Tensor, self_index: Tensor | None) -> Tensor:
@@ -538,15 +572,19 @@ def _plan(index: AnnIndex, query: Tensor, key: Tensor, budget: int, metric: str)
         qpos = torch.zeros(B, 1, N, dtype=torch.long, device=dev)
     else:
         T, W = spec.num_tables, budget // spec.num_tables
+        # self-similarity (queries = keys) hashes once, but for dot (asymmetric transform)
+        same = metric in ("cosine", "euclidean") and query.shape == key.shape
+        same = same and bool(torch.equal(query, key))
         hq, hk, bits = _hash_space(metric, query, key)
         d = spec.num_dims
         if spec.projection == "pca":
             P = _principal_axes(hk, d, bits)
         else:
             P = index.projection[..., :d].to(dev)
-        zq, zk = _project(hq, hk, P, bits)  # (B, T, N, d), (B, T, M, d)
-        bq, bk, r = _bins(spec, metric, zq, zk, index.offset.to(dev))
-        code_q, code_k = _morton(bq, r), _morton(bk, r)  # (B, T, N), (B, T, M)
+        zk = _project(hk, P, bits)  # (B, T, d, M)
+        cut, r = _bins(spec, metric, zk, index.offset.to(dev))
+        code_k = _morton(cut(zk), r)  # (B, T, M)
+        code_q = code_k if same else _morton(cut(_project(hq, P, bits)), r)  # (B, T, N)
         code_k, key_order = code_k.sort(dim=-1, stable=True)  # a cell's keys by index
         qpos = torch.searchsorted(code_k, code_q)  # each query's place in the order
         key_order = key_order.view(B * T, M)

@@ -50,7 +50,7 @@ from .stages import aggregation, selection, similarity, weighting
 from .stages import positional as encoding
 from .stages.aggregation import autocast_cast, check_kernel_weights
 from .stages.candidates import Candidates, Grid, candidate_count, check_candidates
-from .stages.candidates import ann as ann_candidates_stage
+from .stages.candidates import ann_select as ann_select_stage
 from .stages.candidates import build as build_candidates
 
 __all__ = [
@@ -123,20 +123,21 @@ def _operator(
         if spec.positional == "relative_bias":
             scores = encoding.bias_scores(scores, grid, queries, pos_params["table"])
 
-    if spec.candidates == "ann":  # content-based: an index over the selection features
-        cands = ann_candidates_stage(spec, q_feat, k_feat, K)
-
     # 3. selection: the K best candidates (no gradient)
     with torch.autocast(device.type, enabled=False):
-        idx = selection.select(
-            scores,
-            K,
-            cands,
-            queries,
-            include_self=spec.include_self,
-            raster=metric.uses_positions,
-            backend=backend,
-        )
+        if spec.candidates == "ann":  # an index over the selection features, tile by tile
+            self_index = queries if spec.include_self else None
+            idx = ann_select_stage(spec, scores, q_feat, k_feat, K, self_index)
+        else:
+            idx = selection.select(
+                scores,
+                K,
+                cands,
+                queries,
+                include_self=spec.include_self,
+                raster=metric.uses_positions,
+                backend=backend,
+            )
     shared, idx = idx, idx.expand(B * G, -1, -1)  # spatial selection is one (1, N, K) for all
 
     # 4. weighting: rho over the K selected scores

@@ -7,11 +7,10 @@ candidate modes of DESIGN.md section 2 as a :class:`Candidates` set:
 - ``random`` / ``grid``: one subset shared by every query and batch element (``shared``);
 - ``window``: a list per query (``per_query`` (N, W)).
 
-- ``ann``: content-based lists from an approximate-nearest-neighbour index over the
-  selection features (:mod:`convnn.ann`), one per batch element and query: ``per_query``
-  (B', N, L), B' the selection batch (batch x heads), built by :func:`ann` once the features
-  exist. Every backend ranks such lists (see ``select_scores`` in the backends), so every
-  backend selects from the same candidates.
+- ``ann``: content-based sets from an approximate-nearest-neighbour index over the
+  selection features (:mod:`convnn.ann`), one per batch element and query. They exist only
+  once the features do, and a tile of queries shares its keys, so :func:`ann_select` builds
+  and ranks them in one step (one GEMM per tile, the same on every backend).
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..ann import AnnIndex, AnnSpec
+from ..metrics import BlockScores
 from ..options import CANDIDATES, check_choice, check_positive_int
 from ..spec import ConvNNSpec
 
@@ -179,10 +179,21 @@ def build(spec: ConvNNSpec, grid: Grid, training: bool, generator, device) -> Ca
     return Candidates()
 
 
-def ann(spec: ConvNNSpec, q_feat: Tensor, k_feat: Tensor, K: int) -> Candidates:
-    """'ann' candidates: each query's ``num_candidates`` keys (all M when it is >= M) from an
-    index over the selection features q_feat (B', N, d), k_feat (B', M, d); the same lists
-    for every backend, deterministic (they depend only on the features' values)."""
+def ann_select(
+    spec: ConvNNSpec,
+    scores: BlockScores,
+    q_feat: Tensor,
+    k_feat: Tensor,
+    K: int,
+    self_index: Tensor | None,
+) -> Tensor:
+    """Candidates and selection in one for 'ann': indices (B', N, K) of each query's K best
+    among the ``num_candidates`` keys (all M when it is >= M) that an index over the selection
+    features q_feat (B', N, d), k_feat (B', M, d) proposes, ranked by ``scores`` with the
+    selection stage's tie rule; ``self_index`` (N,) with include_self (slot 0). A tile of
+    queries shares its window of keys, so it is scored with one GEMM
+    (:meth:`convnn.ann.AnnIndex.select_indices`); the result is the same on every backend and
+    deterministic (the sets depend only on the features' values)."""
     index = AnnIndex(
         q_feat.shape[-1],
         AnnSpec(method=spec.ann_method, tables=spec.ann_tables, seed=spec.ann_seed),
@@ -194,5 +205,6 @@ def ann(spec: ConvNNSpec, q_feat: Tensor, k_feat: Tensor, K: int) -> Candidates:
             f"num_candidates must give each of the {tables} ann tables at least K = {K} keys "
             f"(num_candidates >= {K * tables}, or >= the {M} tokens), got {budget}"
         )
-    lists = index.candidates(q_feat, k_feat, budget, metric=spec.metric, fill=True)
-    return Candidates(per_query=lists)
+    return index.select_indices(
+        q_feat, k_feat, scores, K, budget, metric=spec.metric, self_index=self_index
+    )
