@@ -51,7 +51,7 @@ from .backends._common import BlockScores, canonical_order, prepare, rankable, t
 from .metrics import get_metric
 from .options import ANN_METHODS as METHODS
 from .options import ANN_METRICS as METRICS
-from .options import check_bool, check_choice, check_positive_int, check_rank
+from .options import check_bool, check_choice, check_positive_int, check_rank, check_self_index
 
 __all__ = ["METHODS", "METRICS", "AnnSpec", "AnnIndex", "ann_candidates", "ann_select"]
 
@@ -263,27 +263,8 @@ class AnnIndex(nn.Module):
                 f"budget must give each of the {T} tables at least K = {K} keys (budget >= "
                 f"{K * T}, or >= M = {M}), got budget={budget}"
             )
-        return _check_self_index(self_index, include_self, N, M, query.device)
-
-
-def _check_self_index(self_index, include_self: bool, N: int, M: int, device) -> Tensor | None:
-    if self_index is None:
-        if include_self and N != M:
-            raise ValueError(
-                f"self_index (N,) is required with include_self when N != M ({N} != {M}), got None"
-            )
-        return torch.arange(N, device=device) if include_self else None
-    if not isinstance(self_index, Tensor) or self_index.shape != (N,):
-        shape = tuple(self_index.shape) if isinstance(self_index, Tensor) else self_index
-        raise ValueError(f"self_index must be a tensor (N,) = ({N},), got {shape!r}")
-    if self_index.is_floating_point() or self_index.dtype == torch.bool:
-        raise ValueError(f"self_index must be an integer tensor, got dtype {self_index.dtype}")
-    if N and (int(self_index.min()) < 0 or int(self_index.max()) >= M):
-        raise ValueError(
-            f"self_index must lie in [0, {M}), got values from {int(self_index.min())} to "
-            f"{int(self_index.max())}"
-        )
-    return self_index.long().to(device) if include_self else None
+        self_index = check_self_index(self_index, include_self, N, M, query.device)
+        return self_index.to(query.device) if include_self else None
 
 
 # --------------------------------------------------------------------------- projection

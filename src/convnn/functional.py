@@ -42,6 +42,7 @@ from .options import (
     check_positive_int,
     check_rank,
     check_selection_dtype,
+    check_self_index,
     check_tensor,
     pair,
 )
@@ -228,17 +229,7 @@ def knn_select(
     check_positive_int("K", K)
     if K > count:
         raise ValueError(f"K must be <= the number of candidates ({count}), got K={K}")
-    if self_index is None:
-        if include_self and N != M:
-            raise ValueError(
-                f"self_index (N,) is required with include_self when N != M ({N} != {M}), got None"
-            )
-        self_index = torch.arange(N, device=query.device) if N == M else None
-    else:
-        check_rank("self_index", self_index, 1, f"(N,) = ({N},)", floating=False)
-        if self_index.shape[0] != N:
-            raise ValueError(f"self_index must be (N,) = ({N},), got {tuple(self_index.shape)}")
-        self_index = check_indices("self_index", self_index, M, f"(key indices, M = {M})")
+    self_index = check_self_index(self_index, include_self, N, M, query.device)
     ConvNNSpec(p=p)  # checks p
     m = get_metric(metric, p)
     scores = similarity.selection_scores(m, query, key, selection_dtype)

@@ -78,6 +78,21 @@ def check_like(name: str, tensor, ref_name: str, ref) -> None:
         )
 
 
+def check_self_index(self_index, include_self: bool, N: int, M: int, device) -> torch.Tensor | None:
+    """Each query's own index among the M keys, (N,) int64, checked; None given: ``arange(N)``
+    when N == M, else None (an error with ``include_self``, where slot 0 needs it)."""
+    if self_index is None:
+        if include_self and N != M:
+            raise ValueError(
+                f"self_index (N,) is required with include_self when N != M ({N} != {M}), got None"
+            )
+        return torch.arange(N, device=device) if N == M else None
+    check_rank("self_index", self_index, 1, f"(N,) = ({N},)", floating=False)
+    if self_index.shape[0] != N:
+        raise ValueError(f"self_index must be (N,) = ({N},), got {tuple(self_index.shape)}")
+    return check_indices("self_index", self_index, M, f"(key indices, M = {M})")
+
+
 def check_selection_dtype(value) -> None:
     if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
         raise ValueError(f"selection_dtype must be None or a floating torch.dtype, got {value!r}")
