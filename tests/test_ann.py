@@ -160,6 +160,32 @@ def test_candidates_depend_only_on_the_values(index, metric):
     assert bool((real.sum(-1) >= W).all())
 
 
+def test_pca_tables_mix_the_principal_axes_of_the_keys():
+    """projection='pca': table 0 projects on the keys' principal axes (largest variance
+    first), every other table on a seeded mix of the same axes; the fixed-point entries stay
+    within a projection's bound, and each table's order differs."""
+    from convnn import ann as A
+
+    g = torch.Generator().manual_seed(8)
+    scales = torch.tensor([9.0, 5.0, 3.0, 2.0, 0.2, 0.1], dtype=F64)
+    basis = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=F64))[0]
+    x = ((torch.randn(1, 400, 6, generator=g, dtype=F64) * scales) @ basis.T).float()
+    index = AnnIndex(6, method="grid", projection="pca", dims=2, tables=3)
+    _, hk, bits = A._hash_space("euclidean", x, x, True)
+    P = A._principal_axes(hk, 2, bits, index.projection)  # (1, 3, 7, 2) fixed point
+    assert P.shape == (1, 3, 7, 2) and bool((P.abs() <= A._P_MAX).all())
+    axes = P[0, 0, :6].double() / 2**A._P_BITS  # the appended constant dim has no variance
+    # the top two principal directions of the keys, written here with float64 eigh
+    xc = x[0].double() - x[0].double().mean(0)
+    ref = torch.linalg.eigh(xc.T @ xc)[1][:, -2:].flip(-1)
+    assert torch.allclose((axes.T @ ref).abs(), torch.eye(2, dtype=F64), atol=1e-5)
+    mix = index.projection[1:, :2, :2].double()
+    want = torch.round(P[0, 0].double() @ mix / 2**23)
+    assert torch.equal(P[0, 1:].double(), want)
+    order = A._plan(index, x, x, 60, "euclidean").key_order  # (T, M): each table's order
+    assert all(not torch.equal(order[i], order[j]) for i in range(3) for j in range(i))
+
+
 def test_selection_is_deterministic_and_the_same_on_every_backend():
     x = clustered(2, 400, 8, seed=7)
     index = AnnIndex(8, method="grid", seed=3)
@@ -226,7 +252,6 @@ BAD = [
     (dict(dims=0), "dims"),
     (dict(dims=9), "dims"),
     (dict(tables=0), "tables"),
-    (dict(projection="pca", tables=2), "tables"),
     (dict(tile=0), "tile"),
     (dict(seed=-1), "seed"),
     (dict(seed=1.5), "seed"),
@@ -274,12 +299,22 @@ def feature_map(B: int, C: int, H: int, W: int, seed: int) -> torch.Tensor:
     return clustered(B, H * W, C, seed).transpose(1, 2).reshape(B, C, H, W)
 
 
-@pytest.mark.parametrize("method", ["grid", "lsh"])
-def test_layers_rank_the_same_ann_candidates_on_every_backend(method):
+@pytest.mark.parametrize(
+    "method,projection", [("grid", "random"), ("grid", "pca"), ("lsh", "random")]
+)
+def test_layers_rank_the_same_ann_candidates_on_every_backend(method, projection):
     x = feature_map(2, 8, 12, 12, seed=12)
     torch.manual_seed(0)
     layer = ConvNN2d(
-        8, 8, K=9, padding=1, candidates="ann", num_candidates=64, ann_method=method, ann_tables=4
+        8,
+        8,
+        K=9,
+        padding=1,
+        candidates="ann",
+        num_candidates=64,
+        ann_method=method,
+        ann_projection=projection,
+        ann_tables=4,
     ).eval()
     found = {}
     for backend in ("reference", "chunked", "auto"):
@@ -344,6 +379,11 @@ def test_ann_layer_options_name_the_argument():
         (dict(candidates="ann"), "num_candidates"),
         (dict(candidates="ann", num_candidates=64, ann_method="kd"), "ann_method"),
         (dict(candidates="ann", num_candidates=64, ann_tables=0), "ann_tables"),
+        (dict(candidates="ann", num_candidates=64, ann_projection="pcaa"), "ann_projection"),
+        (
+            dict(candidates="ann", num_candidates=64, ann_method="lsh", ann_projection="pca"),
+            "ann_projection",
+        ),
         (dict(candidates="ann", num_candidates=64, ann_seed=-1), "ann_seed"),
         (dict(candidates="ann", num_candidates=64, metric="manhattan"), "metric"),
     ]

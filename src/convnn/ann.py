@@ -4,9 +4,11 @@ With ``all`` candidates, exact selection costs O(N * M * D). An index orders the
 similar keys lie close together, and each query compares only against a *budget* of keys near
 it in that order (plus itself with ``include_self``). Two families share one engine:
 
-- ``grid`` (multiprobe grid): a seeded random projection of the features to a few dims
-  (``projection='pca'``: the keys' principal axes), each cut into equal-mass bins at the
-  keys' quantiles;
+- ``grid`` (multiprobe grid): a seeded random projection of the features to a few dims, or
+  (``projection='pca'``) the keys' d principal axes, each table after the first mixing them
+  by its own seeded Gaussian d x d matrix (features of a network vary mostly along a few
+  directions; a random projection of all D spends its dims on the rest), each dim cut into
+  equal-mass bins at the keys' quantiles;
 - ``lsh`` (locality-sensitive hashing): random hyperplanes, one sign bit per projection, for
   cosine, dot and scaled_dot; p-stable (Gaussian) projections cut into buckets of one width,
   shifted by a random offset, for euclidean.
@@ -51,11 +53,11 @@ from .backends._common import BlockScores, canonical_order, prepare, rankable, t
 from .metrics import get_metric
 from .options import ANN_METHODS as METHODS
 from .options import ANN_METRICS as METRICS
+from .options import ANN_PROJECTIONS as PROJECTIONS
 from .options import check_bool, check_choice, check_positive_int, check_rank, check_self_index
 
 __all__ = ["METHODS", "METRICS", "AnnSpec", "AnnIndex", "ann_candidates", "ann_select"]
 
-PROJECTIONS = {"grid": ("random", "pca"), "lsh": ("random",)}
 
 _P_BITS = 20  # fixed-point bits of the projection entries
 _P_MAX = 8 * 2**_P_BITS  # bound on their magnitude (Gaussian draws are clamped to +-8)
@@ -77,10 +79,10 @@ class AnnSpec:
         method: 'grid' (multiprobe grid) or 'lsh' (hyperplanes for cosine / dot, p-stable
             buckets for euclidean).
         projection: grid only: 'random' (the seeded Gaussian buffer) or 'pca' (the keys'
-            principal axes, computed exactly every call: O(M D^2)).
+            principal axes, computed exactly every call, O(M D^2); table 0 uses them as
+            they are, table t > 0 mixes them by a seeded Gaussian d x d matrix).
         dims: projected dims per table: grid 1..8 (default 8), lsh 1..32 (default 16).
-        tables: independent orders (default 8); the budget is split
-            evenly between them. 'pca' has one set of axes, so one table.
+        tables: independent orders (default 8); the budget is split evenly between them.
         tile: queries that share one window of keys (default 64).
         seed: seed of the projections (and the p-stable offsets).
     """
@@ -104,18 +106,12 @@ class AnnSpec:
                 )
         if self.tables is not None:
             check_positive_int("tables", self.tables)
-            if self.projection == "pca" and self.tables != 1:
-                raise ValueError(
-                    f"tables must be 1 with projection='pca' (one set of axes), got {self.tables}"
-                )
         check_positive_int("tile", self.tile)
         check_positive_int("seed", self.seed, minimum=0)
 
     @property
     def num_tables(self) -> int:
-        if self.tables is not None:
-            return self.tables
-        return 1 if self.projection == "pca" else _DEFAULT_TABLES[self.method]
+        return self.tables if self.tables is not None else _DEFAULT_TABLES[self.method]
 
     @property
     def num_dims(self) -> int:
@@ -280,9 +276,12 @@ def _exponent(x: Tensor, dims) -> Tensor:
     return torch.frexp(x.detach().double().abs().amax(dim=dims, keepdim=True))[1]
 
 
-def _hash_space(metric: str, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor, int]:
+def _hash_space(
+    metric: str, query: Tensor, key: Tensor, same: bool = False
+) -> tuple[Tensor, Tensor, int]:
     """The vectors the index hashes, in fixed point: (B, N, D + 1), (B, M, D + 1) float64
-    holding integers of at most ``bits`` bits, and ``bits``.
+    holding integers of at most ``bits`` bits, and ``bits``. ``same``: the queries are the
+    keys (cosine, euclidean), hashed once.
 
     cosine: x / |x|; dot / scaled_dot: queries [q / |q|, 0], keys [k / U, sqrt(1 - |k|^2 / U^2)];
     euclidean: x, both scaled by one power of two per batch element. Every step is exact or
@@ -304,26 +303,29 @@ def _hash_space(metric: str, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor
     pad = query.new_zeros(()).double()
     if metric == "euclidean":
         e = torch.maximum(_exponent(query, (1, 2)), _exponent(key, (1, 2)))
-        hq, hk = _fixed(query, e, bits), _fixed(key, e, bits)
-        return _extend(hq, pad), _extend(hk, pad), bits
-    hq = unit(query, _exponent(query, -1), False)[0]
+        hk = _extend(_fixed(key, e, bits), pad)
+        return hk if same else _extend(_fixed(query, e, bits), pad), hk, bits
+    hq = _extend(unit(query, _exponent(query, -1), False)[0], pad)
     if metric == "cosine":
-        return _extend(hq, pad), _extend(unit(key, _exponent(key, -1), False)[0], pad), bits
+        return hq, hq if same else _extend(unit(key, _exponent(key, -1), False)[0], pad), bits
     hk, ratio = unit(key, _exponent(key, (1, 2)), True)  # dot: maximum inner product search
-    return _extend(hq, pad), torch.cat([hk, torch.round((1 - ratio).sqrt() * one)], -1), bits
+    return hq, torch.cat([hk, torch.round((1 - ratio).sqrt() * one)], -1), bits
 
 
 def _extend(h: Tensor, value: Tensor) -> Tensor:
     return torch.cat([h, value.expand(*h.shape[:-1], 1)], -1)
 
 
-def _principal_axes(hk: Tensor, d: int, bits: int) -> Tensor:
-    """The keys' d principal axes: (B, M, D') fixed-point vectors -> (B, 1, D', d) projection
-    in fixed point (2^20 = 1), largest variance first, each axis signed so that its largest
-    entry is positive.
+def _principal_axes(hk: Tensor, d: int, bits: int, mix: Tensor) -> Tensor:
+    """Projections onto the keys' d principal axes: (B, M, D') fixed-point vectors and ``mix``
+    (T, D', d), the index's integer Gaussian draws (2^20 = 1; its leading d x d blocks mix the
+    axes) -> (B, T, D', d) projections in fixed point. Table 0 is the axes themselves (largest variance first, each signed so that
+    its largest entry is positive); table t > 0 is the axes times mix[t] / 8, so that every
+    entry stays within the bound of a projection (|axes| <= 1, |mix| <= 8, d <= 8 terms).
 
     The covariance is computed exactly in integers (vectors cut to fewer bits); the
-    eigenvectors come from float64 ``eigh`` on the CPU, so they depend on the keys only."""
+    eigenvectors come from float64 ``eigh`` on the CPU and the mixing is exact integer
+    arithmetic there (every sum < 2^53), so the projections depend on the keys only."""
     B, M, Dp = hk.shape
     c = max(1, min(bits, 31 - math.ceil(math.log2(M + 1))))  # M * sums < 2^62: exact in int64
     hc = torch.floor(torch.ldexp(hk, torch.tensor(float(c - bits), device=hk.device)))
@@ -333,8 +335,11 @@ def _principal_axes(hk: Tensor, d: int, bits: int) -> Tensor:
     _, vec = torch.linalg.eigh(cov.double())
     axes = vec[..., -d:].flip(-1)  # (B, D', d)
     biggest = axes.abs().argmax(-2, keepdim=True)
-    axes = axes * torch.where(axes.gather(-2, biggest) < 0, -1.0, 1.0)
-    return torch.round(axes * 2**_P_BITS).to(hk.device)[:, None]
+    axes = torch.round(axes * torch.where(axes.gather(-2, biggest) < 0, -1.0, 1.0) * 2**_P_BITS)
+    e = axes.shape[-1]  # d, or D' when the features have fewer dims
+    mix = mix[1:, :e, :e].cpu().double()
+    mixed = torch.round(torch.ldexp(axes[:, None] @ mix, torch.tensor(-23.0)))
+    return torch.cat([axes[:, None], mixed], 1).to(hk.device)  # (B, T, D', d)
 
 
 def _project(h: Tensor, P: Tensor, bits: int) -> Tensor:
@@ -477,6 +482,10 @@ class _Plan:
         best_i = torch.empty(B * N * T + 1, k_tab, dtype=torch.long, device=q.device)
         step = max(1, _BLOCK // (W * (Dp + tile)))  # tiles per block
         dev = q.device
+        # |q . k| <= |q| |k|: with finite, bounded operands no score is NaN or infinite, so
+        # the pass that makes them rankable can be skipped
+        bound = q.norm(dim=-1).amax() * k.norm(dim=-1).amax()
+        finite = bool(bound < torch.finfo(q.dtype).max / 4)
         for t0 in range(0, B * T * G, step):
             t1 = min(B * T * G, t0 + step)
             flat = torch.arange(t0, t1, device=dev)
@@ -486,7 +495,8 @@ class _Plan:
             rows = (b[:, None] * N + qs.clamp_min(0)).view(-1)
             qt = q_rows.index_select(0, rows).view(-1, tile, Dp)
             kt = k_rows.index_select(0, (b[:, None] * M + ids).view(-1)).view(-1, W, Dp)
-            s = rankable(qt @ kt.transpose(1, 2))  # (n, tile, W): one GEMM per tile
+            s = qt @ kt.transpose(1, 2)  # (n, tile, W): one GEMM per tile
+            s = s if finite else rankable(s)
             v, got = _topk_low_ids(s, ids, k_tab)  # (n, tile, K)
             out = torch.where(qs >= 0, rows.view_as(qs) * T + t[:, None], B * N * T).view(-1)
             best_s.index_copy_(0, out, v.reshape(-1, k_tab))
@@ -556,10 +566,10 @@ def _plan(index: AnnIndex, query: Tensor, key: Tensor, budget: int, metric: str)
         # self-similarity (queries = keys) hashes once, but for dot (asymmetric transform)
         same = metric in ("cosine", "euclidean") and query.shape == key.shape
         same = same and bool(torch.equal(query, key))
-        hq, hk, bits = _hash_space(metric, query, key)
+        hq, hk, bits = _hash_space(metric, query, key, same)
         d = spec.num_dims
         if spec.projection == "pca":
-            P = _principal_axes(hk, d, bits)
+            P = _principal_axes(hk, d, bits, index.projection)
         else:
             P = index.projection[..., :d].to(dev)
         zk = _project(hk, P, bits)  # (B, T, d, M)

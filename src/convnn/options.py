@@ -12,6 +12,7 @@ import torch
 CANDIDATES = ("all", "random", "grid", "window", "ann")
 ANN_METHODS = ("grid", "lsh")  # convnn.ann: multiprobe grid, locality-sensitive hashing
 ANN_METRICS = ("cosine", "dot", "scaled_dot", "euclidean")  # the metrics an index can hash
+ANN_PROJECTIONS = {"grid": ("random", "pca"), "lsh": ("random",)}  # per ann method
 WEIGHTINGS = ("none", "softmax")
 KERNELS = ("standard", "depthwise", "separable", "none")
 

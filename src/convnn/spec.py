@@ -23,6 +23,7 @@ from .metrics import metric_names
 from .options import (
     ANN_METHODS,
     ANN_METRICS,
+    ANN_PROJECTIONS,
     CANDIDATES,
     KERNELS,
     WEIGHTINGS,
@@ -58,6 +59,9 @@ class ConvNNSpec:
     window: int | None = _doc("side of the 'window' candidate neighbourhood (odd)", None)
     ann_method: str = _doc("'ann' candidates: 'grid' (multiprobe grid) or 'lsh'", "grid")
     ann_tables: int | None = _doc("'ann': independent hash tables (None: 8)", None)
+    ann_projection: str = _doc(
+        "'ann': 'random' projections or, for 'grid', 'pca' (the keys' principal axes)", "random"
+    )
     ann_seed: int = _doc("'ann': seed of the index's fixed projections", 0)
     include_self: bool = _doc("the query itself fills slot 0", True)
     weighting: str = _doc("weights of the K selected neighbours: 'none' or 'softmax'", "none")
@@ -83,6 +87,11 @@ class ConvNNSpec:
         if self.ann_tables is not None:
             check_positive_int("ann_tables", self.ann_tables)
         check_positive_int("ann_seed", self.ann_seed, minimum=0)
+        if self.ann_projection not in ANN_PROJECTIONS[self.ann_method]:
+            raise ValueError(
+                f"ann_projection must be one of {list(ANN_PROJECTIONS[self.ann_method])} for "
+                f"ann_method={self.ann_method!r}, got {self.ann_projection!r}"
+            )
         if self.candidates == "ann" and self.metric not in ANN_METRICS:
             raise ValueError(
                 f"metric must be one of {list(ANN_METRICS)} for candidates='ann' (an index "

@@ -79,8 +79,10 @@ class ConvNNAttention(SpecOptions, nn.Module):
         candidates: 'all' | 'random' | 'grid' | 'window', as for :class:`ConvNN2d`.
         num_candidates: size of the 'random' / 'grid' candidate set; 'ann': the budget of
             candidates each query's index proposes (see ``convnn.ann``).
-        ann_method, ann_tables, ann_seed: the 'ann' index: 'grid' (multiprobe grid) or 'lsh',
-            its hash tables (None: 8) and the seed of its fixed projections.
+        ann_method, ann_tables, ann_projection, ann_seed: the 'ann' index: 'grid' (multiprobe
+            grid) or 'lsh', its hash tables (None: 8), its projection ('random', or for 'grid'
+            'pca': the features' principal axes, better on a network's features) and the seed
+            of its fixed projections.
         window: odd side of the 'window' neighbourhood (needs the token map).
         include_self: the query's own token fills slot 0.
         weighting: 'softmax' (attention) | 'none'.
@@ -112,6 +114,7 @@ class ConvNNAttention(SpecOptions, nn.Module):
         num_candidates: int | None = None,
         ann_method: str = "grid",
         ann_tables: int | None = None,
+        ann_projection: str = "random",
         ann_seed: int = 0,
         window: int | None = None,
         include_self: bool = False,

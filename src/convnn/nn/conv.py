@@ -149,6 +149,7 @@ class _ConvNNNd(SpecOptions, nn.Module):
         num_candidates: int | None = None,
         ann_method: str = "grid",
         ann_tables: int | None = None,
+        ann_projection: str = "random",
         ann_seed: int = 0,
         window: int | None = None,
         include_self: bool = True,
@@ -301,8 +302,10 @@ class ConvNN2d(_ConvNNNd):
             subset larger than the map (deep layers of a network) is the whole padded map.
         num_candidates: size of the 'random' / 'grid' candidate set; 'ann': the budget of
             candidates each query's index proposes (see ``convnn.ann``).
-        ann_method, ann_tables, ann_seed: the 'ann' index: 'grid' (multiprobe grid) or 'lsh',
-            its hash tables (None: 8) and the seed of its fixed projections.
+        ann_method, ann_tables, ann_projection, ann_seed: the 'ann' index: 'grid' (multiprobe
+            grid) or 'lsh', its hash tables (None: 8), its projection ('random', or for 'grid'
+            'pca': the features' principal axes, better on a network's features) and the seed
+            of its fixed projections.
         window: odd side of the 'window' neighbourhood.
         include_self: the position itself fills slot 0 (ignored by 'spatial', which is
             always in the raster order of a convolution kernel).

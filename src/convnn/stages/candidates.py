@@ -196,7 +196,12 @@ def ann_select(
     deterministic (the sets depend only on the features' values)."""
     index = AnnIndex(
         q_feat.shape[-1],
-        AnnSpec(method=spec.ann_method, tables=spec.ann_tables, seed=spec.ann_seed),
+        AnnSpec(
+            method=spec.ann_method,
+            projection=spec.ann_projection,
+            tables=spec.ann_tables,
+            seed=spec.ann_seed,
+        ),
     )
     budget, M = spec.num_candidates, k_feat.shape[1]
     tables = 1 if budget >= M else index.spec.num_tables
