@@ -139,6 +139,31 @@ def test_select_refuses_what_it_has_no_kernel_for():
     torch.testing.assert_close(got[0], want[0])
 
 
+def test_ann_candidates_select_the_same_and_aggregate_on_triton():
+    """'ann' candidates: the index ranks its (B', N, L) candidate lists itself (the same
+    indices on every backend, and explain says so); the Triton kernels aggregate them, as
+    the reference does, forward and backward."""
+    x = randn(2, 6, 9, 9, seed=21, dtype=F32).requires_grad_()
+    w = randn(5, 6, 9, seed=22, dtype=F32).requires_grad_()
+    options = dict(K=9, padding=1, candidates="ann", num_candidates=48, ann_tables=4)
+    decisions = backends.explain(partial(convnn2d, backend="triton", **options), x, w)
+    assert [(d.stage, d.backend) for d in decisions] == [
+        ("selection", "ann index"),
+        ("aggregation", "triton"),
+    ]
+    out = {}
+    for be in ("reference", "triton"):
+        y, idx = convnn2d(x, w, backend=be, return_indices=True, **options)
+        y.backward(torch.ones_like(y))
+        out[be] = y.detach(), idx, x.grad.clone(), w.grad.clone()
+        x.grad = w.grad = None
+    assert torch.equal(out["triton"][1], out["reference"][1])
+    for part in (0, 2, 3):  # the output, the gradients of x and of the weight
+        torch.testing.assert_close(
+            out["triton"][part], out["reference"][part], rtol=1e-4, atol=1e-4
+        )
+
+
 # --------------------------------------------------------------------------- aggregate
 
 

@@ -129,6 +129,7 @@ def _operator(
         if spec.candidates == "ann":  # an index over the selection features, tile by tile
             self_index = queries if spec.include_self else None
             idx = ann_select_stage(spec, scores, q_feat, k_feat, K, self_index)
+            dispatch.ann_index()
         else:
             idx = selection.select(
                 scores,

@@ -62,7 +62,8 @@ _recording: contextvars.ContextVar[list | None] = contextvars.ContextVar(
 @dataclass(frozen=True)
 class Decision:
     """What ran one stage of a call (``stage``: 'shortcut', 'selection' or 'aggregation';
-    ``backend``: 'reference', 'chunked', 'triton', 'F.conv2d' or 'SDPA') and why."""
+    ``backend``: 'reference', 'chunked', 'triton', 'F.conv2d', 'SDPA' or 'ann index') and
+    why."""
 
     stage: str
     backend: str
@@ -91,6 +92,17 @@ def explain(fn: Callable, *args, **kwargs) -> Explanation:
     finally:
         _recording.reset(token)
     return Explanation(record)
+
+
+def ann_index() -> None:
+    """Record that an 'ann' index ranked a call's candidates itself (the selection stage)."""
+    _decide(
+        "selection",
+        "ann index",
+        lambda: (
+            "candidates='ann': the index's tiles rank its candidates, the same on every backend"
+        ),
+    )
 
 
 def _decide(stage: str, backend: str, why: Callable[[], str]) -> None:
