@@ -38,9 +38,11 @@ def test_explain_names_the_window_shortcut_and_its_limits():
     decisions = explain(whole, x, hw=(6, 6))
     assert [(d.stage, d.backend) for d in decisions] == [("shortcut", "SDPA")]
     assert "window" in decisions[0].reason
-    assert "shortcut" not in [
-        d.stage for d in explain(top, x, hw=(6, 6))
-    ]  # K < the window: a top-K
+    # K < the window: a top-K, selected first, then SDPA masked to the selection
+    assert [(d.stage, d.backend) for d in explain(top, x, hw=(6, 6))] == [
+        ("selection", "chunked"),
+        ("shortcut", "SDPA"),
+    ]
     with dispatch.use("chunked"):  # a forced backend runs the k-NN path
         assert "shortcut" not in [d.stage for d in explain(whole, x, hw=(6, 6))]
     side = 13  # 169 tokens > 16 * 9: the k-NN path scores fewer pairs than masked SDPA
@@ -83,3 +85,55 @@ def test_compiled_ranking_keys_follow_the_tie_rule(dtype):
         assert torch.equal(idx.sort(-1).values, want.sort(-1).values), M
         assert torch.equal(vals, scores.gather(-1, idx))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("metric", ["scaled_dot", "dot"])
+@pytest.mark.parametrize("include_self", [False, True])
+@pytest.mark.parametrize(
+    ("K", "options"),
+    [(1, {}), (4, {}), (10, {}), (3, dict(candidates="window", window=3, hw=(3, 4)))],
+)
+def test_top_k_attention_is_sdpa_masked_to_the_selection(metric, include_self, K, options):
+    """Softmax over K selected keys, kernel 'none': the automatic choice runs SDPA masked
+    to the selection, and agrees with the k-NN path forward and backward, indices included."""
+    N = 12
+    out, grads, indices = [], [], []
+    for backend in (None, "chunked"):
+        q, k, v = (randn(2, 3, N, 4, seed=s).requires_grad_() for s in range(3))
+        y, idx = convnn_attention(
+            q, k, v, K, metric=metric, include_self=include_self, backend=backend,
+            return_indices=True, **options,
+        )  # fmt: skip
+        (y * randn(*y.shape, seed=9)).sum().backward()
+        out.append(y), indices.append(idx), grads.append([q.grad, k.grad, v.grad])
+    assert torch.equal(indices[0], indices[1])
+    assert max_diff(out[0], out[1]) < 1e-12
+    for a, b in zip(*grads):
+        assert max_diff(a, b) < 1e-12
+
+
+def test_explain_names_the_top_k_shortcut_and_its_limits():
+    from convnn import ConvNN2d
+
+    kvt = ConvNNAttention(8, 2, K=4, kernel="none")
+    decisions = explain(kvt, torch.randn(2, 20, 8))
+    assert [(d.stage, d.backend) for d in decisions] == [
+        ("selection", "chunked"),
+        ("shortcut", "SDPA"),
+    ]
+    assert "selected keys" in decisions[1].reason
+    with dispatch.use("chunked"):  # a forced backend runs the k-NN path
+        assert "shortcut" not in [d.stage for d in explain(kvt, torch.randn(2, 20, 8))]
+    assert "shortcut" not in [d.stage for d in explain(kvt, torch.randn(1, 65, 8))]  # > 16 K
+    for other in (dict(kernel="depthwise"), dict(metric="cosine"), dict(weighting="none")):
+        layer = ConvNNAttention(8, 2, K=4, **{"kernel": "none", **other})
+        assert "shortcut" not in [d.stage for d in explain(layer, torch.randn(2, 20, 8))]
+    # a ConvNN2d with the same options, on its padded map (M > N), takes it too
+    conv = ConvNN2d(6, 6, K=5, padding=1, metric="scaled_dot", weighting="softmax", kernel="none")
+    x = randn(2, 6, 4, 5, seed=4).float()
+    assert ("shortcut", "SDPA") in [(d.stage, d.backend) for d in explain(conv, x)]
+    with dispatch.use("chunked"):
+        want = conv(x, return_indices=True)
+    got = conv(x, return_indices=True)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0])

@@ -142,6 +142,25 @@ def _operator(
             )
     shared, idx = idx, idx.expand(B * G, -1, -1)  # spatial selection is one (1, N, K) for all
 
+    # 4-5 at once: softmax attention over the selected keys is SDPA masked to them, which
+    # beats gathering them on a few tokens
+    exact = _masked_attention(spec, values, q_feat, k_feat, G, K, metric_params)
+    if dispatch.shortcut("SDPA", exact, backend):
+        M, N = values.shape[1], idx.shape[1]
+        mask = torch.zeros(B * G, N, M, dtype=torch.bool, device=device)
+        mask.scatter_(-1, idx, True)
+        v = values.view(B, M, G, -1).transpose(1, 2)
+        y = F.scaled_dot_product_attention(
+            q_feat.view(B, G, N, -1),
+            k_feat.view(B, G, M, -1),
+            v,
+            attn_mask=mask.view(B, G, N, M),
+            dropout_p=dropout_p if training else 0.0,
+            scale=None if spec.metric == "scaled_dot" else 1.0,
+        )
+        y = y.transpose(1, 2).reshape(B, N, -1)
+        return (y if bias is None else y + bias), idx.reshape(B, G, N, K)
+
     # 4. weighting: rho over the K selected scores
     rho = None
     if spec.weighting == "softmax":
@@ -161,6 +180,30 @@ def _operator(
         values, idx, rho, weight, bias, spec.kernel, pointwise_weight, backend=backend
     )
     return y, idx
+
+
+def _masked_attention(spec, values, q_feat, k_feat, G, K, metric_params) -> str | None:
+    """Why weighting and aggregation are exactly SDPA masked to the selected keys (None:
+    they are not, or the N x M mask would not pay): softmax over plain (scaled) dot
+    products, kernel 'none', no positional term, on few enough tokens."""
+    B, M, C = values.shape
+    N = q_feat.shape[1]
+    if not (
+        spec.weighting == "softmax"
+        and spec.kernel == "none"
+        and spec.metric in ("scaled_dot", "dot")
+        and spec.positional == "none"
+        and not metric_params
+        and B * N > 0
+        and C % G == 0
+        and q_feat.shape[-1] == k_feat.shape[-1]
+        and dispatch.masked_sdpa_pays(M, K)
+    ):
+        return None
+    return (
+        f"softmax attention over the K = {K} selected keys ({spec.metric}, kernel 'none') is "
+        f"SDPA masked to them: {M} tokens <= {dispatch.MASKED_SDPA_RATIO} K"
+    )
 
 
 # --------------------------------------------------------------------------- selection
