@@ -220,3 +220,46 @@ def test_an_isolated_case_that_cannot_be_built_reports_why():
         bench.Isolated(case, "cpu", "float32", reps=1, threads=1, timeout_s=300)
     assert info.value.result["status"] == "error"
     assert "unknown case kind 'no-such-kind'" in info.value.result["reason"]
+
+
+def _cpu_floor():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_floor.py"
+    spec = importlib.util.spec_from_file_location("cpu_floor", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("cpu_floor", module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return path, module
+
+
+def test_cpu_floor_quick_prints_every_ratio_of_the_issue():
+    """benchmarks/cpu_floor.py --quick: every ratio measured in one run at tiny shapes (a smoke
+    test of the cases; no time is checked, and no bar is judged at these shapes)."""
+    import subprocess
+    import sys
+
+    path, cpu_floor = _cpu_floor()
+    names = [r.name for ratios in cpu_floor.RATIOS.values() for r in ratios]
+    assert set(cpu_floor.RATIOS) == set(cpu_floor.GROUPS)
+    for needed in ("headline/dense", "headline/gemm_floor", "vit_tiny_kvt/attention"):
+        assert needed in names
+    proc = subprocess.run(
+        [sys.executable, str(path), "--quick", "--rounds", "3"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = proc.stdout.split("| ratio | median (range) | bar | verdict |")[1]
+    for name in names:
+        assert f"| {name} (" in table, name
+    assert " met |" not in table  # tiny shapes: no verdict
+    assert table.count("quick shapes: no verdict") == sum(
+        r.bar is not None for r in sum(cpu_floor.RATIOS.values(), [])
+    )
+    listed = subprocess.run(
+        [sys.executable, str(path), "--list", "--only", "conv3x3"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert listed.stdout.strip() == "window_conv: window7x7/conv3x3"
