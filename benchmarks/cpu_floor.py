@@ -20,9 +20,13 @@ name (``window7x7/conv3x3``); a group runs whole when any of its ratios is selec
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -39,12 +43,16 @@ from convnn.functional import convnn_attention
 
 @dataclass
 class Ratio:
-    """``name`` = runner ``ours`` / runner ``base``; met when the median is <= ``bar``."""
+    """``name`` = runner ``ours`` / runner ``base``, round by round; met when the median is
+    <= ``bar``. With ``ours_ref`` and ``base_ref`` it is a ratio of ratios: (ours / ours_ref)
+    / (base / base_ref), each inner ratio taken in the same round (e.g. slowdowns)."""
 
     name: str
     ours: str
     base: str
     bar: float | None = None
+    ours_ref: str | None = None
+    base_ref: str | None = None
 
 
 @dataclass
@@ -55,6 +63,8 @@ class Group:
     name: str
     runners: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # runner name -> context manager factory entered around its timed call (untimed)
+    around: dict = field(default_factory=dict)
 
 
 def _time(fn, reps: int = 1) -> float:
@@ -274,6 +284,56 @@ def group_selection(quick: bool) -> Group:
     return g
 
 
+@contextlib.contextmanager
+def _threads(n: int, busy: bool):
+    """``n`` torch threads, and with ``busy`` a competing process spinning on one core
+    (started and given a moment to be scheduled before the timed call, killed after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    spinner = None
+    if busy:
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
+        torch.set_num_threads(before)
+
+
+def group_load(quick: bool) -> Group:
+    """Robustness under load: the headline ConvNN2d step (K=9, cosine, all, fwd+bwd, 8x64x64x64)
+    and an nn.Conv2d 3x3 step of about the same FLOPs (its channel count chosen to match), each
+    at 1 and 2 threads, on the machine as it is ('quiet') and with a competing process spinning
+    on one core ('busy'), all interleaved. Slowdown = busy / quiet of the same round; the ratio
+    of the slowdowns says whether a loaded machine hurts ConvNN more than a convolution."""
+    B, C, S = (2, 8, 8) if quick else (8, 64, 64)
+    N, K = S * S, 9
+    # similarity GEMM (2 N^2 C per image) + aggregation fwd, input grad, weight grad (2 N K C C each)
+    flops = B * (2 * N * N * C + 3 * 2 * N * K * C * C)
+    C_conv = max(1, round((flops / (3 * 2 * B * N * 9)) ** 0.5))  # conv fwd+bwd: 3 GEMMs
+    shape = (B, C, S, S)
+    conv_shape = (B, C_conv, S, S)
+    opts = dict(K=K, metric="cosine", candidates="all")
+    g = Group(f"load {B}x{C}x{S}x{S}; conv {B}x{C_conv}x{S}x{S}")
+    g.notes.append(
+        f"ConvNN2d ~{flops / 1e9:.2f} GFLOP per step; Conv2d({C_conv}, {C_conv}, 3) "
+        f"~{3 * 2 * B * N * 9 * C_conv**2 / 1e9:.2f} GFLOP"
+    )
+    convnn_step = _case_step(Case(g.name, "all", "ours", "convnn2d", shape, opts))
+    conv_step = _case_step(Case(g.name, "", "conv", "conv2d", conv_shape))
+    for threads in (1, 2):
+        for busy in (False, True):
+            tag = f"{'busy' if busy else 'quiet'}_t{threads}"
+            g.runners[f"convnn_{tag}"] = convnn_step
+            g.runners[f"conv_{tag}"] = conv_step
+            for kind in ("convnn", "conv"):
+                g.around[f"{kind}_{tag}"] = functools.partial(_threads, threads, busy)
+    return g
+
+
 GROUPS = {
     "headline": group_headline,
     "window_conv": group_window_conv,
@@ -283,6 +343,7 @@ GROUPS = {
     "compile": group_compile,
     "bf16": group_bf16,
     "selection": group_selection,
+    "load": group_load,
 }
 
 # Every ratio, by group: its runners and its bar (issue 10's table; None: measured, no bar).
@@ -306,6 +367,23 @@ RATIOS = {
         Ratio("bf16_tail/fp32_tail", "bf16_tail", "fp32_tail"),
     ],
     "selection": [Ratio("selection_all/score_gemm", "select", "gemm")],
+    # issue 10 item 4: a loaded machine slows ConvNN no more than a convolution (<= 1)
+    "load": [
+        Ratio(f"load_slowdown_{kind}_t{t}", f"{kind}_busy_t{t}", f"{kind}_quiet_t{t}")
+        for t in (1, 2)
+        for kind in ("convnn", "conv")
+    ]
+    + [
+        Ratio(
+            f"load_slowdown_convnn/conv_t{t}",
+            f"convnn_busy_t{t}",
+            f"conv_busy_t{t}",
+            1.0,
+            f"convnn_quiet_t{t}",
+            f"conv_quiet_t{t}",
+        )
+        for t in (1, 2)
+    ],
 }
 
 
@@ -341,14 +419,23 @@ def run_group(
     print(f"\n== {g.name}  (load before {_load()})", flush=True)
     for note in g.notes:
         print(f"  {note}")
-    for fn in g.runners.values():
-        fn()  # warm-up
-    times = interleave({k: (lambda fn=fn: _time(fn, reps)) for k, fn in g.runners.items()}, rounds)
+
+    def timed(name):
+        with g.around.get(name, contextlib.nullcontext)():
+            return _time(g.runners[name], reps)
+
+    for name in g.runners:
+        timed(name)  # warm-up
+    times = interleave({k: functools.partial(timed, k) for k in g.runners}, rounds)
     medians = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print("  median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in medians.items()))
     rows = []
     for r in ratios:
-        stats = ratio_stats(times[r.ours], times[r.base])
+        ours, base = times[r.ours], times[r.base]
+        if r.ours_ref is not None:
+            ours = [a / b for a, b in zip(ours, times[r.ours_ref])]
+            base = [a / b for a, b in zip(base, times[r.base_ref])]
+        stats = ratio_stats(ours, base)
         bar = "-" if r.bar is None else f"<= {r.bar:.2f}"
         print(
             f"  {r.name:30s} {format_ratio(stats):32s} bar {bar:8s} {verdict(stats, r.bar, quick)}"
