@@ -308,7 +308,8 @@ def group_load(quick: bool) -> Group:
     and an nn.Conv2d 3x3 step of about the same FLOPs (its channel count chosen to match), each
     at 1 and 2 threads, on the machine as it is ('quiet') and with a competing process spinning
     on one core ('busy'), all interleaved. Slowdown = busy / quiet of the same round; the ratio
-    of the slowdowns says whether a loaded machine hurts ConvNN more than a convolution."""
+    of the slowdowns says whether a loaded machine hurts ConvNN more than a convolution. The
+    same for 2 threads / 1 thread, quiet: what a second thread does on a shared machine."""
     B, C, S = (2, 8, 8) if quick else (8, 64, 64)
     N, K = S * S, 9
     # similarity GEMM (2 N^2 C per image) + aggregation fwd, input grad, weight grad (2 N K C C each)
@@ -383,6 +384,18 @@ RATIOS = {
             f"conv_quiet_t{t}",
         )
         for t in (1, 2)
+    ]
+    # the second thread on the machine as it is: 2 threads / 1 thread of each, and their ratio
+    + [Ratio(f"threads_t2/t1_{k}", f"{k}_quiet_t2", f"{k}_quiet_t1") for k in ("convnn", "conv")]
+    + [
+        Ratio(
+            "threads_t2/t1_convnn/conv",
+            "convnn_quiet_t2",
+            "conv_quiet_t2",
+            1.0,
+            "convnn_quiet_t1",
+            "conv_quiet_t1",
+        )
     ],
 }
 
