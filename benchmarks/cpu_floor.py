@@ -1,24 +1,70 @@
-"""CPU ratios of issue 10, each against a baseline timed in the same process.
+"""CPU ratios of issue 10, each against its baseline(s) timed in the same process, interleaved.
 
-Interleaved repeats on one thread; prints the load average and the CPU, then one line per
-ratio (median of the per-round ratios, with the range). Run it from a checkout:
+Each group builds its implementations once, warms each up, then runs ``--rounds`` rounds: in
+every round each implementation takes one timed call (``--reps`` calls timed together), in
+an order rotated by one each round (:func:`convnn.bench.rounds.interleave`). A ratio is the
+median of its per-round ratios, with their range; one that rests on fewer than 3 rounds or
+spreads by more than 2x (max / min) is printed as ``noisy: lo-hi`` and judged against no bar.
+The thread count is fixed (``--threads``, default 1) and the 1-min load average is printed
+before and after each group. The last lines are a Markdown table of every ratio with its bar.
 
-    PYTHONPATH=$PWD/src python benchmarks/cpu_floor.py [--rounds 5] [--reps 1] [--only NAME]
+    PYTHONPATH=$PWD/src python benchmarks/cpu_floor.py --rounds 5            # every ratio
+    PYTHONPATH=$PWD/src python benchmarks/cpu_floor.py --only headline       # groups/ratios whose name contains it
+    PYTHONPATH=$PWD/src python benchmarks/cpu_floor.py --list                # the groups and their ratios
+    PYTHONPATH=$PWD/src python benchmarks/cpu_floor.py --quick --rounds 3    # tiny shapes: a smoke test, seconds
+
+``--only`` matches a group name (``headline``, ``vit_tiny``, ``resnet18``, ...) or a ratio
+name (``window7x7/conv3x3``); a group runs whole when any of its ratios is selected.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 import convnn
+from convnn import backends
+from convnn.bench.cases import Case
+from convnn.bench.measurement import build_case
+from convnn.bench.rounds import format_ratio, interleave, ratio_stats
 from convnn.functional import convnn_attention
+
+
+@dataclass
+class Ratio:
+    """``name`` = runner ``ours`` / runner ``base``, round by round; met when the median is
+    <= ``bar``. With ``ours_ref`` and ``base_ref`` it is a ratio of ratios: (ours / ours_ref)
+    / (base / base_ref), each inner ratio taken in the same round (e.g. slowdowns)."""
+
+    name: str
+    ours: str
+    base: str
+    bar: float | None = None
+    ours_ref: str | None = None
+    base_ref: str | None = None
+
+
+@dataclass
+class Group:
+    """Implementations (name -> callable) timed round by round together; the ratios taken
+    between them are declared in :data:`RATIOS`."""
+
+    name: str
+    runners: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    # runner name -> context manager factory entered around its timed call (untimed)
+    around: dict = field(default_factory=dict)
 
 
 def _time(fn, reps: int = 1) -> float:
@@ -37,14 +83,87 @@ def _fwd_bwd(module, x):
     return step
 
 
-def case_local_attention():
+def _case_step(case: Case):
+    """A training step of a ``convnn bench`` case (fixed seeds, output gradient), under the
+    case's backend: ``reference`` is the dense formulation."""
+    module, x, grad = build_case(case, "cpu", torch.float32)
+    params = list(module.parameters())
+
+    def step():
+        for t in (x, *params):
+            t.grad = None
+        with backends.use(case.backend):
+            module(x).backward(grad)
+
+    return step
+
+
+def _gemm_floor(B: int, C: int, N: int, K: int, C_out: int):
+    """The headline step's GEMMs alone, at its shapes, in fp32:
+
+    - the similarity GEMM, (N, C) x (C, N) per image (B of them, one at a time as the
+      chunked backend never holds all B score matrices; N x N fp32 each);
+    - the three aggregation GEMMs of the standard kernel: forward (B*N, K*C) x (K*C, C_out),
+      input gradient (B*N, C_out) x (C_out, K*C), weight gradient (K*C, B*N) x (B*N, C_out).
+
+    Nothing else: no normalisation, top-K, gather or scatter. Ratio 1 = the step costs
+    exactly its matrix products.
+    """
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(B, N, C, generator=g)
+    gathered = torch.randn(B * N, K * C, generator=g)
+    weight = torch.randn(K * C, C_out, generator=g)
+    grad_out = torch.randn(B * N, C_out, generator=g)
+
+    def floor():
+        for b in range(B):
+            feats[b] @ feats[b].T
+        gathered @ weight
+        grad_out @ weight.T
+        gathered.T @ grad_out
+
+    return floor
+
+
+def group_headline(quick: bool) -> Group:
+    """ConvNN2d(64, 64, K=9, cosine, all) fwd+bwd on 8x64x64x64 against the dense formulation,
+    its GEMM floor and the 7x7 window (K=9) at the same size."""
+    B, C, S = (2, 8, 8) if quick else (8, 64, 64)
+    shape = (B, C, S, S)
+    tag = f"{B}x{C}x{S}x{S}"
+    opts = dict(K=9, metric="cosine", candidates="all")
+    win = dict(opts, candidates="window", window=7)
+    g = Group(f"headline {tag}")
+    g.runners = {
+        "all": _case_step(Case(g.name, "all", "ours", "convnn2d", shape, opts)),
+        "dense": _case_step(Case(g.name, "all", "dense", "convnn2d", shape, opts, "reference")),
+        "gemm_floor": _gemm_floor(B, C, S * S, 9, C),
+        "window": _case_step(Case(g.name, "window", "ours", "convnn2d", shape, win)),
+    }
+    return g
+
+
+def group_window_conv(quick: bool) -> Group:
+    """ConvNN2d window 7x7 K=9 vs nn.Conv2d 3x3, forward+backward, 8x64x32x32."""
+    shape = (2, 8, 8, 8) if quick else (8, 64, 32, 32)
+    tag = "x".join(map(str, shape))
+    g = Group(f"window_conv {tag}")
+    win = dict(K=9, metric="cosine", candidates="window", window=7)
+    g.runners = {
+        "window": _case_step(Case(g.name, "window", "ours", "convnn2d", shape, win)),
+        "conv3x3": _case_step(Case(g.name, "", "conv", "conv2d", shape)),
+    }
+    return g
+
+
+def group_local_attention(quick: bool) -> Group:
     """ConvNN local attention (window 7x7 = K 49, softmax, kernel none) vs SDPA with the
     same window mask, forward+backward, ViT-Tiny shapes (B 16, 3 heads, 14x14, d 64)."""
-    g = torch.Generator().manual_seed(0)
-    B, G, H, d = 16, 3, 14, 64
-    q, k, v = (torch.randn(B, G, H * H, d, generator=g, requires_grad=True) for _ in range(3))
     from convnn.stages.candidates import Grid
 
+    gen = torch.Generator().manual_seed(0)
+    B, G, H, d = (2, 1, 8, 8) if quick else (16, 3, 14, 64)
+    q, k, v = (torch.randn(B, G, H * H, d, generator=gen, requires_grad=True) for _ in range(3))
     win = Grid(H, H).window(7, "cpu")
     mask = torch.zeros(H * H, H * H, dtype=torch.bool)
     mask.scatter_(1, win, True)
@@ -57,131 +176,227 @@ def case_local_attention():
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out.sum().backward()
 
-    return ours, sdpa
+    g = Group(f"local_attention B{B}x{G}x{H}x{H}x{d}", dict(local=ours, sdpa_masked=sdpa))
+    return g
 
 
-def case_vit_local():
-    """ViT-Tiny training step (batch 32, 32x32 images, 10 classes): 'local' attention (a
-    7x7 window of the 8x8 token map, K = 49) vs plain attention."""
+def _train_step(model, x, y):
+    def step():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    return step
+
+
+def group_vit_tiny(quick: bool) -> Group:
+    """ViT-Tiny training step (batch 32, 32x32 images, 10 classes): 'local' attention (a 7x7
+    window of the 8x8 token map, K = 49) and 'kvt' (top-K attention) vs plain attention."""
     from convnn.models.registry import create_model
 
+    B = 2 if quick else 32
+    extra = dict(depth=1) if quick else {}
     torch.manual_seed(0)
-    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    models = [
-        create_model("vit_tiny", num_classes=10, img_size=32, layer=k)
-        for k in ("local", "attention")
-    ]
-
-    def step(model):
-        def f():
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-
-        return f
-
-    return step(models[0]), step(models[1])
+    x, y = torch.randn(B, 3, 32, 32), torch.randint(0, 10, (B,))
+    g = Group(f"vit_tiny batch {B} 32x32" + (" depth 1" if quick else ""))
+    for layer in ("local", "kvt", "attention"):
+        torch.manual_seed(0)
+        model = create_model("vit_tiny", num_classes=10, img_size=32, layer=layer, **extra)
+        g.runners[layer] = _train_step(model.train(), x, y)
+    return g
 
 
-def case_compile():
-    """torch.compile(ConvNN2d(64, 64, K=9, cosine, all)) vs eager, forward+backward, 2x64x32x32."""
+def group_resnet18(quick: bool) -> Group:
+    """ResNet-18 training step (batch 32, 32x32 images, 10 classes): 'branching' vs 'conv'."""
+    from convnn.models.registry import create_model
+
+    B = 2 if quick else 32
     torch.manual_seed(0)
-    layer = convnn.ConvNN2d(64, 64, K=9)
-    x = torch.randn(2, 64, 32, 32, requires_grad=True)
-    compiled = torch.compile(layer)
+    x, y = torch.randn(B, 3, 32, 32), torch.randint(0, 10, (B,))
+    g = Group(f"resnet18 batch {B} 32x32")
+    for layer in ("branching", "conv"):
+        torch.manual_seed(0)
+        model = create_model("resnet18", num_classes=10, img_size=32, layer=layer)
+        g.runners[layer] = _train_step(model.train(), x, y)
+    return g
+
+
+def group_compile(quick: bool) -> Group:
+    """torch.compile(ConvNN2d(64, 64, K=9, cosine, all)) vs eager, forward+backward, 2x64x32x32
+    (--quick: 1x8x8x8 with torch.compile's 'eager' backend, which only traces)."""
+    torch.manual_seed(0)
+    C, S = (8, 8) if quick else (64, 32)
+    layer = convnn.ConvNN2d(C, C, K=9)
+    x = torch.randn(1 if quick else 2, C, S, S, requires_grad=True)
+    compiled = torch.compile(layer, backend="eager") if quick else torch.compile(layer)
     step_c, step_e = _fwd_bwd(compiled, x), _fwd_bwd(layer, x)
     step_c()  # compile outside the timing
-    return step_c, step_e
+    g = Group(f"compile {tuple(x.shape)}", dict(compiled=step_c, eager=step_e))
+    return g
 
 
-def case_bf16_selection():
-    """ConvNN2d(64, 64, K=9, cosine, all) forward with bf16 vs fp32 selection, 4x64x32x32."""
+def group_bf16(quick: bool) -> Group:
+    """ConvNN2d(64, 64, K=9, cosine, all) forward with bf16 vs fp32 selection, 4x64x32x32;
+    and the selection tail alone (top-K with the tie rule) on bf16 vs fp32 cosine scores of
+    4 x 1024 queries against 1024 keys, K = 8: bf16 rounding makes many rows tie at the K-th
+    score, which the tail repairs (the bf16 GEMM itself is left out: on a CPU without
+    AVX-512-BF16 it alone is ~10x the fp32 GEMM)."""
+    from convnn.backends._common import topk_low_ties
+
     torch.manual_seed(0)
-    x = torch.randn(4, 64, 32, 32)
-    l32 = convnn.ConvNN2d(64, 64, K=9)
-    l16 = convnn.ConvNN2d(64, 64, K=9, selection_dtype=torch.bfloat16)
+    B, C, S, N = (1, 8, 8, 64) if quick else (4, 64, 32, 1024)
+    x = torch.randn(B, C, S, S)
+    l32 = convnn.ConvNN2d(C, C, K=9)
+    l16 = convnn.ConvNN2d(C, C, K=9, selection_dtype=torch.bfloat16)
     l16.load_state_dict(l32.state_dict())
-    with torch.no_grad():
-        i32 = l32(x, return_indices=True)[1] if _has_indices(l32) else None
-        i16 = l16(x, return_indices=True)[1] if i32 is not None else None
-    if i32 is not None:
-        hit = (i16[..., None] == i32[..., None, :]).any(-1).float().mean().item()
-        print(f"  bf16 selection recall vs fp32: {hit:.4f}")
+    f = F.normalize(torch.randn(B, N, 64), dim=-1)
+    s32 = f @ f.transpose(-1, -2)
+    s16 = s32.bfloat16()
+    top = s16.topk(9, dim=-1).values
+    ties = (top[..., 7] == top[..., 8]).float().mean().item()
 
-    def run(layer):
+    def forward(layer):
         def f():
             with torch.no_grad():
                 layer(x)
 
         return f
 
-    return run(l16), run(l32)
+    g = Group(f"bf16 {B}x{C}x{S}x{S}, tail {B}x{N}x{N}")
+    g.runners = dict(
+        bf16_selection=forward(l16),
+        fp32_selection=forward(l32),
+        bf16_tail=lambda: topk_low_ties(s16, 8),
+        fp32_tail=lambda: topk_low_ties(s32, 8),
+    )
+    g.notes.append(f"bf16 rows tied at the K-th score: {ties:.3f}")
+    return g
 
 
-def case_bf16_tail():
-    """The selection tail alone (top-K with the tie rule) on bf16 vs fp32 cosine scores of
-    4 x 1024 queries against 1024 keys, K = 8: bf16 rounding makes many rows tie at the
-    K-th score, which the tail repairs (the bf16 GEMM itself is left out: on a CPU without
-    AVX-512-BF16 it alone is ~10x the fp32 GEMM)."""
-    from convnn.backends._common import topk_low_ties
-
-    torch.manual_seed(0)
-    f = F.normalize(torch.randn(4, 1024, 64), dim=-1)
-    s32 = f @ f.transpose(-1, -2)
-    s16 = s32.bfloat16()
-    ties = (s16.topk(9, dim=-1).values[..., 7] == s16.topk(9, dim=-1).values[..., 8]).float()
-    print(f"  bf16 rows tied at the K-th score: {ties.mean().item():.3f}")
-    return (lambda: topk_low_ties(s16, 8)), (lambda: topk_low_ties(s32, 8))
-
-
-def _has_indices(layer) -> bool:
-    import inspect
-
-    return "return_indices" in inspect.signature(layer.forward).parameters
-
-
-def case_window_vs_all():
-    """ConvNN2d window 7x7 K=9 vs all K=9 (cosine), forward+backward, 2x64x64x64."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 64, 64, 64, requires_grad=True)
-    win = convnn.ConvNN2d(64, 64, K=9, candidates="window", window=7)
-    full = convnn.ConvNN2d(64, 64, K=9)
-    return _fwd_bwd(win, x), _fwd_bwd(full, x)
-
-
-def case_window_vs_conv():
-    """ConvNN2d window 7x7 K=9 vs nn.Conv2d 3x3, forward+backward, 8x64x32x32."""
-    torch.manual_seed(0)
-    x = torch.randn(8, 64, 32, 32, requires_grad=True)
-    win = convnn.ConvNN2d(64, 64, K=9, candidates="window", window=7)
-    conv = torch.nn.Conv2d(64, 64, 3, padding=1)
-    return _fwd_bwd(win, x), _fwd_bwd(conv, x)
-
-
-def case_selection_all():
+def group_selection(quick: bool) -> Group:
     """Selection alone (cosine, all, K=9) on 8x4096 tokens of 64 channels vs its score GEMM."""
     from convnn.backends import chunked
 
     torch.manual_seed(0)
-    q = F.normalize(torch.randn(8, 4096, 64), dim=-1)
-
-    def ours():
-        chunked.select(q, q, 9)
-
-    def gemm():
-        q @ q.transpose(-1, -2)
-
-    return ours, gemm
+    B, N = (1, 64) if quick else (8, 4096)
+    q = F.normalize(torch.randn(B, N, 64), dim=-1)
+    g = Group(f"selection {B}x{N}x64")
+    g.runners = dict(select=lambda: chunked.select(q, q, 9), gemm=lambda: q @ q.transpose(-1, -2))
+    return g
 
 
-CASES = {
-    "local_attention/sdpa_masked": case_local_attention,
-    "vit_tiny_local/attention": case_vit_local,
-    "compiled/eager": case_compile,
-    "bf16_selection/fp32_selection": case_bf16_selection,
-    "bf16_tail/fp32_tail": case_bf16_tail,
-    "window7x7/all": case_window_vs_all,
-    "window7x7/conv3x3": case_window_vs_conv,
-    "selection_all/score_gemm": case_selection_all,
+@contextlib.contextmanager
+def _threads(n: int, busy: bool):
+    """``n`` torch threads, and with ``busy`` a competing process spinning on one core
+    (started and given a moment to be scheduled before the timed call, killed after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    spinner = None
+    if busy:
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
+        torch.set_num_threads(before)
+
+
+def group_load(quick: bool) -> Group:
+    """Robustness under load: the headline ConvNN2d step (K=9, cosine, all, fwd+bwd, 8x64x64x64)
+    and an nn.Conv2d 3x3 step of about the same FLOPs (its channel count chosen to match), each
+    at 1 and 2 threads, on the machine as it is ('quiet') and with a competing process spinning
+    on one core ('busy'), all interleaved. Slowdown = busy / quiet of the same round; the ratio
+    of the slowdowns says whether a loaded machine hurts ConvNN more than a convolution. The
+    same for 2 threads / 1 thread, quiet: what a second thread does on a shared machine."""
+    B, C, S = (2, 8, 8) if quick else (8, 64, 64)
+    N, K = S * S, 9
+    # similarity GEMM (2 N^2 C per image) + aggregation fwd, input grad, weight grad (2 N K C C each)
+    flops = B * (2 * N * N * C + 3 * 2 * N * K * C * C)
+    C_conv = max(1, round((flops / (3 * 2 * B * N * 9)) ** 0.5))  # conv fwd+bwd: 3 GEMMs
+    shape = (B, C, S, S)
+    conv_shape = (B, C_conv, S, S)
+    opts = dict(K=K, metric="cosine", candidates="all")
+    g = Group(f"load {B}x{C}x{S}x{S}; conv {B}x{C_conv}x{S}x{S}")
+    g.notes.append(
+        f"ConvNN2d ~{flops / 1e9:.2f} GFLOP per step; Conv2d({C_conv}, {C_conv}, 3) "
+        f"~{3 * 2 * B * N * 9 * C_conv**2 / 1e9:.2f} GFLOP"
+    )
+    convnn_step = _case_step(Case(g.name, "all", "ours", "convnn2d", shape, opts))
+    conv_step = _case_step(Case(g.name, "", "conv", "conv2d", conv_shape))
+    for threads in (1, 2):
+        for busy in (False, True):
+            tag = f"{'busy' if busy else 'quiet'}_t{threads}"
+            g.runners[f"convnn_{tag}"] = convnn_step
+            g.runners[f"conv_{tag}"] = conv_step
+            for kind in ("convnn", "conv"):
+                g.around[f"{kind}_{tag}"] = functools.partial(_threads, threads, busy)
+    return g
+
+
+GROUPS = {
+    "headline": group_headline,
+    "window_conv": group_window_conv,
+    "local_attention": group_local_attention,
+    "vit_tiny": group_vit_tiny,
+    "resnet18": group_resnet18,
+    "compile": group_compile,
+    "bf16": group_bf16,
+    "selection": group_selection,
+    "load": group_load,
+}
+
+# Every ratio, by group: its runners and its bar (issue 10's table; None: measured, no bar).
+# The headline bar "faster than dense by >= 3x" is ours / dense <= 1/3.
+RATIOS = {
+    "headline": [
+        Ratio("headline/dense", "all", "dense", 1 / 3),
+        Ratio("headline/gemm_floor", "all", "gemm_floor", 1.3),
+        Ratio("window7x7/all", "window", "all", 0.5),
+    ],
+    "window_conv": [Ratio("window7x7/conv3x3", "window", "conv3x3", 4.0)],
+    "local_attention": [Ratio("local_attention/sdpa_masked", "local", "sdpa_masked", 1.0)],
+    "vit_tiny": [
+        Ratio("vit_tiny_local/attention", "local", "attention", 1.5),
+        Ratio("vit_tiny_kvt/attention", "kvt", "attention", 1.1),
+    ],
+    "resnet18": [Ratio("resnet18_branching/conv", "branching", "conv", 2.5)],
+    "compile": [Ratio("compiled/eager", "compiled", "eager", 1.0)],
+    "bf16": [
+        Ratio("bf16_selection/fp32_selection", "bf16_selection", "fp32_selection", 1.0),
+        Ratio("bf16_tail/fp32_tail", "bf16_tail", "fp32_tail"),
+    ],
+    "selection": [Ratio("selection_all/score_gemm", "select", "gemm")],
+    # issue 10 item 4: a loaded machine slows ConvNN no more than a convolution (<= 1)
+    "load": [
+        Ratio(f"load_slowdown_{kind}_t{t}", f"{kind}_busy_t{t}", f"{kind}_quiet_t{t}")
+        for t in (1, 2)
+        for kind in ("convnn", "conv")
+    ]
+    + [
+        Ratio(
+            f"load_slowdown_convnn/conv_t{t}",
+            f"convnn_busy_t{t}",
+            f"conv_busy_t{t}",
+            1.0,
+            f"convnn_quiet_t{t}",
+            f"conv_quiet_t{t}",
+        )
+        for t in (1, 2)
+    ]
+    # the second thread on the machine as it is: 2 threads / 1 thread of each, and their ratio
+    + [Ratio(f"threads_t2/t1_{k}", f"{k}_quiet_t2", f"{k}_quiet_t1") for k in ("convnn", "conv")]
+    + [
+        Ratio(
+            "threads_t2/t1_convnn/conv",
+            "convnn_quiet_t2",
+            "conv_quiet_t2",
+            1.0,
+            "convnn_quiet_t1",
+            "conv_quiet_t1",
+        )
+    ],
 }
 
 
@@ -194,32 +409,84 @@ def _cpu() -> str:
         return platform.processor() or platform.machine()
 
 
-def main() -> None:
+def _load() -> str:
+    return "/".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def verdict(stats: dict | None, bar: float | None, quick: bool = False) -> str:
+    if bar is None:
+        return "-"
+    if quick:
+        return "quick shapes: no verdict"
+    if stats is None:
+        return "not measured"
+    if stats["noisy"]:
+        return "noisy: no verdict"
+    return "met" if stats["median"] <= bar else "not met"
+
+
+def run_group(
+    g: Group, ratios: list[Ratio], rounds: int, reps: int, quick: bool = False
+) -> list[list[str]]:
+    """Warm up, interleave, print one line per ratio; returns the summary table's rows."""
+    print(f"\n== {g.name}  (load before {_load()})", flush=True)
+    for note in g.notes:
+        print(f"  {note}")
+
+    def timed(name):
+        with g.around.get(name, contextlib.nullcontext)():
+            return _time(g.runners[name], reps)
+
+    for name in g.runners:
+        timed(name)  # warm-up
+    times = interleave({k: functools.partial(timed, k) for k in g.runners}, rounds)
+    medians = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print("  median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in medians.items()))
+    rows = []
+    for r in ratios:
+        ours, base = times[r.ours], times[r.base]
+        if r.ours_ref is not None:
+            ours = [a / b for a, b in zip(ours, times[r.ours_ref])]
+            base = [a / b for a, b in zip(base, times[r.base_ref])]
+        stats = ratio_stats(ours, base)
+        bar = "-" if r.bar is None else f"<= {r.bar:.2f}"
+        print(
+            f"  {r.name:30s} {format_ratio(stats):32s} bar {bar:8s} {verdict(stats, r.bar, quick)}"
+        )
+        rows.append(
+            [f"{r.name} ({g.name})", format_ratio(stats), bar, verdict(stats, r.bar, quick)]
+        )
+    print(f"  load after {_load()}", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reps", type=int, default=1, help="calls timed together per round")
-    parser.add_argument("--only", default="")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, 1 thread, {_cpu()}")
-    print(f"load average at start: {os.getloadavg()}")
-    for name, make in CASES.items():
-        if args.only not in name:
-            continue
-        ours, base = make()
-        ours(), base()  # warm-up
-        ratios, t_ours, t_base = [], [], []
-        for _ in range(args.rounds):
-            a, b = _time(ours, args.reps), _time(base, args.reps)
-            t_ours.append(a), t_base.append(b)
-            ratios.append(a / b)
-        print(
-            f"{name:34s} ratio {statistics.median(ratios):6.2f} "
-            f"(range {min(ratios):.2f}-{max(ratios):.2f}; "
-            f"ours {statistics.median(t_ours) * 1e3:.1f} ms, "
-            f"baseline {statistics.median(t_base) * 1e3:.1f} ms)"
-        )
-    print(f"load average at end: {os.getloadavg()}")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--only", default="", help="groups or ratios whose name contains this")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
+    parser.add_argument("--list", action="store_true", help="list groups and ratios and exit")
+    args = parser.parse_args(argv)
+    chosen = [
+        key for key in GROUPS if args.only in key or any(args.only in r.name for r in RATIOS[key])
+    ]
+    if args.list:
+        for key in chosen:
+            print(f"{key}: " + ", ".join(r.name for r in RATIOS[key]))
+        return
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {_cpu()}")
+    print(f"load average (1/5/15 min) at start: {_load()}")
+    table = []
+    for key in chosen:
+        group = GROUPS[key](args.quick)
+        table += run_group(group, RATIOS[key], args.rounds, args.reps, args.quick)
+    print(f"\nload average at end: {_load()}\n")
+    print("| ratio | median (range) | bar | verdict |\n|---|---|---|---|")
+    for row in table:
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

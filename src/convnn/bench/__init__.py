@@ -1,14 +1,22 @@
 """``convnn bench``: time and peak memory of ConvNN layers against their dense and PyTorch twins.
 
-Every case builds one module with a fixed seed, warms it up and times forward, backward and
-forward+backward (median of several repeats) on a training step with gradients for the input
-and the parameters. Peak memory is measured above a baseline taken after the module, the input
-and the output gradient exist:
+Every case builds one module with a fixed seed and warms it up on a training step with
+gradients for the input and the parameters. Cases are timed in *comparisons*: a ConvNN config
+of one scope with the baselines it is compared with (:func:`.cases.comparisons`). Within a
+comparison every case takes one timed step (``--reps`` steps) per round, in an order rotated
+each round, for ``--rounds`` rounds (:func:`.rounds.interleave`); a case's time is the median
+of its rounds and a ratio the median of its per-round ratios, with their range, flagged
+*noisy* (and judged against no target) when too few or too spread (:mod:`.rounds`). So a
+burst of other work on the machine hits both sides of a ratio in the same round instead of
+making it up. The thread count is fixed (``--threads``, 1 on the CPU by default) and the load
+average is recorded before and after each comparison. Peak memory is measured above a
+baseline taken after the module, the input and the output gradient exist:
 
-- CPU: each case runs in a fresh ``python -m convnn.bench --case <json>`` process; the peak
-  resident set (VmHWM, reset just before the case, so imports do not count; ``ru_maxrss`` where
-  /proc cannot be reset) minus the resident set right before the case;
-- CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before the case.
+- CPU: each case runs in a fresh ``python -m convnn.bench --case <json>`` process of its own
+  that stays up between the rounds; the peak resident set (VmHWM, reset after the build, so
+  imports do not count; ``ru_maxrss`` where /proc cannot be reset) minus the resident set
+  after the build;
+- CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before each step.
 
 Implementations ("roles") of one comparison share a size (``scope``) and a configuration:
 ``ours`` is the default (auto) backend, ``dense`` the same module under the ``reference``
@@ -22,8 +30,9 @@ rows, the ratio table (ours / dense, ours / conv, ours / SDPA, ours / KVT from t
 and the target verdicts, writes everything with the hardware to JSON and updates the section
 of BENCHMARKS.md for the device.
 
-The package: :mod:`.cases` (what is measured, no torch), :mod:`.measurement` (one case, here or
-in a fresh process), :mod:`.reporting` (ratios, targets, tables), :mod:`.command` (the command).
+The package: :mod:`.cases` (what is measured, no torch), :mod:`.rounds` (interleaved rounds
+and ratio statistics, no torch), :mod:`.measurement` (a case here or in a fresh process),
+:mod:`.reporting` (ratios, targets, tables), :mod:`.command` (the command).
 Names load on first use.
 """
 
@@ -36,17 +45,23 @@ __all__ = [
     "SUITES",
     "TARGET_SCOPE",
     "Case",
+    "InProcess",
+    "Isolated",
+    "Session",
     "add_arguments",
     "build_case",
     "build_cases",
+    "comparisons",
+    "format_ratio",
     "hardware",
+    "interleave",
     "main",
     "measure",
     "primer_shape",
+    "ratio_stats",
     "ratios",
     "report",
     "run",
-    "run_isolated",
     "sweep_scope",
     "targets",
     "write_markdown",
@@ -56,10 +71,22 @@ __getattr__, __dir__ = lazy_exports(
     __name__,
     {
         **dict.fromkeys(
-            ("MEMCHECK_SCOPE", "SUITES", "TARGET_SCOPE", "Case", "build_cases", "sweep_scope"),
+            (
+                "MEMCHECK_SCOPE",
+                "SUITES",
+                "TARGET_SCOPE",
+                "Case",
+                "build_cases",
+                "comparisons",
+                "sweep_scope",
+            ),
             ".cases",
         ),
-        **dict.fromkeys(("build_case", "measure", "primer_shape", "run_isolated"), ".measurement"),
+        **dict.fromkeys(("format_ratio", "interleave", "ratio_stats"), ".rounds"),
+        **dict.fromkeys(
+            ("InProcess", "Isolated", "Session", "build_case", "measure", "primer_shape"),
+            ".measurement",
+        ),
         **dict.fromkeys(
             ("hardware", "ratios", "report", "targets", "write_markdown"), ".reporting"
         ),
@@ -68,7 +95,16 @@ __getattr__, __dir__ = lazy_exports(
 )
 
 if TYPE_CHECKING:
-    from .cases import MEMCHECK_SCOPE, SUITES, TARGET_SCOPE, Case, build_cases, sweep_scope
+    from .cases import (
+        MEMCHECK_SCOPE,
+        SUITES,
+        TARGET_SCOPE,
+        Case,
+        build_cases,
+        comparisons,
+        sweep_scope,
+    )
     from .command import add_arguments, main, run
-    from .measurement import build_case, measure, primer_shape, run_isolated
+    from .measurement import InProcess, Isolated, Session, build_case, measure, primer_shape
     from .reporting import hardware, ratios, report, targets, write_markdown
+    from .rounds import format_ratio, interleave, ratio_stats

@@ -17,7 +17,9 @@ __all__ = [
     "TARGET_SCOPE",
     "Case",
     "build_cases",
+    "comparisons",
     "conv_config",
+    "partners",
     "sweep_scope",
 ]
 
@@ -192,3 +194,48 @@ def build_cases(suite: str, device: str = "cpu") -> list[Case]:
             shape = (1, 64, side, side)
             cases += _conv_cases(sweep_scope(side), shape, [COSINE_K9], device, conv=False)
     return cases
+
+
+CONVNN_ROLES = ("ours", "chunked", "triton", "dense")
+
+
+def partners(role: str, kind: str, config: str, K: int | None) -> list[tuple[str, str]]:
+    """The (role, config) of the baselines an implementation (``role``, ``kind``, ``config``
+    and ``K`` of a case) is compared with, in its scope: dense (same config), conv for
+    ConvNN2d; dense, SDPA and KVT of the same K for attention."""
+    if role not in ("ours", "chunked", "triton"):
+        return []
+    out = [("dense", config)]
+    if kind == "convnn2d":
+        out.append(("conv", ""))
+    else:
+        out.append(("sdpa", ""))
+        if K is not None:
+            out.append(("kvt", f"K={K}"))
+    return out
+
+
+def comparisons(cases: list[Case]) -> list[tuple[str, list[Case]]]:
+    """The cases grouped into comparisons, each timed round by round together: per scope and
+    ConvNN config, its implementations and the scope's baselines they are compared with
+    (a baseline shared by several configs is measured again in each). Baselines nobody is
+    compared with form one last comparison of their scope. Returns (config, cases) pairs."""
+    out: list[tuple[str, list[Case]]] = []
+    scopes = list(dict.fromkeys(c.scope for c in cases))
+    for scope in scopes:
+        here = [c for c in cases if c.scope == scope]
+        used: set[int] = set()
+        for config in dict.fromkeys(c.config for c in here if c.role in CONVNN_ROLES):
+            members = [c for c in here if c.role in CONVNN_ROLES and c.config == config]
+            wanted = {
+                p for c in members for p in partners(c.role, c.kind, c.config, c.options.get("K"))
+            }
+            members += [
+                c for c in here if c.role not in CONVNN_ROLES and (c.role, c.config) in wanted
+            ]
+            used.update(id(c) for c in members)
+            out.append((config, members))
+        rest = [c for c in here if id(c) not in used]
+        if rest:
+            out.append(("", rest))
+    return out

@@ -17,13 +17,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .cases import SUITES, build_cases
+from .rounds import interleave
 
 __all__ = ["DESCRIPTION", "add_arguments", "main", "run"]
 
 DESCRIPTION = (
     "Time and peak memory of ConvNN layers against their dense and PyTorch twins (see "
-    "BENCHMARKS.md). Every case builds one module with a fixed seed, warms it up and times "
-    "forward, backward and forward+backward; on the CPU each case runs in a fresh process."
+    "BENCHMARKS.md). Every case builds one module with a fixed seed and warms it up; each "
+    "comparison (a ConvNN config and its baselines) then times one training step of each "
+    "case per round, round after round, and reports every ratio as the median of its "
+    "per-round ratios with their range ('noisy' when too spread to mean anything). On the "
+    "CPU each case runs in a fresh process of its own."
 )
 
 
@@ -54,9 +58,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="dtype of modules and inputs: %(choices)s (default: %(default)s)",
     )
     p.add_argument(
-        "--budget", type=float, default=1.5, help="seconds of timed repeats per case (about)"
+        "--rounds",
+        type=int,
+        default=5,
+        help="interleaved rounds per comparison: each case takes one timed step (or --reps) "
+        "per round (default %(default)s; fewer than 3 makes every ratio 'noisy')",
     )
-    p.add_argument("--repeats", type=int, default=None, help="fixed repeats per case")
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="training steps timed together per round (default 1 on CPU, 10 on CUDA)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of every case (default 1 on CPU; CUDA: torch's default)",
+    )
     p.add_argument(
         "--dense-budget-gb",
         type=float,
@@ -72,7 +91,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="run each case in a fresh process (default: on CPU, where memory is the process "
         "peak; off on CUDA)",
     )
-    p.add_argument("--timeout", type=float, default=900, help="seconds per isolated case")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=900,
+        help="seconds an isolated case may take to build or to take one round",
+    )
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
 
 
@@ -94,14 +118,29 @@ def _command() -> str:
     return shlex.join(["convnn", "bench", *argv])
 
 
+def _load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def run(args: argparse.Namespace) -> int:
+    device = args.device
+    cuda = device.startswith("cuda")
+    threads = args.threads if args.threads is not None else (None if cuda else 1)
+    reps = args.reps or (10 if cuda else 1)
+    if args.rounds < 1 or reps < 1 or (threads is not None and threads < 1):
+        raise ValueError(
+            f"--rounds, --reps and --threads must be >= 1, got {args.rounds}, {reps}, {threads}"
+        )
     if args.case is not None:
+        import torch
+
         from .measurement import worker
 
-        return worker(args.case, args.device, args.dtype, args.budget, args.repeats)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return worker(args.case, device, args.dtype, reps)
 
-    device = args.device
-    cases = build_cases(args.suite, "cuda" if device.startswith("cuda") else device)
+    cases = build_cases(args.suite, "cuda" if cuda else device)
     if args.filter:
         cases = [c for c in cases if args.filter in c.name]
     if args.list:
@@ -111,36 +150,75 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .measurement import measure, run_isolated, selection_recall
-    from .reporting import case_rows, hardware, ratios, report, targets, write_markdown
+    from .cases import comparisons
+    from .measurement import CaseError, InProcess, Isolated, failure, selection_recall, summarize
+    from .reporting import case_rows, hardware, ratio_rows, ratios, report, targets, write_markdown
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda needs a CUDA build of torch and a visible GPU")
-    isolate = (not device.startswith("cuda")) if args.isolate is None else args.isolate
+    if threads is not None:
+        torch.set_num_threads(threads)
+    isolate = (not cuda) if args.isolate is None else args.isolate
     budget = _dense_budget(args, device)
+    groups = comparisons(cases)
     start = time.perf_counter()
     results = []
-    print(f"{len(cases)} cases on {device} ({'fresh process each' if isolate else 'in process'})")
-    for i, case in enumerate(cases, 1):
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        if case.est_bytes > budget:
-            r = dict(
-                status="skipped",
-                reason=f"would need ~{case.est_bytes / 1e9:.1f} GB (budget {budget / 1e9:.1f} GB)",
-            )
-        elif isolate:
-            r = run_isolated(case, device, args.dtype, args.budget, args.repeats, args.timeout)
-        else:
+    print(
+        f"{len(cases)} cases in {len(groups)} comparisons on {device}, {args.rounds} "
+        f"interleaved rounds of {reps} step(s), {torch.get_num_threads()} thread(s) "
+        f"({'a fresh process per case' if isolate else 'in process'})"
+    )
+    for i, (config, members) in enumerate(groups, 1):
+        load_before = _load()
+        rows: dict[str, dict] = {}
+        runners = {}
+        for case in members:
+            if case.est_bytes > budget:
+                gb = f"~{case.est_bytes / 1e9:.1f} GB (budget {budget / 1e9:.1f} GB)"
+                rows[case.name] = dict(status="skipped", reason=f"would need {gb}")
+                continue
             try:
-                r = measure(case, device, args.dtype, args.budget, args.repeats)
+                if isolate:
+                    runners[case.name] = Isolated(
+                        case, device, args.dtype, reps, threads, args.timeout
+                    )
+                else:
+                    runners[case.name] = InProcess(case, device, args.dtype, reps)
+            except CaseError as exc:
+                rows[case.name] = exc.result
+        errors: dict[str, BaseException] = {}
+        steps = {name: runner.step for name, runner in runners.items()}
+        times = interleave(steps, args.rounds, on_error=errors.__setitem__)
+        for name, runner in runners.items():
+            try:
+                if name in errors:
+                    raise errors[name]
+                rows[name] = {**summarize(times[name], reps), **runner.finish()}
+            except CaseError as exc:
+                rows[name] = exc.result
             except Exception as exc:  # one failing case does not end the suite
-                r = dict(status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-        row = {**asdict(case), **r, "load_before": load}
-        results.append(row)
-        cells = case_rows([row])[0]
-        print(f"[{i}/{len(cases)}] " + " | ".join(cells), flush=True)
+                rows[name] = failure(exc)
+        del runners, steps
+        if cuda:
+            torch.cuda.empty_cache()
+        load_after = _load()
+        group = [
+            dict(
+                asdict(case),
+                group=config,
+                **rows[case.name],
+                load_before=load_before,
+                load_after=load_after,
+            )
+            for case in members
+        ]
+        results += group
+        loads = f"load {_fmt_load(load_before)} -> {_fmt_load(load_after)}"
+        print(f"[{i}/{len(groups)}] {members[0].scope} | {config or '-'} ({loads})", flush=True)
+        for cells in case_rows(group):
+            print("    " + " | ".join(cells[2:]), flush=True)
+        for cells in ratio_rows(ratios(group)):
+            print("    " + " | ".join(cells[2:]), flush=True)
     recall = selection_recall(device) if args.suite in ("precision", "full") else []
     data = dict(
         command=_command(),
@@ -148,6 +226,9 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         dtype=args.dtype,
         suite=args.suite,
+        rounds=args.rounds,
+        reps=reps,
+        threads=torch.get_num_threads(),
         hardware=hardware(device),
         results=results,
         ratios=ratios(results),
@@ -168,6 +249,10 @@ def run(args: argparse.Namespace) -> int:
         write_markdown(path, section, text)
         print(f"updated section {section!r} of {path}")
     return 0
+
+
+def _fmt_load(load: float | None) -> str:
+    return "?" if load is None else f"{load:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,7 @@
-"""Measuring one case: time of forward, backward and forward+backward (median of repeats) and
-peak memory above a baseline, in this process or in a fresh one (see :mod:`convnn.bench`)."""
+"""Measuring cases: a built, warmed-up case (:class:`Session`) takes timed training steps on
+demand, here (:class:`InProcess`) or in a fresh process of its own that stays up between
+rounds (:class:`Isolated`), and reports its peak memory above a baseline (see
+:mod:`convnn.bench`)."""
 
 from __future__ import annotations
 
@@ -23,11 +25,17 @@ from .cases import MIB, Case
 
 __all__ = [
     "MARK",
+    "CaseError",
+    "InProcess",
+    "Isolated",
+    "Session",
+    "Unavailable",
     "build_case",
+    "failure",
     "measure",
     "primer_shape",
-    "run_isolated",
     "selection_recall",
+    "summarize",
     "worker",
 ]
 
@@ -135,135 +143,275 @@ def _peak_rss(reset: bool) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def _repeats(seconds: float, budget_s: float, cuda: bool) -> int:
-    if cuda:
-        return max(10, min(100, int(budget_s / max(seconds, 1e-6))))
-    low = 1 if seconds > 8 else 2 if seconds > 2 else 3
-    return max(low, min(10, int(budget_s / max(seconds, 1e-9))))
+class Unavailable(RuntimeError):
+    """The case's backend cannot run here (the case is skipped, not failed)."""
 
 
-def measure(
-    case: Case,
-    device: str = "cpu",
-    dtype: str = "float32",
-    budget_s: float = 1.5,
-    repeats: int | None = None,
-) -> dict:
-    """Time forward / backward / forward+backward of ``case`` and its peak memory, here.
+class Session:
+    """One case built and warmed up, ready to take timed training steps (see :mod:`convnn.bench`).
 
-    Returns milliseconds (medians), the repeat count, the peak memory above the baseline in
-    MiB and how it was measured. On the CPU run it in a fresh process (see
-    :func:`run_isolated`) so that the peak resident set belongs to this case alone.
+    ``step()`` times ``reps`` training steps and returns their mean forward and backward
+    milliseconds; ``memory()`` the peak memory above the baseline over every step so far.
+    ``own_process``: the case is alone in this process, so the baseline is the resident set
+    right after the build and the peak is the process's (VmHWM, reset after the build). With
+    other cases alive in the process each step is measured above the memory right before it.
+    Failures raise (:class:`Unavailable` for a backend this machine lacks); the caller reports
+    them.
     """
-    torch_dtype = getattr(torch, dtype)
-    cuda = device.startswith("cuda")
-    with backends.use(case.backend):
-        try:
-            backends.get(None, torch.device(device).type)
-        except ValueError as exc:  # e.g. triton without the package
-            return dict(status="skipped", reason=str(exc))
-        # One training step at a small size first, so that the process-wide one-time costs
-        # (thread pools, kernel caches, lazy imports) count in neither the time nor the memory.
-        module, x, grad = build_case(case, device, torch_dtype, primer_shape(case))
-        module(x).backward(grad)
-        module, x, grad = build_case(case, device, torch_dtype)
-    params = [p for p in module.parameters()]
 
-    def sync():
-        if cuda:
+    def __init__(
+        self,
+        case: Case,
+        device: str = "cpu",
+        dtype: str = "float32",
+        reps: int = 1,
+        own_process: bool = False,
+    ):
+        torch_dtype = getattr(torch, dtype)
+        self.case, self.reps, self.own_process = case, reps, own_process
+        self.cuda = device.startswith("cuda")
+        with backends.use(case.backend):
+            try:
+                backends.get(None, torch.device(device).type)
+            except ValueError as exc:  # e.g. triton without the package
+                raise Unavailable(str(exc)) from exc
+            # One training step at a small size first, so that the process-wide one-time
+            # costs (thread pools, kernel caches, lazy imports) count in neither time nor memory.
+            module, x, grad = build_case(case, device, torch_dtype, primer_shape(case))
+            module(x).backward(grad)
+            self.module, self.x, self.grad = build_case(case, device, torch_dtype)
+        self.params = list(self.module.parameters())
+        self.peak = 0
+        if self.cuda:
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            self.base = torch.cuda.memory_allocated()
+            self.method = "cuda max_memory_allocated - memory_allocated before the step"
+        else:
+            self.base = _rss()
+            self.reset = _reset_peak()
+            self.method = ("VmHWM (reset)" if self.reset else "ru_maxrss") + (
+                " - RSS after the build" if own_process else " - RSS before the step"
+            )
+        fwd, bwd = self._step()  # warm-up: one step, three on CUDA or when fast
+        for _ in range(2 if self.cuda or fwd + bwd < 1e3 else 0):
+            self._step()
 
-    def step():
-        for t in (x, *params):
+    def _step(self) -> tuple[float, float]:
+        for t in (self.x, *self.params):
             t.grad = None
-        if cuda:
+        if self.cuda:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
             marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
             marks[0].record()
+        else:
+            before = self.base if self.own_process else _rss()
+            if not self.own_process:
+                _reset_peak()
         t0 = time.perf_counter()
-        with backends.use(case.backend):
-            y = module(x)
-            if cuda:
+        with backends.use(self.case.backend):
+            y = self.module(self.x)
+            if self.cuda:
                 marks[1].record()
             t1 = time.perf_counter()
-            y.backward(grad)
-        if cuda:
+            y.backward(self.grad)
+        if self.cuda:
             marks[2].record()
             torch.cuda.synchronize()
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated() - before)
             return marks[0].elapsed_time(marks[1]), marks[1].elapsed_time(marks[2])
         t2 = time.perf_counter()
+        self.peak = max(self.peak, _peak_rss(self.reset) - before)
         return (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
-    sync()
-    if cuda:
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        method = "cuda max_memory_allocated - memory_allocated before"
-    else:
-        base = _rss()
-        reset = _reset_peak()
-        method = "VmHWM (reset) - RSS before" if reset else "ru_maxrss - RSS before"
-    fwd, bwd = step()  # warm-up: one step, three on CUDA or when fast
-    for _ in range(2 if cuda or fwd + bwd < 1e3 else 0):
-        fwd, bwd = step()
-    if repeats is None and not cuda and fwd + bwd > 20e3:
-        # A step of 20 s or more after the primer: its warm-up step is its measurement.
-        n, times = 1, [(fwd, bwd)]
-    else:
-        n = repeats or _repeats((fwd + bwd) / 1e3, budget_s, cuda)
-        times = [step() for _ in range(n)]
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _peak_rss(reset) - base
+    def step(self) -> tuple[float, float]:
+        times = [self._step() for _ in range(self.reps)]
+        return sum(t[0] for t in times) / self.reps, sum(t[1] for t in times) / self.reps
+
+    def memory(self) -> dict:
+        return dict(
+            peak_mib=max(self.peak, 0) / MIB,
+            baseline_mib=self.base / MIB,
+            memory_method=self.method,
+        )
+
+
+def summarize(rounds_ms: list, reps: int) -> dict:
+    """A case's result from its per-round (fwd, bwd) milliseconds (None: not measured)."""
+    done = [t for t in rounds_ms if t is not None]
     return dict(
         status="ok",
-        fwd_ms=statistics.median(t[0] for t in times),
-        bwd_ms=statistics.median(t[1] for t in times),
-        total_ms=statistics.median(t[0] + t[1] for t in times),
-        repeats=n,
-        peak_mib=max(peak, 0) / MIB,
-        baseline_mib=base / MIB,
-        memory_method=method,
+        fwd_ms=statistics.median(t[0] for t in done),
+        bwd_ms=statistics.median(t[1] for t in done),
+        total_ms=statistics.median(t[0] + t[1] for t in done),
+        rounds=len(done),
+        reps=reps,
+        rounds_ms=[None if t is None else [t[0], t[1]] for t in rounds_ms],
     )
 
 
-def worker(case_json: str, device: str, dtype: str, budget_s: float, repeats: int | None):
-    case = Case.from_json(case_json)
+def measure(
+    case: Case, device: str = "cpu", dtype: str = "float32", rounds: int = 3, reps: int = 1
+) -> dict:
+    """One case alone, here: ``rounds`` timed rounds of ``reps`` steps and its peak memory
+    (the comparisons of ``convnn bench`` interleave several cases instead)."""
     try:
-        result = measure(case, device, dtype, budget_s, repeats)
+        session = Session(case, device, dtype, reps)
+    except Unavailable as exc:
+        return dict(status="skipped", reason=str(exc))
+    times = [session.step() for _ in range(rounds)]
+    return {**summarize(times, reps), **session.memory()}
+
+
+def worker(case_json: str, device: str, dtype: str, reps: int) -> int:
+    """The fresh process of one case: builds it, then answers the parent's commands on stdin
+    ('step': one round, 'memory': the peak, then exit), one marked JSON line each."""
+
+    def say(obj: dict) -> None:
+        print(MARK + json.dumps(obj), flush=True)
+
+    try:
+        session = Session(Case.from_json(case_json), device, dtype, reps, own_process=True)
+    except Unavailable as exc:
+        say(dict(status="skipped", reason=str(exc)))
+        return 0
     except Exception as exc:  # reported as the case's result, the suite goes on
-        result = dict(status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
-    print(MARK + json.dumps(result), flush=True)
+        say(failure(exc))
+        return 0
+    say(dict(status="ready"))
+    for line in sys.stdin:
+        if line.strip() == "step":
+            try:
+                fwd, bwd = session.step()
+                say(dict(status="ok", fwd_ms=fwd, bwd_ms=bwd))
+            except Exception as exc:
+                say(failure(exc))
+                return 0
+        else:
+            say(dict(status="ok", **session.memory()))
+            return 0
     return 0
 
 
-def run_isolated(
-    case: Case,
-    device: str = "cpu",
-    dtype: str = "float32",
-    budget_s: float = 1.5,
-    repeats: int | None = None,
-    timeout_s: float = 900,
-) -> dict:
-    """:func:`measure` in a fresh ``python -m convnn.bench --case`` process."""
-    cmd = [sys.executable, "-m", "convnn.bench", "--case", case.to_json(), "--device", device]
-    cmd += ["--dtype", dtype, "--budget", str(budget_s)]
-    cmd += [] if repeats is None else ["--repeats", str(repeats)]
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        return dict(status="error", reason=f"timed out after {timeout_s:.0f} s")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK) :])
-    if proc.returncode == -9:
-        return dict(status="error", reason="worker killed (SIGKILL: out of memory?)")
-    tail = " ".join(proc.stderr.strip().splitlines()[-3:])
-    return dict(status="error", reason=f"worker exited with {proc.returncode}: {tail}"[:500])
+def failure(exc: BaseException) -> dict:
+    """A case's result when it raised: its status and a one-line reason."""
+    return dict(status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
+
+
+class CaseError(RuntimeError):
+    """A case that could not be built or stepped: ``result`` is its row's status/reason."""
+
+    def __init__(self, result: dict):
+        super().__init__(result.get("reason", ""))
+        self.result = result
+
+
+class InProcess:
+    """A :class:`Session` here, behind the interface of :class:`Isolated`."""
+
+    def __init__(self, case: Case, device: str, dtype: str, reps: int):
+        try:
+            self.session = Session(case, device, dtype, reps)
+        except Unavailable as exc:
+            raise CaseError(dict(status="skipped", reason=str(exc))) from exc
+        except Exception as exc:
+            raise CaseError(failure(exc)) from exc
+
+    def step(self) -> tuple[float, float]:
+        return self.session.step()
+
+    def finish(self) -> dict:
+        return self.session.memory()
+
+
+class Isolated:
+    """A :class:`Session` in a fresh ``python -m convnn.bench --case`` process that stays up
+    between rounds, so its peak resident set belongs to this case alone."""
+
+    def __init__(
+        self,
+        case: Case,
+        device: str,
+        dtype: str,
+        reps: int,
+        threads: int | None = None,
+        timeout_s: float = 900,
+    ):
+        import queue
+        import tempfile
+        import threading
+
+        cmd = [sys.executable, "-m", "convnn.bench", "--case", case.to_json(), "--device", device]
+        cmd += ["--dtype", dtype, "--reps", str(reps)]
+        cmd += [] if threads is None else ["--threads", str(threads)]
+        env = dict(os.environ)
+        src = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+        self.timeout_s = timeout_s
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # a file: a full pipe cannot block it
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+            env=env,
+        )  # fmt: skip
+        self.lines: queue.Queue = queue.Queue()
+
+        def read():
+            for line in self.proc.stdout:
+                if line.startswith(MARK):
+                    self.lines.put(json.loads(line[len(MARK) :]))
+            self.lines.put(None)  # end of output
+
+        threading.Thread(target=read, daemon=True).start()
+        ready = self._answer()
+        if ready["status"] != "ready":
+            self.close()
+            raise CaseError(ready)
+
+    def _answer(self) -> dict:
+        import queue
+
+        try:
+            answer = self.lines.get(timeout=self.timeout_s)
+        except queue.Empty:
+            self.close()
+            return dict(status="error", reason=f"timed out after {self.timeout_s:.0f} s")
+        if answer is None:
+            code = self.proc.wait()
+            if code == -9:
+                return dict(status="error", reason="worker killed (SIGKILL: out of memory?)")
+            self.stderr.seek(0)
+            tail = " ".join(self.stderr.read().strip().splitlines()[-3:])
+            return dict(status="error", reason=f"worker exited with {code}: {tail}"[:500])
+        return answer
+
+    def _ask(self, command: str) -> dict:
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the worker is gone: _answer says why
+        answer = self._answer()
+        if answer["status"] != "ok":
+            self.close()
+            raise CaseError(answer)
+        return answer
+
+    def step(self) -> tuple[float, float]:
+        answer = self._ask("step")
+        return answer["fwd_ms"], answer["bwd_ms"]
+
+    def finish(self) -> dict:
+        answer = self._ask("memory")
+        self.close()
+        return {k: answer[k] for k in ("peak_mib", "baseline_mib", "memory_method")}
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.stderr.close()
 
 
 # ------------------------------------------------------------------------ recall / precision

@@ -18,16 +18,31 @@ from .cases import (
     SWEEP_SIDES,
     TARGET_SCOPE,
     conv_config,
+    partners,
     sweep_scope,
 )
+from .rounds import MIN_ROUNDS, NOISY_SPREAD, format_ratio, ratio_stats
 
-__all__ = ["case_rows", "hardware", "ratios", "report", "targets", "write_markdown"]
+__all__ = [
+    "case_rows",
+    "hardware",
+    "ratio_rows",
+    "ratios",
+    "report",
+    "targets",
+    "time_stats",
+    "write_markdown",
+]
 
 
-def _find(results: list[dict], scope: str, config: str, role: str) -> dict | None:
+def _find(
+    results: list[dict], scope: str, config: str, role: str, group: str | None = None
+) -> dict | None:
+    """The measured row of (scope, config, role), within comparison ``group`` when given."""
     for r in results:
         if (r["scope"], r["config"], r["role"]) == (scope, config, role) and r["status"] == "ok":
-            return r
+            if group is None or r.get("group", group) == group:
+                return r
     return None
 
 
@@ -37,46 +52,66 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def ratios(results: list[dict]) -> list[dict]:
-    """Every ConvNN row against the baselines of its scope measured in the same run.
+def _per_round(row: dict, part: int | None) -> list[float | None]:
+    """A row's per-round milliseconds: forward (part 0), backward (1) or both (None). A row
+    without rounds (an old result file) counts as one round of its medians."""
+    if "rounds_ms" not in row:
+        return [row[("fwd_ms", "bwd_ms")[part] if part is not None else "total_ms"]]
+    return [
+        None if t is None else (t[0] + t[1] if part is None else t[part]) for t in row["rounds_ms"]
+    ]
 
-    Rows: scope, config, role (ours / chunked / triton), vs (dense / conv / sdpa / kvt) and
-    time ratios (total, forward, backward) and the peak-memory ratio; < 1 means ours is
-    faster / smaller.
+
+def ratios(results: list[dict]) -> list[dict]:
+    """Every ConvNN row against the baselines it was timed with, round by round.
+
+    Rows: scope, config, role (ours / chunked / triton), vs (dense / conv / sdpa / kvt); time
+    (fwd+bwd), fwd and bwd: medians of the per-round ratios, with time's range (time_min,
+    time_max), rounds and ``noisy`` (see :mod:`convnn.bench.rounds`); memory: the peak-memory
+    ratio. < 1 means ours is faster / smaller.
     """
     out = []
     for r in results:
-        if r["role"] not in ("ours", "chunked", "triton") or r["status"] != "ok":
+        if r["status"] != "ok":
             continue
-        K = r["options"].get("K")
-        partners = [("dense", r["config"])]
-        if r["kind"] == "convnn2d":
-            partners.append(("conv", ""))
-        else:
-            partners.append(("sdpa", ""))
-            if K is not None:
-                partners.append(("kvt", f"K={K}"))
-        for vs, config in partners:
-            base = _find(results, r["scope"], config, vs)
+        for vs, config in partners(r["role"], r["kind"], r["config"], r["options"].get("K")):
+            base = _find(results, r["scope"], config, vs, r.get("group"))
             if base is None:
                 continue
+            total = ratio_stats(_per_round(r, None), _per_round(base, None))
+            if total is None:
+                continue
+            part = [ratio_stats(_per_round(r, i), _per_round(base, i)) for i in (0, 1)]
             out.append(
                 dict(
                     scope=r["scope"],
                     config=r["config"],
                     role=r["role"],
                     vs=vs,
-                    time=_ratio(r["total_ms"], base["total_ms"]),
-                    fwd=_ratio(r["fwd_ms"], base["fwd_ms"]),
-                    bwd=_ratio(r["bwd_ms"], base["bwd_ms"]),
-                    memory=_ratio(r["peak_mib"], base["peak_mib"]),
+                    time=total["median"],
+                    time_min=total["min"],
+                    time_max=total["max"],
+                    rounds=total["rounds"],
+                    noisy=total["noisy"],
+                    fwd=part[0] and part[0]["median"],
+                    bwd=part[1] and part[1]["median"],
+                    memory=_ratio(r.get("peak_mib"), base.get("peak_mib")),
                 )
             )
     return out
 
 
-def _verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else "met" if ok else "not met"
+def time_stats(ratio: dict) -> dict:
+    """A ratio row's fwd+bwd time as :func:`~convnn.bench.rounds.ratio_stats` gives it."""
+    keys = ("time", "time_min", "time_max", "rounds", "noisy")
+    return dict(zip(("median", "min", "max", "rounds", "noisy"), (ratio[k] for k in keys)))
+
+
+def _verdict(ok: bool | None, noisy: bool = False) -> str:
+    """A target's verdict; never 'met' (nor 'not met') from a noisy ratio."""
+    if ok is None:
+        return "n/a"
+    return "noisy: no verdict" if noisy else "met" if ok else "not met"
 
 
 def targets(results: list[dict], device: str) -> list[dict]:
@@ -85,24 +120,31 @@ def targets(results: list[dict], device: str) -> list[dict]:
     cpu, cuda = device == "cpu", device.startswith("cuda")
     config = conv_config(*COSINE_K9)[0]
 
-    def add(name, value, ok, applies=True, note=""):
-        rows.append(
-            dict(target=name, measured=value, verdict=_verdict(ok if applies else None), note=note)
-        )
+    def add(name, value, ok, applies=True, note="", noisy=False):
+        verdict = _verdict(ok if applies else None, noisy)
+        rows.append(dict(target=name, measured=value, verdict=verdict, note=note))
 
     ours = _find(results, TARGET_SCOPE, config, "ours")
-    dense = _find(results, TARGET_SCOPE, config, "dense")
-    if ours and dense:
-        speed = dense["total_ms"] / ours["total_ms"]
+    dense = _find(results, TARGET_SCOPE, config, "dense", ours and ours.get("group"))
+    vs_dense = [
+        r
+        for r in ratios([ours, dense] if ours and dense else [])
+        if r["vs"] == "dense" and r["role"] == "ours"
+    ]
+    if vs_dense:
+        t = vs_dense[0]
+        speed = 1 / t["time"]
         mem = _ratio(ours["peak_mib"], dense["peak_mib"])
         add(
             "CPU: ConvNN2d(64,64,K=9,cosine,all) fwd+bwd on 8x64x64x64 >= 1.6x faster than dense",
-            f"{speed:.2f}x (ours {ours['total_ms']:.0f} ms = fwd {ours['fwd_ms']:.0f} + bwd "
-            f"{ours['bwd_ms']:.0f}; dense {dense['total_ms']:.0f} ms = fwd {dense['fwd_ms']:.0f} "
-            f"+ bwd {dense['bwd_ms']:.0f})",
+            f"{speed:.2f}x, {1 / t['time_max']:.2f}-{1 / t['time_min']:.2f}x over "
+            f"{t['rounds']} rounds (ours {ours['total_ms']:.0f} ms = fwd {ours['fwd_ms']:.0f} + "
+            f"bwd {ours['bwd_ms']:.0f}; dense {dense['total_ms']:.0f} ms = fwd "
+            f"{dense['fwd_ms']:.0f} + bwd {dense['bwd_ms']:.0f}; medians)",
             speed >= 1.6,
             cpu,
             "" if cpu else "a CPU target: measured here for reference",
+            t["noisy"],
         )
         add(
             "CPU: same case, peak memory <= 1/4 of dense (above baseline)",
@@ -141,10 +183,12 @@ def targets(results: list[dict], device: str) -> list[dict]:
             worst = max(rows, key=lambda r: r["time"])
             add(
                 name,
-                f"worst ours/{baseline} {worst['time']:.2f} ({worst['scope']}, {worst['config']})",
+                f"worst ours/{baseline} {format_ratio(time_stats(worst))} ({worst['scope']}, "
+                f"{worst['config']})",
                 all(r["time"] <= limit for r in rows),
                 cuda,
                 "" if cuda else "a CUDA goal: CPU ratios for reference",
+                any(r["noisy"] for r in rows),
             )
 
     ours_vs = lambda vs: [r for r in ratios(results) if r["vs"] == vs and r["role"] == "ours"]
@@ -229,7 +273,7 @@ def case_rows(results: list[dict]) -> list[list[str]]:
     for r in results:
         if r["status"] == "ok":
             cells = [_fmt(r[k]) for k in ("fwd_ms", "bwd_ms", "total_ms", "peak_mib")]
-            cells.append(str(r["repeats"]))
+            cells.append(str(r.get("rounds", r.get("repeats"))))
         else:
             cells = ["-", "-", "-", "-", f"{r['status']}: {r.get('reason', '')}"]
         rows.append([r["scope"], r["config"] or "-", r["role"], *cells])
@@ -238,8 +282,8 @@ def case_rows(results: list[dict]) -> list[list[str]]:
 
 def ratio_rows(rows: list[dict]) -> list[list[str]]:
     return [
-        [r["scope"], r["config"], f"{r['role']} / {r['vs']}"]
-        + [_fmt(r[k], 2) for k in ("time", "fwd", "bwd", "memory")]
+        [r["scope"], r["config"], f"{r['role']} / {r['vs']}", format_ratio(time_stats(r))]
+        + [_fmt(r[k], 2) for k in ("fwd", "bwd", "memory")]
         for r in rows
     ]
 
@@ -281,12 +325,23 @@ def report(data: dict) -> str:
     if "commit" in hw:
         parts.append(f"Commit: {hw['commit']}  ")
     parts.append(f"Wall time: {data['wall_s'] / 60:.1f} min  ")
-    loads = [r["load_before"] for r in data["results"] if r.get("load_before") is not None]
-    if loads:
+    if "rounds" in data:
         parts.append(
-            f"1-min load average before each case: median {statistics.median(loads):.1f}, max "
-            f"{max(loads):.1f} (the benchmark alone keeps it near the thread count, "
-            f"{hw.get('torch_threads')}; more means other work shared the machine)"
+            f"Timing: {data['rounds']} interleaved rounds of {data['reps']} training step(s) "
+            f"per comparison, {data['threads']} thread(s); a ratio is the median of its "
+            f"per-round ratios (range in brackets), 'noisy' when under {MIN_ROUNDS} rounds or "
+            f"spread over {NOISY_SPREAD:g}x  "
+        )
+    loads = {}
+    for key in ("load_before", "load_after"):
+        loads[key] = [r[key] for r in data["results"] if r.get(key) is not None]
+    if loads["load_before"]:
+        before, after = loads["load_before"], loads["load_after"] or [math.nan]
+        parts.append(
+            f"1-min load average before / after each comparison: median "
+            f"{statistics.median(before):.1f} / {statistics.median(after):.1f}, max "
+            f"{max(before):.1f} / {max(after):.1f} (the benchmark alone keeps it near its thread "
+            f"count, {hw.get('torch_threads')}; more means other work shared the machine)"
         )
     if data["targets"]:
         parts += ["", "#### Targets", ""]
@@ -297,19 +352,27 @@ def report(data: dict) -> str:
     if data["ratios"]:
         parts += [
             "",
-            "#### Ratios (same run; < 1 = ours faster / smaller)",
+            "#### Ratios (interleaved rounds; < 1 = ours faster / smaller)",
             "",
             _table(
-                ["scope", "config", "ratio", "time fwd+bwd", "fwd", "bwd", "peak memory"],
+                [
+                    "scope",
+                    "config",
+                    "ratio",
+                    "time fwd+bwd: median (range)",
+                    "fwd",
+                    "bwd",
+                    "peak memory",
+                ],
                 ratio_rows(data["ratios"]),
             ),
         ]
     parts += [
         "",
-        "#### Cases (median ms; peak MiB above the baseline)",
+        "#### Cases (median ms over the rounds; peak MiB above the baseline)",
         "",
         _table(
-            ["scope", "config", "role", "fwd ms", "bwd ms", "fwd+bwd ms", "peak MiB", "repeats"],
+            ["scope", "config", "role", "fwd ms", "bwd ms", "fwd+bwd ms", "peak MiB", "rounds"],
             case_rows(data["results"]),
         ),
     ]
