@@ -189,18 +189,22 @@ def _train_step(model, x, y):
 
 
 def group_vit_tiny(quick: bool) -> Group:
-    """ViT-Tiny training step (batch 32, 32x32 images, 10 classes): 'local' attention (a 7x7
-    window of the 8x8 token map, K = 49) and 'kvt' (top-K attention) vs plain attention."""
+    """ViT-Tiny training step (batch 32, 32x32 images in patches of 4: an 8x8 token map, 10
+    classes): 'local' attention (a 7x7 window, K = 49) and 'kvt' (top-K attention, K = 9 of
+    the 65 tokens) vs plain attention. (Patches of 16 would leave 2x2 tokens, where both are
+    plain attention over every token.)"""
     from convnn.models.registry import create_model
 
     B = 2 if quick else 32
     extra = dict(depth=1) if quick else {}
     torch.manual_seed(0)
     x, y = torch.randn(B, 3, 32, 32), torch.randint(0, 10, (B,))
-    g = Group(f"vit_tiny batch {B} 32x32" + (" depth 1" if quick else ""))
+    g = Group(f"vit_tiny batch {B} 32x32 patch 4" + (" depth 1" if quick else ""))
     for layer in ("local", "kvt", "attention"):
         torch.manual_seed(0)
-        model = create_model("vit_tiny", num_classes=10, img_size=32, layer=layer, **extra)
+        model = create_model(
+            "vit_tiny", num_classes=10, img_size=32, patch_size=4, layer=layer, **extra
+        )
         g.runners[layer] = _train_step(model.train(), x, y)
     return g
 
