@@ -371,6 +371,20 @@ class BlockScores:
         raise NotImplementedError
 
 
+def _finite_products(query: Tensor, key: Tensor) -> bool:
+    """Whether every q . k is finite for sure (|q . k| <= |q| |k| far below the dtype's
+    largest value; False for NaN or infinite entries), so ranking needs no rankable pass.
+    Checked on the CPU and in eager code only: elsewhere the answer would cost a device sync
+    or a data-dependent guard."""
+    if query.device.type != "cpu" or query.numel() == 0 or key.numel() == 0:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    wide = None if query.dtype in (torch.float32, torch.float64) else torch.float32
+    norm = lambda t: torch.linalg.vector_norm(t, dim=-1, dtype=wide).amax().double()  # noqa: E731
+    return bool(norm(query) * norm(key) < torch.finfo(query.dtype).max / 4)
+
+
 class GemmScores(BlockScores):
     """score = q' . k' (a metric's GEMM operands): query (Bq, N, D), key (Bk, M, D)."""
 
@@ -381,17 +395,18 @@ class GemmScores(BlockScores):
         self.batch = max(query.shape[0], key.shape[0])
         self.num_queries, self.num_keys, self.width = query.shape[1], key.shape[1], key.shape[2]
         self.device = query.device
+        self._finite = _finite_products(query, key)
 
     def block(self, qs, ks):
-        return rankable(self.query[:, qs] @ self.key[:, ks].transpose(-1, -2))
+        s = self.query[:, qs] @ self.key[:, ks].transpose(-1, -2)
+        return s if self._finite else rankable(s)
 
     def window(self, qs, cand):
         # Every backend scores per-query candidates with this one einsum, so equal scores
         # (ties, which go to the lower index) are equal bit for bit everywhere: a dense GEMM
         # rounds differently (e.g. +-1e-8 where this gives an exact 0).
-        return rankable(
-            torch.einsum("bnd,bnwd->bnw", self.query[:, qs], gather_rows(self.key, cand))
-        )
+        s = torch.einsum("bnd,bnwd->bnw", self.query[:, qs], gather_rows(self.key, cand))
+        return s if self._finite else rankable(s)
 
     def keys(self, index):
         return GemmScores(self.query, self.key[:, index])
