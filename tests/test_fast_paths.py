@@ -137,3 +137,30 @@ def test_explain_names_the_top_k_shortcut_and_its_limits():
     got = conv(x, return_indices=True)
     assert torch.equal(got[1], want[1])
     torch.testing.assert_close(got[0], want[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_scores_on_a_cpu_without_half_gemms_are_the_half_gemm(monkeypatch, dtype):
+    """On a CPU without half matrix instructions the half score GEMM runs in fp32 and is
+    rounded: with small-integer features every product and sum is exact, so the scores
+    equal the exact ones rounded to half, as the half GEMM gives them, and both routes
+    select the same neighbours."""
+    from convnn import metrics
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(-6, 7, (2, 40, 16), generator=g).to(dtype)
+    k = torch.randint(-6, 7, (2, 50, 16), generator=g).to(dtype)
+    exact = (q.double() @ k.double().transpose(1, 2)).to(dtype)
+    cand = torch.randint(0, 50, (2, 40, 7), generator=g)
+    found = {}
+    for native in (False, True):
+        monkeypatch.setattr(metrics, "_native_half_gemm", lambda dtype, native=native: native)
+        scores = metrics.GemmScores(q, k)
+        assert (scores._wide is None) == native
+        assert torch.equal(scores.block(slice(None), slice(None)), exact)
+        assert torch.equal(scores.window(slice(None), cand), exact.gather(-1, cand))
+        found[native] = convnn_attention(
+            q[:, None].float(), k[:, None, :40].float(), k[:, None, :40].float(), 5,
+            selection_dtype=dtype, return_indices=True, backend="chunked",
+        )[1]  # fmt: skip
+    assert torch.equal(found[False], found[True])
