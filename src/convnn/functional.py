@@ -147,8 +147,10 @@ def _operator(
     exact = _masked_attention(spec, values, q_feat, k_feat, G, K, metric_params)
     if dispatch.shortcut("SDPA", exact, backend):
         M, N = values.shape[1], idx.shape[1]
-        mask = torch.zeros(B * G, N, M, dtype=torch.bool, device=device)
-        mask.scatter_(-1, idx, True)
+        # an additive mask (0 on the selected keys): SDPA's CPU kernel takes it as it is,
+        # where a boolean one is converted on every call
+        mask = torch.full((B * G, N, M), -torch.inf, dtype=q_feat.dtype, device=device)
+        mask.scatter_(-1, idx, 0.0)
         v = values.view(B, M, G, -1).transpose(1, 2)
         y = F.scaled_dot_product_attention(
             q_feat.view(B, G, N, -1),
