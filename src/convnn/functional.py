@@ -498,9 +498,10 @@ def convnn_map(
     tokens = lambda t: F.pad(t, (pw, pw, ph, ph)).flatten(2).transpose(1, 2)  # (B, Hp*Wp, C)
     values = tokens(x)
     feats = values if x_select is x else tokens(x_select)
+    every = (ph, pw, sh, sw) == (0, 0, 1, 1)  # every token is a query: self-similarity
     y, idx = _operator(
         values,
-        feats[:, grid.index(x.device)],
+        feats if every else feats[:, grid.index(x.device)],
         feats,
         grid,
         spec,

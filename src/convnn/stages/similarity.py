@@ -52,7 +52,8 @@ def selection_scores(
     dtype = selection_dtype or (
         torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
     )
-    return metric_scores(metric, query.detach().to(dtype), key.detach().to(dtype))
+    q = query.detach().to(dtype)
+    return metric_scores(metric, q, q if key is query else key.detach().to(dtype))
 
 
 def spatial_scores(grid: Grid, self_index: Tensor) -> SpatialScores:
