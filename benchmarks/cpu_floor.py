@@ -296,10 +296,15 @@ def _threads(n: int, busy: bool):
     torch.set_num_threads(n)
     spinner = None
     if busy:
-        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        # it spins only while this process lives: killed from outside (a timeout), this
+        # process cannot kill it, and an orphan would load the machine for good
+        spin = f"import os\nwhile os.getppid() == {os.getpid()}:\n    for _ in range(10**6): pass"
+        spinner = subprocess.Popen(
+            [sys.executable, "-c", spin], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         time.sleep(0.2)
     try:
-        yield
+        yield spinner
     finally:
         if spinner is not None:
             spinner.kill()

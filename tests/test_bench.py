@@ -263,3 +263,35 @@ def test_cpu_floor_quick_prints_every_ratio_of_the_issue():
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert listed.stdout.strip() == "window_conv: window7x7/conv3x3"
+
+
+def test_the_load_spinner_stops_when_the_benchmark_is_killed(tmp_path):
+    """The load group's spinning process must not outlive a benchmark killed from outside
+    (a timeout): an orphan would load the machine for every later test and run."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    path, _ = _cpu_floor()
+    script = tmp_path / "die.py"
+    script.write_text(
+        f"import os, sys\nsys.path.insert(0, {str(path.parent)!r})\nimport cpu_floor\n"
+        "with cpu_floor._threads(1, True) as spinner:\n"
+        "    print(spinner.pid, flush=True)\n"
+        "    os._exit(0)  # no cleanup, as under SIGKILL\n"
+    )
+    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True) as p:
+        pid = int(p.stdout.readline())
+        p.wait(timeout=120)
+    status = Path(f"/proc/{pid}/status")
+    deadline = time.monotonic() + 30
+    while status.exists() and "\tZ" not in status.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = status.exists() and "\tZ" not in status.read_text()
+    if alive:
+        import os
+        import signal
+
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "the spinner outlived the benchmark"
