@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends._common import BlockScores, canonical_order, prepare, rankable, topk_low_ties
-from .metrics import get_metric
+from .metrics import finite_products, get_metric
 from .options import ANN_METHODS as METHODS
 from .options import ANN_METRICS as METRICS
 from .options import ANN_PROJECTIONS as PROJECTIONS
@@ -319,9 +319,10 @@ def _extend(h: Tensor, value: Tensor) -> Tensor:
 def _principal_axes(hk: Tensor, d: int, bits: int, mix: Tensor) -> Tensor:
     """Projections onto the keys' d principal axes: (B, M, D') fixed-point vectors and ``mix``
     (T, D', d), the index's integer Gaussian draws (2^20 = 1; its leading d x d blocks mix the
-    axes) -> (B, T, D', d) projections in fixed point. Table 0 is the axes themselves (largest variance first, each signed so that
-    its largest entry is positive); table t > 0 is the axes times mix[t] / 8, so that every
-    entry stays within the bound of a projection (|axes| <= 1, |mix| <= 8, d <= 8 terms).
+    axes) -> (B, T, D', d) projections in fixed point. Table 0 is the axes themselves
+    (largest variance first, each signed so that its largest entry is positive); table t > 0
+    is the axes times mix[t] / 8, so that every entry stays within the bound of a projection
+    (|axes| <= 1, |mix| <= 8, d <= 8 terms).
 
     The covariance is computed exactly in integers (vectors cut to fewer bits); the
     eigenvectors come from float64 ``eigh`` on the CPU and the mixing is exact integer
@@ -482,10 +483,7 @@ class _Plan:
         best_i = torch.empty(B * N * T + 1, k_tab, dtype=torch.long, device=q.device)
         step = max(1, _BLOCK // (W * (Dp + tile)))  # tiles per block
         dev = q.device
-        # |q . k| <= |q| |k|: with finite, bounded operands no score is NaN or infinite, so
-        # the pass that makes them rankable can be skipped
-        bound = q.norm(dim=-1).amax() * k.norm(dim=-1).amax()
-        finite = bool(bound < torch.finfo(q.dtype).max / 4)
+        finite = finite_products(q, k)  # no score can be NaN or infinite: no rankable pass
         for t0 in range(0, B * T * G, step):
             t1 = min(B * T * G, t0 + step)
             flat = torch.arange(t0, t1, device=dev)

@@ -13,6 +13,7 @@ other ranks through its ``score``.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -374,7 +375,7 @@ class BlockScores:
         raise NotImplementedError
 
 
-def _finite_products(query: Tensor, key: Tensor) -> bool:
+def finite_products(query: Tensor, key: Tensor) -> bool:
     """Whether every q . k is finite for sure (|q . k| <= |q| |k| far below the dtype's
     largest value; False for NaN or infinite entries), so ranking needs no rankable pass.
     Checked on the CPU and in eager code only: elsewhere the answer would cost a device sync
@@ -390,6 +391,7 @@ def _finite_products(query: Tensor, key: Tensor) -> bool:
     return bool(q_norm * k_norm < torch.finfo(query.dtype).max / 4)
 
 
+@functools.cache
 def _native_half_gemm(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies ``dtype`` matrices in hardware (oneDNN's own check)."""
     check = {
@@ -422,7 +424,7 @@ class GemmScores(BlockScores):
         self.batch = max(query.shape[0], key.shape[0])
         self.num_queries, self.num_keys, self.width = query.shape[1], key.shape[1], key.shape[2]
         self.device = query.device
-        self._finite = _finite_products(query, key)
+        self._finite = finite_products(query, key)
         # Products of two bf16 (or fp16) values are exact in fp32, so an fp32 GEMM of the
         # half operands, rounded to half, is what a half GEMM with fp32 accumulation gives
         # (up to the order of the sums): on a CPU without half matrix instructions it runs
