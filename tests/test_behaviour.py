@@ -234,3 +234,29 @@ def test_compile_backward(fresh_dynamo):
     (g_eager,) = torch.autograd.grad(layer(x).sum(), x)
     (g_comp,) = torch.autograd.grad(compiled(x).sum(), x)
     assert max_diff(g_eager, g_comp) < 1e-12
+
+
+def test_compiled_gemm_selection_is_one_eager_op(fresh_dynamo):
+    """On the chunked backend a compiled graph calls the GEMM selection as one opaque op
+    (so its eager shortcuts run), with the eager indices; the op's fake and real forms agree
+    (opcheck)."""
+    from convnn.backends import chunked  # noqa: F401  (registers the op)
+
+    op = torch.ops.convnn.chunked_select_gemm
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(node.target for node in gm.graph.nodes)
+        return gm
+
+    torch.manual_seed(0)
+    layer = ConvNN2d(4, 4, K=5, selection_dtype=torch.bfloat16).eval()
+    x = randn(2, 4, 5, 6).float()
+    with on_backend("chunked"):
+        got = torch.compile(layer, backend=backend, fullgraph=True)(x)
+        want = layer(x)
+    assert op in seen or op.default in seen
+    assert torch.equal(got, want)
+    q = torch.nn.functional.normalize(randn(2, 30, 8).float(), dim=-1)
+    for args in [(q, q, 4, None, None), (q, q[:1], 3, torch.arange(30), None)]:
+        torch.library.opcheck(op.default, args)

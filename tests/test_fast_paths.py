@@ -63,8 +63,34 @@ def test_tie_repair_matches_a_stable_sort(compiled):
         scores[scores == 0] = -torch.inf
         vals, idx = (fn or topk_low_ties)(scores, K)
         want = scores.sort(dim=-1, descending=True, stable=True).indices[..., :K]
-        assert torch.equal(idx.sort(-1).values, want.sort(-1).values), (M, K)
+        assert torch.equal(idx, want), (M, K)  # canonical order: the stable sort's
         assert torch.equal(vals, scores.gather(-1, idx))
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("rounding", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_wide_scores_rank_as_their_rounding(rounding, compiled):
+    """fp32 scores ranked with ``rounding`` select what ranking the rounded scores does, in
+    the same order, although only the rows whose rounding ties at the K-th are rounded in
+    full: many rows tie (scores near 0.5, a half ulp apart), some far beyond K + 1, signed
+    zeros tie, and -inf (a forbidden candidate) loses."""
+    from convnn.backends.chunked import topk_grouped
+
+    torch._dynamo.reset()
+    fn = torch.compile(topk_low_ties, backend="aot_eager", fullgraph=True) if compiled else None
+    g = torch.Generator().manual_seed(6)
+    for M, K, topk in [(40, 7, None), (64, 9, None), (4 * 10 * 64 + 37, 9, topk_grouped)]:
+        scores = 0.5 + 0.004 * torch.randn(3, 6, M, generator=g)
+        scores[0, 0] = 0.5  # every score ties
+        specials = torch.tensor([-0.0, 0.0, -torch.inf, 1e-3])
+        spots = torch.randint(0, M, (3, 6, M // 4), generator=g)
+        scores[1:].scatter_(-1, spots[1:], specials[spots[1:] % 4])
+        vals, idx = (fn or topk_low_ties)(scores, K, topk, rounding)
+        rounded = scores.to(rounding)
+        want = rounded.sort(dim=-1, descending=True, stable=True).indices[..., :K]
+        assert torch.equal(idx, want), (M, K)
+        assert vals.dtype == rounding and torch.equal(vals, rounded.gather(-1, idx))
     torch._dynamo.reset()
 
 
@@ -157,6 +183,7 @@ def test_half_scores_on_a_cpu_without_half_gemms_are_the_half_gemm(monkeypatch, 
         monkeypatch.setattr(metrics, "_native_half_gemm", lambda dtype, native=native: native)
         scores = metrics.GemmScores(q, k)
         assert (scores._wide is None) == native
+        assert scores.rounding == (None if native else dtype)  # finite: rounded by the top-K
         assert torch.equal(scores.block(slice(None), slice(None)), exact)
         assert torch.equal(scores.window(slice(None), cand), exact.gather(-1, cand))
         found[native] = convnn_attention(

@@ -13,7 +13,6 @@ other ranks through its ``score``.
 
 from __future__ import annotations
 
-import functools
 import threading
 
 import torch
@@ -361,9 +360,18 @@ class BlockScores:
     #: why there is no GEMM form (None when there is one)
     why_not_gemm: str | None = None
 
+    #: when set, :meth:`wide_block` gives wider scores that rank as their rounding to this
+    #: dtype (pass it to the backends' top-K)
+    rounding: torch.dtype | None = None
+
     def block(self, qs: slice, ks: slice) -> Tensor:
         """Scores of queries ``qs`` against keys ``ks``: (batch, n, m)."""
         raise NotImplementedError
+
+    def wide_block(self, qs: slice, ks: slice) -> Tensor:
+        """:meth:`block`, or with :attr:`rounding` set, scores that rank as their rounding to
+        it (which a top-K then rounds only where it ties): (batch, n, m)."""
+        return self.block(qs, ks)
 
     def window(self, qs: slice, cand: Tensor) -> Tensor:
         """Scores of queries ``qs`` against their own candidates ``cand`` (n, W) or (B', n,
@@ -391,17 +399,23 @@ def finite_products(query: Tensor, key: Tensor) -> bool:
     return bool(q_norm * k_norm < torch.finfo(query.dtype).max / 4)
 
 
-@functools.cache
+_HALF_GEMM: dict[torch.dtype, bool] = {}
+
+
+@torch.compiler.assume_constant_result  # a traced graph takes the answer as a constant
 def _native_half_gemm(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies ``dtype`` matrices in hardware (oneDNN's own check)."""
-    check = {
-        torch.bfloat16: "_is_mkldnn_bf16_supported",
-        torch.float16: "_is_mkldnn_fp16_supported",
-    }[dtype]
-    try:
-        return bool(getattr(torch.ops.mkldnn, check)())
-    except (AttributeError, RuntimeError):  # an older or a CPU-less build: assume not
-        return False
+    """Whether this CPU multiplies ``dtype`` matrices in hardware (oneDNN's own check,
+    asked once per dtype)."""
+    if dtype not in _HALF_GEMM:
+        check = {
+            torch.bfloat16: "_is_mkldnn_bf16_supported",
+            torch.float16: "_is_mkldnn_fp16_supported",
+        }[dtype]
+        try:
+            _HALF_GEMM[dtype] = bool(getattr(torch.ops.mkldnn, check)())
+        except (AttributeError, RuntimeError):  # an older or a CPU-less build: assume not
+            _HALF_GEMM[dtype] = False
+    return _HALF_GEMM[dtype]
 
 
 def _widen_half(query: Tensor, key: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -430,14 +444,20 @@ class GemmScores(BlockScores):
         # (up to the order of the sums): on a CPU without half matrix instructions it runs
         # an order of magnitude faster than the emulated half GEMM.
         self._wide = _widen_half(query, key)
+        # Finite wide scores rank as their rounding without rounding every one of them
+        # (rankable's order on non-finite ones is the rounded scores').
+        self.rounding = query.dtype if self._wide is not None and self._finite else None
+
+    def _gemm(self, qs, ks):
+        q, k = self._wide if self._wide is not None else (self.query, self.key)
+        return q[:, qs] @ k[:, ks].transpose(-1, -2)
 
     def block(self, qs, ks):
-        if self._wide is not None:
-            q, k = self._wide
-            s = (q[:, qs] @ k[:, ks].transpose(-1, -2)).to(self.query.dtype)
-        else:
-            s = self.query[:, qs] @ self.key[:, ks].transpose(-1, -2)
+        s = self._gemm(qs, ks).to(self.query.dtype)
         return s if self._finite else rankable(s)
+
+    def wide_block(self, qs, ks):
+        return self._gemm(qs, ks) if self.rounding is not None else self.block(qs, ks)
 
     def window(self, qs, cand):
         # Every backend scores per-query candidates with this one einsum, so equal scores

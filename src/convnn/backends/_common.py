@@ -26,8 +26,11 @@ def prepare(metric: str, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
     return pair
 
 
-def topk_low_ties(scores: Tensor, K: int, topk=None) -> tuple[Tensor, Tensor]:
-    """Top-K of the last dim where a tie at the K-th score keeps the lower index.
+def topk_low_ties(
+    scores: Tensor, K: int, topk=None, rounding: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """Top-K of the last dim where a tie at the K-th score keeps the lower index, in
+    canonical order: descending score, equal scores by lower index.
 
     ``topk(scores, k)`` finds an unsorted top-k with arbitrary ties (default ``torch.topk``);
     it is asked for K + 1, so a row cut a tie exactly when its (K+1)-th score equals its K-th
@@ -36,34 +39,67 @@ def topk_low_ties(scores: Tensor, K: int, topk=None) -> tuple[Tensor, Tensor]:
     distinct keys that fold the lower-index rule into the score (:func:`_tie_free_keys`),
     so nothing needs repair; float64 scores, which do not fit such a key, get every row
     repaired without a branch, kept where the row was cut.
-    scores (..., M), without NaN (see :func:`rankable`) -> values (..., K), positions
-    (..., K), not necessarily sorted.
+
+    ``rounding``: rank ``scores.to(rounding)`` (fp32 scores standing for their bf16
+    rounding, say) without rounding the whole block. Rounding is monotone, so the K + 1
+    best wide scores hold the K best rounded ones unless rounding makes the (K+1)-th tie the
+    K-th: only such a row is rounded in full, to be repaired.
+
+    scores (..., M), without NaN (see :func:`rankable`) -> values (..., K) (in ``rounding``
+    when given), positions (..., K).
     """
-    M = scores.shape[-1]
-    if torch.compiler.is_compiling() and scores.dtype != torch.float64:
-        _, idx = (topk or _topk)(_tie_free_keys(scores), K)  # distinct keys: nothing to repair
-        return scores.gather(-1, idx), idx
-    vals, idx = (topk or _topk)(scores, min(K + 1, M))
-    vals, order = vals.sort(dim=-1, descending=True)
-    idx = idx.gather(-1, order)
-    cut = vals[..., K] == vals[..., K - 1] if K < M else vals.new_zeros(vals.shape[:-1], dtype=bool)
-    vals, idx = vals[..., :K], idx[..., :K]
     if torch.compiler.is_compiling():
-        return vals, torch.where(cut[..., None], _lowest_ties(scores, vals, idx), idx)
+        return _compiled_topk(scores if rounding is None else scores.to(rounding), K, topk)
+    lead, M = scores.shape[:-1], scores.shape[-1]
+    rows_of = scores.reshape(-1, M)  # (R, M): one index per row below
+    vals, idx = _topk_cut(rows_of, K, topk, rounding)
+    vals, idx, cut = vals[:, :K], idx[:, :K], _cut(vals, K)
     if cut.any():
-        rows = cut.nonzero(as_tuple=True)
-        idx[rows] = _lowest_ties(scores[rows], vals[rows], idx[rows])
-    return vals, idx
+        rows = cut.nonzero().squeeze(1)
+        tied = rows_of.index_select(0, rows)
+        tied = tied if rounding is None else tied.to(rounding)
+        idx[rows] = _lowest_ties_sparse(tied, vals[rows], idx[rows])
+    return vals.view(*lead, K), idx.view(*lead, K)
 
 
-def _tie_free_keys(scores: Tensor) -> Tensor:
-    """int64 keys (..., M) of float32-exact scores, all distinct, in the order of the tie
-    rule: the score's bits made monotone (an ordered integer) above the reversed index."""
+def _topk_cut(scores: Tensor, K: int, topk, rounding=None) -> tuple[Tensor, Tensor]:
+    """The K + 1 best (K when the row is no longer), in canonical order: (..., K + 1)."""
+    vals, idx = (topk or _topk)(scores, min(K + 1, scores.shape[-1]))
+    if rounding is not None:
+        vals = vals.to(rounding)
+    return canonical_order(vals, idx)
+
+
+def _cut(vals: Tensor, K: int) -> Tensor:
+    """Rows whose (K+1)-th score ties the K-th, of vals (..., K or K + 1) sorted: (...)."""
+    if vals.shape[-1] == K:
+        return vals.new_zeros(vals.shape[:-1], dtype=torch.bool)
+    return vals[..., K] == vals[..., K - 1]
+
+
+def _compiled_topk(scores: Tensor, K: int, topk) -> tuple[Tensor, Tensor]:
+    """:func:`topk_low_ties` without data-dependent shapes, for a compiled graph."""
+    if scores.dtype != torch.float64:
+        keys, idx = (topk or _topk)(_tie_free_keys(scores), K)  # distinct: nothing to repair
+        idx = idx.gather(-1, keys.sort(dim=-1, descending=True).indices)
+        return scores.gather(-1, idx), idx
+    vals, idx = _topk_cut(scores, K, topk)
+    cut = _cut(vals, K)
+    vals, idx = vals[..., :K], idx[..., :K]
+    idx = torch.where(cut[..., None], _lowest_ties(scores, vals, idx), idx)
+    return canonical_order(vals, idx)
+
+
+def _tie_free_keys(scores: Tensor, index: Tensor | None = None) -> Tensor:
+    """int64 keys (..., M) of float32-exact scores at positions ``index`` (< 2^31, default
+    0..M-1), distinct where the positions are, in the order of the tie rule: the score's
+    bits made monotone (an ordered integer) above the reversed position."""
     bits = scores.float().view(torch.int32)
     bits = bits & -(bits != -(2**31)).int()  # -0.0 ties +0.0, as the scores compare
     ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
-    rev = torch.arange(scores.shape[-1] - 1, -1, -1, device=scores.device)
-    return (ordered << 32) | rev
+    if index is None:
+        index = torch.arange(scores.shape[-1], device=scores.device)
+    return (ordered << 32) | (0x7FFFFFFF - index)
 
 
 def _lowest_ties(scores: Tensor, vals: Tensor, idx: Tensor) -> Tensor:
@@ -85,12 +121,32 @@ def _lowest_ties(scores: Tensor, vals: Tensor, idx: Tensor) -> Tensor:
     return out[..., :K]
 
 
+def _lowest_ties_sparse(scores: Tensor, vals: Tensor, idx: Tensor) -> Tensor:
+    """:func:`_lowest_ties` for eager code: the tied positions are listed (``nonzero``, in
+    index order within each row) rather than counted over every position of the row.
+    scores (R, M), vals (R, K) sorted descending, idx (R, K) -> positions (R, K)."""
+    R, K = vals.shape
+    kth = vals[:, K - 1 :]
+    above = (vals > kth).sum(-1)  # slots [above, K) hold ties
+    row, pos = (scores == kth).nonzero(as_tuple=True)  # row-major: ascending pos per row
+    count = torch.bincount(row, minlength=R)
+    rank = torch.arange(row.numel(), device=row.device) - (count.cumsum(0) - count)[row]
+    slot = above[row] + rank
+    keep = slot < K
+    idx[row[keep], slot[keep]] = pos[keep]
+    return idx
+
+
 def _topk(scores: Tensor, K: int) -> tuple[Tensor, Tensor]:
     return scores.topk(K, dim=-1, sorted=False)
 
 
 def canonical_order(scores: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
     """Sort the last dim by descending score, ties by lower index: (..., K) -> (..., K)."""
+    if scores.dtype != torch.float64 and not torch.compiler.is_compiling():
+        # one sort of keys that fold the index into the score (eager: faster than two)
+        perm = _tie_free_keys(scores, indices).sort(dim=-1, descending=True).indices
+        return scores.gather(-1, perm), indices.gather(-1, perm)
     indices, perm = indices.sort(-1)
     scores = scores.gather(-1, perm)
     scores, perm = scores.sort(dim=-1, descending=True, stable=True)

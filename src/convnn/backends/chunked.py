@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..metrics import GemmScores
 from ._common import (
     BlockScores,
-    canonical_order,
     group_gather,
     group_scatter,
     scale_groups,
@@ -90,6 +90,9 @@ def select_scores(
 ) -> Tensor:
     """Same contract as :func:`convnn.backends.reference.select_scores`, in O(N*K) memory:
     key blocks stream through a running top-K."""
+    if torch.compiler.is_compiling() and type(scores) is GemmScores:
+        q, k = scores.query.detach(), scores.key.detach()
+        return torch.ops.convnn.chunked_select_gemm(q, k, K, exclude, window)
     with torch.no_grad():
         if window is not None:
             return _select_window(scores, K, exclude, window)
@@ -102,8 +105,8 @@ def select_scores(
             ex = None if exclude is None else exclude[qs]
             best_s = best_i = None
             for m0 in range(0, M, kb):
-                s = _mask_excluded(scores.block(qs, slice(m0, m0 + kb)), ex, m0)
-                s, i = canonical_order(*topk_low_ties(s, min(K, s.shape[-1]), topk_grouped))
+                s = _mask_excluded(scores.wide_block(qs, slice(m0, m0 + kb)), ex, m0)
+                s, i = topk_low_ties(s, min(K, s.shape[-1]), topk_grouped, scores.rounding)
                 i = i + m0
                 if best_s is not None:  # merge; a stable sort keeps earlier (lower) indices first
                     s, i = torch.cat([best_s, s], -1), torch.cat([best_i, i], -1)
@@ -112,6 +115,25 @@ def select_scores(
                 best_s, best_i = s, i
             out[:, qs] = best_i
         return out
+
+
+@torch.library.custom_op(
+    "convnn::chunked_select_gemm",
+    mutates_args=(),
+    schema="(Tensor query, Tensor key, int K, Tensor? exclude, Tensor? window) -> Tensor",
+)
+def _select_gemm(query, key, K, exclude, window):
+    """:func:`select_scores` of GEMM scores as one opaque op of a compiled graph, so it runs
+    as eager code: its data-dependent shortcuts (no rankable pass when the scores are finite,
+    only the tied rows repaired) stay, where a traced graph would rank every score's
+    tie-free key."""
+    return select_scores(GemmScores(query, key), K, exclude=exclude, window=window)
+
+
+@_select_gemm.register_fake
+def _(query, key, K, exclude, window):
+    batch = max(query.shape[0], key.shape[0])
+    return query.new_empty(batch, query.shape[1], K, dtype=torch.long)
 
 
 def _select_window(scores: BlockScores, K, exclude, window):
@@ -127,9 +149,8 @@ def _select_window(scores: BlockScores, K, exclude, window):
         s = scores.window(qs, w)
         if exclude is not None:
             s = _mask_excluded(s, w - exclude[qs, None], 0)
-        s, pos = topk_low_ties(s, K)
-        idx = w.expand(s.shape[0], -1, -1).gather(-1, pos)
-        out[:, qs] = canonical_order(s, idx)[1]
+        pos = topk_low_ties(s, K)[1]  # canonical: w ascends, so positions order as indices
+        out[:, qs] = w.expand(s.shape[0], -1, -1).gather(-1, pos)
     return out
 
 

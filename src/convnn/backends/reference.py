@@ -14,7 +14,6 @@ from torch import Tensor
 
 from ._common import (
     BlockScores,
-    canonical_order,
     group_gather,
     scale_groups,
     tensor_scores,
@@ -64,7 +63,7 @@ def select_scores(
             rows = (exclude >= 0).nonzero().squeeze(1)
             blocked[rows, exclude[rows]] = True
         dense = dense.masked_fill(blocked, float("-inf"))
-        return canonical_order(*topk_low_ties(dense, K))[1]
+        return topk_low_ties(dense, K)[1]
 
 
 def aggregate(
