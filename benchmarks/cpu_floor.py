@@ -242,9 +242,11 @@ def group_bf16(quick: bool) -> Group:
     """ConvNN2d(64, 64, K=9, cosine, all) forward with bf16 vs fp32 selection, 4x64x32x32;
     and the selection tail alone (top-K with the tie rule) on bf16 vs fp32 cosine scores of
     4 x 1024 queries against 1024 keys, K = 8: bf16 rounding makes many rows tie at the K-th
-    score, which the tail repairs (the bf16 GEMM itself is left out: on a CPU without
-    AVX-512-BF16 it alone is ~10x the fp32 GEMM)."""
+    score, which the tail repairs. The bf16 tail is the layer's: on a CPU without bf16
+    matrix instructions the scores come from an fp32 GEMM, ranked as their bf16 rounding
+    (``rounding``), else from the bf16 GEMM."""
     from convnn.backends._common import topk_low_ties
+    from convnn.metrics import _native_half_gemm
 
     torch.manual_seed(0)
     B, C, S, N = (1, 8, 8, 64) if quick else (4, 64, 32, 1024)
@@ -269,7 +271,11 @@ def group_bf16(quick: bool) -> Group:
     g.runners = dict(
         bf16_selection=forward(l16),
         fp32_selection=forward(l32),
-        bf16_tail=lambda: topk_low_ties(s16, 8),
+        bf16_tail=(
+            (lambda: topk_low_ties(s16, 8))
+            if _native_half_gemm(torch.bfloat16)
+            else (lambda: topk_low_ties(s32, 8, rounding=torch.bfloat16))
+        ),
         fp32_tail=lambda: topk_low_ties(s32, 8),
     )
     g.notes.append(f"bf16 rows tied at the K-th score: {ties:.3f}")
