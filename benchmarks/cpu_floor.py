@@ -158,7 +158,8 @@ def group_window_conv(quick: bool) -> Group:
 
 def group_local_attention(quick: bool) -> Group:
     """ConvNN local attention (window 7x7 = K 49, softmax, kernel none) vs SDPA with the
-    same window mask, forward+backward, ViT-Tiny shapes (B 16, 3 heads, 14x14, d 64)."""
+    same window mask, forward+backward, ViT-Tiny shapes (B 16, 3 heads, 14x14, d 64). Both
+    give the layer's output, heads merged to (B, N, C) as timm's Attention merges them."""
     from convnn.stages.candidates import Grid
 
     gen = torch.Generator().manual_seed(0)
@@ -174,7 +175,7 @@ def group_local_attention(quick: bool) -> Group:
 
     def sdpa():
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out.sum().backward()
+        out.transpose(1, 2).reshape(B, H * H, G * d).sum().backward()
 
     g = Group(f"local_attention B{B}x{G}x{H}x{H}x{d}", dict(local=ours, sdpa_masked=sdpa))
     return g
