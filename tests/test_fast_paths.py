@@ -191,3 +191,23 @@ def test_half_scores_on_a_cpu_without_half_gemms_are_the_half_gemm(monkeypatch, 
             selection_dtype=dtype, return_indices=True, backend="chunked",
         )[1]  # fmt: skip
     assert torch.equal(found[False], found[True])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_image_blocks_select_as_the_reference(monkeypatch, dtype):
+    """Blocks smaller than a batch of query rows split by image (one taller GEMM each):
+    the same indices as the reference, for self-similarity, a query batch of 1 against keys
+    of 3 and an excluded key per query."""
+    from convnn.backends import chunked, reference
+    from convnn.metrics import GemmScores
+
+    monkeypatch.setattr(chunked, "KEY_BLOCK", 7)
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 64)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randint(-3, 4, (3, 20, 5), generator=g).to(dtype)  # small integers: many ties
+    exclude = torch.randint(-1, 20, (20,), generator=g)
+    for query, key, ex in [(x, x, None), (x[:1], x, exclude), (x, x[1:2], exclude)]:
+        scores = GemmScores(query, key)
+        assert all(scores.image(b) is not None for b in range(scores.batch))
+        want = reference.select_scores(scores, 6, exclude=ex)
+        assert torch.equal(chunked.select_scores(scores, 6, exclude=ex), want)

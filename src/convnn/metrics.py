@@ -382,6 +382,11 @@ class BlockScores:
         """The same scores against the keys ``index`` (Mc,) only (a shared candidate set)."""
         raise NotImplementedError
 
+    def image(self, b: int) -> BlockScores | None:
+        """The scores of batch element ``b`` alone (batch 1), or None where they do not
+        split by batch element."""
+        return None
+
 
 def finite_products(query: Tensor, key: Tensor) -> bool:
     """Whether every q . k is finite for sure (|q . k| <= |q| |k| far below the dtype's
@@ -469,6 +474,11 @@ class GemmScores(BlockScores):
 
     def keys(self, index):
         return GemmScores(self.query, self.key[:, index])
+
+    def image(self, b):
+        one = lambda t: t if t.shape[0] == 1 else t[b : b + 1]  # noqa: E731
+        query = one(self.query)
+        return GemmScores(query, query if self.key is self.query else one(self.key))
 
 
 class MetricScores(BlockScores):

@@ -143,8 +143,9 @@ def _topk(scores: Tensor, K: int) -> tuple[Tensor, Tensor]:
 
 def canonical_order(scores: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
     """Sort the last dim by descending score, ties by lower index: (..., K) -> (..., K)."""
-    if scores.dtype != torch.float64 and not torch.compiler.is_compiling():
-        # one sort of keys that fold the index into the score (eager: faster than two)
+    big = scores.numel() >= 1 << 15  # below, the keys' ten small ops cost more than a sort
+    if big and scores.dtype != torch.float64 and not torch.compiler.is_compiling():
+        # one sort of keys that fold the index into the score (faster than two sorts)
         perm = _tie_free_keys(scores, indices).sort(dim=-1, descending=True).indices
         return scores.gather(-1, perm), indices.gather(-1, perm)
     indices, perm = indices.sort(-1)
