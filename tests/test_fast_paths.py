@@ -211,3 +211,44 @@ def test_per_image_blocks_select_as_the_reference(monkeypatch, dtype):
         assert all(scores.image(b) is not None for b in range(scores.batch))
         want = reference.select_scores(scores, 6, exclude=ex)
         assert torch.equal(chunked.select_scores(scores, 6, exclude=ex), want)
+
+
+def test_selection_blocks_run_whole_on_worker_threads(monkeypatch):
+    """With two torch threads on the CPU the query blocks run on worker threads, one thread
+    each: the same indices as one thread, and the thread count is back after, also when a
+    block fails."""
+    import threading
+
+    from convnn.backends import chunked
+    from convnn.metrics import GemmScores
+
+    monkeypatch.setattr(chunked, "KEY_BLOCK", 16)
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 256)
+    x = torch.nn.functional.normalize(randn(2, 60, 8, seed=3).float(), dim=-1)
+    scores, exclude = GemmScores(x, x), torch.arange(60)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = chunked.select_scores(scores, 5, exclude=exclude)
+        torch.set_num_threads(2)
+        seen = set()
+        block = chunked._select_block
+
+        def spy(*args):
+            seen.add((threading.current_thread().name, torch.get_num_threads()))
+            return block(*args)
+
+        monkeypatch.setattr(chunked, "_select_block", spy)
+        assert torch.equal(chunked.select_scores(scores, 5, exclude=exclude), want)
+        assert seen and all(n.startswith("convnn-select") and t == 1 for n, t in seen)
+        assert torch.get_num_threads() == 2
+
+        def fail(*args):
+            raise RuntimeError("a block failed")
+
+        monkeypatch.setattr(chunked, "_select_block", fail)
+        with pytest.raises(RuntimeError, match="a block failed"):
+            chunked.select_scores(scores, 5)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

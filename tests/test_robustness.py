@@ -412,3 +412,40 @@ def test_num_candidates_is_checked_when_the_layer_is_built(make, value):
     # a map smaller than num_candidates runs 'all', so only the constructor sees the value
     with pytest.raises(ValueError, match="num_candidates must be an integer"):
         make(value)
+
+
+def _select_in_child(queue):
+    x = torch.nn.functional.normalize(
+        torch.randn(2, 50, 8, generator=torch.Generator().manual_seed(1)), dim=-1
+    )
+    queue.put(chunked.select_scores(chunked.GemmScores(x, x), 4).tolist())
+
+
+def test_a_forked_child_selects_with_its_own_workers(monkeypatch):
+    """A process forked after the selection's worker threads started (a DataLoader worker,
+    say) has none of them: its selection starts its own instead of waiting forever."""
+    import multiprocessing
+
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 256)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.nn.functional.normalize(
+            torch.randn(2, 50, 8, generator=torch.Generator().manual_seed(1)), dim=-1
+        )
+        want = chunked.select_scores(chunked.GemmScores(x, x), 4)  # the parent's pool starts
+        assert chunked._POOL
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_select_in_child, args=(queue,))
+        child.start()
+        try:
+            got = queue.get(timeout=120)
+            child.join(timeout=60)
+        finally:
+            if child.is_alive():  # hung: do not leave it behind
+                child.kill()
+        assert child.exitcode == 0
+        assert got == want.tolist()
+    finally:
+        torch.set_num_threads(before)

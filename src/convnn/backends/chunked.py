@@ -1,12 +1,18 @@
 """Chunked pure-PyTorch backend: O(N*K) memory on any device.
 
 Selection streams key blocks through a running top-K, so the (N, M) similarity matrix is
-never formed. Aggregation is a custom autograd function that gathers neighbours one query
+never formed; with several torch threads on the CPU each block of queries runs whole on one
+worker thread. Aggregation is a custom autograd function that gathers neighbours one query
 block at a time and recomputes them in the backward pass, so the (B, N, K, C) tensor of
 gathered neighbours is never stored either.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -96,37 +102,79 @@ def select_scores(
     with torch.no_grad():
         if window is not None:
             return _select_window(scores, K, exclude, window)
-        B, N, M = scores.batch, scores.num_queries, scores.num_keys
-        kb = min(M, max(K, KEY_BLOCK))
-        if B > 1 and BLOCK_ELEMENTS // (B * kb) < N:
-            # Blocks of one image's rows hold as many scores as blocks across the batch and
-            # come as many, but from one taller GEMM each (13% faster than batched short ones)
-            images = [scores.image(b) for b in range(B)]
-            if all(im is not None for im in images):
-                return torch.cat([_select_keys(im, K, exclude, kb) for im in images])
-        return _select_keys(scores, K, exclude, kb)
+        return _select_all(scores, K, exclude)
 
 
-def _select_keys(scores: BlockScores, K: int, exclude: Tensor | None, kb: int) -> Tensor:
-    """Blocks of queries against blocks of ``kb`` keys, merged in a running top-K."""
+def _select_all(scores: BlockScores, K: int, exclude: Tensor | None) -> Tensor:
+    """Every query against every key, in blocks of queries against blocks of keys merged in
+    a running top-K. Blocks are independent: with several torch threads on the CPU each
+    block runs whole on one thread, the threads taking blocks as they finish them (one
+    parallel region per selection, not several per block, so a thread slowed by another
+    process holds no barrier up)."""
     B, N, M = scores.batch, scores.num_queries, scores.num_keys
-    qb = max(32, BLOCK_ELEMENTS // max(1, B * kb))
+    kb = min(M, max(K, KEY_BLOCK))
+    parts = [(scores, slice(None))]
+    if B > 1 and BLOCK_ELEMENTS // (B * kb) < N:
+        # Blocks of one image's rows hold as many scores as blocks across the batch and come
+        # as many, but from one taller GEMM each (13% faster than batched short ones)
+        images = [scores.image(b) for b in range(B)]
+        if all(im is not None for im in images):
+            parts = [(im, slice(b, b + 1)) for b, im in enumerate(images)]
+    qb = max(32, BLOCK_ELEMENTS // max(1, parts[0][0].batch * kb))
     out = torch.empty(B, N, K, dtype=torch.long, device=scores.device)
-    for n0 in range(0, N, qb):
-        qs = slice(n0, n0 + qb)
-        ex = None if exclude is None else exclude[qs]
-        best_s = best_i = None
-        for m0 in range(0, M, kb):
-            s = _mask_excluded(scores.wide_block(qs, slice(m0, m0 + kb)), ex, m0)
-            s, i = topk_low_ties(s, min(K, s.shape[-1]), topk_grouped, scores.rounding)
-            i = i + m0
-            if best_s is not None:  # merge; a stable sort keeps earlier (lower) indices first
-                s, i = torch.cat([best_s, s], -1), torch.cat([best_i, i], -1)
-                s, pos = s.sort(dim=-1, descending=True, stable=True)
-                s, i = s[..., :K], i.gather(-1, pos[..., :K])
-            best_s, best_i = s, i
-        out[:, qs] = best_i
+
+    def run(unit):
+        part, batch, qs = unit
+        with torch.no_grad():  # grad mode is per thread
+            out[batch, qs] = _select_block(part, K, exclude, kb, qs)
+
+    units = [(part, batch, slice(n0, n0 + qb)) for part, batch in parts for n0 in range(0, N, qb)]
+    threads = torch.get_num_threads()
+    if scores.device.type == "cpu" and threads > 1 and len(units) > 1:
+        with _block_pool(threads) as pool:
+            for _ in pool.map(run, units):
+                pass
+    else:
+        for unit in units:
+            run(unit)
     return out
+
+
+_POOL: dict[int, ThreadPoolExecutor] = {}  # by number of workers
+_POOL_LOCK = threading.Lock()
+# a forked child has none of the parent's worker threads: it starts its own pools
+os.register_at_fork(after_in_child=_POOL.clear)
+
+
+@contextlib.contextmanager
+def _block_pool(threads: int):
+    """``threads`` workers for whole blocks, torch set to one thread meanwhile (each block's
+    operators run on its worker alone) and set back after."""
+    with _POOL_LOCK:
+        pool = _POOL.get(threads)
+        if pool is None:
+            pool = _POOL[threads] = ThreadPoolExecutor(threads, "convnn-select")
+    torch.set_num_threads(1)
+    try:
+        yield pool
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _select_block(scores: BlockScores, K: int, exclude: Tensor | None, kb: int, qs: slice):
+    """The K best keys of queries ``qs``: key blocks of ``kb`` merged in a running top-K."""
+    ex = None if exclude is None else exclude[qs]
+    best_s = best_i = None
+    for m0 in range(0, scores.num_keys, kb):
+        s = _mask_excluded(scores.wide_block(qs, slice(m0, m0 + kb)), ex, m0)
+        s, i = topk_low_ties(s, min(K, s.shape[-1]), topk_grouped, scores.rounding)
+        i = i + m0
+        if best_s is not None:  # merge; a stable sort keeps earlier (lower) indices first
+            s, i = torch.cat([best_s, s], -1), torch.cat([best_i, i], -1)
+            s, pos = s.sort(dim=-1, descending=True, stable=True)
+            s, i = s[..., :K], i.gather(-1, pos[..., :K])
+        best_s, best_i = s, i
+    return best_i
 
 
 @torch.library.custom_op(
