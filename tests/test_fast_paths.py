@@ -252,3 +252,17 @@ def test_selection_blocks_run_whole_on_worker_threads(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_window_mask_is_built_once_per_map():
+    """The whole-window shortcut's SDPA mask: each query's window, built once per map,
+    window and device (a layer reads it on every call)."""
+    from convnn.stages.candidates import Grid, window_mask
+
+    grid = Grid(5, 7, ph=1, pw=2)
+    mask = window_mask(grid, 3, "cpu")
+    win = grid.window(3, "cpu")
+    want = torch.zeros(win.shape[0], 7 * 11, dtype=torch.bool).scatter_(1, win, True)
+    assert torch.equal(mask, want) and mask.sum(1).eq(9).all()
+    assert window_mask(grid, 3, torch.device("cpu")) is mask
+    assert window_mask(Grid(5, 7, ph=1, pw=2), 5, "cpu").sum(1).eq(25).all()

@@ -50,7 +50,7 @@ from .spec import ConvNNSpec, legacy_coords
 from .stages import aggregation, selection, similarity, weighting
 from .stages import positional as encoding
 from .stages.aggregation import autocast_cast, check_kernel_weights
-from .stages.candidates import Candidates, Grid, candidate_count, check_candidates
+from .stages.candidates import Candidates, Grid, candidate_count, check_candidates, window_mask
 from .stages.candidates import ann_select as ann_select_stage
 from .stages.candidates import build as build_candidates
 
@@ -757,8 +757,7 @@ def attention_call(
             f"softmax attention over each token's whole window (scaled_dot, K = {K}, kernel "
             f"'none'): SDPA with a window mask, {N} tokens <= {dispatch.MASKED_SDPA_RATIO} K"
         )
-        mask = torch.zeros(N, N, dtype=torch.bool, device=q.device)
-        mask.scatter_(1, grid.window(spec.window, q.device), True)
+        mask = window_mask(grid, spec.window, q.device)
     if dispatch.shortcut("SDPA", exact, backend):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0

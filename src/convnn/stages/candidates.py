@@ -15,6 +15,7 @@ candidate modes of DESIGN.md section 2 as a :class:`Candidates` set:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -103,6 +104,26 @@ class Grid:
         rows = ((torch.arange(gh, device=device) + 0.5) * self.H / gh).long() + self.ph
         cols = ((torch.arange(gw, device=device) + 0.5) * self.W / gw).long() + self.pw
         return (rows[:, None] * self.padded[1] + cols).reshape(-1)
+
+
+def window_mask(grid: Grid, window: int, device) -> Tensor:
+    """True where key j lies in query i's window (:meth:`Grid.window`): (N_out, Hp * Wp)
+    bool, SDPA's mask for attention over whole windows. Built once per map, window and
+    device (every call of a layer reads it), never written to."""
+    if torch.compiler.is_compiling():
+        return _window_mask(grid, window, device)
+    return _window_mask_cached(grid, window, torch.device(device))
+
+
+def _window_mask(grid: Grid, window: int, device) -> Tensor:
+    win = grid.window(window, device)
+    mask = torch.zeros(
+        win.shape[0], grid.padded[0] * grid.padded[1], dtype=torch.bool, device=device
+    )
+    return mask.scatter_(1, win, True)
+
+
+_window_mask_cached = functools.lru_cache(maxsize=32)(_window_mask)
 
 
 def candidate_count(grid: Grid, candidates: str, num_candidates: int | None, window: int | None):
