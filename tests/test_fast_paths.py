@@ -266,3 +266,36 @@ def test_window_mask_is_built_once_per_map():
     assert torch.equal(mask, want) and mask.sum(1).eq(9).all()
     assert window_mask(grid, 3, torch.device("cpu")) is mask
     assert window_mask(Grid(5, 7, ph=1, pw=2), 5, "cpu").sum(1).eq(25).all()
+
+
+def test_worker_threads_keep_the_callers_modes(monkeypatch):
+    """Selection on worker threads under inference mode (whose tensors only that mode may
+    write) gives the same result; under a dispatch mode (here one counting top-Ks) every
+    operator stays on the caller's thread, where the mode sees it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from convnn import ConvNN2d
+    from convnn.backends import chunked
+
+    class CountTopK(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountTopK.calls += func is torch.ops.aten.topk.default
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 256)
+    torch.manual_seed(0)
+    layer = ConvNN2d(4, 4, K=5)
+    x = randn(2, 4, 8, 8, seed=4).float()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        want = layer(x)
+        with torch.inference_mode():
+            assert torch.equal(layer(x), want)
+        with CountTopK():
+            assert torch.equal(layer(x), want)
+        assert CountTopK.calls >= 4  # 2 images x 2 blocks of 32 queries, one top-K each
+    finally:
+        torch.set_num_threads(before)

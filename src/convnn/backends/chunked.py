@@ -123,21 +123,28 @@ def _select_all(scores: BlockScores, K: int, exclude: Tensor | None) -> Tensor:
     qb = max(32, BLOCK_ELEMENTS // max(1, parts[0][0].batch * kb))
     out = torch.empty(B, N, K, dtype=torch.long, device=scores.device)
 
-    def run(unit):
-        part, batch, qs = unit
-        with torch.no_grad():  # grad mode is per thread
-            out[batch, qs] = _select_block(part, K, exclude, kb, qs)
-
     units = [(part, batch, slice(n0, n0 + qb)) for part, batch in parts for n0 in range(0, N, qb)]
+    inference = torch.is_inference_mode_enabled()
+
+    def run(unit):
+        with torch.inference_mode(inference), torch.no_grad():  # per-thread modes, carried
+            return _select_block(unit[0], K, exclude, kb, unit[2])
+
     threads = torch.get_num_threads()
-    if scores.device.type == "cpu" and threads > 1 and len(units) > 1:
+    if scores.device.type == "cpu" and threads > 1 and len(units) > 1 and _no_torch_modes():
         with _block_pool(threads) as pool:
-            for _ in pool.map(run, units):
-                pass
+            found = list(pool.map(run, units))
     else:
-        for unit in units:
-            run(unit)
+        found = [run(unit) for unit in units]
+    for (_, batch, qs), idx in zip(units, found):
+        out[batch, qs] = idx
     return out
+
+
+def _no_torch_modes() -> bool:
+    """Whether the calling thread runs under no torch function or dispatch mode (a device
+    context, a FLOP counter, fake tensors...): a worker thread would not see one."""
+    return torch._C._len_torch_function_stack() == 0 and torch._C._len_torch_dispatch_stack() == 0
 
 
 _POOL: dict[int, ThreadPoolExecutor] = {}  # by number of workers
