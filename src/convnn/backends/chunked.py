@@ -124,10 +124,12 @@ def _select_all(scores: BlockScores, K: int, exclude: Tensor | None) -> Tensor:
     out = torch.empty(B, N, K, dtype=torch.long, device=scores.device)
 
     units = [(part, batch, slice(n0, n0 + qb)) for part, batch in parts for n0 in range(0, N, qb)]
-    inference = torch.is_inference_mode_enabled()
 
     def run(unit):
-        with torch.inference_mode(inference), torch.no_grad():  # per-thread modes, carried
+        # grad mode is per thread. The caller writes the blocks into ``out``: under
+        # inference mode only that thread may write an inference tensor (entering the mode
+        # on each worker instead held hundreds of MiB)
+        with torch.no_grad():
             return _select_block(unit[0], K, exclude, kb, unit[2])
 
     threads = torch.get_num_threads()
