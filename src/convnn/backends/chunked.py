@@ -135,11 +135,11 @@ def _select_all(scores: BlockScores, K: int, exclude: Tensor | None) -> Tensor:
     threads = torch.get_num_threads()
     if scores.device.type == "cpu" and threads > 1 and len(units) > 1 and _no_torch_modes():
         with _block_pool(threads) as pool:
-            found = list(pool.map(run, units))
+            for (_, batch, qs), idx in zip(units, pool.map(run, units)):
+                out[batch, qs] = idx  # as each block comes: no block's result waits in a list
     else:
-        found = [run(unit) for unit in units]
-    for (_, batch, qs), idx in zip(units, found):
-        out[batch, qs] = idx
+        for unit in units:
+            out[unit[1], unit[2]] = run(unit)
     return out
 
 
