@@ -430,7 +430,8 @@ def _widen_half(query: Tensor, key: Tensor) -> tuple[Tensor, Tensor] | None:
         return None
     if _native_half_gemm(query.dtype):
         return None
-    return query.float(), key.float()
+    wide = query.float()
+    return wide, wide if key is query else key.float()  # self-similarity: converted once
 
 
 class GemmScores(BlockScores):

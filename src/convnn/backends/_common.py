@@ -34,11 +34,12 @@ def topk_low_ties(
 
     ``topk(scores, k)`` finds an unsorted top-k with arbitrary ties (default ``torch.topk``);
     it is asked for K + 1, so a row cut a tie exactly when its (K+1)-th score equals its K-th
-    (a comparison of two scores, not a pass over the row). Only those rows are repaired
-    (:func:`_lowest_ties`) in eager code. A compiled graph (no data-dependent shapes) ranks
-    distinct keys that fold the lower-index rule into the score (:func:`_tie_free_keys`),
-    so nothing needs repair; float64 scores, which do not fit such a key, get every row
-    repaired without a branch, kept where the row was cut.
+    (a comparison of two scores, not a pass over the row). Only those rows are repaired in
+    eager code (:func:`_lowest_ties_sparse`, which lists their ties). A compiled graph (no
+    data-dependent shapes) ranks distinct keys that fold the lower-index rule into the score
+    (:func:`_tie_free_keys`), so nothing needs repair; float64 scores, which do not fit such
+    a key, get every row repaired without a branch (:func:`_lowest_ties`), kept where the
+    row was cut.
 
     ``rounding``: rank ``scores.to(rounding)`` (fp32 scores standing for their bf16
     rounding, say) without rounding the whole block. Rounding is monotone, so the K + 1
