@@ -58,7 +58,8 @@ def test_tie_repair_matches_a_stable_sort(compiled):
     torch._dynamo.reset()
     fn = torch.compile(topk_low_ties, backend="aot_eager", fullgraph=True) if compiled else None
     g = torch.Generator().manual_seed(3)
-    for M, K, levels in [(2, 1, 2), (9, 4, 3), (40, 7, 4), (40, 39, 2), (64, 9, 5), (33, 33, 3)]:
+    cases = [(2, 1, 2), (9, 4, 3), (40, 7, 4), (40, 39, 2), (64, 9, 5), (33, 33, 3), (300, 9, 6)]
+    for M, K, levels in cases:  # narrow rows ranked by rounds, the widest by topk + repair
         scores = torch.randint(0, levels, (3, 4, M), generator=g).float()
         scores[scores == 0] = -torch.inf
         vals, idx = (fn or topk_low_ties)(scores, K)
@@ -66,6 +67,32 @@ def test_tie_repair_matches_a_stable_sort(compiled):
         assert torch.equal(idx, want), (M, K)  # canonical order: the stable sort's
         assert torch.equal(vals, scores.gather(-1, idx))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rounds_of_row_maxima_rank_as_topk_with_its_repair(monkeypatch, dtype):
+    """Narrow rows ranked by rounds of a row maximum (in blocks of rows, here tiny ones)
+    select exactly what torch.topk and the tie repair do, in the same order: ties, signed
+    zeros, -inf, a strided view, bf16 rounding of fp32 scores; the input is left as it was."""
+    from convnn.backends import _common
+
+    g = torch.Generator().manual_seed(8)
+    table = torch.tensor([-0.0, 0.0, 0.25, 0.5, -1.5, -torch.inf, 2.0, 0.5 + 2**-12])
+    for M, K in [(1, 1), (7, 7), (49, 9), (65, 10), (200, 16)]:
+        scores = table[torch.randint(0, len(table), (3, 2 * M + 5, 37), generator=g)]
+        scores = scores.to(dtype).transpose(1, 2)[..., :M]  # (3, 37, M), strided
+        before = scores.clone()
+        for rounding in (None, torch.bfloat16) if dtype == torch.float32 else (None,):
+            monkeypatch.setattr(_common, "ROUNDS_BLOCK", 5 * M)  # blocks of 5 rows
+            vals, idx = topk_low_ties(scores, K, rounding=rounding)
+            monkeypatch.setattr(_common, "ROUNDS_MAX_WIDTH", 0)  # topk and the repair
+            want_vals, want = topk_low_ties(scores, K, rounding=rounding)
+            monkeypatch.undo()
+            ranked = scores if rounding is None else scores.to(rounding)
+            assert torch.equal(idx, want), (M, K, rounding)
+            assert torch.equal(idx, ranked.sort(dim=-1, descending=True, stable=True)[1][..., :K])
+            assert vals.dtype == want_vals.dtype and torch.equal(vals, want_vals)
+        assert torch.equal(scores, before)
 
 
 @pytest.mark.parametrize("rounding", [torch.bfloat16, torch.float16])
@@ -121,21 +148,22 @@ def test_compiled_ranking_keys_follow_the_tie_rule(dtype):
 )
 def test_top_k_attention_is_sdpa_masked_to_the_selection(metric, include_self, K, options):
     """Softmax over K selected keys, kernel 'none': the automatic choice runs SDPA masked
-    to the selection, and agrees with the k-NN path forward and backward, indices included."""
+    to the selection (on the heads as they are: strided views of one qkv projection, as in
+    a ViT), and agrees with the k-NN path forward and backward, indices included."""
     N = 12
     out, grads, indices = [], [], []
     for backend in (None, "chunked"):
-        q, k, v = (randn(2, 3, N, 4, seed=s).requires_grad_() for s in range(3))
+        qkv = randn(2, N, 3, 3, 4, seed=5).requires_grad_()  # (B, N, q/k/v, heads, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         y, idx = convnn_attention(
             q, k, v, K, metric=metric, include_self=include_self, backend=backend,
             return_indices=True, **options,
         )  # fmt: skip
         (y * randn(*y.shape, seed=9)).sum().backward()
-        out.append(y), indices.append(idx), grads.append([q.grad, k.grad, v.grad])
+        out.append(y), indices.append(idx), grads.append(qkv.grad)
     assert torch.equal(indices[0], indices[1])
     assert max_diff(out[0], out[1]) < 1e-12
-    for a, b in zip(*grads):
-        assert max_diff(a, b) < 1e-12
+    assert max_diff(grads[0], grads[1]) < 1e-12
 
 
 def test_explain_names_the_top_k_shortcut_and_its_limits():
@@ -270,8 +298,8 @@ def test_window_mask_is_built_once_per_map():
 
 def test_worker_threads_keep_the_callers_modes(monkeypatch):
     """Selection on worker threads under inference mode (whose tensors only that mode may
-    write) gives the same result; under a dispatch mode (here one counting top-Ks) every
-    operator stays on the caller's thread, where the mode sees it."""
+    write) gives the same result; under a dispatch mode (here one counting the top-K's
+    operators) every operator stays on the caller's thread, where the mode sees it."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from convnn import ConvNN2d
@@ -281,7 +309,8 @@ def test_worker_threads_keep_the_callers_modes(monkeypatch):
         calls = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            CountTopK.calls += func is torch.ops.aten.topk.default
+            # narrow rows are ranked by rounds of a row maximum, wide ones by topk
+            CountTopK.calls += func in (torch.ops.aten.topk.default, torch.ops.aten.amax.default)
             return func(*args, **(kwargs or {}))
 
     monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 256)
