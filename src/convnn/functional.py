@@ -87,17 +87,21 @@ def _operator(
     metric_params: dict[str, Tensor] | None = None,
     pos_params: dict[str, Tensor] | None = None,
     ndim: int = 2,
+    heads: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """candidates -> similarity -> selection -> weighting -> aggregation.
 
     values (B, M, C) tokens of the padded map; q_feat (B*G, N, d) / k_feat (B*G, M, d)
     selection features of the queries / all tokens (ignored for 'spatial'), G = groups;
     metric_params: the metric's learnable tensors, each (G, *shape) (None: initial values);
-    pos_params: the positional encoding's tensors (checked); ndim: 1 for a sequence.
+    pos_params: the positional encoding's tensors (checked); ndim: 1 for a sequence;
+    heads: the (B, G, N, d) / (B, G, M, d) tensors q_feat / k_feat were reshaped from, if
+    any (attention), which the SDPA shortcut reads as they are.
     Returns y (B, N, C_out) and indices (B, G, N, K) into the padded map.
     """
     device = values.device
     B, G = values.shape[0], groups
+    features = q_feat, k_feat  # as given, before any encoding
     queries = grid.index(device)  # each query's own token
 
     # 1. candidates: which tokens each query may select
@@ -152,9 +156,15 @@ def _operator(
         mask = torch.full((B * G, N, M), -torch.inf, dtype=q_feat.dtype, device=device)
         mask.scatter_(-1, idx, 0.0)
         v = values.view(B, M, G, -1).transpose(1, 2)
+        if heads is not None and all(a is b for a, b in zip(features, (q_feat, k_feat))):
+            # SDPA reads any strides: the heads as they are spare the reshaped copies a copy
+            # back of their gradients (the gradients come in the heads' layout)
+            q, k = heads
+        else:
+            q, k = q_feat.view(B, G, N, -1), k_feat.view(B, G, M, -1)
         y = F.scaled_dot_product_attention(
-            q_feat.view(B, G, N, -1),
-            k_feat.view(B, G, M, -1),
+            q,
+            k,
             v,
             attn_mask=mask.view(B, G, N, M),
             dropout_p=dropout_p if training else 0.0,
@@ -783,5 +793,6 @@ def attention_call(
         metric_params=metric_params,
         pos_params=pos_params,
         ndim=ndim,
+        heads=(q, k),
     )
     return (y, idx) if return_indices else y
