@@ -71,21 +71,26 @@ def test_tie_repair_matches_a_stable_sort(compiled):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_rounds_of_row_maxima_rank_as_topk_with_its_repair(monkeypatch, dtype):
-    """Narrow rows ranked by rounds of a row maximum (in blocks of rows, here tiny ones)
-    select exactly what torch.topk and the tie repair do, in the same order: ties, signed
-    zeros, -inf, a strided view, bf16 rounding of fp32 scores; the input is left as it was."""
+    """Rows ranked by rounds of a row maximum (narrow rows whole, wide ones over their best
+    groups, a tail past the last group included; in blocks of rows, here tiny ones) select
+    exactly what torch.topk and the tie repair do, in the same order: ties (whole groups of
+    them), signed zeros, -inf, a strided view, bf16 rounding of fp32 scores; the input is
+    left as it was."""
     from convnn.backends import _common
 
     g = torch.Generator().manual_seed(8)
     table = torch.tensor([-0.0, 0.0, 0.25, 0.5, -1.5, -torch.inf, 2.0, 0.5 + 2**-12])
-    for M, K in [(1, 1), (7, 7), (49, 9), (65, 10), (200, 16)]:
-        scores = table[torch.randint(0, len(table), (3, 2 * M + 5, 37), generator=g)]
+    for M, K, group in [(1, 1, 0), (7, 7, 0), (49, 9, 0), (65, 10, 0), (200, 16, 0),
+                        (700, 9, 32), (1024, 16, 32), (4 * 10 * 64 + 37, 9, 32)]:  # fmt: skip
+        scores = table[torch.randint(0, len(table), (3, M + 5, 37), generator=g)]
         scores = scores.to(dtype).transpose(1, 2)[..., :M]  # (3, 37, M), strided
+        scores[0, :3] = 0.5  # a whole row ties
+        assert _common._rounds_group(scores, K) == group
         before = scores.clone()
         for rounding in (None, torch.bfloat16) if dtype == torch.float32 else (None,):
-            monkeypatch.setattr(_common, "ROUNDS_BLOCK", 5 * M)  # blocks of 5 rows
+            monkeypatch.setattr(_common, "ROUNDS_BLOCK", 5 * M)  # blocks of a few rows
             vals, idx = topk_low_ties(scores, K, rounding=rounding)
-            monkeypatch.setattr(_common, "ROUNDS_MAX_WIDTH", 0)  # topk and the repair
+            monkeypatch.setattr(_common, "_rounds_group", lambda *a: None)  # topk, repair
             want_vals, want = topk_low_ties(scores, K, rounding=rounding)
             monkeypatch.undo()
             ranked = scores if rounding is None else scores.to(rounding)

@@ -32,19 +32,23 @@ def topk_low_ties(
     """Top-K of the last dim where a tie at the K-th score keeps the lower index, in
     canonical order: descending score, equal scores by lower index.
 
-    ``topk(scores, k)`` finds an unsorted top-k with arbitrary ties (default ``torch.topk``);
-    it is asked for K + 1, so a row cut a tie exactly when its (K+1)-th score equals its K-th
-    (a comparison of two scores, not a pass over the row). Only those rows are repaired in
-    eager code (:func:`_lowest_ties_sparse`, which lists their ties). A compiled graph (no
-    data-dependent shapes) ranks distinct keys that fold the lower-index rule into the score
-    (:func:`_tie_free_keys`), so nothing needs repair; float64 scores, which do not fit such
-    a key, get every row repaired without a branch (:func:`_lowest_ties`), kept where the
-    row was cut.
+    In eager CPU code (but float64) rows are ranked by rounds of a row maximum of distinct
+    keys that fold the tie rule into the score (:func:`_topk_by_rounds`): the canonical
+    order comes out directly, ties included. Rows too wide for that and K too large for
+    their groups, float64 scores and compiled graphs take ``topk(scores, k)``, an unsorted
+    top-k with arbitrary ties (default ``torch.topk``), asked for K + 1: a row cut a tie
+    exactly when its (K+1)-th score equals its K-th (a comparison of two scores, not a pass
+    over the row). Only those rows are repaired in eager code (:func:`_lowest_ties_sparse`,
+    which lists their ties). A compiled graph (no data-dependent shapes) ranks the distinct
+    keys (:func:`_tie_free_keys`), so nothing needs repair; float64 scores, which do not fit
+    such a key, get every row repaired without a branch (:func:`_lowest_ties`), kept where
+    the row was cut.
 
     ``rounding``: rank ``scores.to(rounding)`` (fp32 scores standing for their bf16
-    rounding, say) without rounding the whole block. Rounding is monotone, so the K + 1
-    best wide scores hold the K best rounded ones unless rounding makes the (K+1)-th tie the
-    K-th: only such a row is rounded in full, to be repaired.
+    rounding, say) without rounding the whole block. Rounding is monotone, so the rounds
+    round only group maxima and their candidates; the K + 1 best wide scores hold the K
+    best rounded ones unless rounding makes the (K+1)-th tie the K-th: only such a row is
+    rounded in full, to be repaired.
 
     scores (..., M), without NaN (see :func:`rankable`) -> values (..., K) (in ``rounding``
     when given), positions (..., K).
@@ -52,9 +56,9 @@ def topk_low_ties(
     if torch.compiler.is_compiling():
         return _compiled_topk(scores if rounding is None else scores.to(rounding), K, topk)
     lead, M = scores.shape[:-1], scores.shape[-1]
-    if _by_rounds(scores, K):
-        ranked = scores if rounding is None else scores.to(rounding)
-        vals, idx = _topk_by_rounds(ranked.reshape(-1, M), K)
+    group = _rounds_group(scores, K)
+    if group is not None:
+        vals, idx = _topk_by_rounds(scores.reshape(-1, M), K, group, rounding)
         return vals.view(*lead, K), idx.view(*lead, K)
     rows_of = scores.reshape(-1, M)  # (R, M): one index per row below
     vals, idx = _topk_cut(rows_of, K, topk, rounding)
@@ -67,43 +71,99 @@ def topk_low_ties(
     return vals.view(*lead, K), idx.view(*lead, K)
 
 
-# Rows this narrow (and K this small) are ranked by rounds of a row maximum (see
-# _topk_by_rounds): on one CPU thread 0.3-0.6x torch.topk's time, which is about 1 us a row
-# whatever the width below a few hundred.
+# Ranking by rounds of a row maximum (_topk_by_rounds), on one CPU thread against torch.topk
+# (about 1 us a row below a few hundred scores) and its tie repair: 0.3-0.6x its time on
+# rows of at most ROUNDS_MAX_WIDTH scores with K * width <= ROUNDS_MAX_WORK; on wider rows,
+# over the K best groups of ROUNDS_GROUP scores, 0.6-0.95x where those hold at most
+# ROUNDS_GROUP_SHARE of the row (and as fast with bf16 rounding as without).
 ROUNDS_MAX_WIDTH = 256
-ROUNDS_MAX_WORK = 4096  # K * width
-ROUNDS_BLOCK = 1 << 18  # int64 keys ranked at a time (2 MiB): they stay in cache
+ROUNDS_MAX_WORK = 4096
+ROUNDS_GROUP = 32  # narrower groups make the group maxima (an inner reduction) slow
+ROUNDS_GROUP_SHARE = 0.6
+ROUNDS_BLOCK = 1 << 17  # int64 keys ranked at a time (1 MiB): they stay in cache
+_STRUCK = torch.iinfo(torch.int64).min  # below every key (that would be a NaN's)
 
 
-def _by_rounds(scores: Tensor, K: int) -> bool:
+def _rounds_group(scores: Tensor, K: int) -> int | None:
+    """How :func:`topk_low_ties` ranks ``scores`` by rounds: 0 (whole rows), a group size
+    (the rows' best groups), or None (not by rounds)."""
     M = scores.shape[-1]
-    return (
-        scores.dtype != torch.float64  # its scores do not fit a tie-free key
-        and scores.device.type == "cpu"
-        and M <= ROUNDS_MAX_WIDTH
-        and K * M <= ROUNDS_MAX_WORK
-    )
+    if scores.dtype == torch.float64 or scores.device.type != "cpu":
+        return None  # float64 scores do not fit a key; elsewhere nonzero would sync
+    if M <= ROUNDS_MAX_WIDTH and K * M <= ROUNDS_MAX_WORK:
+        return 0
+    if K * ROUNDS_GROUP <= ROUNDS_GROUP_SHARE * M:
+        return ROUNDS_GROUP
+    return None
 
 
-def _topk_by_rounds(scores: Tensor, K: int) -> tuple[Tensor, Tensor]:
-    """:func:`topk_low_ties` as K rounds of a row maximum of tie-free keys (in place), each
-    round taking a row's best key and striking it out. The keys are distinct and hold the
-    tie rule, so the rounds find the canonical order itself, ties included: no K + 1, no
-    repair, no sort. Rows are taken :data:`ROUNDS_BLOCK` keys at a time.
+def _topk_by_rounds(
+    scores: Tensor, K: int, group: int, rounding: torch.dtype | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`topk_low_ties` by K rounds of a row maximum of tie-free keys, each round
+    taking a row's best key and striking it out (:func:`_strike`). The keys are distinct
+    and hold the tie rule, so the rounds find the canonical order itself: no K + 1, no
+    repair, no sort. ``group`` > 0 ranks only the K best groups of ``group`` consecutive
+    scores (:func:`_best_groups`). Rows are taken about :data:`ROUNDS_BLOCK` keys at a time.
 
-    scores (R, M) -> values (R, K), positions (R, K)."""
+    scores (R, M) -> values (R, K) (in ``rounding`` when given), positions (R, K)."""
     R, M = scores.shape
     idx = torch.empty(R, K, dtype=torch.int64, device=scores.device)
-    rows = max(1, ROUNDS_BLOCK // max(M, 1))
+    width = K * group + M % group if group else M
+    rows = max(1, ROUNDS_BLOCK // max(width, 1))
     for r0 in range(0, R, rows):
-        keys, out = _tie_free_keys(scores[r0 : r0 + rows]), idx[r0 : r0 + rows]
-        for k in range(K):
-            best = keys.amax(-1, keepdim=True)
-            best &= 0xFFFFFFFF  # the reversed position
-            torch.sub(0x7FFFFFFF, best, out=best)
+        block, out = scores[r0 : r0 + rows], idx[r0 : r0 + rows]
+        if group:
+            positions, block = _best_groups(block, K, group, rounding)
+        elif rounding is not None:
+            block = block.to(rounding)
+        _strike(_tie_free_keys(block, scratch=group > 0), K, out)
+        if group:
+            torch.gather(positions, -1, out.clone(), out=out)
+    vals = scores.gather(-1, idx)
+    return (vals if rounding is None else vals.to(rounding)), idx
+
+
+def _best_groups(
+    scores: Tensor, K: int, group: int, rounding: torch.dtype | None
+) -> tuple[Tensor, Tensor]:
+    """The scores of the K best groups of ``group`` consecutive scores of each row (and the
+    tail that fills no group), and their positions: (r, M) -> positions, candidates
+    (r, K * group + M % group), both in ascending position.
+
+    Groups rank by their best score, equal ones by lower position (a group's best key):
+    a group is beaten only by one holding a better score, so the K best scores lie in the K
+    best groups. Rounding is monotone: a group's best rounded score is its best, rounded.
+    """
+    r, M = scores.shape
+    ng, device = M // group, scores.device
+    body = ng * group
+    flat = scores[:, :body].reshape(r * ng, group)  # a copy only if the rows are strided
+    best = flat.amax(-1).view(r, ng)
+    keys = _tie_free_keys(best if rounding is None else best.to(rounding), scratch=True)
+    _strike(keys, K)
+    chosen = (keys == _STRUCK).nonzero()[:, 1].view(r, K)  # row-major: ascending groups
+    rows = (torch.arange(0, r * ng, ng, device=device)[:, None] + chosen).view(-1)
+    cand = flat.index_select(0, rows).view(r, K * group)  # whole rows: cheaper than gather
+    positions = (chosen[..., None] * group + torch.arange(group, device=device)).view(r, -1)
+    if body < M:
+        cand = torch.cat([cand, scores[:, body:]], -1)
+        tail = torch.arange(body, M, device=device).expand(r, -1)
+        positions = torch.cat([positions, tail], -1)
+    return positions, cand if rounding is None else cand.to(rounding)
+
+
+def _strike(keys: Tensor, K: int, out: Tensor | None = None) -> None:
+    """K rounds over distinct keys (R, M) of columns 0..M-1 (:func:`_tie_free_keys`): each
+    takes each row's best key and strikes it out (in place). The columns taken, best
+    first, go to ``out`` (R, K)."""
+    for k in range(K):
+        best = keys.amax(-1, keepdim=True)
+        best &= 0xFFFFFFFF  # the reversed column
+        torch.sub(0x7FFFFFFF, best, out=best)
+        if out is not None:
             out[:, k : k + 1] = best
-            keys.scatter_(-1, best, torch.iinfo(torch.int64).min)
-    return scores.gather(-1, idx), idx
+        keys.scatter_(-1, best, _STRUCK)
 
 
 def _topk_cut(scores: Tensor, K: int, topk, rounding=None) -> tuple[Tensor, Tensor]:
@@ -134,13 +194,19 @@ def _compiled_topk(scores: Tensor, K: int, topk) -> tuple[Tensor, Tensor]:
     return canonical_order(vals, idx)
 
 
-def _tie_free_keys(scores: Tensor, index: Tensor | None = None) -> Tensor:
+def _tie_free_keys(scores: Tensor, index: Tensor | None = None, scratch: bool = False) -> Tensor:
     """int64 keys (..., M) of float32-exact scores at positions ``index`` (< 2^31, default
     0..M-1), distinct where the positions are, in the order of the tie rule: the score's
-    bits made monotone (an ordered integer) above the reversed position."""
+    bits made monotone (an ordered integer) above the reversed position. ``scratch``: the
+    scores are the caller's temporary, free to overwrite."""
     # in place on fresh tensors: each new temporary of a large block costs page faults
-    bits = scores.to(torch.float32, copy=True).view(torch.int32)
-    bits.masked_fill_(bits == -(2**31), 0)  # -0.0 ties +0.0, as the scores compare
+    own = scratch and scores.dtype == torch.float32
+    t = scores if own else scores.to(torch.float32, copy=True)
+    if torch.compiler.is_compiling():  # a compiler may take x + 0.0 for x
+        t.masked_fill_(t == 0, 0.0)
+    else:
+        t += 0.0  # -0.0 + 0.0 = +0.0: signed zeros tie, as the scores compare
+    bits = t.view(torch.int32)
     flip = bits >> 31
     flip &= 0x7FFFFFFF
     bits ^= flip  # negative scores' magnitude bits reversed: an ordered integer
