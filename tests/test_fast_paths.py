@@ -301,6 +301,35 @@ def test_window_mask_is_built_once_per_map():
     assert window_mask(Grid(5, 7, ph=1, pw=2), 5, "cpu").sum(1).eq(25).all()
 
 
+@pytest.mark.parametrize(("hw", "window"), [((14, 14), 7), ((12, 20), 5), ((1, 144), 9)])
+def test_whole_window_attention_by_blocks_is_the_knn_path(hw, window):
+    """On maps large enough, whole-window attention runs SDPA block by block, each block of
+    queries against the span of keys its windows reach (fewer pairs than the whole mask),
+    and agrees with the k-NN path forward and backward."""
+    from convnn.stages.candidates import Grid, window_blocks, window_mask
+
+    grid = Grid(*hw)
+    N, K = hw[0] * hw[1], window * window if hw[0] > 1 else window
+    blocks = window_blocks(grid, window, "cpu")
+    mask = window_mask(grid, window, "cpu")
+    assert dispatch.masked_sdpa_pays(N, K)  # the automatic choice is the SDPA shortcut
+    assert len(blocks) > 1 and window_blocks(grid, window, "cpu") is blocks  # built once
+    covered = torch.zeros_like(mask)
+    for qs, ks, m in blocks:
+        covered[qs, ks] = m
+    assert torch.equal(covered, mask)  # the spans hold every window
+    assert sum(m.numel() for _, _, m in blocks) <= 0.75 * mask.numel()
+    out, grads = [], []
+    for backend in (None, "chunked"):
+        qkv = randn(2, N, 3, 2, 4, seed=6).requires_grad_()
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        y = convnn_attention(q, k, v, K, candidates="window", window=window, hw=hw, backend=backend)
+        (y * randn(*y.shape, seed=9)).sum().backward()
+        out.append(y), grads.append(qkv.grad)
+    assert max_diff(out[0], out[1]) < 1e-12
+    assert max_diff(grads[0], grads[1]) < 1e-12
+
+
 def test_worker_threads_keep_the_callers_modes(monkeypatch):
     """Selection on worker threads under inference mode (whose tensors only that mode may
     write) gives the same result; under a dispatch mode (here one counting the top-K's

@@ -50,7 +50,13 @@ from .spec import ConvNNSpec, legacy_coords
 from .stages import aggregation, selection, similarity, weighting
 from .stages import positional as encoding
 from .stages.aggregation import autocast_cast, check_kernel_weights
-from .stages.candidates import Candidates, Grid, candidate_count, check_candidates, window_mask
+from .stages.candidates import (
+    Candidates,
+    Grid,
+    candidate_count,
+    check_candidates,
+    window_blocks,
+)
 from .stages.candidates import ann_select as ann_select_stage
 from .stages.candidates import build as build_candidates
 
@@ -746,7 +752,7 @@ def attention_call(
     for name, t in (("k", k), ("v", v), ("weight", weight), ("bias", bias)):
         check_like(name, t, "q", q)
 
-    exact, mask = None, None
+    exact = None
     plain = (
         not spec.include_self
         and spec.kernel == "none"
@@ -765,13 +771,22 @@ def attention_call(
     ):
         exact = (
             f"softmax attention over each token's whole window (scaled_dot, K = {K}, kernel "
-            f"'none'): SDPA with a window mask, {N} tokens <= {dispatch.MASKED_SDPA_RATIO} K"
+            f"'none'): SDPA with a window mask (by blocks of queries, over the keys their "
+            f"windows reach), {N} tokens <= {dispatch.MASKED_SDPA_RATIO} K"
         )
-        mask = window_mask(grid, spec.window, q.device)
+        blocks = window_blocks(grid, spec.window, q.device)
     if dispatch.shortcut("SDPA", exact, backend):
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0
-        )
+        p = dropout_p if training else 0.0
+        if spec.candidates != "window":
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:  # each block of queries against the span of keys its windows reach
+            parts = [
+                F.scaled_dot_product_attention(
+                    q[:, :, qs], k[:, :, ks], v[:, :, ks], attn_mask=m, dropout_p=p
+                )
+                for qs, ks, m in blocks
+            ]
+            out = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
         out = out.transpose(1, 2).reshape(B, N, C)
         return out if bias is None else out + bias
     values = v.transpose(1, 2).reshape(B, N, C)
