@@ -260,3 +260,37 @@ def test_compiled_gemm_selection_is_one_eager_op(fresh_dynamo):
     q = torch.nn.functional.normalize(randn(2, 30, 8).float(), dim=-1)
     for args in [(q, q, 4, None, None), (q, q[:1], 3, torch.arange(30), None)]:
         torch.library.opcheck(op.default, args)
+
+
+def test_compiled_aggregation_gathers_from_one_contiguous_copy(fresh_dynamo):
+    """A compiled graph copies the tokens to contiguous rows once, as an opaque op that the
+    backward pass reuses: fused into the gathers, the copy became one strided load per
+    element, in the forward and again in the backward pass. Gradients match eager; the
+    op's fake and real forms agree (opcheck)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from convnn.backends import chunked  # noqa: F401  (registers the op)
+
+    op = torch.ops.convnn.contiguous_copy.default
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = [node.target for node in gm.graph.nodes]
+            return make_boxed_func(gm)
+
+        return compiler
+
+    layer = _conv("euclidean-softmax-pad")
+    x = randn(1, 3, 5, 5, seed=7).requires_grad_()
+    with on_backend("chunked"):
+        compiled = torch.compile(
+            layer, backend=aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw"))
+        )
+        (g_comp,) = torch.autograd.grad(compiled(x).sum(), x)
+        (g_eager,) = torch.autograd.grad(layer(x).sum(), x)
+    assert max_diff(g_eager, g_comp) < 1e-12
+    assert graphs["fw"].count(op) == 1 and op not in graphs["bw"]  # saved, not recomputed
+    values = randn(2, 6, 4).transpose(1, 2)
+    torch.library.opcheck(op, (values,))

@@ -234,10 +234,30 @@ def _kernel_forward(prime: Tensor, weight: Tensor | None, kernel: str) -> Tensor
     return prime.reshape(B, n, K * C) @ weight.permute(2, 1, 0).reshape(K * C, -1)
 
 
+@torch.library.custom_op("convnn::contiguous_copy", mutates_args=())
+def _contiguous_copy(values: Tensor) -> Tensor:
+    """A contiguous copy as one opaque op of a compiled graph: the compiler would fuse the
+    copy into the gathers that read it (one strided load per element, 8 per vector, where a
+    row gather loads whole vectors) and recompute it in the backward pass."""
+    return values.clone(memory_format=torch.contiguous_format)
+
+
+@_contiguous_copy.register_fake
+def _(values):
+    return torch.empty_like(values, memory_format=torch.contiguous_format)
+
+
+def _rows(values: Tensor) -> Tensor:
+    """``values`` (B, M, C) with contiguous rows: each block gathers rows of a flat view."""
+    if torch.compiler.is_compiling():
+        return _contiguous_copy(values)
+    return values.contiguous()
+
+
 class _Aggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, indices, rho, weight, bias, kernel):
-        values = values.contiguous()  # once: each block gathers rows of a flat view
+        values = _rows(values)  # once
         B, M, C = values.shape
         G, N, K = indices.shape[1:]
         acc = torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else values.dtype
