@@ -267,7 +267,7 @@ def test_compiled_aggregation_gathers_from_one_contiguous_copy(fresh_dynamo):
     backward pass reuses: fused into the gathers, the copy became one strided load per
     element, in the forward and again in the backward pass. Gradients match eager; the
     op's fake and real forms agree (opcheck)."""
-    from functorch.compile import make_boxed_func
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
 
     from convnn.backends import chunked  # noqa: F401  (registers the op)
@@ -285,9 +285,12 @@ def test_compiled_aggregation_gathers_from_one_contiguous_copy(fresh_dynamo):
     layer = _conv("euclidean-softmax-pad")
     x = randn(1, 3, 5, 5, seed=7).requires_grad_()
     with on_backend("chunked"):
-        compiled = torch.compile(
-            layer, backend=aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw"))
+        backend = aot_autograd(  # the partition inductor uses: it may recompute in backward
+            fw_compiler=keep("fw"),
+            bw_compiler=keep("bw"),
+            partition_fn=min_cut_rematerialization_partition,
         )
+        compiled = torch.compile(layer, backend=backend, fullgraph=True)
         (g_comp,) = torch.autograd.grad(compiled(x).sum(), x)
         (g_eager,) = torch.autograd.grad(layer(x).sum(), x)
     assert max_diff(g_eager, g_comp) < 1e-12

@@ -302,7 +302,7 @@ def test_window_mask_is_built_once_per_map():
 
 
 @pytest.mark.parametrize(("hw", "window"), [((14, 14), 7), ((12, 20), 5), ((1, 144), 9)])
-def test_whole_window_attention_by_blocks_is_the_knn_path(hw, window):
+def test_whole_window_attention_by_blocks_is_the_knn_path(monkeypatch, hw, window):
     """On maps large enough, whole-window attention runs SDPA block by block, each block of
     queries against the span of keys its windows reach (fewer pairs than the whole mask),
     and agrees with the k-NN path forward and backward."""
@@ -319,13 +319,21 @@ def test_whole_window_attention_by_blocks_is_the_knn_path(hw, window):
         covered[qs, ks] = m
     assert torch.equal(covered, mask)  # the spans hold every window
     assert sum(m.numel() for _, _, m in blocks) <= 0.75 * mask.numel()
-    out, grads = [], []
+    out, grads, calls = [], [], []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[2])  # queries in the call
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
     for backend in (None, "chunked"):
         qkv = randn(2, N, 3, 2, 4, seed=6).requires_grad_()
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         y = convnn_attention(q, k, v, K, candidates="window", window=window, hw=hw, backend=backend)
         (y * randn(*y.shape, seed=9)).sum().backward()
         out.append(y), grads.append(qkv.grad)
+    assert calls == [qs.stop - qs.start for qs, _, _ in blocks]  # the automatic choice only
     assert max_diff(out[0], out[1]) < 1e-12
     assert max_diff(grads[0], grads[1]) < 1e-12
 
@@ -359,6 +367,6 @@ def test_worker_threads_keep_the_callers_modes(monkeypatch):
             assert torch.equal(layer(x), want)
         with CountTopK():
             assert torch.equal(layer(x), want)
-        assert CountTopK.calls >= 4  # 2 images x 2 blocks of 32 queries, one top-K each
+        assert CountTopK.calls >= 4  # 2 images x 2 blocks of 32 queries, each ranked
     finally:
         torch.set_num_threads(before)

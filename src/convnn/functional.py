@@ -774,7 +774,6 @@ def attention_call(
             f"'none'): SDPA with a window mask (by blocks of queries, over the keys their "
             f"windows reach), {N} tokens <= {dispatch.MASKED_SDPA_RATIO} K"
         )
-        blocks = window_blocks(grid, spec.window, q.device)
     if dispatch.shortcut("SDPA", exact, backend):
         p = dropout_p if training else 0.0
         if spec.candidates != "window":
@@ -784,7 +783,7 @@ def attention_call(
                 F.scaled_dot_product_attention(
                     q[:, :, qs], k[:, :, ks], v[:, :, ks], attn_mask=m, dropout_p=p
                 )
-                for qs, ks, m in blocks
+                for qs, ks, m in window_blocks(grid, spec.window, q.device)
             ]
             out = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
         out = out.transpose(1, 2).reshape(B, N, C)

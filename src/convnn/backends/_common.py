@@ -32,11 +32,12 @@ def topk_low_ties(
     """Top-K of the last dim where a tie at the K-th score keeps the lower index, in
     canonical order: descending score, equal scores by lower index.
 
-    In eager CPU code (but float64) rows are ranked by rounds of a row maximum of distinct
-    keys that fold the tie rule into the score (:func:`_topk_by_rounds`): the canonical
-    order comes out directly, ties included. Rows too wide for that and K too large for
-    their groups, float64 scores and compiled graphs take ``topk(scores, k)``, an unsorted
-    top-k with arbitrary ties (default ``torch.topk``), asked for K + 1: a row cut a tie
+    In eager CPU code, float64 scores excepted, rows are ranked by rounds of a row maximum
+    of distinct keys that fold the tie rule into the score (:func:`_topk_by_rounds`): the
+    canonical order comes out directly, ties included, and ``topk`` is not used. Rows too
+    wide for whole rounds with K too large for their groups, float64 scores and compiled
+    graphs take ``topk(scores, k)``, an unsorted top-k with arbitrary ties (default
+    ``torch.topk``), asked for K + 1: a row cut a tie
     exactly when its (K+1)-th score equals its K-th (a comparison of two scores, not a pass
     over the row). Only those rows are repaired in eager code (:func:`_lowest_ties_sparse`,
     which lists their ties). A compiled graph (no data-dependent shapes) ranks the distinct
@@ -45,14 +46,16 @@ def topk_low_ties(
     the row was cut.
 
     ``rounding``: rank ``scores.to(rounding)`` (fp32 scores standing for their bf16
-    rounding, say) without rounding the whole block. Rounding is monotone, so the rounds
-    round only group maxima and their candidates; the K + 1 best wide scores hold the K
-    best rounded ones unless rounding makes the (K+1)-th tie the K-th: only such a row is
-    rounded in full, to be repaired.
+    rounding, say) without rounding the whole block. Rounding is monotone, so rounds over
+    groups round only the group maxima and their candidates (narrow rows are rounded
+    whole); the K + 1 best wide scores hold the K best rounded ones unless rounding makes
+    the (K+1)-th tie the K-th: only such a row is rounded in full, to be repaired.
 
-    scores (..., M), without NaN (see :func:`rankable`) -> values (..., K) (in ``rounding``
-    when given), positions (..., K).
+    scores (..., M), without NaN (see :func:`rankable`), K <= M -> values (..., K) (in
+    ``rounding`` when given), positions (..., K).
     """
+    if K > scores.shape[-1]:
+        raise ValueError(f"K must be at most the {scores.shape[-1]} scores per row, got {K}")
     if torch.compiler.is_compiling():
         return _compiled_topk(scores if rounding is None else scores.to(rounding), K, topk)
     lead, M = scores.shape[:-1], scores.shape[-1]
@@ -81,7 +84,8 @@ ROUNDS_MAX_WORK = 4096
 ROUNDS_GROUP = 32  # narrower groups make the group maxima (an inner reduction) slow
 ROUNDS_GROUP_SHARE = 0.6
 ROUNDS_BLOCK = 1 << 17  # int64 keys ranked at a time (1 MiB): they stay in cache
-_STRUCK = torch.iinfo(torch.int64).min  # below every key (that would be a NaN's)
+# Below every key: only a negative NaN's key at position 2^31 - 1 would equal it.
+_STRUCK = torch.iinfo(torch.int64).min
 
 
 def _rounds_group(scores: Tensor, K: int) -> int | None:
@@ -138,7 +142,7 @@ def _best_groups(
     r, M = scores.shape
     ng, device = M // group, scores.device
     body = ng * group
-    flat = scores[:, :body].reshape(r * ng, group)  # a copy only if the rows are strided
+    flat = scores[:, :body].reshape(r * ng, group)  # a copy if the rows are strided or M % group
     best = flat.amax(-1).view(r, ng)
     keys = _tie_free_keys(best if rounding is None else best.to(rounding), scratch=True)
     _strike(keys, K)
@@ -195,25 +199,27 @@ def _compiled_topk(scores: Tensor, K: int, topk) -> tuple[Tensor, Tensor]:
 
 
 def _tie_free_keys(scores: Tensor, index: Tensor | None = None, scratch: bool = False) -> Tensor:
-    """int64 keys (..., M) of float32-exact scores at positions ``index`` (< 2^31, default
-    0..M-1), distinct where the positions are, in the order of the tie rule: the score's
-    bits made monotone (an ordered integer) above the reversed position. ``scratch``: the
-    scores are the caller's temporary, free to overwrite."""
+    """int64 keys (..., M) of float32-exact scores at positions ``index`` (the scores' shape,
+    < 2^31; default 0..M-1), distinct where the positions are, in the order of the tie
+    rule: the score's bits made monotone (an ordered integer) above the reversed position.
+    ``scratch``: the scores are the caller's temporary, free to overwrite (eager code)."""
+    if index is None:
+        index = torch.arange(scores.shape[-1], device=scores.device)
+    if torch.compiler.is_compiling():  # pure ops (and a compiler may take x + 0.0 for x)
+        bits = scores.float().view(torch.int32)
+        bits = bits & -(bits != -(2**31)).int()  # -0.0 ties +0.0, as the scores compare
+        ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
+        return (ordered << 32) | (0x7FFFFFFF - index)
     # in place on fresh tensors: each new temporary of a large block costs page faults
     own = scratch and scores.dtype == torch.float32
     t = scores if own else scores.to(torch.float32, copy=True)
-    if torch.compiler.is_compiling():  # a compiler may take x + 0.0 for x
-        t.masked_fill_(t == 0, 0.0)
-    else:
-        t += 0.0  # -0.0 + 0.0 = +0.0: signed zeros tie, as the scores compare
+    t += 0.0  # -0.0 + 0.0 = +0.0: signed zeros tie, as the scores compare
     bits = t.view(torch.int32)
     flip = bits >> 31
     flip &= 0x7FFFFFFF
     bits ^= flip  # negative scores' magnitude bits reversed: an ordered integer
     keys = bits.to(torch.int64)
     keys <<= 32
-    if index is None:
-        index = torch.arange(scores.shape[-1], device=scores.device)
     keys |= 0x7FFFFFFF - index
     return keys
 

@@ -249,7 +249,7 @@ def _(values):
 
 def _rows(values: Tensor) -> Tensor:
     """``values`` (B, M, C) with contiguous rows: each block gathers rows of a flat view."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not values.is_contiguous():
         return _contiguous_copy(values)
     return values.contiguous()
 

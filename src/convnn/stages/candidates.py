@@ -136,11 +136,13 @@ def window_blocks(grid: Grid, window: int, device) -> tuple[tuple[slice, slice, 
     """:func:`window_mask` cut into blocks of about :data:`WINDOW_QUERY_BLOCK` consecutive
     queries, each with the span of keys its windows reach: ((queries, keys, mask (n, m)),
     ...), so attention over whole windows scores each block's span, not every key. One
-    block, the whole mask, where the spans would not skip a quarter of the pairs, or in a
-    traced graph (the spans are data). Built once per map, window and device."""
+    block, the whole mask, where the spans would not skip a quarter of the pairs, in a
+    traced graph (the spans are data) and off the CPU (where the blocks were measured; on a
+    GPU one larger kernel is the better bet). Built once per map, window and device: the
+    masks are shared, never to be written to."""
     mask = window_mask(grid, window, device)
     whole = ((slice(None), slice(None), mask),)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.device(device).type != "cpu":
         return whole
     blocks = _window_blocks(grid, window, torch.device(device))
     return whole if blocks is None else blocks
