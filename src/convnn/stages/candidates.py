@@ -140,17 +140,15 @@ def window_blocks(grid: Grid, window: int, device) -> tuple[tuple[slice, slice, 
     traced graph (the spans are data) and off the CPU (where the blocks were measured; on a
     GPU one larger kernel is the better bet). Built once per map, window and device: the
     masks are shared, never to be written to."""
-    mask = window_mask(grid, window, device)
-    whole = ((slice(None), slice(None), mask),)
     if torch.compiler.is_compiling() or torch.device(device).type != "cpu":
-        return whole
-    blocks = _window_blocks(grid, window, torch.device(device))
-    return whole if blocks is None else blocks
+        return ((slice(None), slice(None), window_mask(grid, window, device)),)
+    return _window_blocks(grid, window, torch.device(device))
 
 
 @functools.lru_cache(maxsize=32)
 def _window_blocks(grid: Grid, window: int, device: torch.device):
     mask = _window_mask_cached(grid, window, device)
+    whole = ((slice(None), slice(None), mask),)
     N, M = mask.shape
     first = mask.int().argmax(1)  # each query's first and last key of its window
     last = M - 1 - mask.flip(1).int().argmax(1)
@@ -163,7 +161,7 @@ def _window_blocks(grid: Grid, window: int, device: torch.device):
         lo, hi = int(first[a:b].min()), int(last[a:b].max()) + 1
         blocks.append((slice(a, b), slice(lo, hi), mask[a:b, lo:hi].contiguous()))
         pairs += (b - a) * (hi - lo)
-    return tuple(blocks) if pairs <= WINDOW_BLOCK_SAVING * N * M else None
+    return tuple(blocks) if pairs <= WINDOW_BLOCK_SAVING * N * M else whole
 
 
 def candidate_count(grid: Grid, candidates: str, num_candidates: int | None, window: int | None):
