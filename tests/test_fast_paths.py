@@ -88,7 +88,7 @@ def test_rounds_of_row_maxima_rank_as_topk_with_its_repair(monkeypatch, dtype):
         assert _common._rounds_group(scores, K) == group
         before = scores.clone()
         for rounding in (None, torch.bfloat16) if dtype == torch.float32 else (None,):
-            monkeypatch.setattr(_common, "ROUNDS_BLOCK", 5 * M)  # blocks of a few rows
+            monkeypatch.setattr(_common, "ROUNDS_BLOCK", 5 * M * 8)  # blocks of a few rows
             vals, idx = topk_low_ties(scores, K, rounding=rounding)
             monkeypatch.setattr(_common, "_rounds_group", lambda *a: None)  # topk, repair
             want_vals, want = topk_low_ties(scores, K, rounding=rounding)
@@ -98,6 +98,35 @@ def test_rounds_of_row_maxima_rank_as_topk_with_its_repair(monkeypatch, dtype):
             assert torch.equal(idx, ranked.sort(dim=-1, descending=True, stable=True)[1][..., :K])
             assert vals.dtype == want_vals.dtype and torch.equal(vals, want_vals)
         assert torch.equal(scores, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_narrow_keys_of_16_bit_scores_order_as_the_wide_ones(dtype):
+    """16-bit scores get int32 keys (16 bits of score above 16 of reversed position) in the
+    order of the int64 keys of the same scores, up to rows of 2^16 (ties at the last
+    position included); wider rows, and given positions, keep int64 keys. Rounds over them
+    rank as a stable sort does, the input left as it was."""
+    from convnn.backends._common import _strike, _tie_free_keys
+
+    g = torch.Generator().manual_seed(11)
+    info = torch.finfo(dtype)
+    table = torch.tensor([-0.0, 0.0, info.tiny / 4, -info.tiny / 4, info.max, -info.max,
+                          torch.inf, -torch.inf, 1.0, -1.0, 0.5, 0.5 + info.eps])  # fmt: skip
+    for M in (1, 37, 1 << 16):
+        scores = table[torch.randint(0, len(table), (2, M), generator=g)].to(dtype)
+        before = scores.clone()
+        narrow, wide = _tie_free_keys(scores), _tie_free_keys(scores.float())
+        assert narrow.dtype == torch.int32 and torch.equal(scores, before)
+        assert torch.equal(narrow.argsort(-1), wide.argsort(-1)), M
+        assert all(row.unique().numel() == M for row in narrow)  # distinct
+        K = min(M, 12)
+        idx = torch.empty(2, K, dtype=torch.int64)
+        _strike(narrow, K, idx)
+        want = scores.float().sort(dim=-1, descending=True, stable=True).indices[:, :K]
+        assert torch.equal(idx, want), M
+    wider = torch.zeros(1, (1 << 16) + 1, dtype=dtype)
+    assert _tie_free_keys(wider).dtype == torch.int64
+    assert _tie_free_keys(scores[:, :5], torch.arange(5)).dtype == torch.int64
 
 
 @pytest.mark.parametrize("rounding", [torch.bfloat16, torch.float16])

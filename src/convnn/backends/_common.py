@@ -78,14 +78,17 @@ def topk_low_ties(
 # (about 1 us a row below a few hundred scores) and its tie repair: 0.3-0.6x its time on
 # rows of at most ROUNDS_MAX_WIDTH scores with K * width <= ROUNDS_MAX_WORK; on wider rows,
 # over the K best groups of ROUNDS_GROUP scores, 0.6-0.95x where those hold at most
-# ROUNDS_GROUP_SHARE of the row (and as fast with bf16 rounding as without).
+# ROUNDS_GROUP_SHARE of the row. 16-bit scores (or rounding) rank faster than fp32 ones:
+# their keys are half as wide (0.8-0.85x the fp32 time of 4 x 1024 rows of 1024, K = 8).
 ROUNDS_MAX_WIDTH = 256
 ROUNDS_MAX_WORK = 4096
 ROUNDS_GROUP = 32  # narrower groups make the group maxima (an inner reduction) slow
 ROUNDS_GROUP_SHARE = 0.6
-ROUNDS_BLOCK = 1 << 17  # int64 keys ranked at a time (1 MiB): they stay in cache
-# Below every key: only a negative NaN's key at position 2^31 - 1 would equal it.
-_STRUCK = torch.iinfo(torch.int64).min
+ROUNDS_BLOCK = 1 << 20  # bytes of keys ranked at a time (1 MiB): they stay in cache
+# 16-bit scores of rows of at most 2^16 get int32 keys (16 bits of score above 16 of reversed
+# position): half the bytes of int64 keys, and AVX2 has an int32 maximum but no int64 one
+_HALF = (torch.bfloat16, torch.float16)
+_NARROW_WIDTH = 1 << 16
 
 
 def _rounds_group(scores: Tensor, K: int) -> int | None:
@@ -108,13 +111,15 @@ def _topk_by_rounds(
     taking a row's best key and striking it out (:func:`_strike`). The keys are distinct
     and hold the tie rule, so the rounds find the canonical order itself: no K + 1, no
     repair, no sort. ``group`` > 0 ranks only the K best groups of ``group`` consecutive
-    scores (:func:`_best_groups`). Rows are taken about :data:`ROUNDS_BLOCK` keys at a time.
+    scores (:func:`_best_groups`). Rows are taken about :data:`ROUNDS_BLOCK` bytes of keys
+    at a time.
 
     scores (R, M) -> values (R, K) (in ``rounding`` when given), positions (R, K)."""
     R, M = scores.shape
     idx = torch.empty(R, K, dtype=torch.int64, device=scores.device)
     width = K * group + M % group if group else M
-    rows = max(1, ROUNDS_BLOCK // max(width, 1))
+    narrow = (rounding or scores.dtype) in _HALF and width <= _NARROW_WIDTH
+    rows = max(1, ROUNDS_BLOCK // (max(width, 1) * (4 if narrow else 8)))
     for r0 in range(0, R, rows):
         block, out = scores[r0 : r0 + rows], idx[r0 : r0 + rows]
         if group:
@@ -146,7 +151,7 @@ def _best_groups(
     best = flat.amax(-1).view(r, ng)
     keys = _tie_free_keys(best if rounding is None else best.to(rounding), scratch=True)
     _strike(keys, K)
-    chosen = (keys == _STRUCK).nonzero()[:, 1].view(r, K)  # row-major: ascending groups
+    chosen = (keys == _struck(keys)).nonzero()[:, 1].view(r, K)  # row-major: ascending groups
     rows = (torch.arange(0, r * ng, ng, device=device)[:, None] + chosen).view(-1)
     cand = flat.index_select(0, rows).view(r, K * group)  # whole rows: cheaper than gather
     positions = (chosen[..., None] * group + torch.arange(group, device=device)).view(r, -1)
@@ -157,17 +162,27 @@ def _best_groups(
     return positions, cand if rounding is None else cand.to(rounding)
 
 
+def _struck(keys: Tensor) -> int:
+    """The mark of a struck key, below every key of :func:`_tie_free_keys`: only a negative
+    NaN's key at the last position would equal it."""
+    return torch.iinfo(keys.dtype).min
+
+
 def _strike(keys: Tensor, K: int, out: Tensor | None = None) -> None:
     """K rounds over distinct keys (R, M) of columns 0..M-1 (:func:`_tie_free_keys`): each
     takes each row's best key and strikes it out (in place). The columns taken, best
     first, go to ``out`` (R, K)."""
+    narrow = keys.dtype == torch.int32
+    low = 0xFFFF if narrow else 0x7FFFFFFF  # the reversed column's bits
+    struck = _struck(keys)
     for k in range(K):
         best = keys.amax(-1, keepdim=True)
-        best &= 0xFFFFFFFF  # the reversed column
-        torch.sub(0x7FFFFFFF, best, out=best)
+        best &= low
+        best = best.long() if narrow else best
+        torch.sub(low, best, out=best)
         if out is not None:
             out[:, k : k + 1] = best
-        keys.scatter_(-1, best, _STRUCK)
+        keys.scatter_(-1, best, struck)
 
 
 def _topk_cut(scores: Tensor, K: int, topk, rounding=None) -> tuple[Tensor, Tensor]:
@@ -202,14 +217,22 @@ def _tie_free_keys(scores: Tensor, index: Tensor | None = None, scratch: bool = 
     """int64 keys (..., M) of float32-exact scores at positions ``index`` (the scores' shape,
     < 2^31; default 0..M-1), distinct where the positions are, in the order of the tie
     rule: the score's bits made monotone (an ordered integer) above the reversed position.
+    In eager code, 16-bit scores at the default positions of rows of at most 2^16 get int32
+    keys of the same form (their 16 bits above 16 of position).
     ``scratch``: the scores are the caller's temporary, free to overwrite (eager code)."""
+    M = scores.shape[-1]
+    if torch.compiler.is_compiling():
+        return _pure_keys(scores, index)
+    if index is None and scores.dtype in _HALF and M <= _NARROW_WIDTH:
+        t = scores if scratch else scores.clone()
+        t += 0.0  # -0.0 + 0.0 = +0.0: signed zeros tie, as the scores compare
+        keys = t.view(torch.int16).to(torch.int32)
+        keys ^= (keys >> 15) & 0x7FFF  # negative scores' magnitude bits reversed
+        keys <<= 16
+        keys |= 0xFFFF - torch.arange(M, dtype=torch.int32, device=scores.device)
+        return keys
     if index is None:
-        index = torch.arange(scores.shape[-1], device=scores.device)
-    if torch.compiler.is_compiling():  # pure ops (and a compiler may take x + 0.0 for x)
-        bits = scores.float().view(torch.int32)
-        bits = bits & -(bits != -(2**31)).int()  # -0.0 ties +0.0, as the scores compare
-        ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
-        return (ordered << 32) | (0x7FFFFFFF - index)
+        index = torch.arange(M, device=scores.device)
     # in place on fresh tensors: each new temporary of a large block costs page faults
     own = scratch and scores.dtype == torch.float32
     t = scores if own else scores.to(torch.float32, copy=True)
@@ -222,6 +245,17 @@ def _tie_free_keys(scores: Tensor, index: Tensor | None = None, scratch: bool = 
     keys <<= 32
     keys |= 0x7FFFFFFF - index
     return keys
+
+
+def _pure_keys(scores: Tensor, index: Tensor | None = None) -> Tensor:
+    """:func:`_tie_free_keys` (int64) in pure ops, for a compiled graph (where a compiler
+    may also take x + 0.0 for x)."""
+    if index is None:
+        index = torch.arange(scores.shape[-1], device=scores.device)
+    bits = scores.float().view(torch.int32)
+    bits = bits & -(bits != -(2**31)).int()  # -0.0 ties +0.0, as the scores compare
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
+    return (ordered << 32) | (0x7FFFFFFF - index)
 
 
 def _lowest_ties(scores: Tensor, vals: Tensor, idx: Tensor) -> Tensor:
