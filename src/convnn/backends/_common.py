@@ -178,14 +178,15 @@ def _strike(keys: Tensor, K: int, out: Tensor | None = None) -> None:
     narrow = keys.dtype == torch.int32
     low = 0xFFFF if narrow else 0x7FFFFFFF  # the reversed column's bits
     struck = _struck(keys)
-    for k in range(K):
+    if out is None:
+        out = torch.empty(keys.shape[0], K, dtype=torch.int64, device=keys.device)
+    for k in range(K):  # few ops a round: each costs microseconds whatever its size
         best = keys.amax(-1, keepdim=True)
         best &= low
-        best = best.long() if narrow else best
-        torch.sub(low, best, out=best)
-        if out is not None:
-            out[:, k : k + 1] = best
-        keys.scatter_(-1, best, struck)
+        col = out[:, k : k + 1]
+        # scatter takes int64 columns (a mixed-dtype sub would convert through a temporary)
+        torch.sub(low, best.long() if narrow else best, out=col)
+        keys.scatter_(-1, col, struck)
 
 
 def _topk_cut(scores: Tensor, K: int, topk, rounding=None) -> tuple[Tensor, Tensor]:
@@ -230,7 +231,9 @@ def _tie_free_keys(scores: Tensor, index: Tensor | None = None, scratch: bool = 
         t = scores if scratch else scores.clone()
         t += 0.0  # -0.0 + 0.0 = +0.0: signed zeros tie, as the scores compare
         keys = t.view(torch.int16).to(torch.int32)
-        keys ^= (keys >> 15) & 0x7FFF  # negative scores' magnitude bits reversed
+        flip = keys >> 15
+        flip &= 0x7FFF
+        keys ^= flip  # negative scores' magnitude bits reversed
         keys <<= 16
         keys |= 0xFFFF - torch.arange(M, dtype=torch.int32, device=scores.device)
         return keys
