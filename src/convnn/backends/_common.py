@@ -228,9 +228,7 @@ def _tie_free_keys(scores: Tensor, index: Tensor | None = None, scratch: bool = 
     if torch.compiler.is_compiling():
         return _pure_keys(scores, index)
     if index is None and scores.dtype in _HALF and M <= _NARROW_WIDTH:
-        t = scores if scratch else scores.clone()
-        t += 0.0  # -0.0 + 0.0 = +0.0: signed zeros tie, as the scores compare
-        keys = t.view(torch.int16).to(torch.int32)
+        keys = _plus_zero(scores, scratch).view(torch.int16).to(torch.int32)
         flip = keys >> 15
         flip &= 0x7FFF
         keys ^= flip  # negative scores' magnitude bits reversed
@@ -240,10 +238,8 @@ def _tie_free_keys(scores: Tensor, index: Tensor | None = None, scratch: bool = 
     if index is None:
         index = torch.arange(M, device=scores.device)
     # in place on fresh tensors: each new temporary of a large block costs page faults
-    own = scratch and scores.dtype == torch.float32
-    t = scores if own else scores.to(torch.float32, copy=True)
-    t += 0.0  # -0.0 + 0.0 = +0.0: signed zeros tie, as the scores compare
-    bits = t.view(torch.int32)
+    wide = scores if scores.dtype == torch.float32 else scores.float()
+    bits = _plus_zero(wide, scratch or wide is not scores).view(torch.int32)
     flip = bits >> 31
     flip &= 0x7FFFFFFF
     bits ^= flip  # negative scores' magnitude bits reversed: an ordered integer
@@ -251,6 +247,15 @@ def _tie_free_keys(scores: Tensor, index: Tensor | None = None, scratch: bool = 
     keys <<= 32
     keys |= 0x7FFFFFFF - index
     return keys
+
+
+def _plus_zero(scores: Tensor, scratch: bool) -> Tensor:
+    """scores + 0.0: -0.0 + 0.0 = +0.0, so signed zeros tie as the scores compare. In place
+    on the caller's temporary (``scratch``), else the sum is the copy the keys are built in."""
+    if not scratch:
+        return scores + 0.0
+    scores += 0.0
+    return scores
 
 
 def _pure_keys(scores: Tensor, index: Tensor | None = None) -> Tensor:
