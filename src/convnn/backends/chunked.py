@@ -132,7 +132,8 @@ def _select_all(scores: BlockScores, K: int, exclude: Tensor | None) -> Tensor:
         with torch.no_grad():
             return _select_block(unit[0], K, exclude, kb, unit[2])
 
-    threads = torch.get_num_threads()
+    # a traced graph runs the blocks in order (no worker threads in a graph)
+    threads = 1 if torch.compiler.is_compiling() else torch.get_num_threads()
     if scores.device.type == "cpu" and threads > 1 and len(units) > 1 and _no_torch_modes():
         with _block_pool(threads) as pool:
             for (_, batch, qs), idx in zip(units, pool.map(run, units)):

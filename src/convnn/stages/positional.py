@@ -45,19 +45,27 @@ def extra_features(spec: ConvNNSpec, ndim: int = 2) -> int:
     return 0
 
 
-def initial(spec: ConvNNSpec, ndim: int, groups: int, channels: int):
+def initial(spec: ConvNNSpec, ndim: int, groups: int, channels: int, device=None):
     """(learnable, fixed) tensors of the encoding at their initial values: a layer with
-    ``groups`` heads over ``channels`` input channels (cpe)."""
+    ``groups`` heads over ``channels`` input channels (cpe). ``device="meta"``: their shapes
+    only, nothing drawn."""
     if spec.positional == "fourier":
+        shape = (spec.num_frequencies, ndim)
+        if device == "meta":
+            return {}, {"B": torch.empty(shape, device=device)}
         g = torch.Generator().manual_seed(0)
-        return {}, {"B": torch.randn(spec.num_frequencies, ndim, generator=g) * spec.sigma}
+        return {}, {"B": torch.randn(shape, generator=g, device=device) * spec.sigma}
     if spec.positional == "relative_bias":
         R = spec.max_offset
-        return {"table": torch.zeros(groups, 2 * R + 1 if ndim == 2 else 1, 2 * R + 1)}, {}
+        shape = (groups, 2 * R + 1 if ndim == 2 else 1, 2 * R + 1)
+        return {"table": torch.zeros(shape, device=device)}, {}
     if spec.positional == "cpe":
         k = spec.cpe_kernel
         shape = (channels, 1, k if ndim == 2 else 1, k)
-        return {"weight": torch.zeros(shape), "bias": torch.zeros(channels)}, {}
+        return {
+            "weight": torch.zeros(shape, device=device),
+            "bias": torch.zeros(channels, device=device),
+        }, {}
     return {}, {}
 
 
@@ -66,7 +74,9 @@ def parameters(
 ) -> dict[str, Tensor]:
     """The encoding's tensors: ``given`` (checked against their expected shapes), or their
     initial values when None."""
-    learn, fixed = initial(spec, ndim, groups, channels)
+    # given tensors are checked against shapes alone: drawing the initial 'fourier'
+    # frequencies on every call would cost a generator (and break a traced graph)
+    learn, fixed = initial(spec, ndim, groups, channels, None if given is None else "meta")
     what = f"positional={spec.positional!r} ({ndim}-D, {groups} heads)"
     return tensors_or_initial("positional_params", given, {**learn, **fixed}, like, what)
 
