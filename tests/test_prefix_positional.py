@@ -295,3 +295,21 @@ def test_converted_timm_vit_with_a_class_token_encodes_its_map(kind):
     assert all(g is not None and g.isfinite().all() for g in grads)
     if kind == "relative_bias":
         assert attn.positional_params.table.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["rope", "relative_bias", "cpe"])
+def test_convnn_vit_with_a_class_token_encodes_its_map(kind):
+    """convnn's own ViT (class token) gives its layers the map and the class token, so the
+    encoding is 2-D over the patches and leaves the class token alone."""
+    from convnn.models.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        10, img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2,
+        layer="convnn_attention", positional=kind,
+    )  # fmt: skip
+    attn = model.blocks[0].attn
+    assert (attn.grid_size, attn.num_prefix_tokens) == ((4, 4), 1)
+    y = model(torch.randn(2, 3, 16, 16))
+    y.square().sum().backward()
+    assert y.shape == (2, 10) and attn.qkv.weight.grad.isfinite().all()
