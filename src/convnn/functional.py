@@ -94,6 +94,9 @@ def _operator(
     pos_params: dict[str, Tensor] | None = None,
     ndim: int = 2,
     heads: tuple[Tensor, Tensor] | None = None,
+    prefix: int = 0,
+    queries: Tensor | None = None,
+    cands: Candidates | None = None,
 ) -> tuple[Tensor, Tensor]:
     """candidates -> similarity -> selection -> weighting -> aggregation.
 
@@ -103,15 +106,21 @@ def _operator(
     pos_params: the positional encoding's tensors (checked); ndim: 1 for a sequence;
     heads: the (B, G, N, d) / (B, G, M, d) tensors q_feat / k_feat were reshaped from, if
     any (attention), which the SDPA shortcut reads as they are.
-    Returns y (B, N, C_out) and indices (B, G, N, K) into the padded map.
+    prefix: tokens with no position (attention's class / register tokens) before the padded
+    map of ``grid``; token indices count them first. queries (N,): the token of each query
+    and cands: their candidates (default: the grid's queries and ``spec.candidates`` on it;
+    with a prefix, the caller's).
+    Returns y (B, N, C_out) and indices (B, G, N, K) into the tokens.
     """
     device = values.device
     B, G = values.shape[0], groups
     features = q_feat, k_feat  # as given, before any encoding
-    queries = grid.index(device)  # each query's own token
+    if queries is None:
+        queries = grid.index(device)  # each query's own token
 
     # 1. candidates: which tokens each query may select
-    cands = build_candidates(spec, grid, training, generator, device)
+    if cands is None:
+        cands = build_candidates(spec, grid, training, generator, device)
 
     # 2. similarity (with its positional encoding): what selection ranks
     metric = get_metric(spec.metric, spec.p)
@@ -120,7 +129,7 @@ def _operator(
             raise ValueError(f"metric_params must be None for metric={spec.metric!r}, got some")
     else:
         q_feat, k_feat = encoding.encode_features(
-            spec, grid, q_feat, k_feat, queries, pos_params, ndim
+            spec, grid, q_feat, k_feat, queries, pos_params, ndim, prefix
         )
         params = similarity.metric_parameters(
             metric, spec.metric, metric_params, q_feat.shape[-1], G, q_feat
@@ -132,7 +141,7 @@ def _operator(
     else:
         scores = similarity.selection_scores(metric, q_feat, k_feat, spec.selection_dtype)
         if spec.positional == "relative_bias":
-            scores = encoding.bias_scores(scores, grid, queries, pos_params["table"])
+            scores = encoding.bias_scores(scores, grid, queries, pos_params["table"], prefix)
 
     # 3. selection: the K best candidates (no gradient)
     with torch.autocast(device.type, enabled=False):
@@ -188,7 +197,8 @@ def _operator(
         else:
             s = similarity.pair_scores(metric, q_feat, k_feat, idx)
             if spec.positional == "relative_bias":
-                s = s + encoding.pair_bias(grid, queries, idx, pos_params["table"]).to(s.dtype)
+                table = pos_params["table"]
+                s = s + encoding.pair_bias(grid, queries, idx, table, prefix).to(s.dtype)
         rho = weighting.softmax(s, values.dtype, dropout_p, training)
         rho = rho.view(B, G, *rho.shape[1:])
 
@@ -661,6 +671,7 @@ def convnn_attention(
     cpe_kernel: int = 3,
     selection_dtype: torch.dtype | None = None,
     hw: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 0,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     metric_params: dict[str, Tensor] | None = None,
@@ -679,6 +690,12 @@ def convnn_attention(
     order. ``hw`` lays the N tokens out as an (h, w) map for 'window', 'grid' and 'spatial'
     (default: a 1 x N row; a perfect-square N is still laid out as a square map, with a
     FutureWarning: that guess is deprecated, pass ``hw``).
+
+    ``num_prefix_tokens`` P: the first P tokens (class / register tokens) have no position
+    and ``hw`` lays out the other N - P (default: a 1 x (N - P) row). Positional encodings
+    leave them alone (no rotation, no bias, zero coordinates); with 'window' / 'grid' they
+    are candidates of every query and take every token (with 'grid', the lattice and the
+    prefix tokens) as their own candidates; the 'spatial' metric refuses them.
     With ``return_indices`` also returns indices (B, heads, N, K).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -695,6 +712,7 @@ def convnn_attention(
         v,
         spec,
         hw=hw,
+        num_prefix_tokens=num_prefix_tokens,
         weight=weight,
         bias=bias,
         metric_params=metric_params,
@@ -714,6 +732,7 @@ def attention_call(
     spec: ConvNNSpec,
     *,
     hw: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 0,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     metric_params: dict[str, Tensor] | None = None,
@@ -741,11 +760,20 @@ def attention_call(
     check_generator(generator)
     dispatch.check(backend, q.device.type)
     B, G, N, d = q.shape
+    P = check_positive_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
     needs_map = spec.candidates in ("window", "grid") or spec.metric == "spatial"
-    grid = Grid(*_token_map(N, hw, needs_map))
-    K = check_candidates(grid, spec.candidates, spec.num_candidates, spec.window, spec.K)
+    if P and not needs_map and spec.positional in ("none", "cpe"):
+        P, hw = 0, (1, N)  # nothing reads a position: every layout is the same
+    if P:
+        grid = _prefixed_map(N, hw, P, spec.metric)  # where the map tokens lie
+        groups = _prefixed_groups(spec, grid, P, training, generator, q.device)
+    else:
+        grid = Grid(*_token_map(N, hw, needs_map))
+        K = check_candidates(grid, spec.candidates, spec.num_candidates, spec.window, spec.K)
+        groups = ((slice(None), None, None, K),)
     C = G * v.shape[-1]
-    check_kernel_weights(spec.kernel, weight, bias, None, C, K, "v (heads * d)")
+    for *_, K in groups:
+        check_kernel_weights(spec.kernel, weight, bias, None, C, K, "v (heads * d)")
     ndim = ndim or (2 if grid.H > 1 else 1)
     pos_params = encoding.parameters(spec, positional_params, ndim, G, C, q)
     q, k, v, weight, bias = autocast_cast(q, k, v, weight, bias, device_type=q.device.type)
@@ -754,7 +782,8 @@ def attention_call(
 
     exact = None
     plain = (
-        not spec.include_self
+        not P
+        and not spec.include_self
         and spec.kernel == "none"
         and spec.metric == "scaled_dot"
         and spec.weighting == "softmax"
@@ -789,24 +818,96 @@ def attention_call(
         out = out.transpose(1, 2).reshape(B, N, C)
         return out if bias is None else out + bias
     values = v.transpose(1, 2).reshape(B, N, C)
-    y, idx = _operator(
-        values,
-        q.reshape(B * G, N, d),
-        k.reshape(B * G, N, d),
-        grid,
-        spec,
-        groups=G,
-        K=K,
-        weight=weight,
-        bias=bias,
-        pointwise_weight=None,
-        dropout_p=dropout_p,
-        training=training,
-        generator=generator,
-        backend=backend,
-        metric_params=metric_params,
-        pos_params=pos_params,
-        ndim=ndim,
-        heads=(q, k),
-    )
-    return (y, idx) if return_indices else y
+    ys, idxs = [], []
+    for rows, queries, cands, K in groups:
+        part = q[:, :, rows]
+        y, idx = _operator(
+            values,
+            part.reshape(B * G, part.shape[2], d),
+            k.reshape(B * G, N, d),
+            grid,
+            spec,
+            groups=G,
+            K=K,
+            weight=weight,
+            bias=bias,
+            pointwise_weight=None,
+            dropout_p=dropout_p,
+            training=training,
+            generator=generator,
+            backend=backend,
+            metric_params=metric_params,
+            pos_params=pos_params,
+            ndim=ndim,
+            heads=(part, k),
+            prefix=P,
+            queries=queries,
+            cands=cands,
+        )
+        ys.append(y)
+        idxs.append(idx)
+    if len(ys) == 1:
+        return (ys[0], idxs[0]) if return_indices else ys[0]
+    y = torch.cat(ys, 1)
+    if not return_indices:
+        return y
+    if len({i.shape[-1] for i in idxs}) != 1:
+        raise ValueError(
+            "return_indices with prefix tokens and K=None: prefix and map queries have "
+            "different candidate counts; pass K"
+        )
+    return y, torch.cat(idxs, 2)
+
+
+def _prefixed_map(N: int, hw, P: int, metric: str) -> Grid:
+    """The map of the N - P tokens after P prefix tokens: ``hw`` (checked), else a row."""
+    if metric == "spatial":
+        raise ValueError(
+            "metric='spatial' ranks by position and prefix tokens have none: use "
+            "num_prefix_tokens=0 or another metric"
+        )
+    h, w = (1, N - P) if hw is None else pair("hw", hw, minimum=1)
+    if P + h * w != N:
+        raise ValueError(
+            f"hw must lay out the {N} tokens as num_prefix_tokens + h * w = {N}, got "
+            f"{P} + {h} * {w} = {P + h * w}"
+        )
+    return Grid(h, w)
+
+
+def _prefixed_groups(spec: ConvNNSpec, grid: Grid, P: int, training, generator, device):
+    """The queries of P prefix tokens and the map of ``grid`` after them, in groups of equal
+    candidate count: ((rows, queries (n,), Candidates, K), ...), token indices counting the
+    prefix tokens first.
+
+    'all', 'random', 'ann': one group, every token (prefix ones included) as for tokens
+    without a map. 'window' / 'grid': a prefix token is a candidate of every query, and its
+    own candidates are every token (with 'grid', the lattice and the prefix tokens), so that a
+    window covering the whole map is exactly multi-head attention.
+    """
+    N = P + grid.H * grid.W
+    tokens = torch.arange(N, device=device)
+    if spec.candidates not in ("window", "grid"):
+        row = Grid(1, N)  # candidates that do not read the layout: every token alike
+        K = check_candidates(row, spec.candidates, spec.num_candidates, spec.window, spec.K)
+        cands = build_candidates(spec, row, training, generator, device)
+        return ((slice(None), tokens, cands, K),)
+    count = check_candidates(grid, spec.candidates, spec.num_candidates, spec.window, None)
+    prefix = tokens[:P]
+    if spec.candidates == "window":
+        window = torch.cat([prefix.expand(N - P, P), P + grid.window(spec.window, device)], 1)
+        groups = [
+            (slice(0, P), prefix, Candidates(), N),
+            (slice(P, N), tokens[P:], Candidates(per_query=window), P + count),
+        ]
+    else:  # 'grid': one shared lattice, with the prefix tokens
+        lattice = torch.cat([prefix, P + grid.lattice(spec.num_candidates, device)])
+        groups = [(slice(None), tokens, Candidates(shared=lattice), P + count)]
+    if spec.K is not None:
+        for *_, count in groups:
+            if spec.K > count:
+                raise ValueError(
+                    f"K must be <= the number of candidates ({count} with {P} prefix tokens), "
+                    f"got K={spec.K}"
+                )
+    return tuple((rows, q, c, count if spec.K is None else spec.K) for rows, q, c, count in groups)

@@ -60,6 +60,9 @@ class VisionTransformer(TimmModelAPI, nn.Module):
     self-attention, run by SDPA), 'convnn_attention', 'kvt', 'branching_attention' or
     'local'. Local (window) attention needs the tokens to form a map, so that model has no
     class token and averages the tokens (timm's ``class_token=False, global_pool='avg'``).
+    With a positional encoding (``positional=``) the other layers get the token map and the
+    class token (``grid_size``, ``num_prefix_tokens=1``): the patches are encoded by their
+    map position, the class token not at all.
     timm's model API: see :class:`TimmModelAPI`.
     """
 
@@ -96,6 +99,9 @@ class VisionTransformer(TimmModelAPI, nn.Module):
             layer_kwargs = {"window": window, "K": window * window, **layer_kwargs}
         if layer in ("kvt", "convnn_attention", "branching_attention"):
             layer_kwargs.setdefault("K", min(9, num_tokens))
+        if self.class_token and layer_kwargs.get("positional", "none") != "none":
+            # the encoding reads each token's map position; the class token has none
+            layer_kwargs = {"grid_size": self.grid_size, "num_prefix_tokens": 1, **layer_kwargs}
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim,

@@ -7,11 +7,9 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as CF
-from ..metrics import get_metric
 from ..options import (
     check_choice,
     check_fraction,
@@ -242,17 +240,8 @@ class ConvNNAttention(SpecOptions, nn.Module):
         return out
 
     def _run(self, q, k, v, hw, prefix, return_indices, kernel, weight):
-        B, G, N, d = q.shape
-        if prefix and self.positional not in ("none", "cpe"):
-            raise ValueError(
-                f"positional={self.positional!r} with num_prefix_tokens > 0 is not supported "
-                f"(prefix tokens have no position): use num_prefix_tokens=0, got "
-                f"{self.num_prefix_tokens}"
-            )
-        if hw is None or (prefix and not self._needs_map()):
-            hw = (1, N)  # the configuration does not read positions: any layout is the same
-        elif prefix:
-            return self._run_prefixed(q, k, v, hw, prefix, return_indices, kernel, weight)
+        if hw is None and not prefix:
+            hw = (1, q.shape[2])  # a sequence: never a map guessed from the token count
         spec = self.spec if kernel == self.kernel else self.spec.replace(kernel=kernel)
         return CF.attention_call(
             q,
@@ -260,6 +249,7 @@ class ConvNNAttention(SpecOptions, nn.Module):
             v,
             spec,
             hw=hw,
+            num_prefix_tokens=prefix,
             weight=weight,
             metric_params=tensors(self.metric_params),
             positional_params=tensors(self.positional_params),
@@ -268,87 +258,6 @@ class ConvNNAttention(SpecOptions, nn.Module):
             training=self.training,
             return_indices=return_indices,
         )
-
-    def _run_prefixed(self, q, k, v, hw, P, return_indices, kernel, weight):
-        """'window' / 'grid' candidates on a map after P prefix tokens: the operator's stages
-        (selection, softmax weighting, aggregation) with the prefix tokens as extra
-        candidates of every query. q, k, v (B, G, N, d) -> (B, N, G * d)."""
-        if self.metric == "spatial":
-            raise ValueError(
-                "metric='spatial' ranks by position and prefix tokens have none: use "
-                "num_prefix_tokens=0 or another metric"
-            )
-        if self.positional != "none":
-            raise ValueError(
-                f"positional={self.positional!r} with num_prefix_tokens > 0 and candidates="
-                f"{self.candidates!r} is not supported yet: use num_prefix_tokens=0, "
-                f"candidates='all' or positional='none'"
-            )
-        B, G, N, d = q.shape
-        device, grid = q.device, CF.Grid(*hw)
-        if self.metric_params is not None:  # score the learnable metric's mapped features
-            metric = get_metric(self.metric, self.p)
-            params = self.metric_params.tensors()
-            q = metric.prepare(q, params, "query")
-            k = metric.prepare(k, params, "key")
-        prefix = torch.arange(P, device=device)
-        if self.candidates == "window":
-            window = check_positive_int("window", self.window)
-            wh, ww = grid.window_size(window)
-            if window % 2 == 0 or wh > hw[0] or ww > hw[1]:
-                raise ValueError(
-                    f"window must be odd and fit the {hw[0]} x {hw[1]} map, got {window}"
-                )
-            # map queries: their window and the prefix tokens; prefix queries: every token
-            map_cand = torch.cat([prefix.expand(N - P, P), P + grid.window(window, device)], 1)
-            groups = [(slice(0, P), None, N), (slice(P, N), map_cand, map_cand.shape[1])]
-        else:  # 'grid': one shared lattice, with the prefix tokens
-            num = check_positive_int("num_candidates", self.num_candidates)
-            if num > hw[0] * hw[1]:
-                raise ValueError(
-                    f"num_candidates must be <= the {hw[0] * hw[1]} map tokens, got {num}"
-                )
-            cand = torch.cat([prefix, P + grid.lattice(num, device)])
-            groups = [(slice(0, N), cand, cand.numel())]
-        keys = k.reshape(B * G, N, d)
-        values = v.transpose(1, 2).reshape(B, N, -1)
-        ys, idxs = [], []
-        for rows, cand, count in groups:
-            K = count if self.K is None else self.K
-            if K > count:
-                raise ValueError(
-                    f"K must be <= the number of candidates ({count} with {P} prefix tokens), "
-                    f"got K={K}"
-                )
-            n = rows.stop - rows.start
-            scores, idx = CF.knn_select(
-                q[:, :, rows].reshape(B * G, n, d),
-                keys,
-                K,
-                metric=self.metric,
-                p=self.p,
-                candidates=cand,
-                include_self=self.include_self,
-                self_index=torch.arange(rows.start, rows.stop, device=device),
-                selection_dtype=self.selection_dtype,
-            )
-            rho = None
-            if self.weighting == "softmax":
-                acc = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else None
-                rho = scores.softmax(-1, dtype=acc).to(values.dtype)
-                rho = F.dropout(rho, self.attn_drop.p, self.training).view(B, G, n, K)
-            idx = idx.view(B, G, n, K)
-            ys.append(CF.neighbor_aggregate(values, idx, weight, None, rho, kernel=kernel))
-            idxs.append(idx)
-        y = torch.cat(ys, 1)
-        if not return_indices:
-            return y
-        if len({i.shape[-1] for i in idxs}) != 1:
-            raise ValueError(
-                "return_indices with prefix tokens and K=None: prefix and map queries have "
-                "different candidate counts; pass K"
-            )
-        return y, torch.cat(idxs, 2)
 
     # ----------------------------------------------------------------- forward
 

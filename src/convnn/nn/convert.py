@@ -252,9 +252,11 @@ def _convert_attention(module, layer, options, layout, report_notes) -> nn.Modul
     needs_map = (
         options.get("candidates") in ("window", "grid") or options.get("metric") == "spatial"
     )
-    if needs_map:
-        if isinstance(layout, str):
-            return f"attention={layer!r} needs the token map: {layout}"
+    if needs_map and isinstance(layout, str):
+        return f"attention={layer!r} needs the token map: {layout}"
+    # a positional encoding reads where each token lies (the prefix tokens: nowhere); on a
+    # model whose map is unknown the tokens are a sequence
+    if needs_map or (options.get("positional", "none") != "none" and not isinstance(layout, str)):
         hw, prefix = layout
         options.setdefault("grid_size", hw)
         options.setdefault("num_prefix_tokens", prefix)

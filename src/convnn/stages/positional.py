@@ -6,6 +6,10 @@ Positions are those of the *original* map: normalised to [-1, 1] for 'coords' an
 'fourier' (padding extends past), in grid steps for 'relative_bias' and 'rope' (padding
 rows are -1, -2, ...). 1-D forms (a sequence, ``ndim=1``) use the index only.
 
+Prefix tokens (``prefix`` > 0: class / register tokens before the map, token indices
+0..P-1, the map's tokens following from P) have no position and get no encoding: no
+rotation (their angle is 0), no bias (their pairs add 0) and zero coordinates.
+
 - ``coords``: selection features become [(1 - lam) x, lam p];
 - ``fourier``: [x, sin(2 pi B p), cos(2 pi B p)], B (m, ndim) a fixed Gaussian (std
   ``sigma``) drawn from a generator seeded with 0;
@@ -89,10 +93,28 @@ def conditional(x: Tensor, params: dict[str, Tensor]) -> Tensor:
     )
 
 
-def steps(grid: Grid, device) -> Tensor:
-    """(row, col) of every padded-map token in grid steps of the original map: (M, 2) int64."""
+def steps(grid: Grid, device, prefix: int = 0) -> Tensor:
+    """(row, col) in grid steps of the original map of every token: (prefix + M, 2) int64,
+    the ``prefix`` tokens first ((0, 0): no position; rope turns them by 0, the identity),
+    then every padded-map token."""
     pos = grid.positions(device)[:, :2].long()
-    return pos - torch.tensor([grid.ph, grid.pw], device=device)
+    pos = pos - torch.tensor([grid.ph, grid.pw], device=device)
+    return F.pad(pos, (0, 0, prefix, 0)) if prefix else pos
+
+
+def coords(grid: Grid, device, dtype, prefix: int = 0) -> Tensor:
+    """Normalised coordinates of every token: (prefix + M, 2), zero for the prefix tokens."""
+    p = grid.coords(device, dtype)
+    return F.pad(p, (0, 0, prefix, 0)) if prefix else p
+
+
+def located(grid: Grid, device, prefix: int = 0) -> Tensor | None:
+    """Whether each token has a map position: (prefix + M,) bool, False for the prefix
+    tokens; None when every token has one (prefix 0)."""
+    if not prefix:
+        return None
+    M = grid.padded[0] * grid.padded[1]
+    return torch.arange(prefix + M, device=device) >= prefix
 
 
 def _rotate(x: Tensor, pos: Tensor) -> Tensor:
@@ -129,14 +151,16 @@ def encode_features(
     queries: Tensor,
     params: dict[str, Tensor],
     ndim: int = 2,
+    prefix: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """The selection features with the feature-side encoding of ``spec.positional``.
 
-    query (B', N, d) features of the queries ``queries`` (N,) (padded-map indices), key
-    (B', M, d) features of every token of the padded map -> (B', N, d'), (B', M, d').
+    query (B', N, d) features of the queries ``queries`` (N,) (token indices), key
+    (B', M, d) features of every token (the ``prefix`` tokens, then the padded map) ->
+    (B', N, d'), (B', M, d').
     """
     if spec.positional in ("coords", "fourier"):
-        p = grid.coords(key.device, key.dtype)  # (M, 2), normalised
+        p = coords(grid, key.device, key.dtype, prefix)  # (M, 2), normalised
         p = p[:, 1:] if ndim == 1 else p
         if spec.positional == "coords":
             lam = spec.lam
@@ -147,7 +171,7 @@ def encode_features(
             cat = lambda f, e: torch.cat([f, e.expand(f.shape[0], -1, -1)], -1)
         return cat(query, p[queries]), cat(key, p)
     if spec.positional == "rope":
-        pos = steps(grid, key.device)
+        pos = steps(grid, key.device, prefix)
         return rope(query, pos[queries], ndim), rope(key, pos, ndim)
     return query, key
 
@@ -155,29 +179,52 @@ def encode_features(
 # --------------------------------------------------------------------------- relative bias
 
 
-def _bias(table: Tensor, pq: Tensor, pk: Tensor, group: Tensor | None) -> Tensor:
+def _bias(
+    table: Tensor,
+    pq: Tensor,
+    pk: Tensor,
+    group: Tensor | None,
+    lq: Tensor | None = None,
+    lk: Tensor | None = None,
+) -> Tensor:
     """T[dy, dx] of queries at pq (n, 2) and keys pk (n or 1, m, 2) or (B', n, m, 2).
 
     table (G, Ty, Tx). Without ``group``: (G, n, m); with group (B',) the head of each
-    batch row: (B', n, m)."""
+    batch row: (B', n, m). lq (n,) / lk (pk's shape without the 2): whether each query /
+    key has a map position (None: all do); a pair without one gets 0."""
     Ry, Rx = (table.shape[1] - 1) // 2, (table.shape[2] - 1) // 2
     dy = (pk[..., 0] - pq[:, None, 0]).clamp(-Ry, Ry) + Ry
     dx = (pk[..., 1] - pq[:, None, 1]).clamp(-Rx, Rx) + Rx
     if group is None:
-        return table[:, dy, dx]
-    return table[group.view(-1, *([1] * (dy.dim() - 1))), dy, dx]
+        bias = table[:, dy, dx]
+    else:
+        bias = table[group.view(-1, *([1] * (dy.dim() - 1))), dy, dx]
+    if lq is None:
+        return bias
+    # where, not a product: a prefix pair is exactly 0 and sends T no gradient
+    return bias.where(lq[:, None] & lk, 0)
 
 
 class BiasScores(BlockScores):
     """``inner`` scores plus the relative bias T[dy, dx], block by block (O(block) memory).
 
     pos_q (N, 2), pos_k (M, 2) grid-step positions; table (G, Ty, Tx) with G heads, the
-    batch rows of ``inner`` being (batch, head) pairs."""
+    batch rows of ``inner`` being (batch, head) pairs; loc_q (N,) / loc_k (M,): whether each
+    query / key has a map position (None: all do; pairs without one get no bias)."""
 
     why_not_gemm = "a relative position bias (added per block)"
 
-    def __init__(self, inner: BlockScores, pos_q: Tensor, pos_k: Tensor, table: Tensor):
+    def __init__(
+        self,
+        inner: BlockScores,
+        pos_q: Tensor,
+        pos_k: Tensor,
+        table: Tensor,
+        loc_q: Tensor | None = None,
+        loc_k: Tensor | None = None,
+    ):
         self.inner, self.pos_q, self.pos_k, self.table = inner, pos_q, pos_k, table
+        self.loc_q, self.loc_k = loc_q, loc_k
         self.batch, self.num_queries, self.num_keys = inner.batch, inner.num_queries, inner.num_keys
         self.width, self.device = inner.width, inner.device
 
@@ -186,32 +233,50 @@ class BiasScores(BlockScores):
         G = self.table.shape[0]
         return rankable((s.unflatten(0, (-1, G)) + bias.to(s.dtype)).flatten(0, 1))
 
+    def _locations(self, qs, ks):
+        """loc_q of the queries qs and loc_k of the keys ks (None, None when all have one)."""
+        if self.loc_q is None:
+            return None, None
+        return self.loc_q[qs], self.loc_k[ks]
+
     def block(self, qs, ks):
         s = self.inner.block(qs, ks)
-        return self._add(s, _bias(self.table, self.pos_q[qs], self.pos_k[ks][None], None))
+        lq, lk = self._locations(qs, ks)
+        lk = None if lk is None else lk[None]
+        return self._add(s, _bias(self.table, self.pos_q[qs], self.pos_k[ks][None], None, lq, lk))
 
     def window(self, qs, cand):
         s = self.inner.window(qs, cand)
         pk = self.pos_k[cand]  # (n, W, 2) or (B', n, W, 2)
+        lq, lk = self._locations(qs, cand)
         if cand.dim() == 2:
-            return self._add(s, _bias(self.table, self.pos_q[qs], pk, None))
+            return self._add(s, _bias(self.table, self.pos_q[qs], pk, None, lq, lk))
         G = self.table.shape[0]
         group = torch.arange(cand.shape[0], device=cand.device) % G
-        return rankable(s + _bias(self.table, self.pos_q[qs], pk, group).to(s.dtype))
+        return rankable(s + _bias(self.table, self.pos_q[qs], pk, group, lq, lk).to(s.dtype))
 
     def keys(self, index):
-        return BiasScores(self.inner.keys(index), self.pos_q, self.pos_k[index], self.table)
+        loc_k = None if self.loc_k is None else self.loc_k[index]
+        inner = self.inner.keys(index)
+        return BiasScores(inner, self.pos_q, self.pos_k[index], self.table, self.loc_q, loc_k)
 
 
-def bias_scores(scores: BlockScores, grid: Grid, queries: Tensor, table: Tensor) -> BiasScores:
-    """Selection scores with the relative bias of ``table`` (G, Ty, Tx) (no gradient)."""
-    pos = steps(grid, scores.device)
-    return BiasScores(scores, pos[queries], pos, table.detach())
+def bias_scores(
+    scores: BlockScores, grid: Grid, queries: Tensor, table: Tensor, prefix: int = 0
+) -> BiasScores:
+    """Selection scores with the relative bias of ``table`` (G, Ty, Tx) (no gradient);
+    queries (N,) token indices, the ``prefix`` tokens (no bias) before the map."""
+    pos, loc = steps(grid, scores.device, prefix), located(grid, scores.device, prefix)
+    loc_q = None if loc is None else loc[queries]
+    return BiasScores(scores, pos[queries], pos, table.detach(), loc_q, loc)
 
 
-def pair_bias(grid: Grid, queries: Tensor, indices: Tensor, table: Tensor) -> Tensor:
+def pair_bias(
+    grid: Grid, queries: Tensor, indices: Tensor, table: Tensor, prefix: int = 0
+) -> Tensor:
     """The differentiable bias T[dy, dx] of each query's selected keys: indices (B*G, N, K)
-    -> (B*G, N, K)."""
-    pos = steps(grid, indices.device)
+    -> (B*G, N, K); 0 where the query or the key is one of the ``prefix`` tokens."""
+    pos, loc = steps(grid, indices.device, prefix), located(grid, indices.device, prefix)
     group = torch.arange(indices.shape[0], device=indices.device) % table.shape[0]
-    return _bias(table, pos[queries], pos[indices], group)
+    lq, lk = (None, None) if loc is None else (loc[queries], loc[indices])
+    return _bias(table, pos[queries], pos[indices], group, lq, lk)
