@@ -297,19 +297,81 @@ def test_converted_timm_vit_with_a_class_token_encodes_its_map(kind):
         assert attn.positional_params.table.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("layer", ["convnn_attention", "branching_attention", "local"])
 @pytest.mark.parametrize("kind", ["rope", "relative_bias", "cpe"])
-def test_convnn_vit_with_a_class_token_encodes_its_map(kind):
-    """convnn's own ViT (class token) gives its layers the map and the class token, so the
-    encoding is 2-D over the patches and leaves the class token alone."""
+def test_convnn_vit_encodes_its_map(kind, layer):
+    """convnn's own ViT gives its layers the map and its class token ('local' has none), so
+    the encoding is 2-D over the patches and leaves the class token alone: in a branching
+    layer the ConvNN branch's too, and its 'cpe' acts on the layer's input."""
     from convnn.models.vit import VisionTransformer
 
     torch.manual_seed(0)
-    model = VisionTransformer(
-        10, img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2,
-        layer="convnn_attention", positional=kind,
+    build = lambda: VisionTransformer(  # noqa: E731  (depth 2: the pooled class token takes no bias in the last layer)
+        10, img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2,
+        layer=layer, positional=kind,
     )  # fmt: skip
+    if (kind, layer) == ("cpe", "branching_attention"):  # was silently skipped
+        with pytest.raises(ValueError, match="positional='cpe' changes a layer's input"):
+            build()
+        return
+    model = build()
     attn = model.blocks[0].attn
-    assert (attn.grid_size, attn.num_prefix_tokens) == ((4, 4), 1)
+    prefix = int(layer != "local")
+    encoded = attn.convnn if layer == "branching_attention" else attn
+    for module in (attn, encoded):
+        assert (module.grid_size, module.num_prefix_tokens) == ((4, 4), prefix)
+    assert encoded._pos_ndim == 2
+    params = encoded.positional_params
+    if kind == "relative_bias":
+        R = encoded.spec.max_offset
+        assert params.table.shape[1:] == (2 * R + 1, 2 * R + 1)
+    if params is not None:  # start the learnable encodings off zero: they must act
+        with torch.no_grad():
+            for t in params.parameters():
+                t.normal_()
     y = model(torch.randn(2, 3, 16, 16))
     y.square().sum().backward()
     assert y.shape == (2, 10) and attn.qkv.weight.grad.isfinite().all()
+    if params is not None:
+        assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in params.parameters())
+
+
+def test_encoding_of_another_form_than_the_map_is_refused():
+    """A layer built for a sequence (no grid_size: 1-D encoding tensors) refuses a 2-D map,
+    rather than encode it by one coordinate."""
+    layer = ConvNNAttention(16, 2, K=4, positional="rope")
+    with pytest.raises(ValueError, match=r"built for 1-D tokens .* got a 3 x 4 map"):
+        layer(torch.randn(1, 12, 16), hw=(3, 4))
+    assert layer(torch.randn(1, 12, 16), hw=(1, 12)).shape == (1, 12, 16)
+
+
+def test_bad_prefix_counts_and_maps_are_refused():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="num_prefix_tokens must be at most the 4 tokens"):
+        CF.convnn_attention(q, q, q, 2, positional="relative_bias", num_prefix_tokens=6)
+    with pytest.raises(ValueError, match=r"num_prefix_tokens \+ h \* w = 4, got 1 \+ 7 \* 7"):
+        CF.convnn_attention(q, q, q, 2, hw=(7, 7), num_prefix_tokens=1)  # nothing reads hw
+    with pytest.raises(ValueError, match=r"\(the 1 prefix tokens and the 1 x 3 map\)"):
+        CF.convnn_attention(q, q, q, 5, positional="rope", num_prefix_tokens=1)
+
+
+@pytest.mark.parametrize("kind", ["relative_bias", "fourier", "cpe", "rope"])
+def test_encodings_under_bf16_autocast(kind):
+    """Under bf16 autocast the layer's float32 encoding tensors are cast like the features
+    (they were refused as the wrong dtype); the result follows the float32 one."""
+    torch.manual_seed(0)
+    layer = ConvNNAttention(  # every token: bf16 rounding cannot change a selection
+        16, 2, K=None, kernel="none", positional=kind, grid_size=(3, 4), num_prefix_tokens=1
+    )
+    if layer.positional_params is not None:
+        with torch.no_grad():
+            for t in layer.positional_params.parameters():
+                t.normal_()
+    x = torch.randn(2, 13, 16)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - layer(x)).abs().max() < 0.1 * layer(x).abs().max()
+    y.float().square().sum().backward()
+    if layer.positional_params is not None:
+        assert all(t.grad is not None for t in layer.positional_params.parameters())

@@ -761,8 +761,11 @@ def attention_call(
     dispatch.check(backend, q.device.type)
     B, G, N, d = q.shape
     P = check_positive_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
+    if P > N:
+        raise ValueError(f"num_prefix_tokens must be at most the {N} tokens of q, got {P}")
     needs_map = spec.candidates in ("window", "grid") or spec.metric == "spatial"
     if P and not needs_map and spec.positional in ("none", "cpe"):
+        _prefixed_map(N, hw, P, spec.metric)  # hw is checked even where nothing reads it
         P, hw = 0, (1, N)  # nothing reads a position: every layout is the same
     if P:
         grid = _prefixed_map(N, hw, P, spec.metric)  # where the map tokens lie
@@ -775,8 +778,13 @@ def attention_call(
     for *_, K in groups:
         check_kernel_weights(spec.kernel, weight, bias, None, C, K, "v (heads * d)")
     ndim = ndim or (2 if grid.H > 1 else 1)
-    pos_params = encoding.parameters(spec, positional_params, ndim, G, C, q)
     q, k, v, weight, bias = autocast_cast(q, k, v, weight, bias, device_type=q.device.type)
+    if isinstance(positional_params, dict):  # cast like the features (a layer's are float32)
+        positional_params = {
+            n: autocast_cast(t, device_type=q.device.type)[0] if isinstance(t, Tensor) else t
+            for n, t in positional_params.items()
+        }
+    pos_params = encoding.parameters(spec, positional_params, ndim, G, C, q)
     for name, t in (("k", k), ("v", v), ("weight", weight), ("bias", bias)):
         check_like(name, t, "q", q)
 
@@ -889,7 +897,12 @@ def _prefixed_groups(spec: ConvNNSpec, grid: Grid, P: int, training, generator, 
     tokens = torch.arange(N, device=device)
     if spec.candidates not in ("window", "grid"):
         row = Grid(1, N)  # candidates that do not read the layout: every token alike
-        K = check_candidates(row, spec.candidates, spec.num_candidates, spec.window, spec.K)
+        try:
+            K = check_candidates(row, spec.candidates, spec.num_candidates, spec.window, spec.K)
+        except ValueError as e:  # say which tokens the row holds
+            raise ValueError(
+                f"{e} (the {P} prefix tokens and the {grid.H} x {grid.W} map)"
+            ) from None
         cands = build_candidates(spec, row, training, generator, device)
         return ((slice(None), tokens, cands, K),)
     count = check_candidates(grid, spec.candidates, spec.num_candidates, spec.window, None)

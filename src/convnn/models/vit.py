@@ -60,9 +60,12 @@ class VisionTransformer(TimmModelAPI, nn.Module):
     self-attention, run by SDPA), 'convnn_attention', 'kvt', 'branching_attention' or
     'local'. Local (window) attention needs the tokens to form a map, so that model has no
     class token and averages the tokens (timm's ``class_token=False, global_pool='avg'``).
-    With a positional encoding (``positional=``) the other layers get the token map and the
-    class token (``grid_size``, ``num_prefix_tokens=1``): the patches are encoded by their
-    map position, the class token not at all.
+    With a positional encoding (``positional=``) the layers get the token map and the class
+    token (``grid_size``, ``num_prefix_tokens``): the patches are encoded by their 2-D map
+    position, the class token not at all. (Before 2026-11-29 a model with a class token
+    encoded the tokens by their 1-D sequence index; its checkpoints load, with their old
+    outputs, into a model built with ``grid_size=None, num_prefix_tokens=0``. A 'local'
+    model encoded its 2-D map by one coordinate, a bug: its encoding is 2-D now too.)
     timm's model API: see :class:`TimmModelAPI`.
     """
 
@@ -99,9 +102,14 @@ class VisionTransformer(TimmModelAPI, nn.Module):
             layer_kwargs = {"window": window, "K": window * window, **layer_kwargs}
         if layer in ("kvt", "convnn_attention", "branching_attention"):
             layer_kwargs.setdefault("K", min(9, num_tokens))
-        if self.class_token and layer_kwargs.get("positional", "none") != "none":
+        if layer_kwargs.get("positional", "none") != "none":
             # the encoding reads each token's map position; the class token has none
-            layer_kwargs = {"grid_size": self.grid_size, "num_prefix_tokens": 1, **layer_kwargs}
+            prefix = int(self.class_token)
+            layer_kwargs = {
+                "grid_size": self.grid_size,
+                "num_prefix_tokens": prefix,
+                **layer_kwargs,
+            }
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim,

@@ -242,6 +242,13 @@ class ConvNNAttention(SpecOptions, nn.Module):
     def _run(self, q, k, v, hw, prefix, return_indices, kernel, weight):
         if hw is None and not prefix:
             hw = (1, q.shape[2])  # a sequence: never a map guessed from the token count
+        if self.positional not in ("none", "cpe") and hw is not None:
+            if (1 if hw[0] == 1 else 2) != self._pos_ndim:  # its tensors are 1-D or 2-D
+                raise ValueError(
+                    f"positional={self.positional!r} of a layer built for {self._pos_ndim}-D "
+                    f"tokens (grid_size={self.grid_size}) needs the same form, got a "
+                    f"{hw[0]} x {hw[1]} map: pass grid_size=(h, w) to the layer"
+                )
         spec = self.spec if kernel == self.kernel else self.spec.replace(kernel=kernel)
         return CF.attention_call(
             q,

@@ -153,6 +153,12 @@ class BranchingAttention(ConvNNAttention):
         **convnn_kwargs,
     ) -> None:
         own = {k: convnn_kwargs.pop(k) for k in self._OWN if k in convnn_kwargs}
+        if convnn_kwargs.get("positional") == "cpe":  # it would be silently skipped
+            raise ValueError(
+                "positional='cpe' changes a layer's input tokens, and the ConvNN branch of "
+                "BranchingAttention sees only its part of the shared q, k, v: use another "
+                "positional encoding, or ConvNNAttention, got positional='cpe'"
+            )
         factory = {"device": device, "dtype": dtype}
         super().__init__(
             dim, num_heads, None, qkv_bias, attn_drop, proj_drop, kernel="none", **factory, **own
@@ -177,8 +183,9 @@ class BranchingAttention(ConvNNAttention):
                 )
         self.ratio, self.split, self.widths, self.branch_heads = ratio, split, widths, heads
         common = {"attn_drop": attn_drop, **factory}
-        self.convnn = (
-            ConvNNAttention(widths[0], heads[0], K=K, **common, **convnn_kwargs)
+        layout = {k: own[k] for k in ("grid_size", "num_prefix_tokens") if k in own}
+        self.convnn = (  # with the layer's token map: its encoding reads positions
+            ConvNNAttention(widths[0], heads[0], K=K, **common, **layout, **convnn_kwargs)
             if widths[0]
             else None
         )
