@@ -260,8 +260,9 @@ def test_spatial_metric_with_prefix_tokens_is_refused():
 # --------------------------------------------------------------------------- a converted ViT
 
 
+@pytest.mark.parametrize("attention", ["kvt", "branching_attention"])
 @pytest.mark.parametrize("kind", ["rope", "relative_bias"])
-def test_converted_timm_vit_with_a_class_token_encodes_its_map(kind):
+def test_converted_timm_vit_with_a_class_token_encodes_its_map(kind, attention):
     """A timm ViT (class token: num_prefix_tokens=1, an 8 x 8 map) converted with a
     positional encoding runs forward and backward, and the encoding acts."""
     timm = pytest.importorskip("timm")
@@ -277,15 +278,16 @@ def test_converted_timm_vit_with_a_class_token_encodes_its_map(kind):
             num_classes=10,
         )  # fmt: skip
         model.load_state_dict(source.state_dict())
-        report = convert(model, conv=None, attention="kvt", K=16, positional=positional)
+        report = convert(model, conv=None, attention=attention, K=16, positional=positional)
         assert len(report.replaced) == 2
         models[positional] = model.eval()
-    attn = models[kind].blocks[0].attn
-    assert (attn.grid_size, attn.num_prefix_tokens) == ((8, 8), 1)
+    encoded = [b.attn.convnn if attention != "kvt" else b.attn for b in models[kind].blocks]
+    attn = encoded[0]
+    assert (attn.grid_size, attn.num_prefix_tokens, attn._pos_ndim) == ((8, 8), 1, 2)
     if kind == "relative_bias":  # the table starts at zero (the layer without it): move it
         with torch.no_grad():
-            for block in models[kind].blocks:
-                block.attn.positional_params.table.normal_()
+            for layer in encoded:
+                layer.positional_params.table.normal_()
     x = torch.randn(2, 3, 32, 32)
     y = models[kind](x)
     y.square().sum().backward()
