@@ -13,6 +13,7 @@ import torch
 
 import convnn.functional as CF
 from convnn import ConvNNAttention, convert
+from convnn.stages.candidates import Grid
 
 F64 = torch.float64
 H, W = 3, 4  # the token map after the prefix tokens
@@ -26,6 +27,7 @@ CANDIDATES = [
     ("window", dict(candidates="window", window=3), None),
     ("window-K<all", dict(candidates="window", window=3), 6),
     ("grid", dict(candidates="grid", num_candidates=6), 4),
+    ("random", dict(candidates="random", num_candidates=7), 4),  # eval: a fixed draw
 ]
 
 
@@ -95,6 +97,10 @@ def _candidate_mask(options, P):
     mask = torch.zeros(N, N, dtype=torch.bool)
     if options["candidates"] == "all":
         return ~mask
+    if options["candidates"] == "random":  # one draw over every token, prefix ones included:
+        # the library's eval-mode draw is an input here (what the formula checks is the rest)
+        mask[:, Grid(1, N).sample(options["num_candidates"], False, None, "cpu")] = True
+        return mask
     mask[:, :P] = True  # prefix tokens are candidates of every query
     if options["candidates"] == "window":
         mask[:P] = True  # a prefix query's candidates: every token
@@ -215,9 +221,16 @@ def test_layer_with_prefix_tokens_matches_formula(kind, cand, options, K):
     tensors, made random) on its heads."""
     P, G, d = 2, 2, 8
     layer = ConvNNAttention(
-        G * d, G, K, kernel="none", grid_size=(H, W), num_prefix_tokens=P, dtype=F64,
-        **options, **_options(kind),
-    )  # fmt: skip
+        G * d,
+        G,
+        K,
+        kernel="none",
+        grid_size=(H, W),
+        num_prefix_tokens=P,
+        dtype=F64,
+        **options,
+        **_options(kind),
+    ).eval()  # fmt: skip  (eval: 'random' draws its fixed candidates)
     q, k, v, _ = _inputs(kind, P, G, d)
     params = {}
     if layer.positional_params is not None:
