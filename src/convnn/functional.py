@@ -827,12 +827,13 @@ def attention_call(
         return out if bias is None else out + bias
     values = v.transpose(1, 2).reshape(B, N, C)
     ys, idxs = [], []
+    keys = k.reshape(B * G, N, d)  # every group's queries select among all tokens
     for rows, queries, cands, K in groups:
         part = q[:, :, rows]
         y, idx = _operator(
             values,
             part.reshape(B * G, part.shape[2], d),
-            k.reshape(B * G, N, d),
+            keys,
             grid,
             spec,
             groups=G,

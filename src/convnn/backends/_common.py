@@ -121,7 +121,7 @@ def _topk_by_rounds(
     R, M = scores.shape
     idx = torch.empty(R, K, dtype=torch.int64, device=scores.device)
     width = K * group + M % group if group else M
-    narrow = (rounding or scores.dtype) in _HALF and width <= _NARROW_WIDTH
+    narrow = _narrow_keys(rounding or scores.dtype, width)
     rows = max(1, ROUNDS_BLOCK // (max(width, 1) * (4 if narrow else 8)))
     for r0 in range(0, R, rows):
         block, out = scores[r0 : r0 + rows], idx[r0 : r0 + rows]
@@ -228,26 +228,35 @@ def _tie_free_keys(scores: Tensor, index: Tensor | None = None, scratch: bool = 
     M = scores.shape[-1]
     if torch.compiler.is_compiling():
         return _pure_keys(scores, index)
-    if index is None and scores.dtype in _HALF and M <= _NARROW_WIDTH:
+    # in place on fresh tensors: each new temporary of a large block costs page faults
+    if index is None and _narrow_keys(scores.dtype, M):
         keys = _plus_zero(scores, scratch).view(torch.int16).to(torch.int32)
-        flip = keys >> 15
-        flip &= 0x7FFF
-        keys ^= flip  # negative scores' magnitude bits reversed
+        _order(keys, 15)
         keys <<= 16
         keys |= 0xFFFF - torch.arange(M, dtype=torch.int32, device=scores.device)
         return keys
     if index is None:
         index = torch.arange(M, device=scores.device)
-    # in place on fresh tensors: each new temporary of a large block costs page faults
     wide = scores if scores.dtype == torch.float32 else scores.float()
     bits = _plus_zero(wide, scratch or wide is not scores).view(torch.int32)
-    flip = bits >> 31
-    flip &= 0x7FFFFFFF
-    bits ^= flip  # negative scores' magnitude bits reversed: an ordered integer
-    keys = bits.to(torch.int64)
+    keys = _order(bits, 31).to(torch.int64)
     keys <<= 32
     keys |= 0x7FFFFFFF - index
     return keys
+
+
+def _narrow_keys(dtype: torch.dtype, width: int) -> bool:
+    """Whether :func:`_tie_free_keys` of ``dtype`` scores in rows of ``width`` are int32."""
+    return dtype in _HALF and width <= _NARROW_WIDTH
+
+
+def _order(bits: Tensor, sign: int) -> Tensor:
+    """Float bits (sign bit ``sign``, sign-extended in an integer tensor) made an ordered
+    integer, in place: negative scores' magnitude bits reversed."""
+    flip = bits >> sign
+    flip &= (1 << sign) - 1
+    bits ^= flip
+    return bits
 
 
 def _plus_zero(scores: Tensor, scratch: bool) -> Tensor:
