@@ -28,6 +28,7 @@ CANDIDATES = [
     ("window-K<all", dict(candidates="window", window=3), 6),
     ("grid", dict(candidates="grid", num_candidates=6), 4),
     ("random", dict(candidates="random", num_candidates=7), 4),  # eval: a fixed draw
+    ("ann-every-token", dict(candidates="ann", num_candidates=64), 5),  # budget >= N: exact
 ]
 
 
@@ -95,7 +96,9 @@ def _candidate_mask(options, P):
     """(N, N) bool: the keys each query may select (DESIGN.md 2, prefix tokens added)."""
     N = P + H * W
     mask = torch.zeros(N, N, dtype=torch.bool)
-    if options["candidates"] == "all":
+    if options["candidates"] == "all" or (
+        options["candidates"] == "ann" and options["num_candidates"] >= N
+    ):  # 'ann' with a budget of every token proposes them all
         return ~mask
     if options["candidates"] == "random":  # one draw over every token, prefix ones included:
         # the library's eval-mode draw is an input here (what the formula checks is the rest)
@@ -122,12 +125,17 @@ def _candidate_mask(options, P):
     return mask
 
 
+def _scores(fq, fk, kind, P, params):
+    """Scaled dot products of encoded features (B, G, N, d'), plus the relative bias."""
+    return fq @ fk.transpose(-1, -2) / math.sqrt(fq.shape[-1]) + _bias(kind, P, params)
+
+
 def formula(q, k, v, kind, P, params, options, K):
     """Dense float64 ConvNN attention (scaled_dot, softmax, kernel 'none') with the map
     tokens encoded and the P prefix tokens not: (B, N, G * d)."""
     B, G, N, d = q.shape
     fq, fk = _features(q, kind, P, params), _features(k, kind, P, params)
-    S = fq @ fk.transpose(-1, -2) / math.sqrt(fq.shape[-1]) + _bias(kind, P, params)
+    S = _scores(fq, fk, kind, P, params)
     mask = _candidate_mask(options, P)
     count = mask.sum(1)
     ys = []
@@ -142,6 +150,17 @@ def formula(q, k, v, kind, P, params, options, K):
         ]
         ys.append(torch.einsum("bgk,bgkd->bgd", rho, picked).reshape(B, G * d))
     return torch.stack(ys, 1)
+
+
+def formula_at(q, k, v, kind, P, params, idx):
+    """The formula over given selections idx (B, G, N, K): softmax over their encoded
+    scores, then the sum of their values: (B, N, G * d)."""
+    B, G, N, d = q.shape
+    fq, fk = _features(q, kind, P, params), _features(k, kind, P, params)
+    S = _scores(fq, fk, kind, P, params)
+    rho = S.gather(-1, idx).softmax(-1)  # (B, G, N, K)
+    picked = v.gather(2, idx.flatten(2)[..., None].expand(-1, -1, -1, d)).view(B, G, N, -1, d)
+    return torch.einsum("bgnk,bgnkd->bngd", rho, picked).reshape(B, N, G * d)
 
 
 # --------------------------------------------------------------------------- the library
@@ -260,6 +279,47 @@ def test_no_prefix_tokens_is_the_map_alone(kind, options):
     )  # fmt: skip
     assert torch.equal(run(num_prefix_tokens=0), run())
     torch.testing.assert_close(run(), formula(q, k, v, kind, 0, params, options, 5))
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("kind", ENCODINGS)
+def test_ann_with_prefix_tokens_indexes_the_encoded_features(kind, backend):
+    """'ann' with a budget below N (8 of 14 tokens, 2 tables): the index proposes from the
+    selection features with the encoding applied (prefix tokens unencoded), so it picks
+    what 'ann' picks on the formula's encoded features given as q and k; the picks come in
+    descending encoded score, and output and gradients match the formula over them."""
+    P, K = 2, 4
+    q64, k64, v64, p64 = _inputs(kind, P)
+    ann = dict(candidates="ann", num_candidates=8, ann_tables=2)
+    q, k, v = (t.clone().requires_grad_() for t in (q64, k64, v64))
+    params = {n: t.clone().requires_grad_(n == "table") for n, t in p64.items()}
+    y, idx = CF.convnn_attention(
+        q, k, v, K, **ann, **_options(kind), hw=(H, W), num_prefix_tokens=P,
+        positional_params=params or None, return_indices=True, backend=backend,
+    )  # fmt: skip
+    assert idx.shape == (2, 2, P + H * W, K)
+    fq, fk = _features(q64, kind, P, p64), _features(k64, kind, P, p64)
+    if kind != "relative_bias":  # the bias is in the scores, not the features
+        _, plain = CF.convnn_attention(
+            fq, fk, v64, K, **ann, return_indices=True, backend=backend
+        )  # fmt: skip
+        assert torch.equal(idx, plain)
+    S = _scores(fq, fk, kind, P, p64)
+    picked = S.gather(-1, idx)
+    assert (picked[..., :-1] >= picked[..., 1:]).all()
+    exact = S.sort(dim=-1, descending=True, stable=True).indices[..., :K]
+    assert not torch.equal(idx, exact)  # the budget leaves some query's best keys out
+    r = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    (y * r).sum().backward()
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q64, k64, v64))
+    pr = {n: t.clone().requires_grad_(n == "table") for n, t in p64.items()}
+    yr = formula_at(qr, kr, vr, kind, P, pr, idx)
+    (yr * r).sum().backward()
+    tol = dict(rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(y.detach(), yr.detach(), **tol)
+    pairs = [(q, qr), (k, kr), (v, vr)] + [(params[n], pr[n]) for n in pr if n == "table"]
+    for ours, ref in pairs:
+        torch.testing.assert_close(ours.grad, ref.grad, **tol)
 
 
 def test_spatial_metric_with_prefix_tokens_is_refused():
