@@ -1,7 +1,7 @@
 """The README's self-contained snippets run as written, and do what their comments say.
 
 (Snippets that name the user's own tensors, such as the functional API's sketch, are not
-run; the drop-in snippet for timm / torchvision runs in test_convert.py.)
+run.)
 """
 
 from __future__ import annotations
@@ -58,3 +58,13 @@ def test_timm_registry():
     model = ns["model"]
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert isinstance(model.layer1[0].conv1, convnn.Branching2d)
+
+
+def test_drop_in_timm_and_torchvision():
+    """A timm ViT and a torchvision ResNet, converted, take a backward pass."""
+    pytest.importorskip("timm")
+    ns = run(snippet("import timm, torch, torchvision"))
+    vit, resnet = ns["vit"], ns["resnet"]
+    assert isinstance(vit.blocks[0].attn, convnn.ConvNNAttention)
+    assert isinstance(resnet.layer1[0].conv1, convnn.Branching2d)
+    assert vit.blocks[0].attn.qkv.weight.grad is not None
