@@ -72,19 +72,21 @@ def test_tie_repair_matches_a_stable_sort(compiled):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_rounds_of_row_maxima_rank_as_topk_with_its_repair(monkeypatch, dtype):
     """Rows ranked by rounds of a row maximum (narrow rows whole, wide ones over their best
-    groups, a tail past the last group included; in blocks of rows, here tiny ones) select
-    exactly what torch.topk and the tie repair do, in the same order: ties (whole groups of
-    them), signed zeros, -inf, a strided view, bf16 rounding of fp32 scores; the input is
-    left as it was."""
+    groups, a tail past the last group included, and holding the best; in blocks of rows,
+    here tiny ones) select exactly what torch.topk and the tie repair do, in the same order:
+    ties (whole groups of them), signed zeros, -inf, a strided view, bf16 rounding of fp32
+    scores; the input is left as it was."""
     from convnn.backends import _common
 
     g = torch.Generator().manual_seed(8)
     table = torch.tensor([-0.0, 0.0, 0.25, 0.5, -1.5, -torch.inf, 2.0, 0.5 + 2**-12])
     for M, K, group in [(1, 1, 0), (7, 7, 0), (49, 9, 0), (65, 10, 0), (200, 16, 0),
-                        (700, 9, 32), (1024, 16, 32), (4 * 10 * 64 + 37, 9, 32)]:  # fmt: skip
+                        (324, 8, 0), (1500, 9, 32), (2048, 16, 32),
+                        (4 * 10 * 64 + 37, 9, 32)]:  # fmt: skip
         scores = table[torch.randint(0, len(table), (3, M + 5, 37), generator=g)]
         scores = scores.to(dtype).transpose(1, 2)[..., :M]  # (3, 37, M), strided
         scores[0, :3] = 0.5  # a whole row ties
+        scores[1, :3, -2:] = 3.0  # the best scores in the last places (past the last group)
         assert _common._rounds_group(scores, K) == group
         before = scores.clone()
         for rounding in (None, torch.bfloat16) if dtype == torch.float32 else (None,):
@@ -399,3 +401,11 @@ def test_worker_threads_keep_the_callers_modes(monkeypatch):
         assert CountTopK.calls >= 4  # 2 images x 2 blocks of 32 queries, each ranked
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("M,K", [(65, 9), (324, 8), (1500, 9), (700, 9)])
+def test_rounds_of_no_rows(M, K):
+    """No rows (an empty batch) on every path: whole rows, best groups, topk."""
+    for lead in [(0,), (2, 0), (0, 3)]:
+        vals, idx = topk_low_ties(torch.randn(*lead, M), K)
+        assert vals.shape == idx.shape == (*lead, K) and idx.dtype == torch.int64

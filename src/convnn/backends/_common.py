@@ -75,15 +75,18 @@ def topk_low_ties(
 
 
 # Ranking by rounds of a row maximum (_topk_by_rounds), on one CPU thread against torch.topk
-# (about 1 us a row below a few hundred scores) and its tie repair: 0.3-0.6x its time on
-# rows of at most ROUNDS_MAX_WIDTH scores with K * width <= ROUNDS_MAX_WORK; on wider rows,
-# over the K best groups of ROUNDS_GROUP scores, 0.6-0.95x where those hold at most
-# ROUNDS_GROUP_SHARE of the row. 16-bit scores (or rounding) rank faster than fp32 ones:
-# their keys are half as wide (0.8-0.85x the fp32 time of 4 x 1024 rows of 1024, K = 8).
-ROUNDS_MAX_WIDTH = 256
-ROUNDS_MAX_WORK = 4096
+# (about 1 us a row below a few hundred scores) and its tie repair: whole rows of at most
+# ROUNDS_MAX_WIDTH scores with K * width <= ROUNDS_MAX_WORK take 0.3-0.8x its time (0.5-0.65x
+# on 256 x 324, K = 8: a 16 x 16 map's padded 18 x 18; break-even near K * width = 8192);
+# wider rows, over their K best groups of ROUNDS_GROUP scores where those hold at most
+# ROUNDS_GROUP_SHARE of the row: 0.8-0.95x at 512 x 4096, K = 8, about equal at 1024 x 1156
+# (a share of 0.22), while at shares of 0.33-0.44 topk took 0.6-0.9x the groups' time.
+# 16-bit scores (or rounding) rank faster than fp32 ones: their keys are half as wide
+# (0.8-0.85x the fp32 time of 4 x 1024 rows of 1024, K = 8).
+ROUNDS_MAX_WIDTH = 512
+ROUNDS_MAX_WORK = 8192
 ROUNDS_GROUP = 32  # narrower groups make the group maxima (an inner reduction) slow
-ROUNDS_GROUP_SHARE = 0.6
+ROUNDS_GROUP_SHARE = 0.25
 # Bytes of keys ranked at a time. Each round is a few ops over the block, so per-op overhead
 # favours large blocks: 2 MiB ranks 512 x 4096 fp32 scores (K = 9) in 0.79x the time of 1 MiB
 # (the ConvNN2d forward on 2 x 64 x 64 x 64: 0.93x); 4 and 8 MiB gain nothing more.
@@ -123,15 +126,17 @@ def _topk_by_rounds(
     width = K * group + M % group if group else M
     narrow = _narrow_keys(rounding or scores.dtype, width)
     rows = max(1, ROUNDS_BLOCK // (max(width, 1) * (4 if narrow else 8)))
+    blocks = max(1, -(-R // rows))
+    rows = max(1, -(-R // blocks))  # equal blocks: no small last one of a whole one's cost
     for r0 in range(0, R, rows):
         block, out = scores[r0 : r0 + rows], idx[r0 : r0 + rows]
         if group:
-            positions, block = _best_groups(block, K, group, rounding)
+            chosen, block = _best_groups(block, K, group, rounding)
         elif rounding is not None:
             block = block.to(rounding)
         _strike(_tie_free_keys(block, scratch=group > 0), K, out)
         if group:
-            torch.gather(positions, -1, out.clone(), out=out)
+            out.copy_(_group_positions(out, chosen, group, M))
     vals = scores.gather(-1, idx)
     return (vals if rounding is None else vals.to(rounding)), idx
 
@@ -139,9 +144,10 @@ def _topk_by_rounds(
 def _best_groups(
     scores: Tensor, K: int, group: int, rounding: torch.dtype | None
 ) -> tuple[Tensor, Tensor]:
-    """The scores of the K best groups of ``group`` consecutive scores of each row (and the
-    tail that fills no group), and their positions: (r, M) -> positions, candidates
-    (r, K * group + M % group), both in ascending position.
+    """The K best groups of ``group`` consecutive scores of each row, and their scores with
+    the tail that fills no group: (r, M) -> groups (r, K) ascending, candidates
+    (r, K * group + M % group) in ascending position (:func:`_group_positions` maps a
+    candidate's column back to its position).
 
     Groups rank by their best score, equal ones by lower position (a group's best key):
     a group is beaten only by one holding a better score, so the K best scores lie in the K
@@ -150,19 +156,32 @@ def _best_groups(
     r, M = scores.shape
     ng, device = M // group, scores.device
     body = ng * group
-    flat = scores[:, :body].reshape(r * ng, group)  # a copy if the rows are strided or M % group
-    best = flat.amax(-1).view(r, ng)
+    scores = scores.contiguous()  # (a view of) the caller's block: no copy
+    best = scores[:, :body].view(r, ng, group).amax(-1)  # a view even when M % group
     keys = _tie_free_keys(best if rounding is None else best.to(rounding), scratch=True)
     _strike(keys, K)
     chosen = (keys == _struck(keys)).nonzero()[:, 1].view(r, K)  # row-major: ascending groups
-    rows = (torch.arange(0, r * ng, ng, device=device)[:, None] + chosen).view(-1)
-    cand = flat.index_select(0, rows).view(r, K * group)  # whole rows: cheaper than gather
-    positions = (chosen[..., None] * group + torch.arange(group, device=device)).view(r, -1)
+    # every run of `group` scores as a row of one view, so a group is one row (at the group's
+    # start: row i * M + g * group) and index_select takes whole rows, which beats a gather
+    runs = scores.view(-1).unfold(0, group, 1)
+    rows = (torch.arange(0, r * M, M, device=device)[:, None] + chosen * group).view(-1)
+    cand = runs.index_select(0, rows).view(r, K * group)
     if body < M:
         cand = torch.cat([cand, scores[:, body:]], -1)
-        tail = torch.arange(body, M, device=device).expand(r, -1)
-        positions = torch.cat([positions, tail], -1)
-    return positions, cand if rounding is None else cand.to(rounding)
+    return chosen, cand if rounding is None else cand.to(rounding)
+
+
+def _group_positions(cols: Tensor, chosen: Tensor, group: int, M: int) -> Tensor:
+    """Positions in rows of M of candidate columns ``cols`` (r, k) of :func:`_best_groups`'
+    candidates, given its groups ``chosen`` (r, K): column c is offset c % group of chosen
+    group c // group, or past the K groups, in the tail."""
+    K = chosen.shape[1]
+    slot = torch.div(cols, group, rounding_mode="floor")
+    pos = chosen.gather(1, slot.clamp(max=K - 1))
+    pos *= group
+    pos += cols - slot * group
+    tail = cols + (M - M % group - K * group)  # the tail's columns follow the K groups
+    return torch.where(slot < K, pos, tail)
 
 
 def _struck(keys: Tensor) -> int:
