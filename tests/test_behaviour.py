@@ -71,6 +71,21 @@ def test_deterministic(backend, name):
     assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CONV_CONFIGS))
+def test_conv_leaves_its_input_as_it_was(backend, name):
+    """Forward and backward read the input (a view of it, without padding) and never write
+    it: x and its gradient's source are bit for bit what they were."""
+    layer = _conv(name).train()
+    x = randn(2, 3, 6, 5, seed=4).requires_grad_()
+    before = x.detach().clone()
+    with on_backend(backend):
+        y = layer(x)
+        y.backward(randn(*y.shape, seed=5))
+    assert torch.equal(x.detach(), before)
+    assert x.grad is not None and x.grad.isfinite().all()
+
+
 def test_attention_dropout_only_in_training():
     torch.manual_seed(0)
     layer = ConvNNAttention(8, 2, K=4, attn_drop=0.5).to(F64)

@@ -521,7 +521,10 @@ def convnn_map(
         y = F.conv2d(x, w, bias, (sh, sw), (conv[0] // 2, conv[1] // 2), groups=groups)
         return y[:, :, 0] if ndim == 1 else y
 
-    tokens = lambda t: F.pad(t, (pw, pw, ph, ph)).flatten(2).transpose(1, 2)  # (B, Hp*Wp, C)
+    # (B, Hp*Wp, C); F.pad copies the map even with no padding (and its backward copies the
+    # gradient back)
+    padded = lambda t: F.pad(t, (pw, pw, ph, ph)) if ph or pw else t
+    tokens = lambda t: padded(t).flatten(2).transpose(1, 2)
     values = tokens(x)
     feats = values if x_select is x else tokens(x_select)
     every = (ph, pw, sh, sw) == (0, 0, 1, 1)  # every token is a query: self-similarity
