@@ -117,8 +117,8 @@ def _topk_by_rounds(
     taking a row's best key and striking it out (:func:`_strike`). The keys are distinct
     and hold the tie rule, so the rounds find the canonical order itself: no K + 1, no
     repair, no sort. ``group`` > 0 ranks only the K best groups of ``group`` consecutive
-    scores (:func:`_best_groups`). Rows are taken about :data:`ROUNDS_BLOCK` bytes of keys
-    at a time.
+    scores (:func:`_best_groups`). Rows are taken in equal blocks of at most about
+    :data:`ROUNDS_BLOCK` bytes of keys.
 
     scores (R, M) -> values (R, K) (in ``rounding`` when given), positions (R, K)."""
     R, M = scores.shape
@@ -156,7 +156,7 @@ def _best_groups(
     r, M = scores.shape
     ng, device = M // group, scores.device
     body = ng * group
-    scores = scores.contiguous()  # (a view of) the caller's block: no copy
+    scores = scores.contiguous()  # rows of contiguous scores already are: no copy
     best = scores[:, :body].view(r, ng, group).amax(-1)  # a view even when M % group
     keys = _tie_free_keys(best if rounding is None else best.to(rounding), scratch=True)
     _strike(keys, K)
