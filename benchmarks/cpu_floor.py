@@ -98,7 +98,7 @@ def _case_step(case: Case):
     return step
 
 
-def _gemm_floor(B: int, C: int, N: int, K: int, C_out: int):
+def gemm_floor(B: int, C: int, N: int, K: int, C_out: int):
     """The headline step's GEMMs alone, at its shapes, in fp32:
 
     - the similarity GEMM, (N, C) x (C, N) per image (B of them, one at a time as the
@@ -142,7 +142,7 @@ def group_headline(quick: bool) -> Group:
     g.runners = {
         "all": _case_step(Case(g.name, "all", "ours", "convnn2d", shape, opts)),
         "dense": _case_step(Case(g.name, "all", "dense", "convnn2d", shape, opts, "reference")),
-        "gemm_floor": _gemm_floor(B, C, S * S, 9, C),
+        "gemm_floor": gemm_floor(B, C, S * S, 9, C),
         "window": _case_step(Case(g.name, "window", "ours", "convnn2d", shape, win)),
     }
     return g
