@@ -430,7 +430,7 @@ def _cpu() -> str:
         return platform.processor() or platform.machine()
 
 
-def _load() -> str:
+def load_average() -> str:
     return "/".join(f"{v:.2f}" for v in os.getloadavg())
 
 
@@ -450,7 +450,7 @@ def run_group(
     g: Group, ratios: list[Ratio], rounds: int, reps: int, quick: bool = False
 ) -> list[list[str]]:
     """Warm up, interleave, print one line per ratio; returns the summary table's rows."""
-    print(f"\n== {g.name}  (load before {_load()})", flush=True)
+    print(f"\n== {g.name}  (load before {load_average()})", flush=True)
     for note in g.notes:
         print(f"  {note}")
 
@@ -477,7 +477,7 @@ def run_group(
         rows.append(
             [f"{r.name} ({g.name})", format_ratio(stats), bar, verdict(stats, r.bar, quick)]
         )
-    print(f"  load after {_load()}", flush=True)
+    print(f"  load after {load_average()}", flush=True)
     return rows
 
 
@@ -499,12 +499,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {_cpu()}")
-    print(f"load average (1/5/15 min) at start: {_load()}")
+    print(f"load average (1/5/15 min) at start: {load_average()}")
     table = []
     for key in chosen:
         group = GROUPS[key](args.quick)
         table += run_group(group, RATIOS[key], args.rounds, args.reps, args.quick)
-    print(f"\nload average at end: {_load()}\n")
+    print(f"\nload average at end: {load_average()}\n")
     print("| ratio | median (range) | bar | verdict |\n|---|---|---|---|")
     for row in table:
         print("| " + " | ".join(row) + " |")

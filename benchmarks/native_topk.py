@@ -43,7 +43,7 @@ from convnn.metrics import GemmScores
 from convnn.models.registry import create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_floor import gemm_floor  # noqa: E402  (a sibling script: the headline's floor)
+from cpu_floor import gemm_floor, load_average  # noqa: E402  (a sibling script)
 
 SOURCE = r"""
 #include <stdint.h>
@@ -286,10 +286,6 @@ def _seconds(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _load() -> str:
-    return "/".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
@@ -298,7 +294,7 @@ def main() -> None:
     torch.set_num_threads(1)
     print(
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
-        f"load {_load()}"
+        f"load {load_average()}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         lib = build(Path(tmp))
@@ -318,9 +314,7 @@ def main() -> None:
                 def run():
                     free.start()
                     with swapped(block):
-                        t0 = time.perf_counter()
-                        step()
-                        return time.perf_counter() - t0
+                        return _seconds(step)
 
                 return run
 
@@ -341,7 +335,7 @@ def main() -> None:
                     f"  against the GEMM floor ({ms['floor']:.0f} ms): rounds {over['rounds']}, "
                     f"native {over['native']}, a top-K that costs nothing {over['free']}"
                 )
-    print(f"load {_load()}")
+    print(f"load {load_average()}")
 
 
 if __name__ == "__main__":
