@@ -11,7 +11,8 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+# setup.py builds the native top-K (src/convnn/backends/_rank.c) into the source tree
+$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py src/convnn/backends/_rank.c
 	$(BIN)/pip install -q "torch==$(TORCH_VERSION)" "torchvision==$(TORCHVISION_VERSION)"
 	$(BIN)/pip install -q -e ".[test,triton]"
 	touch $@
@@ -36,4 +37,5 @@ bench: install
 	$(BIN)/convnn bench --out benchmarks/results.json
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache build
+	find src -name '*.so' -delete

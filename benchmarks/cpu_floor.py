@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 import convnn
 from convnn import backends
+from convnn.backends import native
 from convnn.bench.cases import Case
 from convnn.bench.measurement import build_case
 from convnn.bench.rounds import format_ratio, interleave, ratio_stats
@@ -499,6 +500,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {_cpu()}")
+    print(native.status())
     print(f"load average (1/5/15 min) at start: {load_average()}")
     table = []
     for key in chosen:

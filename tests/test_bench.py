@@ -265,26 +265,24 @@ def test_cpu_floor_quick_prints_every_ratio_of_the_issue():
     assert listed.stdout.strip() == "window_conv: window7x7/conv3x3"
 
 
-def test_native_topk_experiment_picks_what_the_backend_picks():
-    """benchmarks/native_topk.py --quick: its C kernel compiles, gives the keys of
-    ``topk_low_ties`` on every checked block, and the layer's outputs are the same with it
-    swapped in (it exits non-zero otherwise). No time is checked."""
-    import os
-    import shutil
+def test_native_topk_benchmark_runs_its_three_ways_to_the_same_outputs():
+    """benchmarks/native_topk.py --quick: the step ranked natively, by the torch path and by
+    a free top-K gives the same outputs (it exits non-zero otherwise). No time is checked."""
     import subprocess
     import sys
     from pathlib import Path
 
-    if shutil.which(os.environ.get("CC", "cc")) is None:
-        pytest.skip("no C compiler")
+    from convnn.backends import native
+
+    if native._rank is None:
+        pytest.skip(native.status())
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "native_topk.py"
     proc = subprocess.run(
         [sys.executable, str(path), "--quick", "--rounds", "1"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "exact: 66 score blocks give the same keys as topk_low_ties" in proc.stdout
-    assert "the same outputs" in proc.stdout
+    assert "the same outputs" in proc.stdout and "against the GEMM floor" in proc.stdout
 
 
 def test_the_load_spinner_stops_when_the_benchmark_is_killed(tmp_path):

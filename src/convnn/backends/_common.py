@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..metrics import BlockScores, get_metric, rankable, spatial_keys, tensor_scores
+from . import native
 
 __all__ = ["BlockScores", "rankable", "spatial_keys", "tensor_scores", "prepare"]
 
@@ -59,6 +60,10 @@ def topk_low_ties(
     if torch.compiler.is_compiling():
         return _compiled_topk(scores if rounding is None else scores.to(rounding), K, topk)
     lead, M = scores.shape[:-1], scores.shape[-1]
+    if native.usable(scores, K, rounding):
+        idx = native.topk(scores.reshape(-1, M), K, rounding).view(*lead, K)
+        vals = scores.gather(-1, idx)
+        return (vals if rounding is None else vals.to(rounding)), idx
     group = _rounds_group(scores, K)
     if group is not None:
         vals, idx = _topk_by_rounds(scores.reshape(-1, M), K, group, rounding)

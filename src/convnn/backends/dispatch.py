@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ..metrics import BlockScores
 from ..options import check_choice
-from . import chunked, reference
+from . import chunked, native, reference
 
 BACKENDS = ("reference", "chunked", "triton")
 _log = logging.getLogger("convnn")
@@ -300,7 +300,8 @@ def _choose(
             return triton
         _decide(stage, "chunked", lambda: f"automatic choice on CUDA: {why}")
         return chunked
-    _decide(stage, "chunked", lambda: f"automatic choice on {device}: kernels run on CUDA")
+    ranks = f"; {native.status()}" if stage == "selection" and device == "cpu" else ""
+    _decide(stage, "chunked", lambda: f"automatic choice on {device}: kernels run on CUDA{ranks}")
     return chunked
 
 

@@ -10,6 +10,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
+from ..backends import native
 from ..utils import atomic_write_text
 from .cases import (
     COSINE_K9,
@@ -231,6 +232,7 @@ def hardware(device: str) -> dict:
         torch=torch.__version__,
         python=platform.python_version(),
         platform=platform.platform(),
+        native_topk=native.status(),
     )
     if device.startswith("cuda") and torch.cuda.is_available():
         info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)

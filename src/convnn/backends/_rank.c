@@ -1,0 +1,312 @@
+/* Native top-K of rows of scores, with the library's tie rule (convnn.backends.native).
+ *
+ * Scores are compared as ordered integer keys: the float's sign-magnitude bits made
+ * monotone (negative magnitudes reversed) after -0.0 is taken for +0.0, the keys of
+ * _common._tie_free_keys. Among equal keys the lower position wins (the tie rule), and the
+ * K best come out in canonical order: descending score, equal scores by lower position.
+ * Each row is ranked one of three ways (rank_row):
+ *
+ * - rounds: K passes of a vectorised maximum, each taking the best key at the lowest
+ *   position and striking it out, where K times the width is small;
+ * - rounds over the K best groups of 32 scores of a wide row (the K best scores lie in
+ *   them), found by rounds over the group maxima;
+ * - a heap of the K best (worst at the root), offered in ascending position only the
+ *   scores that can still enter, where K is large.
+ *
+ * Plain C99 with GCC / Clang vector extensions and the CPython API (no torch headers):
+ * tensors come as data pointers, and the interpreter lock is released while rows are ranked
+ * (the chunked backend's worker threads rank blocks at once).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+/* Score kinds: how a score's 32-bit sign-magnitude pattern is read. */
+enum { F32 = 0, F32_AS_BF16 = 1, HALF16 = 2 };
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(__clang__)
+/* One build runs on every x86-64 CPU and uses the wide vectors where the CPU has them. */
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CLONES
+#endif
+
+#define GROUP 32
+#define LANES 8
+/* Eight int32 lanes (GCC and Clang vector extensions): one AVX2 register, two SSE ones. */
+typedef int32_t lanes __attribute__((vector_size(4 * LANES)));
+typedef int32_t lanes_u __attribute__((vector_size(4 * LANES), aligned(4)));
+/* Rows with K * M up to this are ranked by rounds (see rank_row). */
+#define ROUNDS_WORK 8192
+
+static inline int32_t ordered(uint32_t bits) {
+    bits = bits == 0x80000000u ? 0u : bits; /* -0.0 ties +0.0, as the scores compare */
+    int32_t s = (int32_t)bits;
+    return s ^ ((s >> 31) & 0x7FFFFFFF);
+}
+
+/* The bits of an fp32 score rounded to bfloat16 (round to nearest even), as fp32 bits. */
+static inline uint32_t round_bf16(uint32_t bits) {
+    return ((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16) << 16;
+}
+
+/* a is worse than b: a lower key, or an equal key at a higher position. */
+static inline int worse(int32_t ka, int32_t pa, int32_t kb, int32_t pb) {
+    return ka < kb || (ka == kb && pa > pb);
+}
+
+/* Restore the heap (worst at the root) below slot i of n. */
+static void sift_down(int32_t *hk, int32_t *hp, Py_ssize_t n, Py_ssize_t i) {
+    int32_t k = hk[i], p = hp[i];
+    for (;;) {
+        Py_ssize_t c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && worse(hk[c + 1], hp[c + 1], hk[c], hp[c])) c++;
+        if (!worse(hk[c], hp[c], k, p)) break;
+        hk[i] = hk[c], hp[i] = hp[c];
+        i = c;
+    }
+    hk[i] = k, hp[i] = p;
+}
+
+static inline int32_t key_at(const void *row, Py_ssize_t j, int kind) {
+    if (kind == HALF16) return ordered((uint32_t)((const uint16_t *)row)[j] << 16);
+    uint32_t bits = ((const uint32_t *)row)[j];
+    return ordered(kind == F32_AS_BF16 ? round_bf16(bits) : bits);
+}
+
+/* The best key of each group of GROUP scores, best[g] = max(keys of row[g * GROUP ...]), in
+ * one vectorised pass per kind. */
+#define GROUP_BEST(T, KEY)                                                \
+    for (Py_ssize_t g = 0; g < groups; g++) {                             \
+        const T *x = (const T *)row + g * GROUP;                          \
+        int32_t m = INT32_MIN;                                            \
+        for (int t = 0; t < GROUP; t++) {                                 \
+            int32_t k = KEY;                                              \
+            m = k > m ? k : m;                                            \
+        }                                                                 \
+        best[g] = m;                                                      \
+    }
+
+CLONES static void group_best(const void *row, Py_ssize_t groups, int kind, int32_t *best) {
+    if (kind == F32) {
+        GROUP_BEST(uint32_t, ordered(x[t]))
+    } else if (kind == F32_AS_BF16) {
+        GROUP_BEST(uint32_t, ordered(round_bf16(x[t])))
+    } else {
+        GROUP_BEST(uint16_t, ordered((uint32_t)x[t] << 16))
+    }
+}
+
+/* Offer key k at position p to the heap of n (< K: still filling) kept ones. */
+static inline Py_ssize_t offer(int32_t *hk, int32_t *hp, Py_ssize_t n, Py_ssize_t K, int32_t k,
+                               int32_t p) {
+    if (n < K) { /* sift up: positions come ascending, so an equal key is worse */
+        Py_ssize_t i = n;
+        while (i > 0 && worse(k, p, hk[(i - 1) / 2], hp[(i - 1) / 2])) {
+            hk[i] = hk[(i - 1) / 2], hp[i] = hp[(i - 1) / 2];
+            i = (i - 1) / 2;
+        }
+        hk[i] = k, hp[i] = p;
+        return n + 1;
+    }
+    if (k > hk[0]) { /* an equal key comes later than the root's: it loses */
+        hk[0] = k, hp[0] = p;
+        sift_down(hk, hp, K, 0);
+    }
+    return n;
+}
+
+/* The K best positions of a row of M scores, in canonical order, into out[0..K), by a heap.
+ *
+ * With enough groups, the K-th best group maximum bounds the K-th best key from below
+ * (K groups hold keys at least that good), so only groups reaching it are read again, and
+ * in them only keys reaching it are offered. Otherwise every key is offered. ``scratch``
+ * holds the M / GROUP group maxima. */
+static void rank_heap(const void *row, int kind, Py_ssize_t M, Py_ssize_t K, int32_t *hk,
+                      int32_t *hp, int32_t *scratch, int64_t *out) {
+    Py_ssize_t n = 0, groups = M / GROUP;
+    if (groups >= 2 * K) {
+        group_best(row, groups, kind, scratch);
+        for (Py_ssize_t g = 0; g < groups; g++) n = offer(hk, hp, n, K, scratch[g], (int32_t)g);
+        int32_t bar = hk[0];
+        n = 0;
+        for (Py_ssize_t g = 0; g < groups; g++) {
+            if (scratch[g] < bar) continue;
+            for (Py_ssize_t j = g * GROUP; j < (g + 1) * GROUP; j++) {
+                int32_t k = key_at(row, j, kind);
+                if (k >= bar) n = offer(hk, hp, n, K, k, (int32_t)j);
+            }
+        }
+        for (Py_ssize_t j = groups * GROUP; j < M; j++) {
+            int32_t k = key_at(row, j, kind);
+            if (k >= bar) n = offer(hk, hp, n, K, k, (int32_t)j);
+        }
+    } else {
+        for (Py_ssize_t j = 0; j < M; j++)
+            n = offer(hk, hp, n, K, key_at(row, j, kind), (int32_t)j);
+    }
+    for (; n > 0; n--) { /* pop the worst into the last free slot */
+        out[n - 1] = hp[0];
+        hk[0] = hk[n - 1], hp[0] = hp[n - 1];
+        sift_down(hk, hp, n - 1, 0);
+    }
+}
+
+/* The ordered keys of row[0..M) into keys, padded with INT32_MIN to a whole number of
+ * 2 LANES: one vectorised pass per kind. */
+CLONES static void read_keys(const void *row, Py_ssize_t M, int kind, int32_t *keys) {
+    if (kind == F32) {
+        const uint32_t *x = (const uint32_t *)row;
+        for (Py_ssize_t t = 0; t < M; t++) keys[t] = ordered(x[t]);
+    } else if (kind == F32_AS_BF16) {
+        const uint32_t *x = (const uint32_t *)row;
+        for (Py_ssize_t t = 0; t < M; t++) keys[t] = ordered(round_bf16(x[t]));
+    } else {
+        const uint16_t *x = (const uint16_t *)row;
+        for (Py_ssize_t t = 0; t < M; t++) keys[t] = ordered((uint32_t)x[t] << 16);
+    }
+    for (Py_ssize_t t = M; t % (2 * LANES); t++) keys[t] = INT32_MIN;
+}
+
+/* K rounds over a row's M keys (padded to 2 LANES), each taking the best key at the lowest
+ * position (the tie rule) and striking it out with INT32_MIN: the canonical order comes out
+ * directly. Each lane keeps its best key and the first position holding it; the lanes are
+ * then compared. Returns 0 if a round's best was INT32_MIN, which a struck key, padding and
+ * a real score (a negative NaN of all-one bits) share: the caller ranks that row by the heap
+ * instead. */
+CLONES static int rank_rounds(int32_t *keys, Py_ssize_t M, Py_ssize_t K, int64_t *out) {
+    Py_ssize_t padded = (M + 2 * LANES - 1) / (2 * LANES) * (2 * LANES);
+    lanes first = {0, 1, 2, 3, 4, 5, 6, 7}, none = first - first + INT32_MIN;
+    for (Py_ssize_t r = 0; r < K; r++) {
+        /* two chains (even and odd vectors), so each compare waits on half as many */
+        lanes best = none, at = first, best2 = none, at2 = first + LANES, pos = first;
+        for (Py_ssize_t t = 0; t < padded; t += 2 * LANES, pos += 2 * LANES) {
+            lanes k = *(const lanes_u *)(keys + t), k2 = *(const lanes_u *)(keys + t + LANES);
+            lanes better = k > best, better2 = k2 > best2; /* strictly: the first best stays */
+            best = (k & better) | (best & ~better);
+            at = (pos & better) | (at & ~better);
+            best2 = (k2 & better2) | (best2 & ~better2);
+            at2 = ((pos + LANES) & better2) | (at2 & ~better2);
+        }
+        lanes odd = (best2 > best) | ((best2 == best) & (at2 < at));
+        best = (best2 & odd) | (best & ~odd);
+        at = (at2 & odd) | (at & ~odd);
+        int32_t m = best[0], p = INT32_MAX; /* across the lanes, without branches */
+        for (int l = 1; l < LANES; l++) m = best[l] > m ? best[l] : m;
+        for (int l = 0; l < LANES; l++) p = best[l] == m && at[l] < p ? at[l] : p;
+        if (m == INT32_MIN) return 0;
+        out[r] = p;
+        keys[p] = INT32_MIN;
+    }
+    return 1;
+}
+
+/* rank_rounds over the K best groups of GROUP scores: the K best scores lie in them (a
+ * group is beaten only by one holding a better score; equal group maxima go to the lower
+ * group, as the tie rule would). The groups are found by rounds over the group maxima, and
+ * their scores, in ascending position with the tail that fills no group, ranked by rounds.
+ * ``keys`` holds M / GROUP + 2 LANES + K GROUP + M % GROUP + 2 LANES keys, ``chosen`` K.
+ * Returns 0 where rank_rounds does. */
+static int rank_groups(const void *row, int kind, Py_ssize_t M, Py_ssize_t K, int32_t *keys,
+                       int64_t *chosen, int64_t *out) {
+    Py_ssize_t groups = M / GROUP, body = groups * GROUP, item = kind == HALF16 ? 2 : 4;
+    Py_ssize_t padded = (groups + 2 * LANES - 1) / (2 * LANES) * (2 * LANES);
+    group_best(row, groups, kind, keys);
+    for (Py_ssize_t g = groups; g < padded; g++) keys[g] = INT32_MIN;
+    if (!rank_rounds(keys, groups, K, chosen)) return 0;
+    for (Py_ssize_t i = 1; i < K; i++) { /* the groups in ascending position */
+        int64_t g = chosen[i];
+        Py_ssize_t j = i;
+        for (; j > 0 && chosen[j - 1] > g; j--) chosen[j] = chosen[j - 1];
+        chosen[j] = g;
+    }
+    int32_t *cand = keys + padded;
+    for (Py_ssize_t i = 0; i < K; i++)
+        read_keys((const char *)row + chosen[i] * GROUP * item, GROUP, kind, cand + i * GROUP);
+    read_keys((const char *)row + body * item, M - body, kind, cand + K * GROUP);
+    if (!rank_rounds(cand, K * GROUP + M - body, K, out)) return 0;
+    for (Py_ssize_t i = 0; i < K; i++) { /* candidate columns back to positions */
+        int64_t c = out[i];
+        out[i] = c < K * GROUP ? chosen[c / GROUP] * GROUP + c % GROUP : body + c - K * GROUP;
+    }
+    return 1;
+}
+
+/* The K best positions of a row of M scores, in canonical order, into out[0..K): by rounds
+ * where they are little work (each round is one vectorised pass), over the K best groups
+ * of a wide row or over the whole row, else by the heap. ``keys`` holds M + M / GROUP +
+ * 4 LANES keys, ``scratch`` 2 K + M / GROUP + 1, ``chosen`` K. */
+static void rank_row(const void *row, int kind, Py_ssize_t M, Py_ssize_t K, int32_t *keys,
+                     int32_t *scratch, int64_t *chosen, int64_t *out) {
+    Py_ssize_t groups = M / GROUP;
+    if (groups >= 2 * K && K * (K * GROUP + M % GROUP) <= ROUNDS_WORK) {
+        if (rank_groups(row, kind, M, K, keys, chosen, out)) return;
+    } else if (K * M <= ROUNDS_WORK) {
+        read_keys(row, M, kind, keys);
+        if (rank_rounds(keys, M, K, out)) return;
+    }
+    rank_heap(row, kind, M, K, scratch, scratch + K, scratch + 2 * K, out);
+}
+
+PyDoc_STRVAR(topk_doc,
+             "topk(scores, kind, rows, width, row_stride, K, out, out_stride)\n\n"
+             "The K best positions of each of ``rows`` rows of ``width`` scores (data pointer\n"
+             "``scores``; rows ``row_stride`` elements apart, each contiguous) into the int64\n"
+             "rows of ``out`` (``out_stride`` apart), in canonical order. ``kind``: 0 fp32,\n"
+             "1 fp32 ranked by its bfloat16 rounding, 2 16-bit floats (bfloat16 or float16).");
+
+/* METH_FASTCALL (vectorcall): torch's compiled-graph machinery calls builtins that way. */
+static PyObject *topk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "topk takes 8 integer arguments");
+        return NULL;
+    }
+    Py_ssize_t v[8]; /* the two pointers are read as unsigned below */
+    for (int i = 0; i < 8; i++) {
+        v[i] = (i == 0 || i == 6) ? 0 : PyLong_AsSsize_t(args[i]);
+        if (v[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    uintptr_t src = (uintptr_t)PyLong_AsVoidPtr(args[0]);
+    uintptr_t dst = (uintptr_t)PyLong_AsVoidPtr(args[6]);
+    if (PyErr_Occurred()) return NULL;
+    int kind = v[1] < F32 || v[1] > HALF16 ? -1 : (int)v[1];
+    Py_ssize_t rows = v[2], M = v[3], stride = v[4], K = v[5], out_stride = v[7];
+    if (kind < F32 || kind > HALF16 || rows < 0 || K < 1 || K > M || M > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "topk: kind must be 0-2 and 1 <= K <= width < 2^31");
+        return NULL;
+    }
+    /* rank_row's keys, its heap and group maxima, and its chosen groups */
+    size_t n_keys = (size_t)M + (size_t)M / GROUP + 4 * LANES;
+    size_t n_scratch = 2 * (size_t)K + (size_t)M / GROUP + 1;
+    int64_t *chosen = (int64_t *)malloc((size_t)K * sizeof(int64_t));
+    int32_t *keys = (int32_t *)malloc((n_keys + n_scratch) * sizeof(int32_t));
+    if (keys == NULL || chosen == NULL) {
+        free(keys), free(chosen);
+        return PyErr_NoMemory();
+    }
+    size_t item = kind == HALF16 ? 2 : 4;
+    Py_BEGIN_ALLOW_THREADS;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const char *row = (const char *)(uintptr_t)src + (size_t)(r * stride) * item;
+        rank_row(row, kind, M, K, keys, keys + n_keys, chosen,
+                 (int64_t *)(uintptr_t)dst + r * out_stride);
+    }
+    Py_END_ALLOW_THREADS;
+    free(keys), free(chosen);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"topk", (PyCFunction)(void (*)(void))topk, METH_FASTCALL, topk_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_rank", "Native top-K of rows of scores (see convnn.backends.native).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__rank(void) { return PyModule_Create(&module); }
