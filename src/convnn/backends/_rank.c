@@ -46,6 +46,9 @@ static inline int32_t ordered(uint32_t bits) {
     return s ^ ((s >> 31) & 0x7FFFFFFF);
 }
 
+/* The float bits of an ordered key (the map is its own inverse; -0.0 comes back as +0.0). */
+static inline uint32_t bits_of(int32_t key) { return (uint32_t)(key ^ ((key >> 31) & 0x7FFFFFFF)); }
+
 /* The bits of an fp32 score rounded to bfloat16 (round to nearest even), as fp32 bits. */
 static inline uint32_t round_bf16(uint32_t bits) {
     return ((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16) << 16;
@@ -90,10 +93,10 @@ static inline int32_t key_at(const void *row, Py_ssize_t j, int kind) {
     }
 
 CLONES static void group_best(const void *row, Py_ssize_t groups, int kind, int32_t *best) {
-    if (kind == F32) {
+    if (kind != HALF16) {
         GROUP_BEST(uint32_t, ordered(x[t]))
-    } else if (kind == F32_AS_BF16) {
-        GROUP_BEST(uint32_t, ordered(round_bf16(x[t])))
+        if (kind == F32_AS_BF16) /* rounding is monotone: a group's best, rounded */
+            for (Py_ssize_t g = 0; g < groups; g++) best[g] = ordered(round_bf16(bits_of(best[g])));
     } else {
         GROUP_BEST(uint16_t, ordered((uint32_t)x[t] << 16))
     }
