@@ -11,8 +11,8 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# setup.py builds the native top-K (src/convnn/backends/_rank.c) into the source tree
-$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py src/convnn/backends/_rank.c
+# setup.py builds the native top-K (src/convnn/_rank.c) into the source tree
+$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py src/convnn/_rank.c
 	$(BIN)/pip install -q "torch==$(TORCH_VERSION)" "torchvision==$(TORCHVISION_VERSION)"
 	$(BIN)/pip install -q -e ".[test,triton]"
 	touch $@

@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import convnn
-from convnn import backends
-from convnn.backends import native
+from convnn import backends, native
 from convnn.bench.cases import Case
 from convnn.bench.measurement import build_case
 from convnn.bench.rounds import format_ratio, interleave, ratio_stats

@@ -1,6 +1,6 @@
 """What the native top-K saves on the CPU, and what any top-K could still save.
 
-The library ranks every eager CPU top-K in the native kernel (``convnn.backends.native``,
+The library ranks every eager CPU top-K in the native kernel (``convnn.native``,
 ``_rank.c``) when it is built, else by torch ops (rounds of a row maximum). This script times
 the headline step and a ResNet-18 'branching' training step three ways, interleaved in one
 process on one thread: ranked natively, by the torch path (``CONVNN_NATIVE=0``), and by a
@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import convnn
-from convnn.backends import chunked, native
+from convnn import native
+from convnn.backends import chunked
 from convnn.bench.rounds import format_ratio, interleave, ratio_stats
 from convnn.models.registry import create_model
 

@@ -272,7 +272,7 @@ def test_native_topk_benchmark_runs_its_three_ways_to_the_same_outputs():
     import sys
     from pathlib import Path
 
-    from convnn.backends import native
+    from convnn import native
 
     if native._rank is None:
         pytest.skip(native.status())

@@ -1,6 +1,6 @@
 """The package's layers import only downwards.
 
-options -> metrics -> spec -> backends -> stages (with ann) -> functional -> nn -> models ->
+native -> options -> metrics -> spec -> backends -> stages (with ann) -> functional -> nn -> models ->
 data / viz -> train -> bench / verify -> cli, with utils below everything. Imports are read from the source with ``ast`` (those
 inside functions too), so a lazy import that runs backwards is caught as well.
 """
@@ -18,6 +18,7 @@ PACKAGE = SRC / "convnn"
 # the core's layers, lowest first; a layer imports only from the layers before it (the
 # candidates stage and the ANN index it calls form one layer)
 CORE = (
+    ("convnn.native",),  # the compiled kernels' wrapper: torch and its extension only
     ("convnn.options",),
     ("convnn.metrics",),
     ("convnn.spec",),

@@ -1,4 +1,4 @@
-"""The native CPU top-K (convnn.backends.native, _rank.c) picks what the torch path picks.
+"""The native CPU top-K (convnn.native, _rank.c) picks what the torch path picks.
 
 Each case is checked three ways: against a float64 formula written here from the tie rule
 (a stable sort of the negated scores: descending score, equal scores by lower position),
@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import convnn
-from convnn.backends import _common, native
+from convnn import native
+from convnn.backends import _common
 
 needs_native = pytest.mark.skipif(native._rank is None, reason=native.status())
 
@@ -168,12 +169,41 @@ def test_layers_are_the_same_with_and_without_native_topk(opts, monkeypatch):
     assert torch.equal(y, y0) and torch.equal(g, g0)
 
 
+@needs_native
+@pytest.mark.parametrize("d", [64, 13])  # whole lanes of eight, and a tail
+def test_native_window_scores_are_the_dot_products(d):
+    """Each query against its own candidates, read in place: the float64 dot products to
+    float32 rounding, for shared (n, W) and per-image (B, n, W) candidates and batch-1
+    queries or keys; equal keys score equally bit for bit (the tie rule needs it)."""
+    gen = torch.Generator().manual_seed(2)
+    q, k = torch.randn(3, 20, d, generator=gen), torch.randn(3, 50, d, generator=gen)
+    k[:, 40:] = k[:, 10:20]  # keys 40-49 repeat keys 10-19
+    shared = torch.randint(0, 50, (20, 9), generator=gen)
+    own = torch.randint(0, 50, (3, 20, 9), generator=gen)
+    own[..., 0], own[..., 1] = 12, 42  # equal keys in every row
+    for qq, kk, cand in ((q, k, shared), (q, k, own), (q[:1], k, own), (q, k[:1], shared)):
+        got = native.window_scores(qq, kk, cand)
+        B = max(qq.shape[0], kk.shape[0], cand.shape[0] if cand.dim() == 3 else 1)
+        c = cand.expand(B, -1, -1)
+        rows = kk.expand(B, -1, -1).double().gather(1, c.reshape(B, -1, 1).expand(-1, -1, d))
+        want = (qq.expand(B, -1, -1).double()[:, :, None] * rows.view(B, 20, 9, d)).sum(-1)
+        assert got.shape == (B, 20, 9) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert native.window_scores(q[:0], k[:0], shared).shape == (0, 20, 9)  # an empty batch
+    same = native.window_scores(q, k, own)
+    assert torch.equal(same[..., 0], same[..., 1])
+    with pytest.raises(ValueError, match="outside the keys"):
+        native.window_scores(q, k, shared.masked_fill(shared == 7, 50))
+    with torch.enable_grad():  # a differentiable call keeps the torch path
+        assert native.window_scores(q.requires_grad_(), k, shared) is None
+
+
 def test_native_topk_status_and_switch(monkeypatch):
     scores = torch.randn(4, 10)
     if native._rank is None:
         assert "off" in native.status() and not native.usable(scores, 3, None)
         return
-    assert native.status().startswith("native top-K: on")
+    assert native.status().startswith("native kernels: on")
     assert native.usable(scores, 3, None)
     assert not native.usable(scores.double(), 3, None)  # float64: the torch path
     assert not native.usable(scores, 0, None) and not native.usable(scores, 11, None)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
+
 EPS = 1e-12
 
 
@@ -466,11 +468,15 @@ class GemmScores(BlockScores):
         return self._gemm(qs, ks) if self.rounding is not None else self.block(qs, ks)
 
     def window(self, qs, cand):
-        # Every backend scores per-query candidates with this one einsum, so equal scores
-        # (ties, which go to the lower index) are equal bit for bit everywhere: a dense GEMM
-        # rounds differently (e.g. +-1e-8 where this gives an exact 0).
+        # Every backend scores per-query candidates here, so equal scores (ties, which go to
+        # the lower index) are equal bit for bit everywhere: a dense GEMM rounds differently
+        # (e.g. +-1e-8 where this gives an exact 0). The native kernel reads the candidate
+        # keys in place; else one einsum over their gathered copies.
         q, k = self._wide if self._wide is not None else (self.query, self.key)
-        s = torch.einsum("bnd,bnwd->bnw", q[:, qs], gather_rows(k, cand)).to(self.query.dtype)
+        s = native.window_scores(q[:, qs], k, cand)
+        if s is None:
+            s = torch.einsum("bnd,bnwd->bnw", q[:, qs], gather_rows(k, cand))
+        s = s.to(self.query.dtype)
         return s if self._finite else rankable(s)
 
     def keys(self, index):

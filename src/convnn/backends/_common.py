@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import native
 from ..metrics import BlockScores, get_metric, rankable, spatial_keys, tensor_scores
-from . import native
 
 __all__ = ["BlockScores", "rankable", "spatial_keys", "tensor_scores", "prepare"]
 

@@ -43,9 +43,10 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from .. import native
 from ..metrics import BlockScores
 from ..options import check_choice
-from . import chunked, native, reference
+from . import chunked, reference
 
 BACKENDS = ("reference", "chunked", "triton")
 _log = logging.getLogger("convnn")

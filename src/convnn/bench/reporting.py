@@ -10,7 +10,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from ..backends import native
+from .. import native
 from ..utils import atomic_write_text
 from .cases import (
     COSINE_K9,

@@ -1,4 +1,5 @@
-/* Native top-K of rows of scores, with the library's tie rule (convnn.backends.native).
+/* Native top-K of rows of scores, with the library's tie rule, and the scores of queries
+ * against their own candidates (window), for convnn.native.
  *
  * Scores are compared as ordered integer keys: the float's sign-magnitude bits made
  * monotone (negative magnitudes reversed) after -0.0 is taken for +0.0, the keys of
@@ -253,6 +254,72 @@ static void rank_row(const void *row, int kind, Py_ssize_t M, Py_ssize_t K, int3
     rank_heap(row, kind, M, K, scratch, scratch + K, scratch + 2 * K, out);
 }
 
+/* Eight float lanes; with contraction off (setup.py: -ffp-contract=off) every build and CPU
+ * rounds a dot product the same way. */
+typedef float floats __attribute__((vector_size(4 * LANES)));
+typedef float floats_u __attribute__((vector_size(4 * LANES), aligned(4)));
+
+/* a . b over d floats, in a fixed order: eight lane sums, added pairwise, then the tail. */
+static inline float dot(const float *a, const float *b, Py_ssize_t d) {
+    floats acc = {0};
+    Py_ssize_t t = 0;
+    for (; t + LANES <= d; t += LANES)
+        acc += *(const floats_u *)(a + t) * *(const floats_u *)(b + t);
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; t < d; t++) s += a[t] * b[t];
+    return s;
+}
+
+/* out[b, i, j] = q[b, i] . k[b, cand[b, i, j]] for B x n queries and their W candidates
+ * (strides in elements; a batch stride of 0 shares across the batch). Returns 0 if a
+ * candidate lies outside [0, M). */
+CLONES static int window_rows(const float *q, const float *k, const int64_t *cand, float *out,
+                              Py_ssize_t B, Py_ssize_t n, Py_ssize_t W, Py_ssize_t d,
+                              Py_ssize_t M, Py_ssize_t qb, Py_ssize_t qr, Py_ssize_t kb,
+                              Py_ssize_t kr, Py_ssize_t cb) {
+    for (Py_ssize_t b = 0; b < B; b++)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float *qi = q + b * qb + i * qr;
+            const int64_t *c = cand + b * cb + i * W;
+            float *o = out + (b * n + i) * W;
+            for (Py_ssize_t j = 0; j < W; j++) {
+                if (c[j] < 0 || c[j] >= M) return 0;
+                o[j] = dot(qi, k + b * kb + c[j] * kr, d);
+            }
+        }
+    return 1;
+}
+
+PyDoc_STRVAR(window_doc,
+             "window(q, k, cand, out, B, n, W, d, M, q_batch, q_row, k_batch, k_row,\n"
+             "       cand_batch)\n\n"
+             "Each of B x n queries' scores against its own W candidate keys: float32 data\n"
+             "pointers q, k (rows contiguous), int64 cand (n, W) rows and float32 out (B, n, W);\n"
+             "strides in elements, a batch stride of 0 shares across the batch.");
+
+static PyObject *window(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "window takes 14 integer arguments");
+        return NULL;
+    }
+    void *p[4];
+    Py_ssize_t v[10];
+    for (int i = 0; i < 4; i++) p[i] = PyLong_AsVoidPtr(args[i]);
+    for (int i = 0; i < 10; i++) v[i] = PyLong_AsSsize_t(args[4 + i]);
+    if (PyErr_Occurred()) return NULL;
+    int ok;
+    Py_BEGIN_ALLOW_THREADS;
+    ok = window_rows((const float *)p[0], (const float *)p[1], (const int64_t *)p[2],
+                     (float *)p[3], v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9]);
+    Py_END_ALLOW_THREADS;
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "window: a candidate lies outside the keys");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(topk_doc,
              "topk(scores, kind, rows, width, row_stride, K, out, out_stride)\n\n"
              "The K best positions of each of ``rows`` rows of ``width`` scores (data pointer\n"
@@ -304,11 +371,12 @@ static PyObject *topk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
 
 static PyMethodDef methods[] = {
     {"topk", (PyCFunction)(void (*)(void))topk, METH_FASTCALL, topk_doc},
+    {"window", (PyCFunction)(void (*)(void))window, METH_FASTCALL, window_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_rank", "Native top-K of rows of scores (see convnn.backends.native).",
+    PyModuleDef_HEAD_INIT, "_rank", "Native top-K and window scores (see convnn.native).",
     -1, methods,
 };
 

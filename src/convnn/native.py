@@ -1,0 +1,127 @@
+"""Native CPU kernels (``_rank.c``): the top-K of :func:`convnn.backends._common.topk_low_ties`
+and the scores of queries against their own candidates (``GemmScores.window``).
+
+``_rank.c`` (plain C and the CPython API, built with the package when a C compiler is at
+hand) ranks each row by rounds of a vectorised maximum (over the whole row, or over the K
+best groups of 32 scores of a wide row) or, for large K, by a heap. It compares the same
+ordered keys as the torch path (:func:`~convnn.backends._common._tie_free_keys`), so it picks
+the same positions in the same order, ties, signed zeros and infinities included. It serves
+every eager top-K of float32, bfloat16 and float16 scores on the CPU (float32 scores ranked by
+their bfloat16 or float16 rounding too).
+
+Window scores are dot products of each query with its own candidate keys read in place (no
+gathered copy), summed in one fixed order, so equal keys score equally bit for bit. They
+serve float32 selection scores outside autograd.
+
+Compiled graphs, float64 and other devices take the torch paths. ``CONVNN_NATIVE=0`` turns
+the kernels off (to compare the two paths); :func:`status` says whether they run and why not.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    from . import _rank
+except ImportError as exc:  # not built: no C compiler at install time
+    _rank, _MISSING = None, f"not built ({exc})"
+else:
+    _MISSING = None
+
+_KIND = {torch.float32: 0, torch.bfloat16: 2, torch.float16: 2}
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def status() -> str:
+    """Whether the native kernels run here, and if not, why."""
+    if _MISSING:
+        return f"native kernels: off, {_MISSING}; torch ops rank and score"
+    if not _enabled():
+        return "native kernels: off, CONVNN_NATIVE=0; torch ops rank and score"
+    return (
+        "native kernels: on (eager CPU top-K of float32, bfloat16 and float16 scores; "
+        "float32 window scores)"
+    )
+
+
+def _enabled() -> bool:
+    return _rank is not None and os.environ.get("CONVNN_NATIVE", "1") != "0"
+
+
+def usable(scores: Tensor, K: int, rounding: torch.dtype | None) -> bool:
+    """Whether :func:`topk` ranks the K best of ``scores`` (..., M) (ranked as their
+    ``rounding`` when given)."""
+    return (
+        _enabled()
+        and 1 <= K <= scores.shape[-1]
+        and scores.device.type == "cpu"
+        and scores.dtype in _KIND
+        and (
+            rounding in (None, scores.dtype)
+            or (scores.dtype == torch.float32 and rounding in _HALF)
+        )
+        and scores.shape[-1] < 1 << 31
+        and not torch.compiler.is_compiling()
+    )
+
+
+def topk(rows: Tensor, K: int, rounding: torch.dtype | None = None) -> Tensor:
+    """Positions (R, K) of the K best of each row of ``rows`` (R, M), ranked as their
+    ``rounding`` when given, in canonical order: descending score, equal scores by lower
+    position. Only where :func:`usable`."""
+    R, M = rows.shape
+    if rounding == rows.dtype:
+        rounding = None
+    if rounding == torch.float16 and rows.dtype == torch.float32:
+        rows = rows.to(rounding)  # float16's rounding (subnormals, range) is torch's to do
+    kind = _KIND[rows.dtype]
+    if rows.dtype == torch.float32 and rounding == torch.bfloat16:
+        kind = 1  # rounded as each score is read
+    if M > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(R, K, dtype=torch.int64)
+    if R:
+        _rank.topk(rows.data_ptr(), kind, R, M, rows.stride(0), K, out.data_ptr(), K)
+    return out
+
+
+def window_scores(query: Tensor, key: Tensor, cand: Tensor) -> Tensor | None:
+    """Scores (B, n, W) of queries (Bq, n, d) against their own candidate keys ``cand`` (n, W)
+    or (B', n, W) among ``key`` (Bk, M, d) (batches 1 or B), or None where the kernel does
+    not serve the call (then the caller's torch path scores it): float32 CPU tensors outside
+    autograd, in eager code."""
+    if not (
+        _enabled()
+        and query.dtype == key.dtype == torch.float32
+        and query.device.type == key.device.type == cand.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad))
+    ):
+        return None
+    n, W = cand.shape[-2:]
+    d = query.shape[-1]
+    if query.dim() != 3 or key.dim() != 3 or query.shape[1] != n or key.shape[2] != d:
+        raise ValueError(
+            f"window_scores takes query (B, n, d), key (B, M, d) and cand (n, W) or "
+            f"(B, n, W), got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(cand.shape)}"
+        )
+    batches = (query.shape[0],), (key.shape[0],), (cand.shape[0] if cand.dim() == 3 else 1,)
+    (B,) = torch.broadcast_shapes(*batches)  # 0 where a batch is empty
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    cand = cand.to(torch.int64).contiguous()
+    out = torch.empty(B, n, W, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    batch = lambda t: t.stride(0) if t.shape[0] > 1 else 0  # noqa: E731  (1: shared)
+    _rank.window(
+        query.data_ptr(), key.data_ptr(), cand.data_ptr(), out.data_ptr(),
+        B, n, W, d, key.shape[1], batch(query), query.stride(1), batch(key), key.stride(1),
+        batch(cand) if cand.dim() == 3 else 0,
+    )  # fmt: skip
+    return out
