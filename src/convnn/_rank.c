@@ -290,6 +290,19 @@ CLONES static int window_rows(const float *q, const float *k, const int64_t *can
     return 1;
 }
 
+/* The integer arguments of a METH_FASTCALL (vectorcall) function: torch's compiled-graph
+ * machinery calls builtins that way. Data pointers fit a Py_ssize_t on every platform
+ * CPython supports. Returns 0 with an exception set if they are not ``want`` integers. */
+static int integers(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *name,
+                    Py_ssize_t *out) {
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd integer arguments", name, want);
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < want; i++) out[i] = PyLong_AsSsize_t(args[i]);
+    return !PyErr_Occurred();
+}
+
 PyDoc_STRVAR(window_doc,
              "window(q, k, cand, out, B, n, W, d, M, q_batch, q_row, k_batch, k_row,\n"
              "       cand_batch)\n\n"
@@ -299,19 +312,12 @@ PyDoc_STRVAR(window_doc,
 
 static PyObject *window(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 14) {
-        PyErr_SetString(PyExc_TypeError, "window takes 14 integer arguments");
-        return NULL;
-    }
-    void *p[4];
-    Py_ssize_t v[10];
-    for (int i = 0; i < 4; i++) p[i] = PyLong_AsVoidPtr(args[i]);
-    for (int i = 0; i < 10; i++) v[i] = PyLong_AsSsize_t(args[4 + i]);
-    if (PyErr_Occurred()) return NULL;
+    Py_ssize_t v[14];
+    if (!integers(args, nargs, 14, "window", v)) return NULL;
     int ok;
     Py_BEGIN_ALLOW_THREADS;
-    ok = window_rows((const float *)p[0], (const float *)p[1], (const int64_t *)p[2],
-                     (float *)p[3], v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9]);
+    ok = window_rows((const float *)v[0], (const float *)v[1], (const int64_t *)v[2],
+                     (float *)v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12], v[13]);
     Py_END_ALLOW_THREADS;
     if (!ok) {
         PyErr_SetString(PyExc_ValueError, "window: a candidate lies outside the keys");
@@ -327,21 +333,11 @@ PyDoc_STRVAR(topk_doc,
              "rows of ``out`` (``out_stride`` apart), in canonical order. ``kind``: 0 fp32,\n"
              "1 fp32 ranked by its bfloat16 rounding, 2 16-bit floats (bfloat16 or float16).");
 
-/* METH_FASTCALL (vectorcall): torch's compiled-graph machinery calls builtins that way. */
 static PyObject *topk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "topk takes 8 integer arguments");
-        return NULL;
-    }
-    Py_ssize_t v[8]; /* the two pointers are read as unsigned below */
-    for (int i = 0; i < 8; i++) {
-        v[i] = (i == 0 || i == 6) ? 0 : PyLong_AsSsize_t(args[i]);
-        if (v[i] == -1 && PyErr_Occurred()) return NULL;
-    }
-    uintptr_t src = (uintptr_t)PyLong_AsVoidPtr(args[0]);
-    uintptr_t dst = (uintptr_t)PyLong_AsVoidPtr(args[6]);
-    if (PyErr_Occurred()) return NULL;
+    Py_ssize_t v[8];
+    if (!integers(args, nargs, 8, "topk", v)) return NULL;
+    uintptr_t src = (uintptr_t)v[0], dst = (uintptr_t)v[6];
     int kind = v[1] < F32 || v[1] > HALF16 ? -1 : (int)v[1];
     Py_ssize_t rows = v[2], M = v[3], stride = v[4], K = v[5], out_stride = v[7];
     if (kind < F32 || kind > HALF16 || rows < 0 || K < 1 || K > M || M > INT32_MAX) {
