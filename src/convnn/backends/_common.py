@@ -33,7 +33,10 @@ def topk_low_ties(
     """Top-K of the last dim where a tie at the K-th score keeps the lower index, in
     canonical order: descending score, equal scores by lower index.
 
-    In eager CPU code, float64 scores excepted, rows are ranked by rounds of a row maximum
+    In eager CPU code, float32, bfloat16 and float16 scores are ranked by the native top-K
+    when it is built (:mod:`convnn.native`: the same keys, the same result). Otherwise
+    (``CONVNN_NATIVE=0``, or no C compiler at install), float64 scores excepted, rows are
+    ranked by rounds of a row maximum
     of distinct keys that fold the tie rule into the score (:func:`_topk_by_rounds`): the
     canonical order comes out directly, ties included, and ``topk`` is not used. Rows too
     wide for whole rounds with K too large for their groups, float64 scores and compiled
