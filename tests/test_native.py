@@ -61,12 +61,13 @@ def draw(kind: str, rows: int, width: int, gen: torch.Generator) -> torch.Tensor
     return (line if kind == "ascending" else -line).clone()
 
 
-# widths and K that take each of the kernel's ways (_rank.c, rank_row): rounds over the row
-# (K * width <= 8192: 65 x 32), rounds over the K best groups of 32 (4096 x 9, 1000 x 9), the
-# heap over every score (1000 x 40, 100 x 100) and over the groups reaching the K-th best
-# group maximum (5000 x 64)
+# widths and K that take each of the kernel's ways (_rank.c): rounds over eight rows at once,
+# a row to a lane (width <= 512 and K * width <= 8192: 65 x 32, 257 x 17), rounds over one
+# wider row (600 x 13), rounds over the K best groups of 32 (4096 x 9, 1000 x 9), the heap
+# over every score (1000 x 40, 100 x 100) and over the groups reaching the K-th best group
+# maximum (5000 x 64); the tests draw 6 rows, so a group of eight lanes is part empty
 SHAPES = [(1, 1), (5, 1), (5, 5), (31, 9), (65, 9), (65, 32), (100, 100), (257, 17),
-          (1000, 9), (1000, 40), (4096, 9), (4096, 1), (5000, 64)]  # fmt: skip
+          (600, 13), (1000, 9), (1000, 40), (4096, 9), (4096, 1), (5000, 64)]  # fmt: skip
 KINDS = ("random", "ties", "zeros", "inf", "ascending", "descending")
 DTYPES = [
     (torch.float32, None),

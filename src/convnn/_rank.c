@@ -8,7 +8,8 @@
  * Each row is ranked one of three ways (rank_row):
  *
  * - rounds: K passes of a vectorised maximum, each taking the best key at the lowest
- *   position and striking it out, where K times the width is small;
+ *   position and striking it out, where K times the width is small; rows of at most 512
+ *   scores eight at a time, a row to a vector lane;
  * - rounds over the K best groups of 32 scores of a wide row (the K best scores lie in
  *   them), found by rounds over the group maxima;
  * - a heap of the K best (worst at the root), offered in ascending position only the
@@ -40,6 +41,8 @@ typedef int32_t lanes __attribute__((vector_size(4 * LANES)));
 typedef int32_t lanes_u __attribute__((vector_size(4 * LANES), aligned(4)));
 /* Rows with K * M up to this are ranked by rounds (see rank_row). */
 #define ROUNDS_WORK 8192
+/* Rows of at most this many scores are ranked LANES at a time (rank_rounds_lanes). */
+#define LANE_ROWS_WIDTH 512
 
 static inline int32_t ordered(uint32_t bits) {
     bits = bits == 0x80000000u ? 0u : bits; /* -0.0 ties +0.0, as the scores compare */
@@ -207,6 +210,53 @@ CLONES static int rank_rounds(int32_t *keys, Py_ssize_t M, Py_ssize_t K, int64_t
     return 1;
 }
 
+/* The keys of LANES rows (``rows``, each M scores; NULL: a missing row, all INT32_MIN) into
+ * ``keys`` lane by lane: keys[t * LANES + l] is row l's key at position t. */
+static void read_keys_lanes(const char *const *rows, Py_ssize_t M, int kind, int32_t *keys) {
+    for (int l = 0; l < LANES; l++)
+        for (Py_ssize_t t = 0; t < M; t++)
+            keys[t * LANES + l] = rows[l] ? key_at(rows[l], t, kind) : INT32_MIN;
+}
+
+/* rank_rounds for LANES rows at once, a row to a lane (keys from read_keys_lanes): each
+ * round is a lane-wise maximum down the positions, with no step across lanes. The first
+ * ``real`` lanes hold rows; row l's positions go to out[l * out_stride ...]. Returns a bit mask of the lanes a round found
+ * INT32_MIN in (see rank_rounds), to be ranked by the heap instead. */
+CLONES static int rank_rounds_lanes(int32_t *keys, Py_ssize_t M, Py_ssize_t K, int64_t *out,
+                                    Py_ssize_t out_stride, int real) {
+    lanes zero = {0}, none = zero + INT32_MIN;
+    int failed = 0;
+    for (Py_ssize_t r = 0; r < K; r++) {
+        /* two chains (even and odd positions), so each compare waits on half as many */
+        lanes best = none, at = zero, best2 = none, at2 = zero;
+        Py_ssize_t t = 0;
+        for (; t + 1 < M; t += 2) {
+            lanes k = *(const lanes_u *)(keys + t * LANES);
+            lanes k2 = *(const lanes_u *)(keys + (t + 1) * LANES);
+            lanes better = k > best, better2 = k2 > best2; /* strictly: the first best stays */
+            best = (k & better) | (best & ~better);
+            at = ((zero + (int32_t)t) & better) | (at & ~better);
+            best2 = (k2 & better2) | (best2 & ~better2);
+            at2 = ((zero + (int32_t)(t + 1)) & better2) | (at2 & ~better2);
+        }
+        if (t < M) {
+            lanes k = *(const lanes_u *)(keys + t * LANES);
+            lanes better = k > best;
+            best = (k & better) | (best & ~better);
+            at = ((zero + (int32_t)t) & better) | (at & ~better);
+        }
+        lanes odd = (best2 > best) | ((best2 == best) & (at2 < at));
+        best = (best2 & odd) | (best & ~odd);
+        at = (at2 & odd) | (at & ~odd);
+        for (int l = 0; l < real; l++) {
+            failed |= (best[l] == INT32_MIN) << l;
+            out[l * out_stride + r] = at[l];
+            keys[at[l] * LANES + l] = INT32_MIN;
+        }
+    }
+    return failed;
+}
+
 /* rank_rounds over the K best groups of GROUP scores: the K best scores lie in them (a
  * group is beaten only by one holding a better score; equal group maxima go to the lower
  * group, as the tie rule would). The groups are found by rounds over the group maxima, and
@@ -349,19 +399,37 @@ static PyObject *topk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     size_t n_scratch = 2 * (size_t)K + (size_t)M / GROUP + 1;
     int64_t *chosen = (int64_t *)malloc((size_t)K * sizeof(int64_t));
     int32_t *keys = (int32_t *)malloc((n_keys + n_scratch) * sizeof(int32_t));
-    if (keys == NULL || chosen == NULL) {
-        free(keys), free(chosen);
+    /* LANES rows of narrow keys, lane by lane */
+    int32_t *lane_keys =
+        M <= LANE_ROWS_WIDTH ? (int32_t *)malloc((size_t)M * LANES * sizeof(int32_t)) : NULL;
+    if (keys == NULL || chosen == NULL || (M <= LANE_ROWS_WIDTH && lane_keys == NULL)) {
+        free(keys), free(chosen), free(lane_keys);
         return PyErr_NoMemory();
     }
     size_t item = kind == HALF16 ? 2 : 4;
+    /* narrow rows with few rounds: LANES rows at a time, a row to a lane */
+    int by_lanes = M <= LANE_ROWS_WIDTH && K * M <= ROUNDS_WORK && lane_keys != NULL;
     Py_BEGIN_ALLOW_THREADS;
-    for (Py_ssize_t r = 0; r < rows; r++) {
-        const char *row = (const char *)(uintptr_t)src + (size_t)(r * stride) * item;
-        rank_row(row, kind, M, K, keys, keys + n_keys, chosen,
-                 (int64_t *)(uintptr_t)dst + r * out_stride);
+    Py_ssize_t r = 0;
+    for (; by_lanes && r < rows; r += LANES) {
+        const char *group[LANES];
+        for (int l = 0; l < LANES; l++)
+            group[l] = r + l < rows ? (const char *)src + (size_t)((r + l) * stride) * item : NULL;
+        read_keys_lanes(group, M, kind, lane_keys);
+        int64_t *out = (int64_t *)dst + r * out_stride;
+        int real = rows - r < LANES ? (int)(rows - r) : LANES;
+        int failed = rank_rounds_lanes(lane_keys, M, K, out, out_stride, real);
+        for (int l = 0; l < real; l++)
+            if (failed >> l & 1)
+                rank_heap(group[l], kind, M, K, keys + n_keys, keys + n_keys + K,
+                          keys + n_keys + 2 * K, out + l * out_stride);
+    }
+    for (; r < rows; r++) {
+        const char *row = (const char *)src + (size_t)(r * stride) * item;
+        rank_row(row, kind, M, K, keys, keys + n_keys, chosen, (int64_t *)dst + r * out_stride);
     }
     Py_END_ALLOW_THREADS;
-    free(keys), free(chosen);
+    free(keys), free(chosen), free(lane_keys);
     Py_RETURN_NONE;
 }
 

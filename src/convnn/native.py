@@ -2,8 +2,9 @@
 and the scores of queries against their own candidates (``GemmScores.window``).
 
 ``_rank.c`` (plain C and the CPython API, built with the package when a C compiler is at
-hand) ranks each row by rounds of a vectorised maximum (over the whole row, or over the K
-best groups of 32 scores of a wide row) or, for large K, by a heap. It compares the same
+hand) ranks each row by rounds of a vectorised maximum (over eight narrow rows at once, a
+row to a lane, over the whole row, or over the K best groups of 32 scores of a wide row) or,
+for large K, by a heap. It compares the same
 ordered keys as the torch path (:func:`~convnn.backends._common._tie_free_keys`), so it picks
 the same positions in the same order, ties, signed zeros and infinities included. It serves
 every eager top-K of float32, bfloat16 and float16 scores on the CPU (float32 scores ranked by
