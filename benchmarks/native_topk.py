@@ -7,7 +7,8 @@ process on one thread: ranked natively, by the torch path (``CONVNN_NATIVE=0``),
 top-K that costs nothing, for a bound (the score blocks are still computed, and the keys the
 native kernel gave on the first step come back by call order). It checks first that the
 three give the same outputs, and times the headline's GEMM floor (``cpu_floor.py``'s) in the
-same rounds (BENCHMARKS.md, "The native top-K").
+same rounds (BENCHMARKS.md, "The native kernels"). First it times the top-K alone on blocks of
+the shapes these steps, KVT and windows rank, natively and by torch ops.
 
     PYTHONPATH=$PWD/src python benchmarks/native_topk.py --rounds 9    # headline and ResNet-18
     PYTHONPATH=$PWD/src python benchmarks/native_topk.py --quick       # tiny shapes, seconds
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 import convnn
 from convnn import native
 from convnn.backends import chunked
+from convnn.backends._common import topk_low_ties
 from convnn.bench.rounds import format_ratio, interleave, ratio_stats
 from convnn.models.registry import create_model
 
@@ -113,6 +115,40 @@ def _seconds(fn) -> float:
     return time.perf_counter() - t0
 
 
+# (rows, width, K): the headline's score blocks (512 and 64 rows of 4096), a 34 x 34 map's
+# rows (1156, K 8), KVT's 32 x 3 heads x 65 tokens (K 9 and 32) and 7 x 7 window rows
+BLOCKS = [(512, 4096, 9), (64, 4096, 9), (1024, 1156, 8), (6240, 65, 9), (6240, 65, 32),
+          (4096, 49, 9)]  # fmt: skip
+
+
+def block_times(rounds: int, quick: bool) -> None:
+    """The top-K alone (``topk_low_ties`` of random fp32 scores), native against torch ops,
+    interleaved; the two must pick the same positions."""
+    gen = torch.Generator().manual_seed(0)
+    free = Replay(chunked._select_block)
+    for R, M, K in [(8, 300, 9), (16, 65, 9)] if quick else BLOCKS:
+        scores = torch.randn(R, M, generator=gen)
+        runs = {}
+        for way in ("native", "torch"):
+
+            def run(way=way, scores=scores, K=K):
+                with ranked(way, free):
+                    return _seconds(lambda: topk_low_ties(scores, K, chunked.topk_grouped))
+
+            runs[way] = run
+        with ranked("torch", free):
+            want = topk_low_ties(scores, K)[1]
+        if not torch.equal(topk_low_ties(scores, K)[1], want):
+            raise SystemExit(f"native_topk: {R} x {M}, K {K}: the positions differ")
+        times = interleave(runs, rounds)
+        ms = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
+        ratio = format_ratio(ratio_stats(times["native"], times["torch"]))
+        print(
+            f"top-K of {R} x {M}, K {K}: {ms['native']:.2f} ms native, {ms['torch']:.2f} ms "
+            f"by torch ops: native / torch {ratio}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
@@ -126,6 +162,7 @@ def main() -> None:
     if native._rank is None:
         raise SystemExit(f"native_topk: {native.status()}")
     print(native.status())
+    block_times(args.rounds, args.quick)
     for name, (step, floor) in _steps(args.quick).items():
         free = Replay(chunked._select_block)
         y = {}

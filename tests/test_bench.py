@@ -266,8 +266,9 @@ def test_cpu_floor_quick_prints_every_ratio_of_the_issue():
 
 
 def test_native_topk_benchmark_runs_its_three_ways_to_the_same_outputs():
-    """benchmarks/native_topk.py --quick: the step ranked natively, by the torch path and by
-    a free top-K gives the same outputs (it exits non-zero otherwise). No time is checked."""
+    """benchmarks/native_topk.py --quick: blocks ranked natively and by torch ops give the same
+    positions, and the step ranked natively, by the torch path and by a free top-K the same
+    outputs (it exits non-zero otherwise). No time is checked."""
     import subprocess
     import sys
     from pathlib import Path
@@ -283,6 +284,8 @@ def test_native_topk_benchmark_runs_its_three_ways_to_the_same_outputs():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "the same outputs" in proc.stdout and "against the GEMM floor" in proc.stdout
+    blocks = [line for line in proc.stdout.splitlines() if line.startswith("top-K of ")]
+    assert len(blocks) == 2  # the blocks, ranked the same both ways
 
 
 def test_the_load_spinner_stops_when_the_benchmark_is_killed(tmp_path):
