@@ -60,7 +60,7 @@ class Replay:
 
 
 @contextlib.contextmanager
-def ranked(way: str, free: Replay):
+def ranked(way: str, free: Replay | None = None):
     """Run ``way``: 'native', 'torch' (``CONVNN_NATIVE=0``) or 'free' (``free`` in place of
     the chunked backend's block selection)."""
     saved_env, saved_block = os.environ.get("CONVNN_NATIVE"), chunked._select_block
@@ -125,18 +125,17 @@ def block_times(rounds: int, quick: bool) -> None:
     """The top-K alone (``topk_low_ties`` of random fp32 scores), native against torch ops,
     interleaved; the two must pick the same positions."""
     gen = torch.Generator().manual_seed(0)
-    free = Replay(chunked._select_block)
     for R, M, K in [(8, 300, 9), (16, 65, 9)] if quick else BLOCKS:
         scores = torch.randn(R, M, generator=gen)
         runs = {}
         for way in ("native", "torch"):
 
             def run(way=way, scores=scores, K=K):
-                with ranked(way, free):
+                with ranked(way):
                     return _seconds(lambda: topk_low_ties(scores, K, chunked.topk_grouped))
 
             runs[way] = run
-        with ranked("torch", free):
+        with ranked("torch"):
             want = topk_low_ties(scores, K)[1]
         if not torch.equal(topk_low_ties(scores, K)[1], want):
             raise SystemExit(f"native_topk: {R} x {M}, K {K}: the positions differ")

@@ -44,6 +44,18 @@ typedef int32_t lanes_u __attribute__((vector_size(4 * LANES), aligned(4)));
 /* Rows of at most this many scores are ranked LANES at a time (rank_rounds_lanes). */
 #define LANE_ROWS_WIDTH 512
 
+/* Lane by lane, where ``better``: best = k and at = pos (the round's running maximum). */
+static inline void keep(lanes *best, lanes *at, lanes k, lanes pos, lanes better) {
+    *best = (k & better) | (*best & ~better);
+    *at = (pos & better) | (*at & ~better);
+}
+
+/* Merge the odd chain (best2, at2) into the even one: the better key, an equal one at the
+ * lower position. */
+static inline void merge(lanes *best, lanes *at, lanes best2, lanes at2) {
+    keep(best, at, best2, at2, (best2 > *best) | ((best2 == *best) & (at2 < *at)));
+}
+
 static inline int32_t ordered(uint32_t bits) {
     bits = bits == 0x80000000u ? 0u : bits; /* -0.0 ties +0.0, as the scores compare */
     int32_t s = (int32_t)bits;
@@ -191,15 +203,10 @@ CLONES static int rank_rounds(int32_t *keys, Py_ssize_t M, Py_ssize_t K, int64_t
         lanes best = none, at = first, best2 = none, at2 = first + LANES, pos = first;
         for (Py_ssize_t t = 0; t < padded; t += 2 * LANES, pos += 2 * LANES) {
             lanes k = *(const lanes_u *)(keys + t), k2 = *(const lanes_u *)(keys + t + LANES);
-            lanes better = k > best, better2 = k2 > best2; /* strictly: the first best stays */
-            best = (k & better) | (best & ~better);
-            at = (pos & better) | (at & ~better);
-            best2 = (k2 & better2) | (best2 & ~better2);
-            at2 = ((pos + LANES) & better2) | (at2 & ~better2);
+            keep(&best, &at, k, pos, k > best); /* strictly: the first best stays */
+            keep(&best2, &at2, k2, pos + LANES, k2 > best2);
         }
-        lanes odd = (best2 > best) | ((best2 == best) & (at2 < at));
-        best = (best2 & odd) | (best & ~odd);
-        at = (at2 & odd) | (at & ~odd);
+        merge(&best, &at, best2, at2);
         int32_t m = best[0], p = INT32_MAX; /* across the lanes, without branches */
         for (int l = 1; l < LANES; l++) m = best[l] > m ? best[l] : m;
         for (int l = 0; l < LANES; l++) p = best[l] == m && at[l] < p ? at[l] : p;
@@ -220,8 +227,9 @@ static void read_keys_lanes(const char *const *rows, Py_ssize_t M, int kind, int
 
 /* rank_rounds for LANES rows at once, a row to a lane (keys from read_keys_lanes): each
  * round is a lane-wise maximum down the positions, with no step across lanes. The first
- * ``real`` lanes hold rows; row l's positions go to out[l * out_stride ...]. Returns a bit mask of the lanes a round found
- * INT32_MIN in (see rank_rounds), to be ranked by the heap instead. */
+ * ``real`` lanes hold rows; row l's positions go to out[l * out_stride ...]. Returns a bit
+ * mask of the lanes a round found INT32_MIN in (see rank_rounds), to be ranked by the heap
+ * instead. */
 CLONES static int rank_rounds_lanes(int32_t *keys, Py_ssize_t M, Py_ssize_t K, int64_t *out,
                                     Py_ssize_t out_stride, int real) {
     lanes zero = {0}, none = zero + INT32_MIN;
@@ -233,21 +241,14 @@ CLONES static int rank_rounds_lanes(int32_t *keys, Py_ssize_t M, Py_ssize_t K, i
         for (; t + 1 < M; t += 2) {
             lanes k = *(const lanes_u *)(keys + t * LANES);
             lanes k2 = *(const lanes_u *)(keys + (t + 1) * LANES);
-            lanes better = k > best, better2 = k2 > best2; /* strictly: the first best stays */
-            best = (k & better) | (best & ~better);
-            at = ((zero + (int32_t)t) & better) | (at & ~better);
-            best2 = (k2 & better2) | (best2 & ~better2);
-            at2 = ((zero + (int32_t)(t + 1)) & better2) | (at2 & ~better2);
+            keep(&best, &at, k, zero + (int32_t)t, k > best); /* strictly: the first stays */
+            keep(&best2, &at2, k2, zero + (int32_t)(t + 1), k2 > best2);
         }
         if (t < M) {
             lanes k = *(const lanes_u *)(keys + t * LANES);
-            lanes better = k > best;
-            best = (k & better) | (best & ~better);
-            at = ((zero + (int32_t)t) & better) | (at & ~better);
+            keep(&best, &at, k, zero + (int32_t)t, k > best);
         }
-        lanes odd = (best2 > best) | ((best2 == best) & (at2 < at));
-        best = (best2 & odd) | (best & ~odd);
-        at = (at2 & odd) | (at & ~odd);
+        merge(&best, &at, best2, at2);
         for (int l = 0; l < real; l++) {
             failed |= (best[l] == INT32_MIN) << l;
             out[l * out_stride + r] = at[l];
@@ -399,16 +400,15 @@ static PyObject *topk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     size_t n_scratch = 2 * (size_t)K + (size_t)M / GROUP + 1;
     int64_t *chosen = (int64_t *)malloc((size_t)K * sizeof(int64_t));
     int32_t *keys = (int32_t *)malloc((n_keys + n_scratch) * sizeof(int32_t));
-    /* LANES rows of narrow keys, lane by lane */
-    int32_t *lane_keys =
-        M <= LANE_ROWS_WIDTH ? (int32_t *)malloc((size_t)M * LANES * sizeof(int32_t)) : NULL;
-    if (keys == NULL || chosen == NULL || (M <= LANE_ROWS_WIDTH && lane_keys == NULL)) {
+    /* narrow rows with few rounds: LANES rows at a time, a row to a lane, their keys lane by
+     * lane in lane_keys */
+    int by_lanes = M <= LANE_ROWS_WIDTH && K * M <= ROUNDS_WORK;
+    int32_t *lane_keys = by_lanes ? (int32_t *)malloc((size_t)M * LANES * sizeof(int32_t)) : NULL;
+    if (keys == NULL || chosen == NULL || (by_lanes && lane_keys == NULL)) {
         free(keys), free(chosen), free(lane_keys);
         return PyErr_NoMemory();
     }
     size_t item = kind == HALF16 ? 2 : 4;
-    /* narrow rows with few rounds: LANES rows at a time, a row to a lane */
-    int by_lanes = M <= LANE_ROWS_WIDTH && K * M <= ROUNDS_WORK && lane_keys != NULL;
     Py_BEGIN_ALLOW_THREADS;
     Py_ssize_t r = 0;
     for (; by_lanes && r < rows; r += LANES) {

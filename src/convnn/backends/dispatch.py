@@ -301,8 +301,15 @@ def _choose(
             return triton
         _decide(stage, "chunked", lambda: f"automatic choice on CUDA: {why}")
         return chunked
-    ranks = f"; {native.status()}" if stage == "selection" and device == "cpu" else ""
-    _decide(stage, "chunked", lambda: f"automatic choice on {device}: kernels run on CUDA{ranks}")
+    ranks = stage == "selection" and device == "cpu"  # the reason is built only if asked for
+    _decide(
+        stage,
+        "chunked",
+        lambda: (
+            f"automatic choice on {device}: kernels run on CUDA"
+            + (f"; {native.status()}" if ranks else "")
+        ),
+    )
     return chunked
 
 
