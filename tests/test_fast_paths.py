@@ -288,6 +288,8 @@ def test_selection_blocks_run_whole_on_worker_threads(monkeypatch):
 
     monkeypatch.setattr(chunked, "KEY_BLOCK", 16)
     monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 256)
+    # the blocks of the GEMM and top-K path (the one-pass kernel: test_native)
+    monkeypatch.setattr(GemmScores, "fused", lambda self, K, exclude=None: False)
     x = torch.nn.functional.normalize(randn(2, 60, 8, seed=3).float(), dim=-1)
     scores, exclude = GemmScores(x, x), torch.arange(60)
     before = torch.get_num_threads()

@@ -152,20 +152,21 @@ def test_native_topk_runs_in_several_threads_at_once():
 @pytest.mark.parametrize(
     "opts",
     [
-        dict(K=9, metric="cosine", candidates="all"),
+        dict(K=9, metric="dot", candidates="all"),
         dict(K=9, metric="dot", candidates="window", window=5),
         dict(K=5, metric="cosine", candidates="all", selection_dtype=torch.bfloat16),
+        dict(K=7, metric="euclidean", candidates="all"),
     ],
-    ids=["all", "window", "bf16-selection"],
+    ids=["all", "window", "bf16-selection", "euclidean"],
 )
 def test_layers_are_the_same_with_and_without_the_native_kernels(opts, monkeypatch):
-    """Outputs and gradients bit for bit. The window case takes small integer features: its
-    dot products are exact both ways (the native kernel and the torch path sum in different
-    orders, which rounds differently on other inputs), and full of exact ties."""
+    """Outputs and gradients bit for bit. Float32 selection takes small integer features:
+    their dot products are exact both ways (the native kernels and the torch path sum in
+    different orders, which rounds differently on other inputs), and full of exact ties."""
     torch.manual_seed(0)
     layer = convnn.ConvNN2d(8, 8, **opts)
     x = torch.randn(2, 8, 20, 20)
-    if opts["candidates"] == "window":
+    if "selection_dtype" not in opts:
         x = torch.randint(-2, 3, x.shape).float()
     x.requires_grad_()
     y = layer(x)
@@ -203,6 +204,139 @@ def test_native_window_scores_are_the_dot_products(d):
         native.window_scores(q, k, shared.masked_fill(shared == 7, 50))
     with torch.enable_grad():  # a differentiable call keeps the torch path
         assert native.window_scores(q.requires_grad_(), k, shared) is None
+
+
+def gemm_formula(q, k, K, exclude=None):
+    """The K best keys of each query under q . k in float64, excluded keys last (-inf)."""
+    s = q.double() @ k.double().transpose(-1, -2)
+    if exclude is not None:
+        inside = (exclude >= 0) & (exclude < k.shape[-2])
+        rows = inside.nonzero()[:, 0]
+        s[:, rows, exclude[rows]] = -torch.inf
+    return formula(s, K)
+
+
+needs_gemm_topk = pytest.mark.skipif(
+    native._rank is None or native._gemm_topk_cpu() is None, reason=native.status()
+)
+
+
+@needs_gemm_topk
+def test_gemm_topk_is_the_formula():
+    """Scores and top-K in one pass against the float64 formula, on small integer features
+    (exact sums, many exact ties): rows and keys that fill no whole tile (6 x 16), depths of
+    1 to 130 (one to several superblock sizes), K = 1 to 16, self-similarity (half the
+    scores) and separate keys, excluded keys (its own, any, outside the keys), shared
+    (batch-1) operands and strided rows."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(1, 1, 1), (2, 2, 1), (7, 17, 13), (33, 33, 64), (97, 200, 5), (200, 97, 130),
+              (257, 257, 64), (16, 40, 3)]  # fmt: skip
+    for case, (n, M, D) in enumerate(shapes):
+        for K in sorted({1, min(M, 5), min(M, 16)}):
+            for symmetric in (False, True) if n == M else (False,):
+                for exclude in (None, "own", "any"):
+                    if exclude is not None and K >= M:
+                        continue
+                    B = 1 + case % 3
+                    q = torch.randint(-2, 3, (B, n, D), generator=gen).float()
+                    k = q if symmetric else torch.randint(-2, 3, (B, M, D), generator=gen).float()
+                    if not symmetric and case % 2:
+                        k = k[:1]  # shared keys
+                    ex = {
+                        None: None,
+                        "own": torch.arange(n),
+                        "any": torch.randint(-2, M + 2, (n,), generator=gen),
+                    }[exclude]
+                    assert native.gemm_topk_usable(q, k, K, symmetric, ex)
+                    got = native.gemm_topk(q, k, K, symmetric, ex)
+                    want = gemm_formula(q, k.expand(B, -1, -1), K, ex)
+                    assert torch.equal(got, want), (n, M, D, K, symmetric, exclude)
+    wide = torch.randint(-2, 3, (2, 50, 40), generator=gen).float()
+    q, k = wide[:, :, :20], wide[:, 10:, 20:]  # rows 40 floats apart
+    assert torch.equal(native.gemm_topk(q, k, 6), gemm_formula(q, k, 6))
+
+
+@needs_gemm_topk
+def test_gemm_topk_ranks_the_bfloat16_rounding():
+    """rounding=torch.bfloat16 ranks each score's bfloat16 rounding: integer features whose
+    exact sums reach 10^3, where bfloat16 keeps 8 bits and rounds neighbours into ties (a
+    tenth of the rows tie at the K-th score)."""
+    gen = torch.Generator().manual_seed(6)
+    for symmetric, n, M in ((True, 130, 130), (False, 61, 200)):
+        q = torch.randint(-6, 7, (2, n, 40), generator=gen).float()
+        k = q if symmetric else torch.randint(-6, 7, (2, M, 40), generator=gen).float()
+        s = q.double() @ k.double().transpose(1, 2)  # exact in float32 too
+        for ex in (None, torch.randint(0, M, (n,), generator=gen)):
+            got = native.gemm_topk(q, k, 11, symmetric, ex, torch.bfloat16)
+            if ex is not None:
+                s = s.clone()
+                s[:, torch.arange(n), ex] = -torch.inf
+            assert torch.equal(got, formula(s.float(), 11, torch.bfloat16))
+            ties = s.float().bfloat16().sort(-1, descending=True).values
+            assert (ties[..., 10] == ties[..., 11]).any()  # rows that tie at the K-th score
+
+
+@needs_gemm_topk
+def test_gemm_topk_on_real_valued_features():
+    """Random unit features, where the kernel's sums round differently from a GEMM's: every
+    pick is among the float64 K best up to a rounding's width, and rows whose K-th and
+    (K+1)-th float64 scores lie apart pick the formula's keys exactly."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.nn.functional.normalize(torch.randn(2, 700, 48, generator=gen), dim=-1)
+    s = x.double() @ x.double().transpose(1, 2)
+    for symmetric, k in ((True, x), (False, x[:, :300].clone())):
+        got = native.gemm_topk(x, k, 9, symmetric)
+        ss = s[:, :, : k.shape[1]]
+        best = ss.sort(-1, descending=True).values
+        assert (ss.gather(-1, got) >= best[..., 8:9] - 1e-6).all()
+        clear = (best[..., 8] - best[..., 9]) > 1e-5
+        assert clear.float().mean() > 0.9
+        assert torch.equal(got[clear], formula(ss, 9)[clear])
+
+
+@needs_gemm_topk
+def test_gemm_topk_serves_the_chunked_backend_in_threads(monkeypatch):
+    """chunked.select_scores of GEMM scores takes the one-pass kernel (no score block) and
+    picks what the GEMM and top-K path picks: one thread, several images over two threads,
+    and one image split into blocks of queries over three (self-similarity then computes
+    every score), also under inference mode."""
+    from convnn.backends import chunked
+    from convnn.metrics import GemmScores
+
+    gen = torch.Generator().manual_seed(5)
+    threads = torch.get_num_threads()
+    try:
+        for t, B in ((1, 3), (2, 3), (3, 1)):
+            torch.set_num_threads(t)
+            x = torch.randint(-2, 3, (B, 150, 16), generator=gen).float()
+            for ex in (None, torch.arange(150)):
+                scores = GemmScores(x, x)
+                assert scores.fused(8, ex)
+                got = chunked.select_scores(scores, 8, exclude=ex)
+                with monkeypatch.context() as m:
+                    m.setattr(GemmScores, "fused", lambda self, K, exclude=None: False)
+                    want = chunked.select_scores(GemmScores(x, x), 8, exclude=ex)
+                assert torch.equal(got, want)
+                with torch.inference_mode():  # its tensors are written on the caller's thread
+                    assert torch.equal(chunked.select_scores(scores, 8, exclude=ex), want)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_gemm_topk
+def test_gemm_topk_usable_and_errors():
+    q = torch.randn(2, 30, 8)
+    assert native.gemm_topk_usable(q, q, 16, True)
+    assert not native.gemm_topk_usable(q, q, 17, True)  # 16 slots a row
+    assert not native.gemm_topk_usable(q.double(), q.double(), 4, True)
+    assert not native.gemm_topk_usable(q, q[:, :4], 4, False, torch.arange(30))  # K = M - 1 + 1
+    assert native.gemm_topk_usable(q, q[:, :5], 4, False, torch.arange(30))
+    with pytest.raises(ValueError, match="keys to be the queries"):
+        native.gemm_topk(q, q.clone(), 4, symmetric=True)
+    with pytest.raises(ValueError, match="min\\(16, M\\)"):
+        native.gemm_topk(q, q, 17)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        native.gemm_topk(q, torch.randn(3, 30, 8), 4)
 
 
 def test_native_topk_status_and_switch(monkeypatch):

@@ -341,6 +341,224 @@ CLONES static int window_rows(const float *q, const float *k, const int64_t *can
     return 1;
 }
 
+/* Scores and top-K in one pass (gemm_topk): the K best keys of each query under q . k,
+ * where the (n, M) scores are never written out. A 6 x 16 register tile of scores is
+ * computed at a time (packed operands, fused multiply-adds in one fixed order over the depth,
+ * so every CPU that runs it gets the same scores) and offered at once to the rows' running
+ * top-K: a row's K best so far, sorted, in 16 slots, and its K-th score as the threshold a
+ * score must beat. Candidates reach each row in ascending position, so a strict comparison
+ * keeps the lower position among equal scores: the tie rule, and the slots come out in
+ * canonical order. Equal floats compare equal (-0.0 and +0.0 too), as their ordered keys do.
+ *
+ * Self-similarity (the keys are the queries) is symmetric: only tiles on or above the
+ * diagonal are computed, and each score s(i, j), i < j, is offered to row i and to row j.
+ * The loop order (superblocks of rows, then panels of keys, then the superblock's tiles)
+ * still brings each row its candidates in ascending position (see gemm_topk_images).
+ *
+ * x86-64 with AVX2 and FMA only (checked at run time); elsewhere convnn.native does not
+ * offer it and the chunked backend takes the GEMM and top-K path. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_GEMM_TOPK 1
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#define MR 6
+#define NR 16
+#define SLOTS 16
+
+#define AVX2 __attribute__((target("avx2,fma")))
+
+typedef struct {
+    float *score;  /* (rows, SLOTS): each row's best scores, descending, -inf where empty */
+    int32_t *at;   /* (rows, SLOTS): their positions */
+    float *thr;    /* (rows + NR): score[row][K - 1], what a new score must beat */
+    int K;
+} Best;
+
+/* Put score s at position j into row r's sorted slots (s beats the row's threshold): after
+ * every score >= s, so an earlier equal score stays first. Branch-free. */
+AVX2 static inline void best_insert(Best *b, Py_ssize_t r, float s, int32_t j) {
+    float *sv = b->score + r * SLOTS;
+    int32_t *iv = b->at + r * SLOTS;
+    __m256 v0 = _mm256_load_ps(sv), v1 = _mm256_load_ps(sv + 8), S = _mm256_set1_ps(s);
+    unsigned ge = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v0, S, _CMP_GE_OQ)) |
+                  (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v1, S, _CMP_GE_OQ)) << 8;
+    __m256i pos = _mm256_set1_epi32(__builtin_popcount(ge));
+    const __m256i rot = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6);
+    const __m256i l0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i l1 = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
+    __m256i after0 = _mm256_cmpgt_epi32(l0, pos), at0 = _mm256_cmpeq_epi32(l0, pos);
+    __m256i after1 = _mm256_cmpgt_epi32(l1, pos), at1 = _mm256_cmpeq_epi32(l1, pos);
+    __m256i i0 = _mm256_load_si256((const __m256i *)iv);
+    __m256i i1 = _mm256_load_si256((const __m256i *)(iv + 8));
+    /* every slot moved one along: slot t takes slot t - 1 (slot 8 takes slot 7) */
+    __m256 sh0 = _mm256_permutevar8x32_ps(v0, rot);
+    __m256 sh1 = _mm256_blend_ps(_mm256_permutevar8x32_ps(v1, rot), sh0, 1);
+    __m256i ih0 = _mm256_permutevar8x32_epi32(i0, rot);
+    __m256i ih1 = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(i1, rot), ih0, 1);
+    v0 = _mm256_blendv_ps(_mm256_blendv_ps(v0, sh0, _mm256_castsi256_ps(after0)), S,
+                          _mm256_castsi256_ps(at0));
+    v1 = _mm256_blendv_ps(_mm256_blendv_ps(v1, sh1, _mm256_castsi256_ps(after1)), S,
+                          _mm256_castsi256_ps(at1));
+    __m256i J = _mm256_set1_epi32(j);
+    i0 = _mm256_blendv_epi8(_mm256_blendv_epi8(i0, ih0, after0), J, at0);
+    i1 = _mm256_blendv_epi8(_mm256_blendv_epi8(i1, ih1, after1), J, at1);
+    _mm256_store_ps(sv, v0), _mm256_store_ps(sv + 8, v1);
+    _mm256_store_si256((__m256i *)iv, i0), _mm256_store_si256((__m256i *)(iv + 8), i1);
+    b->thr[r] = sv[b->K - 1];
+}
+
+/* tile[MR][NR] = a[d][MR]^T b[d][NR] over the depth D, summed in ascending d. */
+/* not inlined: its twelve accumulators need every vector register but the operands */
+AVX2 __attribute__((noinline)) static void score_tile(const float *a, const float *b, Py_ssize_t D, float *tile) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    for (Py_ssize_t d = 0; d < D; d++, a += MR, b += NR) {
+        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8), x;
+        x = _mm256_broadcast_ss(a + 0), c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
+        x = _mm256_broadcast_ss(a + 1), c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
+        x = _mm256_broadcast_ss(a + 2), c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
+        x = _mm256_broadcast_ss(a + 3), c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
+        x = _mm256_broadcast_ss(a + 4), c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
+        x = _mm256_broadcast_ss(a + 5), c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
+    }
+    _mm256_store_ps(tile + 0, c00), _mm256_store_ps(tile + 8, c01);
+    _mm256_store_ps(tile + 16, c10), _mm256_store_ps(tile + 24, c11);
+    _mm256_store_ps(tile + 32, c20), _mm256_store_ps(tile + 40, c21);
+    _mm256_store_ps(tile + 48, c30), _mm256_store_ps(tile + 56, c31);
+    _mm256_store_ps(tile + 64, c40), _mm256_store_ps(tile + 72, c41);
+    _mm256_store_ps(tile + 80, c50), _mm256_store_ps(tile + 88, c51);
+}
+
+/* A score rounded to bfloat16, as a float. */
+static inline float as_bf16(float s) {
+    uint32_t bits;
+    memcpy(&bits, &s, 4);
+    bits = round_bf16(bits);
+    memcpy(&s, &bits, 4);
+    return s;
+}
+
+AVX2 static inline unsigned beats(const float *row, __m256 t0, __m256 t1) {
+    return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(row), t0, _CMP_GT_OQ)) |
+           (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(row + 8), t1, _CMP_GT_OQ))
+               << 8;
+}
+
+/* Offer a tile's scores: rows i0.. (``rows`` of them) against positions j0.. (``cols``).
+ * symmetric: a score s(i, j) with i < j goes to row j first (position i), and row i takes
+ * only positions j >= i (the tiles below the diagonal are never computed). ex: each row's
+ * excluded position (or NULL), never taken (the caller leaves each row K others).
+ * bf16: scores rank as their bfloat16 rounding. The thresholds are rounded scores, and
+ * rounding is monotone, so a raw score at or below one cannot beat it: the vector test
+ * passes a superset, and only those scores are rounded and compared again. */
+AVX2 static void offer_tile(Best *b, const float *tile, Py_ssize_t i0, int rows, Py_ssize_t j0,
+                            int cols, int symmetric, const int64_t *ex, int bf16) {
+    unsigned valid = cols == NR ? 0xFFFFu : (1u << cols) - 1;
+    if (symmetric) {
+        __m256 t0 = _mm256_loadu_ps(b->thr + j0), t1 = _mm256_loadu_ps(b->thr + j0 + 8);
+        unsigned m = 0;
+        for (int r = 0; r < rows; r++) m |= beats(tile + r * NR, t0, t1);
+        for (m &= valid; m; m &= m - 1) {
+            int c = __builtin_ctz(m);
+            Py_ssize_t j = j0 + c;
+            for (int r = 0; r < rows && i0 + r < j; r++) {
+                float s = bf16 ? as_bf16(tile[r * NR + c]) : tile[r * NR + c];
+                if (s > b->thr[j] && !(ex && ex[j] == i0 + r)) best_insert(b, j, s, (int32_t)(i0 + r));
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        Py_ssize_t i = i0 + r;
+        __m256 t = _mm256_set1_ps(b->thr[i]);
+        unsigned m = beats(tile + r * NR, t, t) & valid;
+        if (symmetric && i > j0) m &= i - j0 >= NR ? 0u : ~((1u << (i - j0)) - 1);
+        for (; m; m &= m - 1) {
+            int c = __builtin_ctz(m);
+            float s = bf16 ? as_bf16(tile[r * NR + c]) : tile[r * NR + c];
+            if (s > b->thr[i] && !(ex && ex[i] == j0 + c)) best_insert(b, i, s, (int32_t)(j0 + c));
+        }
+    }
+}
+
+static void *aligned_block(size_t bytes, void **base) {
+    *base = malloc(bytes + 63);
+    return *base ? (void *)(((uintptr_t)*base + 63) & ~(uintptr_t)63) : NULL;
+}
+
+/* Image by image, the K best keys of n queries (rows q_row apart, images q_batch apart)
+ * among M keys (k_row, k_batch; a batch stride of 0 shares), depth D, into int64 out
+ * (B, n, K). symmetric: the keys are the queries (n == M). ex: NULL or each query's
+ * excluded key. bf16: rank the scores' bfloat16 rounding. Returns 0 when out of memory. */
+AVX2 static int gemm_topk_images(const float *q, Py_ssize_t q_batch, Py_ssize_t q_row,
+                                 const float *k, Py_ssize_t k_batch, Py_ssize_t k_row,
+                                 Py_ssize_t B, Py_ssize_t n, Py_ssize_t M, Py_ssize_t D, int K,
+                                 int symmetric, const int64_t *ex, int bf16, int64_t *out) {
+    /* rows per superblock: its packed queries stay in the L2 cache (48 KiB at D = 64) */
+    Py_ssize_t sb = (49152 / 4 / D) / MR * MR;
+    sb = sb < MR ? MR : sb > 192 ? 192 : sb;
+    Py_ssize_t panels = (M + NR - 1) / NR;
+    void *bases[5];
+    float *P = aligned_block((size_t)panels * D * NR * sizeof(float), &bases[0]);
+    float *A = aligned_block((size_t)sb * D * sizeof(float), &bases[1]);
+    Best b;
+    b.K = K;
+    b.score = aligned_block((size_t)n * SLOTS * sizeof(float), &bases[2]);
+    b.at = aligned_block((size_t)n * SLOTS * sizeof(int32_t), &bases[3]);
+    b.thr = aligned_block(((size_t)n + NR) * sizeof(float), &bases[4]);
+    int ok = P && A && b.score && b.at && b.thr;
+    for (Py_ssize_t img = 0; ok && img < B; img++, q += q_batch, k += k_batch, out += n * K) {
+        /* keys packed in panels of NR, depth-major: P[panel][d][NR], zero past M (shared
+         * keys are packed once) */
+        if (img == 0 || k_batch != 0)
+            for (Py_ssize_t p = 0; p < panels; p++)
+                for (Py_ssize_t d = 0; d < D; d++)
+                    for (int c = 0; c < NR; c++) {
+                        Py_ssize_t m = p * NR + c;
+                        P[(p * D + d) * NR + c] = m < M ? k[m * k_row + d] : 0.0f;
+                    }
+        for (Py_ssize_t t = 0; t < n * SLOTS; t++) b.score[t] = -INFINITY, b.at[t] = 0;
+        for (Py_ssize_t t = 0; t < n + NR; t++) b.thr[t] = -INFINITY;
+        float tile[MR * NR] __attribute__((aligned(32)));
+        for (Py_ssize_t s0 = 0; s0 < n; s0 += sb) {
+            Py_ssize_t s1 = s0 + sb < n ? s0 + sb : n, blocks = (s1 - s0 + MR - 1) / MR;
+            /* the superblock's queries packed in blocks of MR, A[block][d][MR] (a short last
+             * block repeats its first row: its extra scores are never offered) */
+            for (Py_ssize_t bk = 0; bk < blocks; bk++)
+                for (Py_ssize_t d = 0; d < D; d++)
+                    for (int r = 0; r < MR; r++) {
+                        Py_ssize_t i = s0 + bk * MR + r < s1 ? s0 + bk * MR + r : s0 + bk * MR;
+                        A[(bk * D + d) * MR + r] = q[i * q_row + d];
+                    }
+            /* Row i's candidates come in ascending position: in earlier superblocks (as a
+             * column, ascending), then at its own panel from this superblock's earlier rows
+             * and its own tile's (as a column, first), then as a row, panel by panel. */
+            for (Py_ssize_t p = symmetric ? s0 / NR : 0; p < panels; p++) {
+                Py_ssize_t j0 = p * NR;
+                int cols = M - j0 < NR ? (int)(M - j0) : NR;
+                for (Py_ssize_t bk = 0; bk < blocks; bk++) {
+                    Py_ssize_t i0 = s0 + bk * MR;
+                    if (symmetric && j0 + cols <= i0) continue; /* below the diagonal */
+                    int rows = s1 - i0 < MR ? (int)(s1 - i0) : MR;
+                    score_tile(A + bk * D * MR, P + p * D * NR, D, tile);
+                    offer_tile(&b, tile, i0, rows, j0, cols, symmetric, ex, bf16);
+                }
+            }
+        }
+        for (Py_ssize_t i = 0; i < n; i++)
+            for (int t = 0; t < K; t++) out[i * K + t] = b.at[i * SLOTS + t];
+    }
+    for (int t = 0; t < 5; t++) free(bases[t]);
+    return ok;
+}
+
+static int gemm_topk_cpu(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#endif
+
 /* The integer arguments of a METH_FASTCALL (vectorcall) function: torch's compiled-graph
  * machinery calls builtins that way. Data pointers fit a Py_ssize_t on every platform
  * CPython supports. Returns 0 with an exception set if they are not ``want`` integers. */
@@ -433,9 +651,67 @@ static PyObject *topk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(gemm_topk_doc,
+             "gemm_topk(q, q_batch, q_row, k, k_batch, k_row, B, n, M, D, K, symmetric,\n"
+             "          exclude, bf16, out)\n\n"
+             "For each of B images, the K best of M keys (float32 rows k_row apart) for each\n"
+             "of n queries (float32 rows q_row apart) under q . k, depth D, scored and ranked\n"
+             "in one pass, into int64 out (B, n, K) in canonical order; 1 <= K <= 16, K <= M.\n"
+             "Strides in elements; a batch stride of 0 shares. symmetric: the keys are the\n"
+             "queries (same pointer and strides, n == M). exclude: 0 or n int64 positions, one\n"
+             "a query never takes (then K < M). bf16: rank each score's bfloat16 rounding.\n"
+             "Only where gemm_topk_cpu() is true.");
+
+static PyObject *gemm_topk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    Py_ssize_t v[15];
+    if (!integers(args, nargs, 15, "gemm_topk", v)) return NULL;
+#ifdef HAVE_GEMM_TOPK
+    Py_ssize_t B = v[6], n = v[7], M = v[8], D = v[9], K = v[10];
+    int symmetric = v[11] != 0;
+    if (!gemm_topk_cpu()) {
+        PyErr_SetString(PyExc_RuntimeError, "gemm_topk: this CPU lacks AVX2 and FMA");
+        return NULL;
+    }
+    if (B < 0 || n < 0 || D < 1 || K < 1 || K > SLOTS || K > M - (v[12] != 0) || M > INT32_MAX ||
+        (symmetric && (v[0] != v[3] || v[1] != v[4] || v[2] != v[5] || n != M))) {
+        PyErr_SetString(PyExc_ValueError,
+                        "gemm_topk: need B, n >= 0, D >= 1, 1 <= K <= min(16, M), K < M with "
+                        "exclude, M < 2^31, and for symmetric the same q and k, n == M");
+        return NULL;
+    }
+    int ok = 1;
+    if (B > 0 && n > 0) {
+        Py_BEGIN_ALLOW_THREADS;
+        ok = gemm_topk_images((const float *)v[0], v[1], v[2], (const float *)v[3], v[4], v[5], B,
+                              n, M, D, (int)K, symmetric, (const int64_t *)v[12], v[13] != 0,
+                              (int64_t *)v[14]);
+        Py_END_ALLOW_THREADS;
+    }
+    if (!ok) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+#else
+    PyErr_SetString(PyExc_RuntimeError, "gemm_topk: built without it (x86-64 only)");
+    return NULL;
+#endif
+}
+
+PyDoc_STRVAR(gemm_topk_cpu_doc, "gemm_topk_cpu()\n\nWhether gemm_topk runs on this CPU.");
+
+static PyObject *gemm_topk_here(PyObject *self, PyObject *unused) {
+    (void)self, (void)unused;
+#ifdef HAVE_GEMM_TOPK
+    return PyBool_FromLong(gemm_topk_cpu());
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"topk", (PyCFunction)(void (*)(void))topk, METH_FASTCALL, topk_doc},
     {"window", (PyCFunction)(void (*)(void))window, METH_FASTCALL, window_doc},
+    {"gemm_topk", (PyCFunction)(void (*)(void))gemm_topk, METH_FASTCALL, gemm_topk_doc},
+    {"gemm_topk_cpu", gemm_topk_here, METH_NOARGS, gemm_topk_cpu_doc},
     {NULL, NULL, 0, NULL},
 };
 

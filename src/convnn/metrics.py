@@ -479,6 +479,37 @@ class GemmScores(BlockScores):
         s = s.to(self.query.dtype)
         return s if self._finite else rankable(s)
 
+    def fused(self, K: int, exclude: Tensor | None = None) -> bool:
+        """Whether :meth:`fused_topk` serves this selection: finite float32 scores, or
+        bfloat16 ones from the float32 GEMM, where the native kernel runs
+        (:func:`convnn.native.gemm_topk_usable`)."""
+        q, k = self._wide if self._wide is not None else (self.query, self.key)
+        return (
+            self._finite
+            and self.rounding in (None, torch.bfloat16)
+            and native.gemm_topk_usable(q, k, K, k is q, exclude)
+        )
+
+    def fused_topk(
+        self,
+        K: int,
+        exclude: Tensor | None = None,
+        images: slice = slice(None),
+        qs: slice = slice(None),
+    ) -> Tensor:
+        """The K best keys (B', n, K) of queries ``qs`` in ``images``, canonical order,
+        scored and ranked in one native pass (the scores are never written out), never a
+        query's ``exclude`` (N,) key. Self-similarity over every query computes half the
+        scores. Only where :meth:`fused`."""
+        one = lambda t: t if t.shape[0] == 1 else t[images]  # noqa: E731  (1: shared)
+        q, k = self._wide if self._wide is not None else (self.query, self.key)
+        whole = qs == slice(None)
+        symmetric = whole and k is q
+        query, key = one(q), one(k)
+        ex = None if exclude is None else exclude[qs]
+        query = query if whole else query[:, qs]
+        return native.gemm_topk(query, key, K, symmetric, ex, self.rounding)
+
     def keys(self, index):
         return GemmScores(self.query, self.key[:, index])
 

@@ -14,6 +14,13 @@ Window scores are dot products of each query with its own candidate keys read in
 gathered copy), summed in one fixed order, so equal keys score equally bit for bit. They
 serve float32 selection scores outside autograd.
 
+The K best keys under float32 GEMM scores are also found in one pass (:func:`gemm_topk`): a
+tile of scores is computed in registers and offered at once to each row's running top-K, so
+the scores are never written out; self-similarity computes only the tiles on and above the
+diagonal and offers each score to both its rows. Its scores are sums in one fixed order with
+fused multiply-adds, the same on every CPU that runs it (x86-64 with AVX2 and FMA; a CPU
+with AVX-512 runs it for self-similarity only, where it does half the GEMM's work).
+
 Compiled graphs, float64 and other devices take the torch paths. ``CONVNN_NATIVE=0`` turns
 the kernels off (to compare the two paths); :func:`status` says whether they run and why not.
 """
@@ -42,14 +49,107 @@ def status() -> str:
         return f"native kernels: off, {_MISSING}; torch ops rank and score"
     if not _enabled():
         return "native kernels: off, CONVNN_NATIVE=0; torch ops rank and score"
+    fused = {
+        "all": "all float32 GEMM scores",
+        "symmetric": "float32 self-similarity only (AVX-512 CPU)",
+        None: "off, this CPU lacks AVX2 and FMA",
+    }[_gemm_topk_cpu()]
     return (
         "native kernels: on (eager CPU top-K of float32, bfloat16 and float16 scores; "
-        "float32 window scores)"
+        f"float32 window scores; scores and top-K in one pass: {fused})"
     )
 
 
 def _enabled() -> bool:
     return _rank is not None and os.environ.get("CONVNN_NATIVE", "1") != "0"
+
+
+_GEMM_TOPK_CPU: list[str | None] = []
+
+
+def _gemm_topk_cpu() -> str | None:
+    """Which GEMM top-K calls the fused kernel serves on this CPU (asked once): ``"all"``,
+    ``"symmetric"`` (a CPU with AVX-512, whose GEMMs run twice as wide as the kernel: it
+    serves self-similarity, where it does half the work) or None (no AVX2 and FMA)."""
+    if not _GEMM_TOPK_CPU:
+        here = _rank is not None and _rank.gemm_topk_cpu()
+        wide = "avx512" in torch.backends.cpu.get_cpu_capability().lower()
+        _GEMM_TOPK_CPU.append(None if not here else "symmetric" if wide else "all")
+    return _GEMM_TOPK_CPU[0]
+
+
+GEMM_TOPK_SLOTS = 16  # the fused kernel keeps at most 16 best keys a row
+
+
+def gemm_topk_usable(
+    query: Tensor, key: Tensor, K: int, symmetric: bool, exclude: Tensor | None = None
+) -> bool:
+    """Whether :func:`gemm_topk` serves the K best of ``key`` (B, M, D) for ``query``
+    (B, N, D): float32 CPU operands, K <= 16 (and below M with an ``exclude`` (N,) of
+    positions), in eager code outside torch modes on a CPU that runs the kernel
+    (``symmetric``: the keys are the queries)."""
+    served = _gemm_topk_cpu() if _enabled() else None
+    return (
+        (served == "all" or (served == "symmetric" and symmetric))
+        and query.dtype == key.dtype == torch.float32
+        and query.device.type == key.device.type == "cpu"
+        and query.dim() == key.dim() == 3
+        and query.shape[-1] == key.shape[-1] > 0
+        and 1 <= K <= min(GEMM_TOPK_SLOTS, key.shape[1] - (exclude is not None))
+        and (exclude is None or exclude.shape == query.shape[1:2])
+        and key.shape[1] < 1 << 31
+        and not torch.compiler.is_compiling()
+        # under a torch function or dispatch mode (fake tensors, a FLOP counter) the GEMM
+        # and top-K run as torch operators, where the mode sees them
+        and torch._C._len_torch_function_stack() == 0
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
+
+
+def gemm_topk(
+    query: Tensor,
+    key: Tensor,
+    K: int,
+    symmetric: bool = False,
+    exclude: Tensor | None = None,
+    rounding: torch.dtype | None = None,
+) -> Tensor:
+    """The K best keys (B, N, K) of each query under ``q . k``, in canonical order
+    (descending score, equal scores by lower index), scored and ranked in one pass: query
+    (B or 1, N, D), key (B or 1, M, D). ``symmetric``: ``key`` is ``query``, and only half the
+    scores are computed. ``exclude`` (N,): a key each query never takes (one outside the keys
+    excludes nothing). ``rounding``: None, or ``torch.bfloat16`` to rank each score's bfloat16
+    rounding (the threshold tests run on the raw scores: rounding is monotone). Only where
+    :func:`gemm_topk_usable`."""
+    if symmetric and (key.data_ptr() != query.data_ptr() or key.shape != query.shape):
+        raise ValueError("gemm_topk: symmetric needs the keys to be the queries")
+    if rounding not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"gemm_topk: rounding must be None or torch.bfloat16, got {rounding}")
+    B = _batch(query.shape[0], key.shape[0])
+    N, M, D = query.shape[1], key.shape[1], query.shape[2]
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    key = query if symmetric else key if key.stride(-1) == 1 else key.contiguous()
+    if exclude is not None:
+        exclude = exclude.to(torch.int64).contiguous()
+    out = torch.empty(B, N, K, dtype=torch.int64)
+    batch = lambda t: t.stride(0) if t.shape[0] > 1 else 0  # noqa: E731  (1: shared)
+    _rank.gemm_topk(
+        query.data_ptr(), batch(query), query.stride(1), key.data_ptr(), batch(key),
+        key.stride(1), B, N, M, D, K, int(symmetric),
+        0 if exclude is None else exclude.data_ptr(), int(rounding == torch.bfloat16),
+        out.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def _batch(*sizes: int) -> int:
+    """The batch that batches of these sizes broadcast to (0 where one is empty), without
+    ``torch.broadcast_shapes`` (its first call imports for ~0.4 s)."""
+    wide = {n for n in sizes if n != 1}
+    if len(wide) > 1:
+        raise ValueError(f"batches of {sizes} do not broadcast")
+    return wide.pop() if wide else 1
 
 
 def usable(scores: Tensor, K: int, rounding: torch.dtype | None) -> bool:
@@ -109,8 +209,7 @@ def window_scores(query: Tensor, key: Tensor, cand: Tensor) -> Tensor | None:
             f"window_scores takes query (B, n, d), key (B, M, d) and cand (n, W) or "
             f"(B, n, W), got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(cand.shape)}"
         )
-    batches = (query.shape[0],), (key.shape[0],), (cand.shape[0] if cand.dim() == 3 else 1,)
-    (B,) = torch.broadcast_shapes(*batches)  # 0 where a batch is empty
+    B = _batch(query.shape[0], key.shape[0], cand.shape[0] if cand.dim() == 3 else 1)
     if query.stride(-1) != 1:
         query = query.contiguous()
     if key.stride(-1) != 1:

@@ -111,6 +111,8 @@ def _select_all(scores: BlockScores, K: int, exclude: Tensor | None) -> Tensor:
     block runs whole on one thread, the threads taking blocks as they finish them (one
     parallel region per selection, not several per block, so a thread slowed by another
     process holds no barrier up)."""
+    if type(scores) is GemmScores and scores.fused(K, exclude):
+        return _select_fused(scores, K, exclude)
     B, N, M = scores.batch, scores.num_queries, scores.num_keys
     kb = min(M, max(K, KEY_BLOCK))
     parts = [(scores, slice(None))]
@@ -141,6 +143,28 @@ def _select_all(scores: BlockScores, K: int, exclude: Tensor | None) -> Tensor:
     else:
         for unit in units:
             out[unit[1], unit[2]] = run(unit)
+    return out
+
+
+def _select_fused(scores: GemmScores, K: int, exclude: Tensor | None) -> Tensor:
+    """Every query against every key by the native one-pass kernel (no block of scores is
+    ever formed). With several threads each takes a run of images, or, with fewer images
+    than threads, a block of queries (self-similarity then computes every score, not half)."""
+    B, N = scores.batch, scores.num_queries
+    threads = 1 if torch.compiler.is_compiling() else torch.get_num_threads()
+    if threads == 1:
+        return scores.fused_topk(K, exclude)
+    if B >= threads:
+        step = -(-B // threads)
+        units = [(slice(b, b + step), slice(None)) for b in range(0, B, step)]
+    else:
+        step = -(-N // threads)
+        units = [(slice(None), slice(n0, n0 + step)) for n0 in range(0, N, step)]
+    out = torch.empty(B, N, K, dtype=torch.long, device=scores.device)
+    with _block_pool(threads) as pool:
+        run = lambda unit: scores.fused_topk(K, exclude, *unit)  # noqa: E731
+        for (images, qs), idx in zip(units, pool.map(run, units)):
+            out[images, qs] = idx
     return out
 
 
