@@ -1,14 +1,18 @@
-"""What the native top-K saves on the CPU, and what any top-K could still save.
+"""What the native top-K saves on the CPU, what any top-K could still save, and what the
+one-pass kernels save.
 
 The library ranks every eager CPU top-K in the native kernel (``convnn.native``,
 ``_rank.c``) when it is built, else by torch ops (rounds of a row maximum). This script times
 the headline step and a ResNet-18 'branching' training step three ways, interleaved in one
 process on one thread: ranked natively, by the torch path (``CONVNN_NATIVE=0``), and by a
 top-K that costs nothing, for a bound (the score blocks are still computed, and the keys the
-native kernel gave on the first step come back by call order). It checks first that the
-three give the same outputs, and times the headline's GEMM floor (``cpu_floor.py``'s) in the
-same rounds (BENCHMARKS.md, "The native kernels"). First it times the top-K alone on blocks of
-the shapes these steps, KVT and windows rank, natively and by torch ops.
+native kernel gave on the first step come back by call order), each with the one-pass
+selection and the native aggregation off; and a fourth way, the library as it runs (scores
+and top-K in one pass, the aggregation with the neighbours in place). It checks first that
+the three give the same outputs and the fourth the same to float32 rounding, and times the
+headline's GEMM floor (``cpu_floor.py``'s) in the same rounds (BENCHMARKS.md, "The native
+kernels" and "The one-pass kernels"). First it times the top-K alone on blocks of the shapes
+these steps, KVT and windows rank, natively and by torch ops.
 
     PYTHONPATH=$PWD/src python benchmarks/native_topk.py --rounds 9    # headline and ResNet-18
     PYTHONPATH=$PWD/src python benchmarks/native_topk.py --quick       # tiny shapes, seconds
@@ -33,6 +37,7 @@ from convnn import native
 from convnn.backends import chunked
 from convnn.backends._common import topk_low_ties
 from convnn.bench.rounds import format_ratio, interleave, ratio_stats
+from convnn.metrics import GemmScores
 from convnn.models.registry import create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,9 +67,14 @@ class Replay:
 @contextlib.contextmanager
 def ranked(way: str, free: Replay | None = None):
     """Run ``way``: 'native', 'torch' (``CONVNN_NATIVE=0``) or 'free' (``free`` in place of
-    the chunked backend's block selection)."""
+    the chunked backend's block selection), the three with the one-pass selection and the
+    native aggregation off; or 'library', the library as it runs."""
     saved_env, saved_block = os.environ.get("CONVNN_NATIVE"), chunked._select_block
+    saved_fused, saved_agg = GemmScores.fused, chunked._native_aggregation
     os.environ["CONVNN_NATIVE"] = "0" if way == "torch" else "1"
+    if way != "library":
+        GemmScores.fused = lambda self, K, exclude=None: False
+        chunked._native_aggregation = lambda *args: False
     if way == "free":
         free.start()
         chunked._select_block = free
@@ -72,6 +82,7 @@ def ranked(way: str, free: Replay | None = None):
         yield
     finally:
         chunked._select_block = saved_block
+        GemmScores.fused, chunked._native_aggregation = saved_fused, saved_agg
         if saved_env is None:
             del os.environ["CONVNN_NATIVE"]
         else:
@@ -165,11 +176,13 @@ def main() -> None:
     for name, (step, floor) in _steps(args.quick).items():
         free = Replay(chunked._select_block)
         y = {}
-        for way in ("native", "free", "torch"):  # 'free' records the native keys first
+        for way in ("native", "free", "torch", "library"):  # 'free' records native keys first
             with ranked(way, free):
                 y[way] = step()
         if not all(torch.equal(y[k], y["torch"]) for k in ("native", "free")):
             raise SystemExit(f"native_topk: {name}: the outputs differ")
+        if not torch.allclose(y["library"], y["torch"], rtol=1e-4, atol=1e-4):
+            raise SystemExit(f"native_topk: {name}: the one-pass kernels' outputs differ")
 
         def timed(way, step=step, free=free):
             def run():
@@ -178,7 +191,7 @@ def main() -> None:
 
             return run
 
-        runners = {way: timed(way) for way in ("torch", "native", "free")}
+        runners = {way: timed(way) for way in ("torch", "native", "free", "library")}
         if floor is not None:
             runners["floor"] = functools.partial(_seconds, floor)
         times = interleave(runners, args.rounds)
@@ -187,13 +200,15 @@ def main() -> None:
         print(
             f"{name}: the same outputs; step {ms['torch']:.0f} ms by the torch path, "
             f"{ms['native']:.0f} ms native: native / torch {ratio['native']}; "
-            f"a top-K that costs nothing (GEMM kept): {ms['free']:.0f} ms, {ratio['free']}"
+            f"a top-K that costs nothing (GEMM kept): {ms['free']:.0f} ms, {ratio['free']}; "
+            f"one pass (the library): {ms['library']:.0f} ms, {ratio['library']}"
         )
         if floor is not None:
             over = {k: format_ratio(ratio_stats(times[k], times["floor"])) for k in times}
             print(
                 f"  against the GEMM floor ({ms['floor']:.0f} ms): torch path {over['torch']}, "
-                f"native {over['native']}, a top-K that costs nothing {over['free']}"
+                f"native {over['native']}, a top-K that costs nothing {over['free']}, one pass "
+                f"{over['library']}"
             )
     print(f"load {load_average()}")
 

@@ -284,6 +284,7 @@ def test_native_topk_benchmark_runs_its_three_ways_to_the_same_outputs():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "the same outputs" in proc.stdout and "against the GEMM floor" in proc.stdout
+    assert "one pass (the library)" in proc.stdout
     blocks = [line for line in proc.stdout.splitlines() if line.startswith("top-K of ")]
     assert len(blocks) == 2  # the blocks, ranked the same both ways
 

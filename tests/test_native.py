@@ -160,21 +160,35 @@ def test_native_topk_runs_in_several_threads_at_once():
     ids=["all", "window", "bf16-selection", "euclidean"],
 )
 def test_layers_are_the_same_with_and_without_the_native_kernels(opts, monkeypatch):
-    """Outputs and gradients bit for bit. Float32 selection takes small integer features:
-    their dot products are exact both ways (the native kernels and the torch path sum in
-    different orders, which rounds differently on other inputs), and full of exact ties."""
+    """The same neighbours, bit for bit, and the same outputs and gradients to float32
+    rounding (the native aggregation sums in its own order). Float32 selection takes small
+    integer features: their dot products are exact both ways (the native kernels and the
+    torch path sum in different orders, which rounds differently on other inputs), and full
+    of exact ties."""
+    from convnn.backends import chunked
+
     torch.manual_seed(0)
     layer = convnn.ConvNN2d(8, 8, **opts)
     x = torch.randn(2, 8, 20, 20)
     if "selection_dtype" not in opts:
         x = torch.randint(-2, 3, x.shape).float()
     x.requires_grad_()
-    y = layer(x)
-    (g,) = torch.autograd.grad(y.square().sum(), x)
+    picked = []
+    aggregate = chunked.aggregate
+    monkeypatch.setattr(
+        chunked, "aggregate", lambda v, idx, *a: picked.append(idx) or aggregate(v, idx, *a)
+    )
+
+    def run():
+        y = layer(x)
+        return y, torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
+
+    y, g = run()
     monkeypatch.setenv("CONVNN_NATIVE", "0")
-    y0 = layer(x)
-    (g0,) = torch.autograd.grad(y0.square().sum(), x)
-    assert torch.equal(y, y0) and torch.equal(g, g0)
+    y0, g0 = run()
+    assert len(picked) == 2 and torch.equal(*picked)
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-4)
 
 
 @needs_native
@@ -337,6 +351,137 @@ def test_gemm_topk_usable_and_errors():
         native.gemm_topk(q, q, 17)
     with pytest.raises(ValueError, match="do not broadcast"):
         native.gemm_topk(q, torch.randn(3, 30, 8), 4)
+
+
+needs_native_aggregation = pytest.mark.skipif(
+    native._rank is None or native._gemm_topk_cpu() != "all", reason=native.status()
+)
+
+
+@needs_native_aggregation
+def test_native_aggregation_is_the_formula():
+    """Forward and both gradients against float64 autograd of the gathered formula
+    out[b, n] = sum_k W[:, :, k] v[b, idx[b, n, k]] + bias: tiles that fill no whole 6 x 16,
+    channels and outputs off the vector width, K = 1, repeated neighbours, a row nobody picks,
+    with and without a bias, and each gradient alone."""
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(2, 50, 50, 64, 9, 64), (1, 7, 13, 5, 3, 17), (3, 30, 11, 16, 1, 6),
+              (2, 60, 41, 70, 4, 33)]  # fmt: skip
+    for B, M, N, C, K, C_out in shapes:
+        v = torch.randn(B, M, C, generator=gen)
+        idx = torch.randint(1, M, (B, 1, N, K), generator=gen)  # row 0: never a neighbour
+        idx[:, :, :, 0] = idx[:, :, :1, 0]  # every query shares its first neighbour
+        w, bias = torch.randn(C_out, C, K, generator=gen), torch.randn(C_out, generator=gen)
+        gy = torch.randn(B, N, C_out, generator=gen)
+        v64, w64 = v.double().requires_grad_(), w.double().requires_grad_()
+        rows = v64.gather(1, idx.flatten(1)[..., None].expand(-1, -1, C)).view(B, N, K, C)
+        want = torch.einsum("bnkc,ock->bno", rows, w64)
+        gv, gw = torch.autograd.grad(want, (v64, w64), gy.double())
+        for b in (None, bias):
+            assert native.aggregate_usable(v, idx, None, w, "standard")
+            got = native.aggregate(v, idx, w, b)
+            torch.testing.assert_close(got.double(), want + (0 if b is None else b.double()),
+                                       rtol=1e-5, atol=1e-4)  # fmt: skip
+        for grad in (gy, gy.transpose(1, 2).contiguous().transpose(1, 2)):  # any strides
+            g_v = torch.zeros_like(v)
+            g_w = native.aggregate_grad(grad, v, idx, w, g_v, True)
+            torch.testing.assert_close(g_v.double(), gv, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(g_w.double(), gw, rtol=1e-5, atol=1e-3)
+            assert (g_v[:, 0] == 0).all()
+            assert native.aggregate_grad(grad, v, idx, w, None, False) is None
+            assert torch.equal(native.aggregate_grad(grad, v, idx, w, None, True), g_w)
+
+
+@needs_native_aggregation
+def test_native_aggregation_serves_layers_in_threads(monkeypatch):
+    """ConvNN2d trains through the native aggregation: outputs and gradients as the torch
+    path's at one and two threads (images split over the workers), the torch path where an
+    image would be split, and a double backward (create_graph) on the torch path."""
+    from convnn.backends import chunked
+
+    threads = torch.get_num_threads()
+    used = []
+    decide = chunked._native_aggregation
+    monkeypatch.setattr(
+        chunked, "_native_aggregation", lambda *a: used.append(decide(*a)) or used[-1]
+    )
+    try:
+        for t, B in ((1, 1), (2, 3), (2, 1)):
+            torch.set_num_threads(t)
+            torch.manual_seed(t + B)
+            layer = convnn.ConvNN2d(8, 12, K=5)
+            x = torch.randn(B, 8, 9, 9, requires_grad=True)
+            used.clear()
+            y = layer(x)
+            g = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
+            assert used == [B >= t]
+            with monkeypatch.context() as m:
+                m.setattr(chunked, "_native_aggregation", lambda *a: False)
+                y0 = layer(x)
+                g0 = torch.autograd.grad(y0.square().sum(), [x, *layer.parameters()])
+            torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-4)
+        torch.set_num_threads(1)
+        x = torch.randn(1, 8, 6, 6, requires_grad=True)
+        (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+        (gxx,) = torch.autograd.grad(gx.square().sum(), x)
+        with monkeypatch.context() as m:
+            m.setattr(chunked, "_native_aggregation", lambda *a: False)
+            (hx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+            (hxx,) = torch.autograd.grad(hx.square().sum(), x)
+        torch.testing.assert_close(gxx, hxx, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native_aggregation
+def test_native_aggregation_ops_in_compiled_graphs():
+    """The aggregation is one op forward and one backward (convnn::native_aggregate and its
+    gradient): their fake and real forms agree (opcheck), and a compiled layer calls it and
+    gives the eager outputs and gradients."""
+    from convnn.backends import chunked  # noqa: F401  (registers the ops)
+
+    gen = torch.Generator().manual_seed(9)
+    v, w = torch.randn(2, 10, 4, generator=gen), torch.randn(5, 4, 3, generator=gen)
+    idx = torch.randint(0, 10, (2, 1, 6, 3), generator=gen)
+    for bias in (None, torch.randn(5, generator=gen)):
+        torch.library.opcheck(torch.ops.convnn.native_aggregate.default, (v, idx, w, bias))
+    grad = torch.randn(2, 6, 5, generator=gen)
+    for need in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(
+            torch.ops.convnn.native_aggregate_grad.default, (grad, v, idx, w, *need)
+        )
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(node.target for node in gm.graph.nodes)
+        return gm
+
+    torch.manual_seed(0)
+    layer = convnn.ConvNN2d(4, 6, K=5)
+    x = torch.randint(-2, 3, (2, 4, 6, 6)).float().requires_grad_()
+    y = torch.compile(layer, backend=backend)(x)
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    y0 = layer(x)
+    (g0,) = torch.autograd.grad(y0.square().sum(), x)
+    op = torch.ops.convnn.native_aggregate
+    assert op in seen or op.default in seen
+    assert torch.equal(y, y0) and torch.equal(g, g0)
+
+
+@needs_native_aggregation
+def test_native_aggregation_usable_and_errors():
+    v, w = torch.randn(2, 10, 4), torch.randn(5, 4, 3)
+    idx = torch.randint(0, 10, (2, 1, 6, 3))
+    assert native.aggregate_usable(v, idx, None, w, "standard")
+    assert not native.aggregate_usable(v, idx, torch.rand(2, 1, 6, 3), w, "standard")  # rho
+    assert not native.aggregate_usable(v, idx, None, w, "depthwise")
+    assert not native.aggregate_usable(v.double(), idx, None, w.double(), "standard")
+    assert not native.aggregate_usable(v, idx.expand(2, 2, 6, 3), None, w, "standard")  # groups
+    with pytest.raises(ValueError, match="outside the values"):
+        native.aggregate(v, idx.masked_fill(idx == 3, 10), w, None)
+    with pytest.raises(ValueError, match="outside the values"):
+        native.aggregate_grad(torch.randn(2, 6, 5), v, idx.masked_fill(idx == 3, -1), w, None, True)
 
 
 def test_native_topk_status_and_switch(monkeypatch):

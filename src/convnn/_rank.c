@@ -409,19 +409,25 @@ AVX2 static inline void best_insert(Best *b, Py_ssize_t r, float s, int32_t j) {
     b->thr[r] = sv[b->K - 1];
 }
 
-/* tile[MR][NR] = a[d][MR]^T b[d][NR] over the depth D, summed in ascending d. */
-/* not inlined: its twelve accumulators need every vector register but the operands */
-AVX2 __attribute__((noinline)) static void score_tile(const float *a, const float *b, Py_ssize_t D, float *tile) {
+/* tile[MR][NR] = sum over k < K and c < C of rows[r * K + k][c] * w[k * C + c][NR], summed in
+ * ascending k and c: a block of MR rows (queries, or their neighbours' rows) against a packed
+ * panel of NR columns. */
+AVX2 __attribute__((noinline)) static void rows_tile(const float *const *rows, int K, Py_ssize_t C,
+                                                      const float *w, float *tile) {
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-    for (Py_ssize_t d = 0; d < D; d++, a += MR, b += NR) {
-        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8), x;
-        x = _mm256_broadcast_ss(a + 0), c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
-        x = _mm256_broadcast_ss(a + 1), c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
-        x = _mm256_broadcast_ss(a + 2), c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
-        x = _mm256_broadcast_ss(a + 3), c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
-        x = _mm256_broadcast_ss(a + 4), c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
-        x = _mm256_broadcast_ss(a + 5), c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
+    for (int k = 0; k < K; k++) {
+        const float *a0 = rows[k], *a1 = rows[K + k], *a2 = rows[2 * K + k];
+        const float *a3 = rows[3 * K + k], *a4 = rows[4 * K + k], *a5 = rows[5 * K + k];
+        for (Py_ssize_t c = 0; c < C; c++, w += NR) {
+            __m256 b0 = _mm256_load_ps(w), b1 = _mm256_load_ps(w + 8), x;
+            x = _mm256_broadcast_ss(a0 + c), c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
+            x = _mm256_broadcast_ss(a1 + c), c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
+            x = _mm256_broadcast_ss(a2 + c), c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
+            x = _mm256_broadcast_ss(a3 + c), c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
+            x = _mm256_broadcast_ss(a4 + c), c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
+            x = _mm256_broadcast_ss(a5 + c), c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
+        }
     }
     _mm256_store_ps(tile + 0, c00), _mm256_store_ps(tile + 8, c01);
     _mm256_store_ps(tile + 16, c10), _mm256_store_ps(tile + 24, c11);
@@ -495,19 +501,18 @@ AVX2 static int gemm_topk_images(const float *q, Py_ssize_t q_batch, Py_ssize_t 
                                  const float *k, Py_ssize_t k_batch, Py_ssize_t k_row,
                                  Py_ssize_t B, Py_ssize_t n, Py_ssize_t M, Py_ssize_t D, int K,
                                  int symmetric, const int64_t *ex, int bf16, int64_t *out) {
-    /* rows per superblock: its packed queries stay in the L2 cache (48 KiB at D = 64) */
+    /* rows per superblock: its queries stay in the L2 cache (48 KiB at D = 64) */
     Py_ssize_t sb = (49152 / 4 / D) / MR * MR;
     sb = sb < MR ? MR : sb > 192 ? 192 : sb;
     Py_ssize_t panels = (M + NR - 1) / NR;
-    void *bases[5];
+    void *bases[4];
     float *P = aligned_block((size_t)panels * D * NR * sizeof(float), &bases[0]);
-    float *A = aligned_block((size_t)sb * D * sizeof(float), &bases[1]);
     Best b;
     b.K = K;
-    b.score = aligned_block((size_t)n * SLOTS * sizeof(float), &bases[2]);
-    b.at = aligned_block((size_t)n * SLOTS * sizeof(int32_t), &bases[3]);
-    b.thr = aligned_block(((size_t)n + NR) * sizeof(float), &bases[4]);
-    int ok = P && A && b.score && b.at && b.thr;
+    b.score = aligned_block((size_t)n * SLOTS * sizeof(float), &bases[1]);
+    b.at = aligned_block((size_t)n * SLOTS * sizeof(int32_t), &bases[2]);
+    b.thr = aligned_block(((size_t)n + NR) * sizeof(float), &bases[3]);
+    int ok = P && b.score && b.at && b.thr;
     for (Py_ssize_t img = 0; ok && img < B; img++, q += q_batch, k += k_batch, out += n * K) {
         /* keys packed in panels of NR, depth-major: P[panel][d][NR], zero past M (shared
          * keys are packed once) */
@@ -523,14 +528,6 @@ AVX2 static int gemm_topk_images(const float *q, Py_ssize_t q_batch, Py_ssize_t 
         float tile[MR * NR] __attribute__((aligned(32)));
         for (Py_ssize_t s0 = 0; s0 < n; s0 += sb) {
             Py_ssize_t s1 = s0 + sb < n ? s0 + sb : n, blocks = (s1 - s0 + MR - 1) / MR;
-            /* the superblock's queries packed in blocks of MR, A[block][d][MR] (a short last
-             * block repeats its first row: its extra scores are never offered) */
-            for (Py_ssize_t bk = 0; bk < blocks; bk++)
-                for (Py_ssize_t d = 0; d < D; d++)
-                    for (int r = 0; r < MR; r++) {
-                        Py_ssize_t i = s0 + bk * MR + r < s1 ? s0 + bk * MR + r : s0 + bk * MR;
-                        A[(bk * D + d) * MR + r] = q[i * q_row + d];
-                    }
             /* Row i's candidates come in ascending position: in earlier superblocks (as a
              * column, ascending), then at its own panel from this superblock's earlier rows
              * and its own tile's (as a column, first), then as a row, panel by panel. */
@@ -541,7 +538,9 @@ AVX2 static int gemm_topk_images(const float *q, Py_ssize_t q_batch, Py_ssize_t 
                     Py_ssize_t i0 = s0 + bk * MR;
                     if (symmetric && j0 + cols <= i0) continue; /* below the diagonal */
                     int rows = s1 - i0 < MR ? (int)(s1 - i0) : MR;
-                    score_tile(A + bk * D * MR, P + p * D * NR, D, tile);
+                    const float *a[MR]; /* a short block repeats its first row */
+                    for (int r = 0; r < MR; r++) a[r] = q + (i0 + (r < rows ? r : 0)) * q_row;
+                    rows_tile(a, 1, D, P + p * D * NR, tile);
                     offer_tile(&b, tile, i0, rows, j0, cols, symmetric, ex, bf16);
                 }
             }
@@ -549,8 +548,178 @@ AVX2 static int gemm_topk_images(const float *q, Py_ssize_t q_batch, Py_ssize_t 
         for (Py_ssize_t i = 0; i < n; i++)
             for (int t = 0; t < K; t++) out[i * K + t] = b.at[i * SLOTS + t];
     }
-    for (int t = 0; t < 5; t++) free(bases[t]);
+    for (int t = 0; t < 4; t++) free(bases[t]);
     return ok;
+}
+
+/* ---- Aggregation: out = sum_k W_k v[idx[n, k]] (+ bias) with the neighbours read in place.
+ *
+ * The standard kernel's three products, forward, input gradient and weight gradient, run
+ * with the gathered (n, K*C) matrix never formed: a tile's rows point into the values
+ * (forward, weight gradient) or its output rows are added into them (input gradient). */
+
+/* Forward: values (B, M, C), idx (B, N, K), weight (O, C, K), bias (O) or NULL, all
+ * contiguous -> out (B, O, N) (the layout of a (B, O, H, W) map). The weight is packed in
+ * panels of NR outputs, P[panel][k][c][NR]. Returns 0 when out of memory. */
+AVX2 static int aggregate_images(const float *values, const int64_t *idx, const float *weight,
+                                 const float *bias, float *out, Py_ssize_t B, Py_ssize_t M,
+                                 Py_ssize_t N, Py_ssize_t C, int K, Py_ssize_t O) {
+    Py_ssize_t panels = (O + NR - 1) / NR, depth = K * C;
+    void *base;
+    float *P = aligned_block((size_t)panels * depth * NR * sizeof(float), &base);
+    const float **rows = malloc((size_t)MR * K * sizeof(float *));
+    if (!P || !rows) return free(base), free(rows), 0;
+    for (Py_ssize_t p = 0; p < panels; p++)
+        for (Py_ssize_t kc = 0; kc < depth; kc++)
+            for (int j = 0; j < NR; j++) {
+                Py_ssize_t o = p * NR + j;
+                P[(p * depth + kc) * NR + j] = o < O ? weight[(o * C + kc % C) * K + kc / C] : 0.0f;
+            }
+    float tile[MR * NR] __attribute__((aligned(32)));
+    for (Py_ssize_t b = 0; b < B; b++)
+        for (Py_ssize_t n0 = 0; n0 < N; n0 += MR) {
+            int nr = N - n0 < MR ? (int)(N - n0) : MR;
+            for (int r = 0; r < MR; r++) /* a short block repeats its first row */
+                for (int k = 0; k < K; k++)
+                    rows[r * K + k] = values + (b * M + idx[(b * N + n0 + (r < nr ? r : 0)) * K + k]) * C;
+            for (Py_ssize_t p = 0; p < panels; p++) {
+                rows_tile(rows, K, C, P + p * depth * NR, tile);
+                int cols = O - p * NR < NR ? (int)(O - p * NR) : NR;
+                for (int j = 0; j < cols; j++) {
+                    float *o = out + (b * O + p * NR + j) * N + n0, add = bias ? bias[p * NR + j] : 0.0f;
+                    for (int r = 0; r < nr; r++) o[r] = tile[r * NR + j] + add;
+                }
+            }
+        }
+    free(base), free(rows);
+    return 1;
+}
+
+/* Input gradient: g_values (B, M, C) += each neighbour's share, W_k^T gy[n], added into its
+ * row. gy[b, n, o] lies at gy + b * gb + n * gn + o * go. The weight is packed in panels of NR
+ * channels of one k, P[k][cb][o][NR], so a tile's row is added into one neighbour's row.
+ * Returns 0 when out of memory. */
+AVX2 static int aggregate_grad_values(const float *gy, Py_ssize_t gb, Py_ssize_t gn, Py_ssize_t go,
+                                      const int64_t *idx, const float *weight, float *g_values,
+                                      Py_ssize_t B, Py_ssize_t M, Py_ssize_t N, Py_ssize_t C, int K,
+                                      Py_ssize_t O) {
+    Py_ssize_t cbs = (C + NR - 1) / NR;
+    void *base;
+    float *P = aligned_block((size_t)K * cbs * O * NR * sizeof(float), &base);
+    float *rows = malloc((size_t)MR * O * sizeof(float)); /* a block's gradient rows */
+    if (!P || !rows) return free(base), free(rows), 0;
+    for (int k = 0; k < K; k++)
+        for (Py_ssize_t cb = 0; cb < cbs; cb++)
+            for (Py_ssize_t o = 0; o < O; o++)
+                for (int j = 0; j < NR; j++) {
+                    Py_ssize_t c = cb * NR + j;
+                    P[((k * cbs + cb) * O + o) * NR + j] = c < C ? weight[(o * C + c) * K + k] : 0.0f;
+                }
+    float tile[MR * NR] __attribute__((aligned(32)));
+    const float *a[MR];
+    for (int r = 0; r < MR; r++) a[r] = rows + r * O;
+    for (Py_ssize_t b = 0; b < B; b++) {
+        float *g = g_values + b * M * C;
+        for (Py_ssize_t n0 = 0; n0 < N; n0 += MR) {
+            int nr = N - n0 < MR ? (int)(N - n0) : MR;
+            for (int r = 0; r < MR; r++) /* a short block repeats its first row */
+                for (Py_ssize_t o = 0; o < O; o++)
+                    rows[r * O + o] = gy[b * gb + (n0 + (r < nr ? r : 0)) * gn + o * go];
+            const int64_t *ix = idx + (b * N + n0) * K;
+            for (int k = 0; k < K; k++)
+                for (Py_ssize_t cb = 0; cb < cbs; cb++) {
+                    rows_tile(a, 1, O, P + (k * cbs + cb) * O * NR, tile);
+                    Py_ssize_t c0 = cb * NR, cols = C - c0 < NR ? C - c0 : NR;
+                    for (int r = 0; r < nr; r++) {
+                        float *dst = g + ix[r * K + k] * C + c0;
+                        const float *src = tile + r * NR;
+                        if (cols == NR) {
+                            _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), _mm256_load_ps(src)));
+                            _mm256_storeu_ps(dst + 8, _mm256_add_ps(_mm256_loadu_ps(dst + 8), _mm256_load_ps(src + 8)));
+                        } else
+                            for (Py_ssize_t j = 0; j < cols; j++) dst[j] += src[j];
+                    }
+                }
+        }
+    }
+    free(base), free(rows);
+    return 1;
+}
+
+/* Weight gradient: g_weight (O, C, K) = sum over n of gy[n, o] v[idx[n, k], c] (overwritten;
+ * gy strided as for aggregate_grad_values). Tiles of MR channels of one k by NR outputs run
+ * over blocks of NB rows: the block's gradient rows packed (G[panel][n][NR]) and its
+ * neighbours' row pointers, and every tile carried from block to block in acc. Returns 0
+ * when out of memory. */
+#define NB 256
+AVX2 static int aggregate_grad_weight(const float *gy, Py_ssize_t gb, Py_ssize_t gn, Py_ssize_t go,
+                                      const int64_t *idx, const float *values, float *g_weight,
+                                      Py_ssize_t B, Py_ssize_t M, Py_ssize_t N, Py_ssize_t C, int K,
+                                      Py_ssize_t O) {
+    Py_ssize_t panels = (O + NR - 1) / NR, cbs = (C + MR - 1) / MR, total = B * N;
+    size_t tiles = (size_t)K * cbs * panels;
+    void *bases[2];
+    float *acc = aligned_block(tiles * MR * NR * sizeof(float), &bases[0]);
+    float *G = aligned_block((size_t)panels * NB * NR * sizeof(float), &bases[1]);
+    const float **rp = malloc((size_t)NB * K * sizeof(float *));
+    if (!acc || !G || !rp) return free(bases[0]), free(bases[1]), free(rp), 0;
+    memset(acc, 0, tiles * MR * NR * sizeof(float));
+    for (Py_ssize_t n0 = 0; n0 < total; n0 += NB) {
+        Py_ssize_t nb = total - n0 < NB ? total - n0 : NB;
+        for (Py_ssize_t p = 0; p < panels; p++)
+            for (Py_ssize_t n = 0; n < nb; n++)
+                for (int j = 0; j < NR; j++) {
+                    Py_ssize_t o = p * NR + j;
+                    Py_ssize_t bn = n0 + n;
+                    G[(p * NB + n) * NR + j] = o < O ? gy[bn / N * gb + bn % N * gn + o * go] : 0.0f;
+                }
+        for (Py_ssize_t n = 0; n < nb; n++)
+            for (int k = 0; k < K; k++)
+                rp[k * NB + n] = values + ((n0 + n) / N * M + idx[(n0 + n) * K + k]) * C;
+        for (int k = 0; k < K; k++)
+            for (Py_ssize_t cb = 0; cb < cbs; cb++) {
+                /* a short last block of channels reads its first channel again */
+                Py_ssize_t c0 = cb * MR, cr = C - c0 < MR ? C - c0 : MR;
+                Py_ssize_t o1 = cr > 1, o2 = cr > 2 ? 2 : 0, o3 = cr > 3 ? 3 : 0;
+                Py_ssize_t o4 = cr > 4 ? 4 : 0, o5 = cr > 5 ? 5 : 0;
+                for (Py_ssize_t p = 0; p < panels; p++) {
+                    float *t = acc + (((size_t)k * cbs + cb) * panels + p) * MR * NR;
+                    __m256 c00 = _mm256_load_ps(t), c01 = _mm256_load_ps(t + 8);
+                    __m256 c10 = _mm256_load_ps(t + 16), c11 = _mm256_load_ps(t + 24);
+                    __m256 c20 = _mm256_load_ps(t + 32), c21 = _mm256_load_ps(t + 40);
+                    __m256 c30 = _mm256_load_ps(t + 48), c31 = _mm256_load_ps(t + 56);
+                    __m256 c40 = _mm256_load_ps(t + 64), c41 = _mm256_load_ps(t + 72);
+                    __m256 c50 = _mm256_load_ps(t + 80), c51 = _mm256_load_ps(t + 88);
+                    const float *g = G + p * NB * NR, *const *rows = rp + k * NB;
+                    for (Py_ssize_t n = 0; n < nb; n++, g += NR) {
+                        const float *a = rows[n] + c0;
+                        __m256 b0 = _mm256_load_ps(g), b1 = _mm256_load_ps(g + 8), x;
+                        x = _mm256_broadcast_ss(a), c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
+                        x = _mm256_broadcast_ss(a + o1), c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
+                        x = _mm256_broadcast_ss(a + o2), c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
+                        x = _mm256_broadcast_ss(a + o3), c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
+                        x = _mm256_broadcast_ss(a + o4), c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
+                        x = _mm256_broadcast_ss(a + o5), c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
+                    }
+                    _mm256_store_ps(t, c00), _mm256_store_ps(t + 8, c01);
+                    _mm256_store_ps(t + 16, c10), _mm256_store_ps(t + 24, c11);
+                    _mm256_store_ps(t + 32, c20), _mm256_store_ps(t + 40, c21);
+                    _mm256_store_ps(t + 48, c30), _mm256_store_ps(t + 56, c31);
+                    _mm256_store_ps(t + 64, c40), _mm256_store_ps(t + 72, c41);
+                    _mm256_store_ps(t + 80, c50), _mm256_store_ps(t + 88, c51);
+                }
+            }
+    }
+    for (int k = 0; k < K; k++)
+        for (Py_ssize_t cb = 0; cb < cbs; cb++)
+            for (Py_ssize_t p = 0; p < panels; p++) {
+                const float *t = acc + (((size_t)k * cbs + cb) * panels + p) * MR * NR;
+                for (Py_ssize_t r = 0; r < MR && cb * MR + r < C; r++)
+                    for (Py_ssize_t j = 0; j < NR && p * NR + j < O; j++)
+                        g_weight[((p * NR + j) * C + cb * MR + r) * K + k] = t[r * NR + j];
+            }
+    free(bases[0]), free(bases[1]), free(rp);
+    return 1;
 }
 
 static int gemm_topk_cpu(void) {
@@ -696,6 +865,85 @@ static PyObject *gemm_topk(PyObject *self, PyObject *const *args, Py_ssize_t nar
 #endif
 }
 
+PyDoc_STRVAR(aggregate_doc,
+             "aggregate(values, idx, weight, bias, out, B, M, N, C, K, O)\n\n"
+             "out[b, :, n] = sum over k of weight[:, :, k] values[b, idx[b, n, k]] + bias,\n"
+             "the neighbours read in place: float32 values (B, M, C), weight (O, C, K), bias\n"
+             "(O) or 0, int64 idx (B, N, K) in [0, M), out (B, O, N), all contiguous. Only\n"
+             "where gemm_topk_cpu() is true.");
+
+PyDoc_STRVAR(aggregate_grad_doc,
+             "aggregate_grad(grad_out, g_batch, g_row, g_col, values, idx, weight, g_values,\n"
+             "               g_weight, B, M, N, C, K, O)\n\n"
+             "The gradients of aggregate: g_values (B, M, C) += the neighbours' shares (0 to\n"
+             "skip), g_weight (O, C, K) = their products with grad_out (B, N, O) (0 to skip;\n"
+             "grad_out's strides in elements).");
+
+/* The arguments of the aggregation entry points: 0 with an exception set when wrong. */
+static int aggregate_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want,
+                          const char *name, int idx_arg, Py_ssize_t *v) {
+    if (!integers(args, nargs, want, name, v)) return 0;
+#ifdef HAVE_GEMM_TOPK
+    if (!gemm_topk_cpu()) {
+        PyErr_Format(PyExc_RuntimeError, "%s: this CPU lacks AVX2 and FMA", name);
+        return 0;
+    }
+    Py_ssize_t *shape = v + want - 6; /* B, M, N, C, K, O */
+    for (int t = 0; t < 6; t++)
+        if (shape[t] < (t == 0 || t == 2 ? 0 : 1) || shape[t] > INT32_MAX) {
+            PyErr_Format(PyExc_ValueError, "%s: need B, N >= 0 and M, C, K, O >= 1", name);
+            return 0;
+        }
+    /* every neighbour must lie among the M values: the kernels read them unchecked */
+    const int64_t *idx = (const int64_t *)v[idx_arg];
+    for (Py_ssize_t t = 0, n = shape[0] * shape[2] * shape[4]; t < n; t++)
+        if (idx[t] < 0 || idx[t] >= shape[1]) {
+            PyErr_Format(PyExc_ValueError, "%s: a neighbour index lies outside the values", name);
+            return 0;
+        }
+    return 1;
+#else
+    PyErr_Format(PyExc_RuntimeError, "%s: built without it (x86-64 only)", name);
+    return 0;
+#endif
+}
+
+static PyObject *aggregate(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    Py_ssize_t v[11];
+    if (!aggregate_args(args, nargs, 11, "aggregate", 1, v)) return NULL;
+#ifdef HAVE_GEMM_TOPK
+    int ok;
+    Py_BEGIN_ALLOW_THREADS;
+    ok = aggregate_images((const float *)v[0], (const int64_t *)v[1], (const float *)v[2],
+                          (const float *)v[3], (float *)v[4], v[5], v[6], v[7], v[8], (int)v[9],
+                          v[10]);
+    Py_END_ALLOW_THREADS;
+    if (!ok) return PyErr_NoMemory();
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyObject *aggregate_grad(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    Py_ssize_t v[15];
+    if (!aggregate_args(args, nargs, 15, "aggregate_grad", 5, v)) return NULL;
+#ifdef HAVE_GEMM_TOPK
+    int ok = 1;
+    const float *gy = (const float *)v[0];
+    Py_BEGIN_ALLOW_THREADS;
+    if (v[7])
+        ok = aggregate_grad_values(gy, v[1], v[2], v[3], (const int64_t *)v[5], (const float *)v[6],
+                                   (float *)v[7], v[9], v[10], v[11], v[12], (int)v[13], v[14]);
+    if (ok && v[8])
+        ok = aggregate_grad_weight(gy, v[1], v[2], v[3], (const int64_t *)v[5], (const float *)v[4],
+                                   (float *)v[8], v[9], v[10], v[11], v[12], (int)v[13], v[14]);
+    Py_END_ALLOW_THREADS;
+    if (!ok) return PyErr_NoMemory();
+#endif
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(gemm_topk_cpu_doc, "gemm_topk_cpu()\n\nWhether gemm_topk runs on this CPU.");
 
 static PyObject *gemm_topk_here(PyObject *self, PyObject *unused) {
@@ -712,6 +960,9 @@ static PyMethodDef methods[] = {
     {"window", (PyCFunction)(void (*)(void))window, METH_FASTCALL, window_doc},
     {"gemm_topk", (PyCFunction)(void (*)(void))gemm_topk, METH_FASTCALL, gemm_topk_doc},
     {"gemm_topk_cpu", gemm_topk_here, METH_NOARGS, gemm_topk_cpu_doc},
+    {"aggregate", (PyCFunction)(void (*)(void))aggregate, METH_FASTCALL, aggregate_doc},
+    {"aggregate_grad", (PyCFunction)(void (*)(void))aggregate_grad, METH_FASTCALL,
+     aggregate_grad_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,5 +1,7 @@
-"""Native CPU kernels (``_rank.c``): the top-K of :func:`convnn.backends._common.topk_low_ties`
-and the scores of queries against their own candidates (``GemmScores.window``).
+"""Native CPU kernels (``_rank.c``): the top-K of :func:`convnn.backends._common.topk_low_ties`,
+the scores of queries against their own candidates (``GemmScores.window``), scores and top-K
+in one pass (:func:`gemm_topk`), and the standard kernel's aggregation with the neighbours
+read in place (:func:`aggregate`).
 
 ``_rank.c`` (plain C and the CPython API, built with the package when a C compiler is at
 hand) ranks each row by rounds of a vectorised maximum (over eight narrow rows at once, a
@@ -20,6 +22,12 @@ the scores are never written out; self-similarity computes only the tiles on and
 diagonal and offers each score to both its rows. Its scores are sums in one fixed order with
 fused multiply-adds, the same on every CPU that runs it (x86-64 with AVX2 and FMA; a CPU
 with AVX-512 runs it for self-similarity only, where it does half the GEMM's work).
+
+The standard kernel's aggregation, out[n] = sum_k W_k v[idx[n, k]] + bias, and its two
+gradients run on the same 6 x 16 register tiles with the neighbours read in place: the
+gathered (N, K*C) matrix of the torch path is never formed, in the forward pass or the
+backward. Float32, one group of neighbours, no weighting, on the CPUs that run the one-pass
+top-K for all scores (AVX2 and FMA, no AVX-512: its GEMMs run twice as wide).
 
 Compiled graphs, float64 and other devices take the torch paths. ``CONVNN_NATIVE=0`` turns
 the kernels off (to compare the two paths); :func:`status` says whether they run and why not.
@@ -50,9 +58,9 @@ def status() -> str:
     if not _enabled():
         return "native kernels: off, CONVNN_NATIVE=0; torch ops rank and score"
     fused = {
-        "all": "all float32 GEMM scores",
-        "symmetric": "float32 self-similarity only (AVX-512 CPU)",
-        None: "off, this CPU lacks AVX2 and FMA",
+        "all": "all float32 GEMM scores; float32 aggregation with the neighbours in place",
+        "symmetric": "float32 self-similarity only (AVX-512 CPU); torch aggregation",
+        None: "off, this CPU lacks AVX2 and FMA; torch aggregation",
     }[_gemm_topk_cpu()]
     return (
         "native kernels: on (eager CPU top-K of float32, bfloat16 and float16 scores; "
@@ -141,6 +149,83 @@ def gemm_topk(
         out.data_ptr(),
     )  # fmt: skip
     return out
+
+
+def aggregate_usable(
+    values: Tensor, indices: Tensor, rho: Tensor | None, weight: Tensor | None, kernel: str
+) -> bool:
+    """Whether :func:`aggregate` and :func:`aggregate_grad` serve the standard kernel's
+    aggregation of ``values`` (B, M, C) at ``indices`` (B, 1, N, K): float32 CPU tensors, one
+    group of neighbours, no weighting, on a CPU that runs the kernels (the caller wraps them
+    in an op for compiled graphs and torch modes)."""
+    return (
+        kernel == "standard"
+        and rho is None
+        and weight is not None
+        and _enabled()
+        and _gemm_topk_cpu() == "all"
+        and values.dtype == weight.dtype == torch.float32
+        and values.device.type == weight.device.type == indices.device.type == "cpu"
+        and values.dim() == 3
+        and indices.dim() == 4
+        and indices.shape[1] == 1
+        and indices.shape[0] == values.shape[0]
+        and weight.shape[1:] == (values.shape[2], indices.shape[3])
+        and min(values.shape[1:]) > 0
+    )
+
+
+def aggregate_output(B: int, N: int, C_out: int, like: Tensor | None = None) -> Tensor:
+    """An empty (B, N, C_out) float32 output of :func:`aggregate`, laid out as (B, C_out, N):
+    the layout of a (B, C_out, H, W) map (``like``: a tensor whose device it takes)."""
+    make = torch.empty_strided if like is None else like.new_empty_strided
+    return make((B, N, C_out), (C_out * N, 1, N), dtype=torch.float32)
+
+
+def aggregate(
+    values: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None = None
+) -> Tensor:
+    """out (B, N, C_out) = sum over k of ``weight[:, :, k] @ values[b, indices[b, 0, n, k]]``
+    (+ ``bias``), the neighbours read in place (the gathered (N, K*C) matrix is never formed),
+    summed in one fixed order with fused multiply-adds, into ``out`` (:func:`aggregate_output`,
+    made when None). Only where :func:`aggregate_usable`."""
+    B, M, C = values.shape
+    N, K, C_out = indices.shape[2], indices.shape[3], weight.shape[0]
+    values, weight = values.contiguous(), weight.contiguous()
+    idx = indices.to(torch.int64).contiguous()
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    out = aggregate_output(B, N, C_out) if out is None else out
+    if out.shape != (B, N, C_out) or out.stride() != (C_out * N, 1, N):
+        raise ValueError(
+            f"aggregate: out must be a ({B}, {N}, {C_out}) tensor laid out as "
+            f"({B}, {C_out}, {N}) (see aggregate_output), got {tuple(out.shape)} with strides "
+            f"{out.stride()}"
+        )
+    _rank.aggregate(
+        values.data_ptr(), idx.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+        out.data_ptr(), B, M, N, C, K, C_out,
+    )  # fmt: skip
+    return out
+
+
+def aggregate_grad(
+    grad_out: Tensor, values: Tensor, indices: Tensor, weight: Tensor, g_values: Tensor | None,
+    need_weight: bool,
+) -> Tensor | None:  # fmt: skip
+    """The gradients of :func:`aggregate` for ``grad_out`` (B, N, C_out), any strides: each
+    neighbour's share of it added into its row of ``g_values`` (B, M, C) (contiguous; None to
+    skip), and the weight's (C_out, C, K) returned when ``need_weight``."""
+    B, M, C = values.shape
+    N, K, C_out = indices.shape[2], indices.shape[3], weight.shape[0]
+    values, weight = values.contiguous(), weight.contiguous()
+    idx = indices.to(torch.int64).contiguous()
+    g_weight = torch.empty(C_out, C, K) if need_weight else None
+    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    _rank.aggregate_grad(
+        grad_out.data_ptr(), *grad_out.stride(), values.data_ptr(), idx.data_ptr(),
+        weight.data_ptr(), ptr(g_values), ptr(g_weight), B, M, N, C, K, C_out,
+    )  # fmt: skip
+    return g_weight
 
 
 def _batch(*sizes: int) -> int:

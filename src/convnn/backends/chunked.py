@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
+from .. import native
 from ..metrics import GemmScores
 from ._common import (
     BlockScores,
@@ -272,6 +273,12 @@ def _(values):
     return torch.empty_like(values, memory_format=torch.contiguous_format)
 
 
+# a copy's gradient is the gradient itself (the native aggregation differentiates through it)
+_contiguous_copy.register_autograd(
+    lambda ctx, grad: grad, setup_context=lambda ctx, inputs, output: None
+)
+
+
 def _rows(values: Tensor) -> Tensor:
     """``values`` (B, M, C) with contiguous rows: each block gathers rows of a flat view."""
     if torch.compiler.is_compiling() and not values.is_contiguous():
@@ -350,6 +357,110 @@ class _Aggregate(torch.autograd.Function):
         )
 
 
+@torch.library.custom_op(
+    "convnn::native_aggregate",
+    mutates_args=(),
+    schema="(Tensor values, Tensor indices, Tensor weight, Tensor? bias) -> Tensor",
+)
+def _native_aggregate(values, indices, weight, bias):
+    """The standard kernel's aggregation by the native kernels (:func:`convnn.native.aggregate`),
+    the neighbours read in place, images split over the worker threads: one op, eager and in
+    compiled graphs. The output (B, N, C_out) is laid out as (B, C_out, N), so the layer's
+    (B, C_out, H, W) map is a view; the backward reads the gradient in that layout."""
+    out = native.aggregate_output(values.shape[0], indices.shape[2], weight.shape[0])
+    _by_images(
+        values.shape[0], lambda s: native.aggregate(values[s], indices[s], weight, bias, out[s])
+    )
+    return out
+
+
+@_native_aggregate.register_fake
+def _(values, indices, weight, bias):
+    return native.aggregate_output(values.shape[0], indices.shape[2], weight.shape[0], values)
+
+
+@torch.library.custom_op(
+    "convnn::native_aggregate_grad",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor values, Tensor indices, Tensor weight, bool need_values, "
+    "bool need_weight) -> (Tensor, Tensor)",
+)
+def _native_aggregate_grad(grad, values, indices, weight, need_values, need_weight):
+    """The values' and the weight's gradients of :func:`_native_aggregate` (empty where not
+    needed): each image's into its rows of the values' gradient, the weight's summed over the
+    threads' runs of images."""
+    g_values = torch.zeros_like(values) if need_values else values.new_empty(0)
+    parts = _by_images(
+        values.shape[0],
+        lambda s: native.aggregate_grad(
+            grad[s],
+            values[s],
+            indices[s],
+            weight,
+            g_values[s] if need_values else None,
+            need_weight,
+        ),
+    )
+    return g_values, sum(parts) if need_weight else weight.new_empty(0)
+
+
+@_native_aggregate_grad.register_fake
+def _(grad, values, indices, weight, need_values, need_weight):
+    g_values = torch.empty_like(values) if need_values else values.new_empty(0)
+    return g_values, torch.empty_like(weight) if need_weight else weight.new_empty(0)
+
+
+def _native_aggregate_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _native_aggregate_backward(ctx, grad):
+    values, indices, weight, bias = ctx.saved_tensors
+    need_v, _, need_w, need_b = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # a backward that builds a graph (double backward)
+        y = _Aggregate.apply(values, indices, None, weight, bias, "standard")
+        wrt = [t for t, need in zip((values, weight, bias), (need_v, need_w, need_b)) if need]
+        grads = iter(torch.autograd.grad(y, wrt, grad, create_graph=True))
+        return tuple(next(grads) if need else None for need in (need_v, False, need_w, need_b))
+    g_values, g_weight = torch.ops.convnn.native_aggregate_grad(
+        grad, values, indices, weight, need_v, need_w
+    )
+    return (
+        g_values if need_v else None,
+        None,
+        g_weight if need_w else None,
+        grad.sum((0, 1)) if need_b else None,
+    )
+
+
+_native_aggregate.register_autograd(
+    _native_aggregate_backward, setup_context=_native_aggregate_setup
+)
+
+
+def _by_images(B: int, run) -> list:
+    """``run(images)`` over runs of images, one to a worker thread where torch has several
+    threads (see :func:`_native_aggregation`); the results in order."""
+    threads = torch.get_num_threads()
+    if threads == 1 or B < 2:
+        return [run(slice(None))]
+    step = -(-B // threads)
+    with _block_pool(threads) as pool:
+        return list(pool.map(run, [slice(b, b + step) for b in range(0, B, step)]))
+
+
+def _native_aggregation(values, indices, rho, weight, bias, kernel) -> bool:
+    """Whether the native kernels aggregate: :func:`convnn.native.aggregate_usable`, a float32
+    bias, and one thread or at least as many images as threads (the input gradient adds
+    into shared rows, so the threads split images, never one image)."""
+    threads = 1 if torch.compiler.is_compiling() else torch.get_num_threads()
+    return (
+        native.aggregate_usable(values, indices, rho, weight, kernel)
+        and (bias is None or bias.dtype == torch.float32)
+        and (threads == 1 or values.shape[0] >= threads)
+    )
+
+
 def aggregate(
     values: Tensor,
     indices: Tensor,
@@ -359,4 +470,6 @@ def aggregate(
     kernel: str,
 ) -> Tensor:
     """Same contract as :func:`convnn.backends.reference.aggregate`, in O(N*K) memory."""
+    if _native_aggregation(values, indices, rho, weight, bias, kernel):
+        return torch.ops.convnn.native_aggregate(_rows(values), indices, weight, bias)
     return _Aggregate.apply(values, indices, rho, weight, bias, kernel)
