@@ -435,10 +435,11 @@ def test_native_aggregation_serves_layers_in_threads(monkeypatch):
 
 
 @needs_native_aggregation
-def test_native_aggregation_ops_in_compiled_graphs():
+def test_native_aggregation_ops_in_compiled_graphs(monkeypatch):
     """The aggregation is one op forward and one backward (convnn::native_aggregate and its
     gradient): their fake and real forms agree (opcheck), and a compiled layer calls it and
-    gives the eager outputs and gradients."""
+    gives the eager outputs and gradients; its self-similarity selection stays symmetric
+    (a compiled graph hands the one operand over as two equal tensors)."""
     from convnn.backends import chunked  # noqa: F401  (registers the ops)
 
     gen = torch.Generator().manual_seed(9)
@@ -457,9 +458,14 @@ def test_native_aggregation_ops_in_compiled_graphs():
         seen.extend(node.target for node in gm.graph.nodes)
         return gm
 
+    symmetric = []
+    gemm_topk = native.gemm_topk
+    monkeypatch.setattr(native, "gemm_topk", lambda *a: symmetric.append(a[3]) or gemm_topk(*a))
     torch.manual_seed(0)
     layer = convnn.ConvNN2d(4, 6, K=5)
     x = torch.randint(-2, 3, (2, 4, 6, 6)).float().requires_grad_()
+    y = torch.compile(layer, backend="inductor")(x)
+    assert symmetric and all(symmetric)
     y = torch.compile(layer, backend=backend)(x)
     (g,) = torch.autograd.grad(y.square().sum(), x)
     y0 = layer(x)

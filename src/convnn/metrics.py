@@ -440,7 +440,10 @@ class GemmScores(BlockScores):
     """score = q' . k' (a metric's GEMM operands): query (Bq, N, D), key (Bk, M, D)."""
 
     def __init__(self, query: Tensor, key: Tensor) -> None:
-        key = key.contiguous()  # once: per-query windows gather its rows (gather_rows)
+        # once: per-query windows gather the key's rows (gather_rows); keys that are the
+        # queries stay one tensor (self-similarity: the symmetric one-pass kernel)
+        same, key = key is query, key.contiguous()
+        query = key if same else query
         self.query, self.key = query, key
         self.operands = (query, key)
         self.batch = max(query.shape[0], key.shape[0])

@@ -98,7 +98,8 @@ def select_scores(
     """Same contract as :func:`convnn.backends.reference.select_scores`, in O(N*K) memory:
     key blocks stream through a running top-K."""
     if torch.compiler.is_compiling() and type(scores) is GemmScores:
-        q, k = scores.query.detach(), scores.key.detach()
+        q = scores.query.detach()
+        k = q if scores.key is scores.query else scores.key.detach()
         return torch.ops.convnn.chunked_select_gemm(q, k, K, exclude, window)
     with torch.no_grad():
         if window is not None:
@@ -221,7 +222,11 @@ def _select_gemm(query, key, K, exclude, window):
     """:func:`select_scores` of GEMM scores as one opaque op of a compiled graph, so it runs
     as eager code: its data-dependent shortcuts (no rankable pass when the scores are finite,
     only the tied rows repaired) stay, where a traced graph would rank every score's
-    tie-free key."""
+    tie-free key. A compiled graph can hand self-similarity's one operand over as two equal
+    copies: equal keys are taken as the queries, so the one-pass kernel stays symmetric (the
+    scores are the same either way)."""
+    if key.shape == query.shape and key.dtype == query.dtype and torch.equal(key, query):
+        key = query
     return select_scores(GemmScores(query, key), K, exclude=exclude, window=window)
 
 
