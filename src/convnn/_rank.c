@@ -359,6 +359,7 @@ CLONES static int window_rows(const float *q, const float *k, const int64_t *can
  * offer it and the chunked backend takes the GEMM and top-K path. */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define HAVE_GEMM_TOPK 1
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <string.h>
@@ -373,8 +374,24 @@ typedef struct {
     float *score;  /* (rows, SLOTS): each row's best scores, descending, -inf where empty */
     int32_t *at;   /* (rows, SLOTS): their positions */
     float *thr;    /* (rows + NR): score[row][K - 1], what a new score must beat */
-    int K;
+    float *gate;   /* (rows + NR): the least raw score that may beat it (see gate_of) */
+    int K, bf16;
 } Best;
+
+/* The least raw score that may beat threshold t: the next float up, or, for scores ranked
+ * as their bfloat16 rounding, the midpoint between t (a bfloat16 value) and the next
+ * bfloat16 up, where rounding up starts (at the midpoint itself it may round down: the exact
+ * test follows). The vector test is then score >= gate. */
+static inline float gate_of(float t, int bf16) {
+    if (t == -INFINITY) return -FLT_MAX;
+    if (!bf16) return nextafterf(t, INFINITY);
+    uint32_t bits;
+    memcpy(&bits, &t, 4);
+    bits = bits == 0x80000000u ? 0u : bits; /* -0.0 as +0.0 */
+    bits = bits >> 31 ? bits - 0x8000u : bits + 0x8000u;
+    memcpy(&t, &bits, 4);
+    return t;
+}
 
 /* Put score s at position j into row r's sorted slots (s beats the row's threshold): after
  * every score >= s, so an earlier equal score stays first. Branch-free. */
@@ -407,6 +424,7 @@ AVX2 static inline void best_insert(Best *b, Py_ssize_t r, float s, int32_t j) {
     _mm256_store_ps(sv, v0), _mm256_store_ps(sv + 8, v1);
     _mm256_store_si256((__m256i *)iv, i0), _mm256_store_si256((__m256i *)(iv + 8), i1);
     b->thr[r] = sv[b->K - 1];
+    b->gate[r] = gate_of(b->thr[r], b->bf16);
 }
 
 /* tile[MR][NR] = sum over k < K and c < C of rows[r * K + k][c] * w[k * C + c][NR], summed in
@@ -446,9 +464,10 @@ static inline float as_bf16(float s) {
     return s;
 }
 
-AVX2 static inline unsigned beats(const float *row, __m256 t0, __m256 t1) {
-    return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(row), t0, _CMP_GT_OQ)) |
-           (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(row + 8), t1, _CMP_GT_OQ))
+/* The scores of a tile row that reach their gates (g0 for the first eight, g1 the rest). */
+AVX2 static inline unsigned beats(const float *row, __m256 g0, __m256 g1) {
+    return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(row), g0, _CMP_GE_OQ)) |
+           (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(row + 8), g1, _CMP_GE_OQ))
                << 8;
 }
 
@@ -456,14 +475,14 @@ AVX2 static inline unsigned beats(const float *row, __m256 t0, __m256 t1) {
  * symmetric: a score s(i, j) with i < j goes to row j first (position i), and row i takes
  * only positions j >= i (the tiles below the diagonal are never computed). ex: each row's
  * excluded position (or NULL), never taken (the caller leaves each row K others).
- * bf16: scores rank as their bfloat16 rounding. The thresholds are rounded scores, and
- * rounding is monotone, so a raw score at or below one cannot beat it: the vector test
- * passes a superset, and only those scores are rounded and compared again. */
+ * bf16: scores rank as their bfloat16 rounding. The vector test compares raw scores with
+ * each row's gate (gate_of), a superset of those that beat the threshold; only those
+ * scores are rounded and compared again. */
 AVX2 static void offer_tile(Best *b, const float *tile, Py_ssize_t i0, int rows, Py_ssize_t j0,
                             int cols, int symmetric, const int64_t *ex, int bf16) {
     unsigned valid = cols == NR ? 0xFFFFu : (1u << cols) - 1;
     if (symmetric) {
-        __m256 t0 = _mm256_loadu_ps(b->thr + j0), t1 = _mm256_loadu_ps(b->thr + j0 + 8);
+        __m256 t0 = _mm256_loadu_ps(b->gate + j0), t1 = _mm256_loadu_ps(b->gate + j0 + 8);
         unsigned m = 0;
         for (int r = 0; r < rows; r++) m |= beats(tile + r * NR, t0, t1);
         for (m &= valid; m; m &= m - 1) {
@@ -477,7 +496,7 @@ AVX2 static void offer_tile(Best *b, const float *tile, Py_ssize_t i0, int rows,
     }
     for (int r = 0; r < rows; r++) {
         Py_ssize_t i = i0 + r;
-        __m256 t = _mm256_set1_ps(b->thr[i]);
+        __m256 t = _mm256_set1_ps(b->gate[i]);
         unsigned m = beats(tile + r * NR, t, t) & valid;
         if (symmetric && i > j0) m &= i - j0 >= NR ? 0u : ~((1u << (i - j0)) - 1);
         for (; m; m &= m - 1) {
@@ -505,14 +524,16 @@ AVX2 static int gemm_topk_images(const float *q, Py_ssize_t q_batch, Py_ssize_t 
     Py_ssize_t sb = (49152 / 4 / D) / MR * MR;
     sb = sb < MR ? MR : sb > 192 ? 192 : sb;
     Py_ssize_t panels = (M + NR - 1) / NR;
-    void *bases[4];
+    void *bases[5];
     float *P = aligned_block((size_t)panels * D * NR * sizeof(float), &bases[0]);
     Best b;
     b.K = K;
     b.score = aligned_block((size_t)n * SLOTS * sizeof(float), &bases[1]);
     b.at = aligned_block((size_t)n * SLOTS * sizeof(int32_t), &bases[2]);
     b.thr = aligned_block(((size_t)n + NR) * sizeof(float), &bases[3]);
-    int ok = P && b.score && b.at && b.thr;
+    b.gate = aligned_block(((size_t)n + NR) * sizeof(float), &bases[4]);
+    b.bf16 = bf16;
+    int ok = P && b.score && b.at && b.thr && b.gate;
     for (Py_ssize_t img = 0; ok && img < B; img++, q += q_batch, k += k_batch, out += n * K) {
         /* keys packed in panels of NR, depth-major: P[panel][d][NR], zero past M (shared
          * keys are packed once) */
@@ -524,7 +545,7 @@ AVX2 static int gemm_topk_images(const float *q, Py_ssize_t q_batch, Py_ssize_t 
                         P[(p * D + d) * NR + c] = m < M ? k[m * k_row + d] : 0.0f;
                     }
         for (Py_ssize_t t = 0; t < n * SLOTS; t++) b.score[t] = -INFINITY, b.at[t] = 0;
-        for (Py_ssize_t t = 0; t < n + NR; t++) b.thr[t] = -INFINITY;
+        for (Py_ssize_t t = 0; t < n + NR; t++) b.thr[t] = -INFINITY, b.gate[t] = -FLT_MAX;
         float tile[MR * NR] __attribute__((aligned(32)));
         for (Py_ssize_t s0 = 0; s0 < n; s0 += sb) {
             Py_ssize_t s1 = s0 + sb < n ? s0 + sb : n, blocks = (s1 - s0 + MR - 1) / MR;
@@ -548,7 +569,7 @@ AVX2 static int gemm_topk_images(const float *q, Py_ssize_t q_batch, Py_ssize_t 
         for (Py_ssize_t i = 0; i < n; i++)
             for (int t = 0; t < K; t++) out[i * K + t] = b.at[i * SLOTS + t];
     }
-    for (int t = 0; t < 4; t++) free(bases[t]);
+    for (int t = 0; t < 5; t++) free(bases[t]);
     return ok;
 }
 
