@@ -470,6 +470,12 @@ class GemmScores(BlockScores):
     def wide_block(self, qs, ks):
         return self._gemm(qs, ks) if self.rounding is not None else self.block(qs, ks)
 
+    def window_in_place(self) -> bool:
+        """Whether :meth:`window` reads the candidate keys in place (the native kernel), so
+        a block of queries holds only their scores, not a gathered copy of the keys."""
+        q, k = self._wide if self._wide is not None else (self.query, self.key)
+        return native.window_scores_usable(q, k)
+
     def window(self, qs, cand):
         # Every backend scores per-query candidates here, so equal scores (ties, which go to
         # the lower index) are equal bit for bit everywhere: a dense GEMM rounds differently

@@ -274,18 +274,24 @@ def topk(rows: Tensor, K: int, rounding: torch.dtype | None = None) -> Tensor:
     return out
 
 
+def window_scores_usable(query: Tensor, key: Tensor) -> bool:
+    """Whether :func:`window_scores` scores ``query`` against its candidates among ``key``
+    (reading the keys in place): float32 CPU tensors outside autograd, in eager code."""
+    return (
+        _enabled()
+        and query.dtype == key.dtype == torch.float32
+        and query.device.type == key.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad))
+    )
+
+
 def window_scores(query: Tensor, key: Tensor, cand: Tensor) -> Tensor | None:
     """Scores (B, n, W) of queries (Bq, n, d) against their own candidate keys ``cand`` (n, W)
     or (B', n, W) among ``key`` (Bk, M, d) (batches 1 or B), or None where the kernel does
     not serve the call (then the caller's torch path scores it): float32 CPU tensors outside
     autograd, in eager code."""
-    if not (
-        _enabled()
-        and query.dtype == key.dtype == torch.float32
-        and query.device.type == key.device.type == cand.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad))
-    ):
+    if not (window_scores_usable(query, key) and cand.device.type == "cpu"):
         return None
     n, W = cand.shape[-2:]
     d = query.shape[-1]

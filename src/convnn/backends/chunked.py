@@ -241,7 +241,9 @@ def _select_window(scores: BlockScores, K, exclude, window):
     B = scores.batch
     N, W = window.shape[-2:]
     window = window.sort(-1).values  # columns ascend in index, so ties go to the lower index
-    qb = max(1, BLOCK_ELEMENTS // max(1, B * W * scores.width))
+    # a block holds its scores, and a gathered copy of its keys unless they are read in place
+    in_place = type(scores) is GemmScores and scores.window_in_place()
+    qb = max(1, BLOCK_ELEMENTS // max(1, B * W * (1 if in_place else scores.width)))
     out = torch.empty(B, N, K, dtype=torch.long, device=scores.device)
     for n0 in range(0, N, qb):
         qs = slice(n0, n0 + qb)
