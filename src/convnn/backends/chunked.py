@@ -1,10 +1,15 @@
-"""Chunked pure-PyTorch backend: O(N*K) memory on any device.
+"""Chunked backend: O(N*K) memory on any device.
 
 Selection streams key blocks through a running top-K, so the (N, M) similarity matrix is
 never formed; with several torch threads on the CPU each block of queries runs whole on one
 worker thread. Aggregation is a custom autograd function that gathers neighbours one query
 block at a time and recomputes them in the backward pass, so the (B, N, K, C) tensor of
 gathered neighbours is never stored either.
+
+On a CPU that runs the native one-pass kernels (:mod:`convnn.native`), GEMM scores against
+all candidates are scored and ranked in one pass (no block of scores at all), and the
+standard kernel's aggregation reads the neighbours in place, as one op forward and one
+backward (``convnn::native_aggregate``); elsewhere these torch paths run.
 """
 
 from __future__ import annotations
