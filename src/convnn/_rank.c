@@ -370,6 +370,39 @@ CLONES static int window_rows(const float *q, const float *k, const int64_t *can
 
 #define AVX2 __attribute__((target("avx2,fma")))
 
+/* The 6 x 16 register tile: twelve accumulators, c<row><half>. TILE_STEP adds one depth
+ * step: row r's number (at a0..a5) times the 16 numbers b0 (first eight) and b1. */
+#define TILE_DECLARE(init)                                                                   \
+    __m256 c00 = init(0), c01 = init(8), c10 = init(16), c11 = init(24), c20 = init(32),       \
+           c21 = init(40), c30 = init(48), c31 = init(56), c40 = init(64), c41 = init(72),     \
+           c50 = init(80), c51 = init(88)
+#define TILE_STEP(b0, b1, a0, a1, a2, a3, a4, a5)                                             \
+    do {                                                                                     \
+        __m256 x_;                                                                           \
+        x_ = _mm256_broadcast_ss(a0), c00 = _mm256_fmadd_ps(x_, b0, c00);                    \
+        c01 = _mm256_fmadd_ps(x_, b1, c01);                                                  \
+        x_ = _mm256_broadcast_ss(a1), c10 = _mm256_fmadd_ps(x_, b0, c10);                    \
+        c11 = _mm256_fmadd_ps(x_, b1, c11);                                                  \
+        x_ = _mm256_broadcast_ss(a2), c20 = _mm256_fmadd_ps(x_, b0, c20);                    \
+        c21 = _mm256_fmadd_ps(x_, b1, c21);                                                  \
+        x_ = _mm256_broadcast_ss(a3), c30 = _mm256_fmadd_ps(x_, b0, c30);                    \
+        c31 = _mm256_fmadd_ps(x_, b1, c31);                                                  \
+        x_ = _mm256_broadcast_ss(a4), c40 = _mm256_fmadd_ps(x_, b0, c40);                    \
+        c41 = _mm256_fmadd_ps(x_, b1, c41);                                                  \
+        x_ = _mm256_broadcast_ss(a5), c50 = _mm256_fmadd_ps(x_, b0, c50);                    \
+        c51 = _mm256_fmadd_ps(x_, b1, c51);                                                  \
+    } while (0)
+#define TILE_STORE(t)                                                                        \
+    do {                                                                                     \
+        _mm256_store_ps((t) + 0, c00), _mm256_store_ps((t) + 8, c01);                        \
+        _mm256_store_ps((t) + 16, c10), _mm256_store_ps((t) + 24, c11);                      \
+        _mm256_store_ps((t) + 32, c20), _mm256_store_ps((t) + 40, c21);                      \
+        _mm256_store_ps((t) + 48, c30), _mm256_store_ps((t) + 56, c31);                      \
+        _mm256_store_ps((t) + 64, c40), _mm256_store_ps((t) + 72, c41);                      \
+        _mm256_store_ps((t) + 80, c50), _mm256_store_ps((t) + 88, c51);                      \
+    } while (0)
+#define TILE_ZERO(offset) _mm256_setzero_ps()
+
 typedef struct {
     float *score;  /* (rows, SLOTS): each row's best scores, descending, -inf where empty */
     int32_t *at;   /* (rows, SLOTS): their positions */
@@ -432,27 +465,16 @@ AVX2 static inline void best_insert(Best *b, Py_ssize_t r, float s, int32_t j) {
  * panel of NR columns. */
 AVX2 __attribute__((noinline)) static void rows_tile(const float *const *rows, int K, Py_ssize_t C,
                                                       const float *w, float *tile) {
-    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    TILE_DECLARE(TILE_ZERO);
     for (int k = 0; k < K; k++) {
         const float *a0 = rows[k], *a1 = rows[K + k], *a2 = rows[2 * K + k];
         const float *a3 = rows[3 * K + k], *a4 = rows[4 * K + k], *a5 = rows[5 * K + k];
         for (Py_ssize_t c = 0; c < C; c++, w += NR) {
-            __m256 b0 = _mm256_load_ps(w), b1 = _mm256_load_ps(w + 8), x;
-            x = _mm256_broadcast_ss(a0 + c), c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
-            x = _mm256_broadcast_ss(a1 + c), c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
-            x = _mm256_broadcast_ss(a2 + c), c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
-            x = _mm256_broadcast_ss(a3 + c), c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
-            x = _mm256_broadcast_ss(a4 + c), c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
-            x = _mm256_broadcast_ss(a5 + c), c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
+            __m256 b0 = _mm256_load_ps(w), b1 = _mm256_load_ps(w + 8);
+            TILE_STEP(b0, b1, a0 + c, a1 + c, a2 + c, a3 + c, a4 + c, a5 + c);
         }
     }
-    _mm256_store_ps(tile + 0, c00), _mm256_store_ps(tile + 8, c01);
-    _mm256_store_ps(tile + 16, c10), _mm256_store_ps(tile + 24, c11);
-    _mm256_store_ps(tile + 32, c20), _mm256_store_ps(tile + 40, c21);
-    _mm256_store_ps(tile + 48, c30), _mm256_store_ps(tile + 56, c31);
-    _mm256_store_ps(tile + 64, c40), _mm256_store_ps(tile + 72, c41);
-    _mm256_store_ps(tile + 80, c50), _mm256_store_ps(tile + 88, c51);
+    TILE_STORE(tile);
 }
 
 /* A score rounded to bfloat16, as a float. */
@@ -705,29 +727,16 @@ AVX2 static int aggregate_grad_weight(const float *gy, Py_ssize_t gb, Py_ssize_t
                 Py_ssize_t o4 = cr > 4 ? 4 : 0, o5 = cr > 5 ? 5 : 0;
                 for (Py_ssize_t p = 0; p < panels; p++) {
                     float *t = acc + (((size_t)k * cbs + cb) * panels + p) * MR * NR;
-                    __m256 c00 = _mm256_load_ps(t), c01 = _mm256_load_ps(t + 8);
-                    __m256 c10 = _mm256_load_ps(t + 16), c11 = _mm256_load_ps(t + 24);
-                    __m256 c20 = _mm256_load_ps(t + 32), c21 = _mm256_load_ps(t + 40);
-                    __m256 c30 = _mm256_load_ps(t + 48), c31 = _mm256_load_ps(t + 56);
-                    __m256 c40 = _mm256_load_ps(t + 64), c41 = _mm256_load_ps(t + 72);
-                    __m256 c50 = _mm256_load_ps(t + 80), c51 = _mm256_load_ps(t + 88);
+#define TILE_AT(offset) _mm256_load_ps(t + (offset))
+                    TILE_DECLARE(TILE_AT);
+#undef TILE_AT
                     const float *g = G + p * NB * NR, *const *rows = rp + k * NB;
                     for (Py_ssize_t n = 0; n < nb; n++, g += NR) {
                         const float *a = rows[n] + c0;
-                        __m256 b0 = _mm256_load_ps(g), b1 = _mm256_load_ps(g + 8), x;
-                        x = _mm256_broadcast_ss(a), c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
-                        x = _mm256_broadcast_ss(a + o1), c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
-                        x = _mm256_broadcast_ss(a + o2), c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
-                        x = _mm256_broadcast_ss(a + o3), c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
-                        x = _mm256_broadcast_ss(a + o4), c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
-                        x = _mm256_broadcast_ss(a + o5), c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
+                        __m256 b0 = _mm256_load_ps(g), b1 = _mm256_load_ps(g + 8);
+                        TILE_STEP(b0, b1, a, a + o1, a + o2, a + o3, a + o4, a + o5);
                     }
-                    _mm256_store_ps(t, c00), _mm256_store_ps(t + 8, c01);
-                    _mm256_store_ps(t + 16, c10), _mm256_store_ps(t + 24, c11);
-                    _mm256_store_ps(t + 32, c20), _mm256_store_ps(t + 40, c21);
-                    _mm256_store_ps(t + 48, c30), _mm256_store_ps(t + 56, c31);
-                    _mm256_store_ps(t + 64, c40), _mm256_store_ps(t + 72, c41);
-                    _mm256_store_ps(t + 80, c50), _mm256_store_ps(t + 88, c51);
+                    TILE_STORE(t);
                 }
             }
     }
@@ -852,17 +861,25 @@ PyDoc_STRVAR(gemm_topk_doc,
              "a query never takes (then K < M). bf16: rank each score's bfloat16 rounding.\n"
              "Only where gemm_topk_cpu() is true.");
 
+/* Whether the tile kernels (gemm_topk, aggregate, aggregate_grad) run here: 0 with a
+ * RuntimeError naming ``name`` when this build or CPU lacks them. */
+static int tiles_here(const char *name) {
+#ifdef HAVE_GEMM_TOPK
+    if (gemm_topk_cpu()) return 1;
+    PyErr_Format(PyExc_RuntimeError, "%s: this CPU lacks AVX2 and FMA", name);
+#else
+    PyErr_Format(PyExc_RuntimeError, "%s: built without it (x86-64 only)", name);
+#endif
+    return 0;
+}
+
 static PyObject *gemm_topk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     Py_ssize_t v[15];
-    if (!integers(args, nargs, 15, "gemm_topk", v)) return NULL;
+    if (!integers(args, nargs, 15, "gemm_topk", v) || !tiles_here("gemm_topk")) return NULL;
 #ifdef HAVE_GEMM_TOPK
     Py_ssize_t B = v[6], n = v[7], M = v[8], D = v[9], K = v[10];
     int symmetric = v[11] != 0;
-    if (!gemm_topk_cpu()) {
-        PyErr_SetString(PyExc_RuntimeError, "gemm_topk: this CPU lacks AVX2 and FMA");
-        return NULL;
-    }
     if (B < 0 || n < 0 || D < 1 || K < 1 || K > SLOTS || K > M - (v[12] != 0) || M > INT32_MAX ||
         (symmetric && (v[0] != v[3] || v[1] != v[4] || v[2] != v[5] || n != M))) {
         PyErr_SetString(PyExc_ValueError,
@@ -879,11 +896,8 @@ static PyObject *gemm_topk(PyObject *self, PyObject *const *args, Py_ssize_t nar
         Py_END_ALLOW_THREADS;
     }
     if (!ok) return PyErr_NoMemory();
-    Py_RETURN_NONE;
-#else
-    PyErr_SetString(PyExc_RuntimeError, "gemm_topk: built without it (x86-64 only)");
-    return NULL;
 #endif
+    Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(aggregate_doc,
@@ -903,12 +917,7 @@ PyDoc_STRVAR(aggregate_grad_doc,
 /* The arguments of the aggregation entry points: 0 with an exception set when wrong. */
 static int aggregate_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want,
                           const char *name, int idx_arg, Py_ssize_t *v) {
-    if (!integers(args, nargs, want, name, v)) return 0;
-#ifdef HAVE_GEMM_TOPK
-    if (!gemm_topk_cpu()) {
-        PyErr_Format(PyExc_RuntimeError, "%s: this CPU lacks AVX2 and FMA", name);
-        return 0;
-    }
+    if (!integers(args, nargs, want, name, v) || !tiles_here(name)) return 0;
     Py_ssize_t *shape = v + want - 6; /* B, M, N, C, K, O */
     for (int t = 0; t < 6; t++)
         if (shape[t] < (t == 0 || t == 2 ? 0 : 1) || shape[t] > INT32_MAX) {
@@ -923,10 +932,6 @@ static int aggregate_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t wa
             return 0;
         }
     return 1;
-#else
-    PyErr_Format(PyExc_RuntimeError, "%s: built without it (x86-64 only)", name);
-    return 0;
-#endif
 }
 
 static PyObject *aggregate(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {

@@ -459,8 +459,13 @@ class GemmScores(BlockScores):
         # (rankable's order on non-finite ones is the rounded scores').
         self.rounding = query.dtype if self._wide is not None and self._finite else None
 
+    @property
+    def _gemm_operands(self) -> tuple[Tensor, Tensor]:
+        """What the score GEMM multiplies: the operands, or their float32 copies."""
+        return self._wide if self._wide is not None else (self.query, self.key)
+
     def _gemm(self, qs, ks):
-        q, k = self._wide if self._wide is not None else (self.query, self.key)
+        q, k = self._gemm_operands
         return q[:, qs] @ k[:, ks].transpose(-1, -2)
 
     def block(self, qs, ks):
@@ -473,7 +478,7 @@ class GemmScores(BlockScores):
     def window_in_place(self) -> bool:
         """Whether :meth:`window` reads the candidate keys in place (the native kernel), so
         a block of queries holds only their scores, not a gathered copy of the keys."""
-        q, k = self._wide if self._wide is not None else (self.query, self.key)
+        q, k = self._gemm_operands
         return native.window_scores_usable(q, k)
 
     def window(self, qs, cand):
@@ -481,7 +486,7 @@ class GemmScores(BlockScores):
         # the lower index) are equal bit for bit everywhere: a dense GEMM rounds differently
         # (e.g. +-1e-8 where this gives an exact 0). The native kernel reads the candidate
         # keys in place; else one einsum over their gathered copies.
-        q, k = self._wide if self._wide is not None else (self.query, self.key)
+        q, k = self._gemm_operands
         s = native.window_scores(q[:, qs], k, cand)
         if s is None:
             s = torch.einsum("bnd,bnwd->bnw", q[:, qs], gather_rows(k, cand))
@@ -492,7 +497,7 @@ class GemmScores(BlockScores):
         """Whether :meth:`fused_topk` serves this selection: finite float32 scores, or
         bfloat16 ones from the float32 GEMM, where the native kernel runs
         (:func:`convnn.native.gemm_topk_usable`)."""
-        q, k = self._wide if self._wide is not None else (self.query, self.key)
+        q, k = self._gemm_operands
         return (
             self._finite
             and self.rounding in (None, torch.bfloat16)
@@ -511,7 +516,7 @@ class GemmScores(BlockScores):
         query's ``exclude`` (N,) key. Self-similarity over every query computes half the
         scores. Only where :meth:`fused`."""
         one = lambda t: t if t.shape[0] == 1 else t[images]  # noqa: E731  (1: shared)
-        q, k = self._wide if self._wide is not None else (self.query, self.key)
+        q, k = self._gemm_operands
         whole = qs == slice(None)
         symmetric = whole and k is q
         query, key = one(q), one(k)

@@ -141,10 +141,9 @@ def gemm_topk(
     if exclude is not None:
         exclude = exclude.to(torch.int64).contiguous()
     out = torch.empty(B, N, K, dtype=torch.int64)
-    batch = lambda t: t.stride(0) if t.shape[0] > 1 else 0  # noqa: E731  (1: shared)
     _rank.gemm_topk(
-        query.data_ptr(), batch(query), query.stride(1), key.data_ptr(), batch(key),
-        key.stride(1), B, N, M, D, K, int(symmetric),
+        query.data_ptr(), _batch_stride(query), query.stride(1),
+        key.data_ptr(), _batch_stride(key), key.stride(1), B, N, M, D, K, int(symmetric),
         0 if exclude is None else exclude.data_ptr(), int(rounding == torch.bfloat16),
         out.data_ptr(),
     )  # fmt: skip
@@ -175,6 +174,13 @@ def aggregate_usable(
     )
 
 
+def _aggregate_operands(
+    values: Tensor, indices: Tensor, weight: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernels' operands: values (B, M, C), indices (B, N, K) int64 and weight, contiguous."""
+    return values.contiguous(), indices[:, 0].to(torch.int64).contiguous(), weight.contiguous()
+
+
 def aggregate_output(B: int, N: int, C_out: int, like: Tensor | None = None) -> Tensor:
     """An empty (B, N, C_out) float32 output of :func:`aggregate`, laid out as (B, C_out, N):
     the layout of a (B, C_out, H, W) map (``like``: a tensor whose device it takes)."""
@@ -189,10 +195,8 @@ def aggregate(
     (+ ``bias``), the neighbours read in place (the gathered (N, K*C) matrix is never formed),
     summed in one fixed order with fused multiply-adds, into ``out`` (:func:`aggregate_output`,
     made when None). Only where :func:`aggregate_usable`."""
-    B, M, C = values.shape
-    N, K, C_out = indices.shape[2], indices.shape[3], weight.shape[0]
-    values, weight = values.contiguous(), weight.contiguous()
-    idx = indices.to(torch.int64).contiguous()
+    values, idx, weight = _aggregate_operands(values, indices, weight)
+    (B, M, C), (N, K), C_out = values.shape, idx.shape[1:], weight.shape[0]
     bias = None if bias is None else bias.to(torch.float32).contiguous()
     out = aggregate_output(B, N, C_out) if out is None else out
     if out.shape != (B, N, C_out) or out.stride() != (C_out * N, 1, N):
@@ -215,10 +219,8 @@ def aggregate_grad(
     """The gradients of :func:`aggregate` for ``grad_out`` (B, N, C_out), any strides: each
     neighbour's share of it added into its row of ``g_values`` (B, M, C) (contiguous; None to
     skip), and the weight's (C_out, C, K) returned when ``need_weight``."""
-    B, M, C = values.shape
-    N, K, C_out = indices.shape[2], indices.shape[3], weight.shape[0]
-    values, weight = values.contiguous(), weight.contiguous()
-    idx = indices.to(torch.int64).contiguous()
+    values, idx, weight = _aggregate_operands(values, indices, weight)
+    (B, M, C), (N, K), C_out = values.shape, idx.shape[1:], weight.shape[0]
     g_weight = torch.empty(C_out, C, K) if need_weight else None
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     _rank.aggregate_grad(
@@ -226,6 +228,11 @@ def aggregate_grad(
         weight.data_ptr(), ptr(g_values), ptr(g_weight), B, M, N, C, K, C_out,
     )  # fmt: skip
     return g_weight
+
+
+def _batch_stride(t: Tensor) -> int:
+    """The kernels' batch stride of ``t``: 0 for a batch of 1, shared by every image."""
+    return t.stride(0) if t.shape[0] > 1 else 0
 
 
 def _batch(*sizes: int) -> int:
@@ -309,10 +316,9 @@ def window_scores(query: Tensor, key: Tensor, cand: Tensor) -> Tensor | None:
     out = torch.empty(B, n, W, dtype=torch.float32)
     if out.numel() == 0:
         return out
-    batch = lambda t: t.stride(0) if t.shape[0] > 1 else 0  # noqa: E731  (1: shared)
     _rank.window(
         query.data_ptr(), key.data_ptr(), cand.data_ptr(), out.data_ptr(),
-        B, n, W, d, key.shape[1], batch(query), query.stride(1), batch(key), key.stride(1),
-        batch(cand) if cand.dim() == 3 else 0,
+        B, n, W, d, key.shape[1], _batch_stride(query), query.stride(1),
+        _batch_stride(key), key.stride(1), _batch_stride(cand) if cand.dim() == 3 else 0,
     )  # fmt: skip
     return out

@@ -157,22 +157,11 @@ def _select_fused(scores: GemmScores, K: int, exclude: Tensor | None) -> Tensor:
     """Every query against every key by the native one-pass kernel (no block of scores is
     ever formed). With several threads each takes a run of images, or, with fewer images
     than threads, a block of queries (self-similarity then computes every score, not half)."""
-    B, N = scores.batch, scores.num_queries
-    threads = 1 if torch.compiler.is_compiling() else torch.get_num_threads()
-    if threads == 1:
-        return scores.fused_topk(K, exclude)
-    if B >= threads:
-        step = -(-B // threads)
-        units = [(slice(b, b + step), slice(None)) for b in range(0, B, step)]
-    else:
-        step = -(-N // threads)
-        units = [(slice(None), slice(n0, n0 + step)) for n0 in range(0, N, step)]
-    out = torch.empty(B, N, K, dtype=torch.long, device=scores.device)
-    with _block_pool(threads) as pool:
-        run = lambda unit: scores.fused_topk(K, exclude, *unit)  # noqa: E731
-        for (images, qs), idx in zip(units, pool.map(run, units)):
-            out[images, qs] = idx
-    return out
+    if scores.batch >= torch.get_num_threads():
+        parts = _in_runs(scores.batch, lambda s: scores.fused_topk(K, exclude, s))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    parts = _in_runs(scores.num_queries, lambda s: scores.fused_topk(K, exclude, qs=s))
+    return torch.cat(parts, 1)
 
 
 def _no_torch_modes() -> bool:
@@ -380,7 +369,7 @@ def _native_aggregate(values, indices, weight, bias):
     compiled graphs. The output (B, N, C_out) is laid out as (B, C_out, N), so the layer's
     (B, C_out, H, W) map is a view; the backward reads the gradient in that layout."""
     out = native.aggregate_output(values.shape[0], indices.shape[2], weight.shape[0])
-    _by_images(
+    _in_runs(
         values.shape[0], lambda s: native.aggregate(values[s], indices[s], weight, bias, out[s])
     )
     return out
@@ -402,7 +391,7 @@ def _native_aggregate_grad(grad, values, indices, weight, need_values, need_weig
     needed): each image's into its rows of the values' gradient, the weight's summed over the
     threads' runs of images."""
     g_values = torch.zeros_like(values) if need_values else values.new_empty(0)
-    parts = _by_images(
+    parts = _in_runs(
         values.shape[0],
         lambda s: native.aggregate_grad(
             grad[s],
@@ -450,15 +439,15 @@ _native_aggregate.register_autograd(
 )
 
 
-def _by_images(B: int, run) -> list:
-    """``run(images)`` over runs of images, one to a worker thread where torch has several
-    threads (see :func:`_native_aggregation`); the results in order."""
+def _in_runs(size: int, run) -> list:
+    """``run(part)`` over runs of ``size`` (images, or queries), one to a worker thread where
+    torch has several threads; the results in order."""
     threads = torch.get_num_threads()
-    if threads == 1 or B < 2:
+    if threads == 1 or size < 2:
         return [run(slice(None))]
-    step = -(-B // threads)
+    step = -(-size // threads)
     with _block_pool(threads) as pool:
-        return list(pool.map(run, [slice(b, b + step) for b in range(0, B, step)]))
+        return list(pool.map(run, [slice(i, i + step) for i in range(0, size, step)]))
 
 
 def _native_aggregation(values, indices, rho, weight, bias, kernel) -> bool:
