@@ -235,8 +235,33 @@ needs_gemm_topk = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def every_kernel(monkeypatch):
+    """The kernels serve every call they can, whatever this CPU's rule (an AVX-512 CPU serves
+    self-similarity only), so their tests run on every CPU that has them."""
+    monkeypatch.setattr(native, "_GEMM_TOPK_CPU", ["all"])
+
+
 @needs_gemm_topk
-def test_gemm_topk_is_the_formula():
+@pytest.mark.parametrize(
+    "capability, rule", [("AVX2", "all"), ("AVX512", "symmetric"), ("DEFAULT", "all")]
+)
+def test_gemm_topk_rule_follows_the_cpu(monkeypatch, capability, rule):
+    """What the kernels serve on a CPU with them: every float32 GEMM top-K and the
+    aggregation, or on an AVX-512 CPU (whose GEMMs run twice as wide) self-similarity only."""
+    monkeypatch.setattr(native, "_GEMM_TOPK_CPU", [])
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert native._gemm_topk_cpu() == rule
+    q = torch.randn(2, 30, 8)
+    v, w, idx = torch.randn(2, 10, 4), torch.randn(5, 4, 3), torch.randint(0, 10, (2, 1, 6, 3))
+    assert native.gemm_topk_usable(q, q, 9, True)
+    assert native.gemm_topk_usable(q, q[:, :20], 9, False) == (rule == "all")
+    assert native.aggregate_usable(v, idx, None, w, "standard") == (rule == "all")
+    assert ("self-similarity only" in native.status()) == (rule == "symmetric")
+
+
+@needs_gemm_topk
+def test_gemm_topk_is_the_formula(every_kernel):
     """Scores and top-K in one pass against the float64 formula, on small integer features
     (exact sums, many exact ties): rows and keys that fill no whole tile (6 x 16), depths of
     1 to 130 (one to several superblock sizes), K = 1 to 16, self-similarity (half the
@@ -271,7 +296,7 @@ def test_gemm_topk_is_the_formula():
 
 
 @needs_gemm_topk
-def test_gemm_topk_ranks_the_bfloat16_rounding():
+def test_gemm_topk_ranks_the_bfloat16_rounding(every_kernel):
     """rounding=torch.bfloat16 ranks each score's bfloat16 rounding: integer features whose
     exact sums reach 10^3, where bfloat16 keeps 8 bits and rounds neighbours into ties (a
     tenth of the rows tie at the K-th score)."""
@@ -291,7 +316,7 @@ def test_gemm_topk_ranks_the_bfloat16_rounding():
 
 
 @needs_gemm_topk
-def test_gemm_topk_on_real_valued_features():
+def test_gemm_topk_on_real_valued_features(every_kernel):
     """Random unit features, where the kernel's sums round differently from a GEMM's: every
     pick is among the float64 K best up to a rounding's width, and rows whose K-th and
     (K+1)-th float64 scores lie apart pick the formula's keys exactly."""
@@ -309,7 +334,7 @@ def test_gemm_topk_on_real_valued_features():
 
 
 @needs_gemm_topk
-def test_gemm_topk_serves_the_chunked_backend_in_threads(monkeypatch):
+def test_gemm_topk_serves_the_chunked_backend_in_threads(monkeypatch, every_kernel):
     """chunked.select_scores of GEMM scores takes the one-pass kernel (no score block) and
     picks what the GEMM and top-K path picks: one thread, several images over two threads,
     and one image split into blocks of queries over three (self-similarity then computes
@@ -338,7 +363,7 @@ def test_gemm_topk_serves_the_chunked_backend_in_threads(monkeypatch):
 
 
 @needs_gemm_topk
-def test_gemm_topk_usable_and_errors():
+def test_gemm_topk_usable_and_errors(every_kernel):
     q = torch.randn(2, 30, 8)
     assert native.gemm_topk_usable(q, q, 16, True)
     assert not native.gemm_topk_usable(q, q, 17, True)  # 16 slots a row
@@ -353,13 +378,8 @@ def test_gemm_topk_usable_and_errors():
         native.gemm_topk(q, torch.randn(3, 30, 8), 4)
 
 
-needs_native_aggregation = pytest.mark.skipif(
-    native._rank is None or native._gemm_topk_cpu() != "all", reason=native.status()
-)
-
-
-@needs_native_aggregation
-def test_native_aggregation_is_the_formula():
+@needs_gemm_topk
+def test_native_aggregation_is_the_formula(every_kernel):
     """Forward and both gradients against float64 autograd of the gathered formula
     out[b, n] = sum_k W[:, :, k] v[b, idx[b, n, k]] + bias: tiles that fill no whole 6 x 16,
     channels and outputs off the vector width, K = 1, repeated neighbours, a row nobody picks,
@@ -392,8 +412,8 @@ def test_native_aggregation_is_the_formula():
             assert torch.equal(native.aggregate_grad(grad, v, idx, w, None, True), g_w)
 
 
-@needs_native_aggregation
-def test_native_aggregation_serves_layers_in_threads(monkeypatch):
+@needs_gemm_topk
+def test_native_aggregation_serves_layers_in_threads(monkeypatch, every_kernel):
     """ConvNN2d trains through the native aggregation: outputs and gradients as the torch
     path's at one and two threads (images split over the workers), the torch path where an
     image would be split, and a double backward (create_graph) on the torch path."""
@@ -434,8 +454,8 @@ def test_native_aggregation_serves_layers_in_threads(monkeypatch):
         torch.set_num_threads(threads)
 
 
-@needs_native_aggregation
-def test_native_aggregation_ops_in_compiled_graphs(monkeypatch):
+@needs_gemm_topk
+def test_native_aggregation_ops_in_compiled_graphs(monkeypatch, every_kernel):
     """The aggregation is one op forward and one backward (convnn::native_aggregate and its
     gradient): their fake and real forms agree (opcheck), and a compiled layer calls it and
     gives the eager outputs and gradients; its self-similarity selection stays symmetric
@@ -475,8 +495,8 @@ def test_native_aggregation_ops_in_compiled_graphs(monkeypatch):
     assert torch.equal(y, y0) and torch.equal(g, g0)
 
 
-@needs_native_aggregation
-def test_native_aggregation_usable_and_errors():
+@needs_gemm_topk
+def test_native_aggregation_usable_and_errors(every_kernel):
     v, w = torch.randn(2, 10, 4), torch.randn(5, 4, 3)
     idx = torch.randint(0, 10, (2, 1, 6, 3))
     assert native.aggregate_usable(v, idx, None, w, "standard")
