@@ -231,37 +231,47 @@ def gemm_formula(q, k, K, exclude=None):
 
 
 needs_gemm_topk = pytest.mark.skipif(
-    native._rank is None or native._gemm_topk_cpu() is None, reason=native.status()
+    native._rank is None or not native._tiles(), reason=native.status()
 )
 
 
-@pytest.fixture
-def every_kernel(monkeypatch):
-    """The kernels serve every call they can, whatever this CPU's rule (an AVX-512 CPU serves
-    self-similarity only), so their tests run on every CPU that has them."""
-    monkeypatch.setattr(native, "_GEMM_TOPK_CPU", ["all"])
-
-
 @needs_gemm_topk
-@pytest.mark.parametrize(
-    "capability, rule", [("AVX2", "all"), ("AVX512", "symmetric"), ("DEFAULT", "all")]
+@pytest.mark.skipif(
+    native._rank is None or native._rank.tile_rows() != 12, reason="no AVX-512 tiles here"
 )
-def test_gemm_topk_rule_follows_the_cpu(monkeypatch, capability, rule):
-    """What the kernels serve on a CPU with them: every float32 GEMM top-K and the
-    aggregation, or on an AVX-512 CPU (whose GEMMs run twice as wide) self-similarity only."""
-    monkeypatch.setattr(native, "_GEMM_TOPK_CPU", [])
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    assert native._gemm_topk_cpu() == rule
-    q = torch.randn(2, 30, 8)
-    v, w, idx = torch.randn(2, 10, 4), torch.randn(5, 4, 3), torch.randint(0, 10, (2, 1, 6, 3))
-    assert native.gemm_topk_usable(q, q, 9, True)
-    assert native.gemm_topk_usable(q, q[:, :20], 9, False) == (rule == "all")
-    assert native.aggregate_usable(v, idx, None, w, "standard") == (rule == "all")
-    assert ("self-similarity only" in native.status()) == (rule == "symmetric")
+def test_wide_tiles_give_the_narrow_tiles_numbers():
+    """On AVX-512 the tile kernels take 12 x 16 tiles and insert with one-register slots;
+    their selections and aggregations equal the 6 x 16 AVX2 tiles' bit for bit, on real-valued
+    features, self-similarity and separate keys, with and without excluded keys, odd sizes."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.nn.functional.normalize(torch.randn(2, 301, 37, generator=gen), dim=-1)
+    k, ex = x[:, :157].clone(), torch.randint(0, 157, (301,), generator=gen)
+    v, w = torch.randn(2, 90, 37, generator=gen), torch.randn(21, 37, 5, generator=gen)
+    idx = torch.randint(0, 90, (2, 1, 301, 5), generator=gen)
+    gy = torch.randn(2, 301, 21, generator=gen)
+
+    def run():
+        g_v = torch.zeros_like(v)
+        g_w = native.aggregate_grad(gy, v, idx, w, g_v, True)
+        return [native.gemm_topk(x, x, 9, True), native.gemm_topk(x, x, 9, True, torch.arange(301)),
+                native.gemm_topk(x, k, 16), native.gemm_topk(x, k, 7, False, ex, torch.bfloat16),
+                native.aggregate(v, idx, w, None), g_v, g_w]  # fmt: skip
+
+    try:
+        native._rank.tile_rows(6)
+        narrow = run()
+        native._rank.tile_rows(12)
+        wide = run()
+    finally:
+        native._rank.tile_rows(12)
+    for a, b in zip(narrow, wide):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="rows must be 6"):
+        native._rank.tile_rows(8)
 
 
 @needs_gemm_topk
-def test_gemm_topk_is_the_formula(every_kernel):
+def test_gemm_topk_is_the_formula():
     """Scores and top-K in one pass against the float64 formula, on small integer features
     (exact sums, many exact ties): rows and keys that fill no whole tile (6 x 16), depths of
     1 to 130 (one to several superblock sizes), K = 1 to 16, self-similarity (half the
@@ -286,7 +296,7 @@ def test_gemm_topk_is_the_formula(every_kernel):
                         "own": torch.arange(n),
                         "any": torch.randint(-2, M + 2, (n,), generator=gen),
                     }[exclude]
-                    assert native.gemm_topk_usable(q, k, K, symmetric, ex)
+                    assert native.gemm_topk_usable(q, k, K, ex)
                     got = native.gemm_topk(q, k, K, symmetric, ex)
                     want = gemm_formula(q, k.expand(B, -1, -1), K, ex)
                     assert torch.equal(got, want), (n, M, D, K, symmetric, exclude)
@@ -296,7 +306,7 @@ def test_gemm_topk_is_the_formula(every_kernel):
 
 
 @needs_gemm_topk
-def test_gemm_topk_ranks_the_bfloat16_rounding(every_kernel):
+def test_gemm_topk_ranks_the_bfloat16_rounding():
     """rounding=torch.bfloat16 ranks each score's bfloat16 rounding: integer features whose
     exact sums reach 10^3, where bfloat16 keeps 8 bits and rounds neighbours into ties (a
     tenth of the rows tie at the K-th score)."""
@@ -316,7 +326,7 @@ def test_gemm_topk_ranks_the_bfloat16_rounding(every_kernel):
 
 
 @needs_gemm_topk
-def test_gemm_topk_on_real_valued_features(every_kernel):
+def test_gemm_topk_on_real_valued_features():
     """Random unit features, where the kernel's sums round differently from a GEMM's: every
     pick is among the float64 K best up to a rounding's width, and rows whose K-th and
     (K+1)-th float64 scores lie apart pick the formula's keys exactly."""
@@ -334,7 +344,7 @@ def test_gemm_topk_on_real_valued_features(every_kernel):
 
 
 @needs_gemm_topk
-def test_gemm_topk_serves_the_chunked_backend_in_threads(monkeypatch, every_kernel):
+def test_gemm_topk_serves_the_chunked_backend_in_threads(monkeypatch):
     """chunked.select_scores of GEMM scores takes the one-pass kernel (no score block) and
     picks what the GEMM and top-K path picks: one thread, several images over two threads,
     and one image split into blocks of queries over three (self-similarity then computes
@@ -363,13 +373,13 @@ def test_gemm_topk_serves_the_chunked_backend_in_threads(monkeypatch, every_kern
 
 
 @needs_gemm_topk
-def test_gemm_topk_usable_and_errors(every_kernel):
+def test_gemm_topk_usable_and_errors():
     q = torch.randn(2, 30, 8)
-    assert native.gemm_topk_usable(q, q, 16, True)
-    assert not native.gemm_topk_usable(q, q, 17, True)  # 16 slots a row
-    assert not native.gemm_topk_usable(q.double(), q.double(), 4, True)
-    assert not native.gemm_topk_usable(q, q[:, :4], 4, False, torch.arange(30))  # K = M - 1 + 1
-    assert native.gemm_topk_usable(q, q[:, :5], 4, False, torch.arange(30))
+    assert native.gemm_topk_usable(q, q, 16)
+    assert not native.gemm_topk_usable(q, q, 17)  # 16 slots a row
+    assert not native.gemm_topk_usable(q.double(), q.double(), 4)
+    assert not native.gemm_topk_usable(q, q[:, :4], 4, torch.arange(30))  # K = M - 1 + 1
+    assert native.gemm_topk_usable(q, q[:, :5], 4, torch.arange(30))
     with pytest.raises(ValueError, match="keys to be the queries"):
         native.gemm_topk(q, q.clone(), 4, symmetric=True)
     with pytest.raises(ValueError, match="min\\(16, M\\)"):
@@ -379,7 +389,7 @@ def test_gemm_topk_usable_and_errors(every_kernel):
 
 
 @needs_gemm_topk
-def test_native_aggregation_is_the_formula(every_kernel):
+def test_native_aggregation_is_the_formula():
     """Forward and both gradients against float64 autograd of the gathered formula
     out[b, n] = sum_k W[:, :, k] v[b, idx[b, n, k]] + bias: tiles that fill no whole 6 x 16,
     channels and outputs off the vector width, K = 1, repeated neighbours, a row nobody picks,
@@ -413,7 +423,7 @@ def test_native_aggregation_is_the_formula(every_kernel):
 
 
 @needs_gemm_topk
-def test_native_aggregation_serves_layers_in_threads(monkeypatch, every_kernel):
+def test_native_aggregation_serves_layers_in_threads(monkeypatch):
     """ConvNN2d trains through the native aggregation: outputs and gradients as the torch
     path's at one and two threads (images split over the workers), the torch path where an
     image would be split, and a double backward (create_graph) on the torch path."""
@@ -455,7 +465,7 @@ def test_native_aggregation_serves_layers_in_threads(monkeypatch, every_kernel):
 
 
 @needs_gemm_topk
-def test_native_aggregation_ops_in_compiled_graphs(monkeypatch, every_kernel):
+def test_native_aggregation_ops_in_compiled_graphs(monkeypatch):
     """The aggregation is one op forward and one backward (convnn::native_aggregate and its
     gradient): their fake and real forms agree (opcheck), and a compiled layer calls it and
     gives the eager outputs and gradients; its self-similarity selection stays symmetric
@@ -496,7 +506,7 @@ def test_native_aggregation_ops_in_compiled_graphs(monkeypatch, every_kernel):
 
 
 @needs_gemm_topk
-def test_native_aggregation_usable_and_errors(every_kernel):
+def test_native_aggregation_usable_and_errors():
     v, w = torch.randn(2, 10, 4), torch.randn(5, 4, 3)
     idx = torch.randint(0, 10, (2, 1, 6, 3))
     assert native.aggregate_usable(v, idx, None, w, "standard")

@@ -417,18 +417,48 @@ typedef struct {
  * test follows). The vector test is then score >= gate. */
 static inline float gate_of(float t, int bf16) {
     if (t == -INFINITY) return -FLT_MAX;
-    if (!bf16) return nextafterf(t, INFINITY);
-    uint32_t bits;
+    if (t == INFINITY) return t;
+    uint32_t bits, step = bf16 ? 0x8000u : 1u; /* half a bfloat16 step, or one float step */
     memcpy(&bits, &t, 4);
     bits = bits == 0x80000000u ? 0u : bits; /* -0.0 as +0.0 */
-    bits = bits >> 31 ? bits - 0x8000u : bits + 0x8000u;
+    bits = bits >> 31 ? bits - step : bits + step;
     memcpy(&t, &bits, 4);
     return t;
+}
+
+/* Whether the AVX-512 forms serve the tile kernels (rows_tile_wide, best_insert_wide): set at
+ * import on a CPU with AVX-512F, and switchable (tile_rows) to compare the two forms, which
+ * give the same numbers bit for bit. */
+static int wide_tiles = 0;
+
+#define AVX512 __attribute__((target("avx512f,avx2,fma")))
+
+/* best_insert on AVX-512, where a row's 16 slots are one register. */
+AVX512 __attribute__((noinline)) static void best_insert_wide(Best *b, Py_ssize_t r, float s,
+                                                             int32_t j) {
+    float *sv = b->score + r * SLOTS;
+    int32_t *iv = b->at + r * SLOTS;
+    __m512 v = _mm512_load_ps(sv), S = _mm512_set1_ps(s);
+    __m512i at = _mm512_load_si512((const void *)iv);
+    /* the slots are sorted, so those >= s are the first pos ones */
+    __mmask16 ge = _mm512_cmp_ps_mask(v, S, _CMP_GE_OQ), after = (__mmask16)~ge;
+    __mmask16 here = (__mmask16)(ge + 1u); /* slot pos */
+    const __m512i rot = _mm512_setr_epi32(15, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
+    v = _mm512_mask_permutexvar_ps(v, after, rot, v); /* slots from pos on move one along */
+    at = _mm512_mask_permutexvar_epi32(at, after, rot, at);
+    v = _mm512_mask_mov_ps(v, here, S);
+    at = _mm512_mask_mov_epi32(at, here, _mm512_set1_epi32(j));
+    _mm512_store_ps(sv, v);
+    _mm512_store_si512((void *)iv, at);
+    float t = _mm512_cvtss_f32(_mm512_permutexvar_ps(_mm512_set1_epi32(b->K - 1), v));
+    b->thr[r] = t;
+    b->gate[r] = gate_of(t, b->bf16);
 }
 
 /* Put score s at position j into row r's sorted slots (s beats the row's threshold): after
  * every score >= s, so an earlier equal score stays first. Branch-free. */
 AVX2 static inline void best_insert(Best *b, Py_ssize_t r, float s, int32_t j) {
+    if (wide_tiles) return best_insert_wide(b, r, s, j);
     float *sv = b->score + r * SLOTS;
     int32_t *iv = b->at + r * SLOTS;
     __m256 v0 = _mm256_load_ps(sv), v1 = _mm256_load_ps(sv + 8), S = _mm256_set1_ps(s);
@@ -477,6 +507,59 @@ AVX2 __attribute__((noinline)) static void rows_tile(const float *const *rows, i
     TILE_STORE(tile);
 }
 
+#define WIDE_STEP(r) z##r = _mm512_fmadd_ps(_mm512_set1_ps(a##r[d]), b, z##r)
+#define WIDE_STORE(r) _mm512_store_ps(tile + (r) * NR, z##r)
+
+/* rows_tile for two blocks at once (2 * MR rows, tile[2 * MR][NR]) on AVX-512: a row of 16
+ * scores is one register, and twelve rows keep both fused multiply-add units busy. Each
+ * number is the same sum in the same order as rows_tile's, so the two agree bit for bit.
+ * With gates (one per row) and col_gates (one per column, or NULL), a tile none of whose
+ * scores reaches its row's or column's gate is not stored, and 0 is returned: the top-K
+ * then skips it without reading it (most tiles, once the rows have their K). Else 1. */
+AVX512 __attribute__((noinline)) static int rows_tile_wide(const float *const *rows, int K,
+                                                          Py_ssize_t C, const float *w,
+                                                          float *tile, const float *gates,
+                                                          const float *col_gates) {
+    __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0, z4 = z0, z5 = z0, z6 = z0;
+    __m512 z7 = z0, z8 = z0, z9 = z0, z10 = z0, z11 = z0;
+    for (int k = 0; k < K; k++) {
+        const float *a0 = rows[k], *a1 = rows[K + k], *a2 = rows[2 * K + k], *a3 = rows[3 * K + k];
+        const float *a4 = rows[4 * K + k], *a5 = rows[5 * K + k], *a6 = rows[6 * K + k];
+        const float *a7 = rows[7 * K + k], *a8 = rows[8 * K + k], *a9 = rows[9 * K + k];
+        const float *a10 = rows[10 * K + k], *a11 = rows[11 * K + k];
+        for (Py_ssize_t d = 0; d < C; d++, w += NR) {
+            __m512 b = _mm512_load_ps(w);
+            WIDE_STEP(0), WIDE_STEP(1), WIDE_STEP(2), WIDE_STEP(3), WIDE_STEP(4), WIDE_STEP(5);
+            WIDE_STEP(6), WIDE_STEP(7), WIDE_STEP(8), WIDE_STEP(9), WIDE_STEP(10), WIDE_STEP(11);
+        }
+    }
+    if (gates) {
+        __m512 cg = col_gates ? _mm512_loadu_ps(col_gates) : _mm512_set1_ps(INFINITY);
+        __mmask16 m = 0;
+#define WIDE_GATE(r)                                                                           \
+    m |= _mm512_cmp_ps_mask(z##r, _mm512_set1_ps(gates[r]), _CMP_GE_OQ) |                    \
+         _mm512_cmp_ps_mask(z##r, cg, _CMP_GE_OQ)
+        WIDE_GATE(0), WIDE_GATE(1), WIDE_GATE(2), WIDE_GATE(3), WIDE_GATE(4), WIDE_GATE(5);
+        WIDE_GATE(6), WIDE_GATE(7), WIDE_GATE(8), WIDE_GATE(9), WIDE_GATE(10), WIDE_GATE(11);
+#undef WIDE_GATE
+        if (!m) return 0;
+    }
+    WIDE_STORE(0), WIDE_STORE(1), WIDE_STORE(2), WIDE_STORE(3), WIDE_STORE(4), WIDE_STORE(5);
+    WIDE_STORE(6), WIDE_STORE(7), WIDE_STORE(8), WIDE_STORE(9), WIDE_STORE(10), WIDE_STORE(11);
+    return 1;
+}
+
+/* rows_tile for one block (two = 0: rows[0 .. MR * K)) or two (rows[0 .. 2 * MR * K), into
+ * tile[2 * MR][NR]): one wide tile where it runs, else one or two 6 x 16 tiles. gates and
+ * col_gates as for rows_tile_wide (where it runs); returns 0 when no score reaches them. */
+AVX2 static int rows_tiles(const float *const *rows, int K, Py_ssize_t C, const float *w,
+                           float *tile, int two, const float *gates, const float *col_gates) {
+    if (two && wide_tiles) return rows_tile_wide(rows, K, C, w, tile, gates, col_gates);
+    rows_tile(rows, K, C, w, tile);
+    if (two) rows_tile(rows + MR * K, K, C, w, tile + MR * NR);
+    return 1;
+}
+
 /* A score rounded to bfloat16, as a float. */
 static inline float as_bf16(float s) {
     uint32_t bits;
@@ -505,12 +588,18 @@ AVX2 static void offer_tile(Best *b, const float *tile, Py_ssize_t i0, int rows,
     unsigned valid = cols == NR ? 0xFFFFu : (1u << cols) - 1;
     if (symmetric) {
         __m256 t0 = _mm256_loadu_ps(b->gate + j0), t1 = _mm256_loadu_ps(b->gate + j0 + 8);
-        unsigned m = 0;
-        for (int r = 0; r < rows; r++) m |= beats(tile + r * NR, t0, t1);
+        unsigned m = 0, cm[MR]; /* cm[r]: the columns row r's scores reach */
+        for (int r = 0; r < rows; r++) m |= cm[r] = beats(tile + r * NR, t0, t1);
         for (m &= valid; m; m &= m - 1) {
             int c = __builtin_ctz(m);
             Py_ssize_t j = j0 + c;
-            for (int r = 0; r < rows && i0 + r < j; r++) {
+            /* the rows whose score reaches column c's gate, among those before it (i0 + r < j):
+             * a loop over them alone, whose branches the CPU predicts */
+            unsigned rm = 0;
+            for (int r = 0; r < rows; r++) rm |= (cm[r] >> c & 1u) << r;
+            rm &= j - i0 >= MR ? ~0u : j > i0 ? (1u << (j - i0)) - 1 : 0u;
+            for (; rm; rm &= rm - 1) {
+                int r = __builtin_ctz(rm);
                 float s = bf16 ? as_bf16(tile[r * NR + c]) : tile[r * NR + c];
                 if (s > b->thr[j] && !(ex && ex[j] == i0 + r)) best_insert(b, j, s, (int32_t)(i0 + r));
             }
@@ -568,7 +657,7 @@ AVX2 static int gemm_topk_images(const float *q, Py_ssize_t q_batch, Py_ssize_t 
                     }
         for (Py_ssize_t t = 0; t < n * SLOTS; t++) b.score[t] = -INFINITY, b.at[t] = 0;
         for (Py_ssize_t t = 0; t < n + NR; t++) b.thr[t] = -INFINITY, b.gate[t] = -FLT_MAX;
-        float tile[MR * NR] __attribute__((aligned(32)));
+        float tile[2 * MR * NR] __attribute__((aligned(64)));
         for (Py_ssize_t s0 = 0; s0 < n; s0 += sb) {
             Py_ssize_t s1 = s0 + sb < n ? s0 + sb : n, blocks = (s1 - s0 + MR - 1) / MR;
             /* Row i's candidates come in ascending position: in earlier superblocks (as a
@@ -577,14 +666,20 @@ AVX2 static int gemm_topk_images(const float *q, Py_ssize_t q_batch, Py_ssize_t 
             for (Py_ssize_t p = symmetric ? s0 / NR : 0; p < panels; p++) {
                 Py_ssize_t j0 = p * NR;
                 int cols = M - j0 < NR ? (int)(M - j0) : NR;
-                for (Py_ssize_t bk = 0; bk < blocks; bk++) {
+                for (Py_ssize_t bk = 0; bk < blocks; bk += 2) { /* two blocks at a time */
                     Py_ssize_t i0 = s0 + bk * MR;
                     if (symmetric && j0 + cols <= i0) continue; /* below the diagonal */
-                    int rows = s1 - i0 < MR ? (int)(s1 - i0) : MR;
-                    const float *a[MR]; /* a short block repeats its first row */
-                    for (int r = 0; r < MR; r++) a[r] = q + (i0 + (r < rows ? r : 0)) * q_row;
-                    rows_tile(a, 1, D, P + p * D * NR, tile);
-                    offer_tile(&b, tile, i0, rows, j0, cols, symmetric, ex, bf16);
+                    const float *a[2 * MR]; /* rows past the superblock repeat its first */
+                    for (int r = 0; r < 2 * MR; r++) a[r] = q + (i0 + r < s1 ? i0 + r : i0) * q_row;
+                    if (!rows_tiles(a, 1, D, P + p * D * NR, tile, bk + 1 < blocks, b.gate + i0,
+                                    symmetric ? b.gate + j0 : NULL))
+                        continue; /* no score reaches a gate */
+                    for (int h = 0; h < 2 && bk + h < blocks; h++) {
+                        Py_ssize_t ih = i0 + h * MR;
+                        if (symmetric && j0 + cols <= ih) break;
+                        int rows = s1 - ih < MR ? (int)(s1 - ih) : MR;
+                        offer_tile(&b, tile + h * MR * NR, ih, rows, j0, cols, symmetric, ex, bf16);
+                    }
                 }
             }
         }
@@ -610,7 +705,7 @@ AVX2 static int aggregate_images(const float *values, const int64_t *idx, const 
     Py_ssize_t panels = (O + NR - 1) / NR, depth = K * C;
     void *base;
     float *P = aligned_block((size_t)panels * depth * NR * sizeof(float), &base);
-    const float **rows = malloc((size_t)MR * K * sizeof(float *));
+    const float **rows = malloc((size_t)2 * MR * K * sizeof(float *));
     if (!P || !rows) return free(base), free(rows), 0;
     for (Py_ssize_t p = 0; p < panels; p++)
         for (Py_ssize_t kc = 0; kc < depth; kc++)
@@ -618,15 +713,15 @@ AVX2 static int aggregate_images(const float *values, const int64_t *idx, const 
                 Py_ssize_t o = p * NR + j;
                 P[(p * depth + kc) * NR + j] = o < O ? weight[(o * C + kc % C) * K + kc / C] : 0.0f;
             }
-    float tile[MR * NR] __attribute__((aligned(32)));
+    float tile[2 * MR * NR] __attribute__((aligned(64)));
     for (Py_ssize_t b = 0; b < B; b++)
-        for (Py_ssize_t n0 = 0; n0 < N; n0 += MR) {
-            int nr = N - n0 < MR ? (int)(N - n0) : MR;
-            for (int r = 0; r < MR; r++) /* a short block repeats its first row */
+        for (Py_ssize_t n0 = 0; n0 < N; n0 += 2 * MR) { /* two blocks of rows at a time */
+            int nr = N - n0 < 2 * MR ? (int)(N - n0) : 2 * MR;
+            for (int r = 0; r < 2 * MR; r++) /* rows past the end repeat the first */
                 for (int k = 0; k < K; k++)
                     rows[r * K + k] = values + (b * M + idx[(b * N + n0 + (r < nr ? r : 0)) * K + k]) * C;
             for (Py_ssize_t p = 0; p < panels; p++) {
-                rows_tile(rows, K, C, P + p * depth * NR, tile);
+                rows_tiles(rows, K, C, P + p * depth * NR, tile, nr > MR, NULL, NULL);
                 int cols = O - p * NR < NR ? (int)(O - p * NR) : NR;
                 for (int j = 0; j < cols; j++) {
                     float *o = out + (b * O + p * NR + j) * N + n0, add = bias ? bias[p * NR + j] : 0.0f;
@@ -649,7 +744,7 @@ AVX2 static int aggregate_grad_values(const float *gy, Py_ssize_t gb, Py_ssize_t
     Py_ssize_t cbs = (C + NR - 1) / NR;
     void *base;
     float *P = aligned_block((size_t)K * cbs * O * NR * sizeof(float), &base);
-    float *rows = malloc((size_t)MR * O * sizeof(float)); /* a block's gradient rows */
+    float *rows = malloc((size_t)2 * MR * O * sizeof(float)); /* two blocks' gradient rows */
     if (!P || !rows) return free(base), free(rows), 0;
     for (int k = 0; k < K; k++)
         for (Py_ssize_t cb = 0; cb < cbs; cb++)
@@ -658,20 +753,20 @@ AVX2 static int aggregate_grad_values(const float *gy, Py_ssize_t gb, Py_ssize_t
                     Py_ssize_t c = cb * NR + j;
                     P[((k * cbs + cb) * O + o) * NR + j] = c < C ? weight[(o * C + c) * K + k] : 0.0f;
                 }
-    float tile[MR * NR] __attribute__((aligned(32)));
-    const float *a[MR];
-    for (int r = 0; r < MR; r++) a[r] = rows + r * O;
+    float tile[2 * MR * NR] __attribute__((aligned(64)));
+    const float *a[2 * MR];
+    for (int r = 0; r < 2 * MR; r++) a[r] = rows + r * O;
     for (Py_ssize_t b = 0; b < B; b++) {
         float *g = g_values + b * M * C;
-        for (Py_ssize_t n0 = 0; n0 < N; n0 += MR) {
-            int nr = N - n0 < MR ? (int)(N - n0) : MR;
-            for (int r = 0; r < MR; r++) /* a short block repeats its first row */
+        for (Py_ssize_t n0 = 0; n0 < N; n0 += 2 * MR) { /* two blocks of rows at a time */
+            int nr = N - n0 < 2 * MR ? (int)(N - n0) : 2 * MR;
+            for (int r = 0; r < 2 * MR; r++) /* rows past the end repeat the first */
                 for (Py_ssize_t o = 0; o < O; o++)
                     rows[r * O + o] = gy[b * gb + (n0 + (r < nr ? r : 0)) * gn + o * go];
             const int64_t *ix = idx + (b * N + n0) * K;
             for (int k = 0; k < K; k++)
                 for (Py_ssize_t cb = 0; cb < cbs; cb++) {
-                    rows_tile(a, 1, O, P + (k * cbs + cb) * O * NR, tile);
+                    rows_tiles(a, 1, O, P + (k * cbs + cb) * O * NR, tile, nr > MR, NULL, NULL);
                     Py_ssize_t c0 = cb * NR, cols = C - c0 < NR ? C - c0 : NR;
                     for (int r = 0; r < nr; r++) {
                         float *dst = g + ix[r * K + k] * C + c0;
@@ -981,7 +1076,39 @@ static PyObject *gemm_topk_here(PyObject *self, PyObject *unused) {
 #endif
 }
 
+PyDoc_STRVAR(tile_rows_doc,
+             "tile_rows(rows=0)\n\n"
+             "The rows of the tile kernels' widest tile: 12 (AVX-512, 12 x 16), 6 (AVX2, 6 x 16)\n"
+             "or 0 (none). rows = 6 or 12 sets it first (12 only where the CPU has AVX-512F):\n"
+             "both give the same numbers, bit for bit.");
+
+static PyObject *tile_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    int rows = 0;
+    if (!PyArg_ParseTuple(args, "|i:tile_rows", &rows)) return NULL;
+#ifdef HAVE_GEMM_TOPK
+    if (rows != 0) {
+        __builtin_cpu_init();
+        if (!gemm_topk_cpu() || (rows != MR && rows != 2 * MR) ||
+            (rows == 2 * MR && !__builtin_cpu_supports("avx512f"))) {
+            PyErr_Format(PyExc_ValueError, "tile_rows: rows must be 6 or, on a CPU with "
+                         "AVX-512F, 12; got %d", rows);
+            return NULL;
+        }
+        wide_tiles = rows == 2 * MR;
+    }
+    return PyLong_FromLong(!gemm_topk_cpu() ? 0 : wide_tiles ? 2 * MR : MR);
+#else
+    if (rows != 0) {
+        PyErr_SetString(PyExc_ValueError, "tile_rows: built without the tile kernels");
+        return NULL;
+    }
+    return PyLong_FromLong(0);
+#endif
+}
+
 static PyMethodDef methods[] = {
+    {"tile_rows", tile_rows, METH_VARARGS, tile_rows_doc},
     {"topk", (PyCFunction)(void (*)(void))topk, METH_FASTCALL, topk_doc},
     {"window", (PyCFunction)(void (*)(void))window, METH_FASTCALL, window_doc},
     {"gemm_topk", (PyCFunction)(void (*)(void))gemm_topk, METH_FASTCALL, gemm_topk_doc},
@@ -997,4 +1124,10 @@ static struct PyModuleDef module = {
     -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__rank(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__rank(void) {
+#ifdef HAVE_GEMM_TOPK
+    __builtin_cpu_init();
+    wide_tiles = gemm_topk_cpu() && __builtin_cpu_supports("avx512f");
+#endif
+    return PyModule_Create(&module);
+}

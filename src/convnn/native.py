@@ -20,14 +20,14 @@ The K best keys under float32 GEMM scores are also found in one pass (:func:`gem
 tile of scores is computed in registers and offered at once to each row's running top-K, so
 the scores are never written out; self-similarity computes only the tiles on and above the
 diagonal and offers each score to both its rows. Its scores are sums in one fixed order with
-fused multiply-adds, the same on every CPU that runs it (x86-64 with AVX2 and FMA; a CPU
-with AVX-512 runs it for self-similarity only, where it does half the GEMM's work).
+fused multiply-adds, the same on every CPU that runs it (x86-64 with AVX2 and FMA: 6 x 16
+tiles; with AVX-512, 12 x 16 tiles, whose numbers are the same bit for bit).
 
 The standard kernel's aggregation, out[n] = sum_k W_k v[idx[n, k]] + bias, and its two
 gradients run on the same 6 x 16 register tiles with the neighbours read in place: the
 gathered (N, K*C) matrix of the torch path is never formed, in the forward pass or the
 backward. Float32, one group of neighbours, no weighting, on the CPUs that run the one-pass
-top-K for all scores (AVX2 and FMA, no AVX-512: its GEMMs run twice as wide).
+top-K.
 
 Compiled graphs, float64 and other devices take the torch paths. ``CONVNN_NATIVE=0`` turns
 the kernels off (to compare the two paths); :func:`status` says whether they run and why not.
@@ -57,11 +57,13 @@ def status() -> str:
         return f"native kernels: off, {_MISSING}; torch ops rank and score"
     if not _enabled():
         return "native kernels: off, CONVNN_NATIVE=0; torch ops rank and score"
-    fused = {
-        "all": "all float32 GEMM scores; float32 aggregation with the neighbours in place",
-        "symmetric": "float32 self-similarity only (AVX-512 CPU); torch aggregation",
-        None: "off, this CPU lacks AVX2 and FMA; torch aggregation",
-    }[_gemm_topk_cpu()]
+    rows = _rank.tile_rows()
+    fused = (
+        f"float32 GEMM scores, and float32 aggregation with the neighbours in place, on {rows} x "
+        f"16 tiles ({'AVX-512' if rows == 12 else 'AVX2 and FMA'})"
+        if _tiles()
+        else "off, this CPU lacks AVX2 and FMA; torch aggregation"
+    )
     return (
         "native kernels: on (eager CPU top-K of float32, bfloat16 and float16 scores; "
         f"float32 window scores; scores and top-K in one pass: {fused})"
@@ -72,33 +74,33 @@ def _enabled() -> bool:
     return _rank is not None and os.environ.get("CONVNN_NATIVE", "1") != "0"
 
 
-_GEMM_TOPK_CPU: list[str | None] = []
+_TILES: list[bool] = []
 
 
-def _gemm_topk_cpu() -> str | None:
-    """Which GEMM top-K calls the fused kernel serves on this CPU (asked once): ``"all"``,
-    ``"symmetric"`` (a CPU with AVX-512, whose GEMMs run twice as wide as the kernel: it
-    serves self-similarity, where it does half the work) or None (no AVX2 and FMA)."""
-    if not _GEMM_TOPK_CPU:
-        here = _rank is not None and _rank.gemm_topk_cpu()
-        wide = "avx512" in torch.backends.cpu.get_cpu_capability().lower()
-        _GEMM_TOPK_CPU.append(None if not here else "symmetric" if wide else "all")
-    return _GEMM_TOPK_CPU[0]
+def _tiles() -> bool:
+    """Whether this CPU runs the tile kernels (one-pass top-K, aggregation): x86-64 with AVX2
+    and FMA (asked once)."""
+    if not _TILES:
+        _TILES.append(_rank is not None and _rank.gemm_topk_cpu())
+    return _TILES[0]
+
+
+@torch.compiler.assume_constant_result  # a traced graph takes the answer as a constant
+def one_pass_here() -> bool:
+    """Whether the one-pass top-K (:func:`gemm_topk`) runs here: kernels on, and a CPU that
+    runs them."""
+    return _enabled() and _tiles()
 
 
 GEMM_TOPK_SLOTS = 16  # the fused kernel keeps at most 16 best keys a row
 
 
-def gemm_topk_usable(
-    query: Tensor, key: Tensor, K: int, symmetric: bool, exclude: Tensor | None = None
-) -> bool:
+def gemm_topk_usable(query: Tensor, key: Tensor, K: int, exclude: Tensor | None = None) -> bool:
     """Whether :func:`gemm_topk` serves the K best of ``key`` (B, M, D) for ``query``
     (B, N, D): float32 CPU operands, K <= 16 (and below M with an ``exclude`` (N,) of
-    positions), in eager code outside torch modes on a CPU that runs the kernel
-    (``symmetric``: the keys are the queries)."""
-    served = _gemm_topk_cpu() if _enabled() else None
+    positions), in eager code outside torch modes on a CPU that runs the kernel."""
     return (
-        (served == "all" or (served == "symmetric" and symmetric))
+        one_pass_here()
         and query.dtype == key.dtype == torch.float32
         and query.device.type == key.device.type == "cpu"
         and query.dim() == key.dim() == 3
@@ -162,7 +164,7 @@ def aggregate_usable(
         and rho is None
         and weight is not None
         and _enabled()
-        and _gemm_topk_cpu() == "all"
+        and _tiles()
         and values.dtype == weight.dtype == torch.float32
         and values.device.type == weight.device.type == indices.device.type == "cpu"
         and values.dim() == 3
