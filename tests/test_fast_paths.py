@@ -245,6 +245,8 @@ def test_half_scores_on_a_cpu_without_half_gemms_are_the_half_gemm(monkeypatch, 
     found = {}
     for native in (False, True):
         monkeypatch.setattr(metrics, "_native_half_gemm", lambda dtype, native=native: native)
+        # where the one-pass kernel runs, bfloat16 takes the fp32 route on every CPU
+        monkeypatch.setattr(metrics.native, "one_pass_here", lambda: False)
         scores = metrics.GemmScores(q, k)
         assert (scores._wide is None) == native
         assert scores.rounding == (None if native else dtype)  # finite: rounded by the top-K
@@ -255,6 +257,8 @@ def test_half_scores_on_a_cpu_without_half_gemms_are_the_half_gemm(monkeypatch, 
             selection_dtype=dtype, return_indices=True, backend="chunked",
         )[1]  # fmt: skip
     assert torch.equal(found[False], found[True])
+    monkeypatch.setattr(metrics.native, "one_pass_here", lambda: True)
+    assert (metrics.GemmScores(q, k)._wide is None) == (dtype == torch.float16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -426,11 +426,15 @@ def _native_half_gemm(dtype: torch.dtype) -> bool:
 
 
 def _widen_half(query: Tensor, key: Tensor) -> tuple[Tensor, Tensor] | None:
-    """fp32 copies of half GEMM operands on a CPU without half matrix instructions, else
-    None (the GEMM runs in the operands' dtype)."""
+    """fp32 copies of half GEMM operands on a CPU without half matrix instructions, or of
+    bfloat16 ones where the one-pass kernel runs (it ranks fp32 scores as their bfloat16
+    rounding without writing them out, where a bfloat16 GEMM writes every score for a top-K
+    pass over many ties), else None (the GEMM runs in the operands' dtype)."""
     if query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16):
         return None
-    if _native_half_gemm(query.dtype):
+    if _native_half_gemm(query.dtype) and not (
+        query.dtype == torch.bfloat16 and native.one_pass_here()
+    ):
         return None
     wide = query.float()
     return wide, wide if key is query else key.float()  # self-similarity: converted once
@@ -501,7 +505,7 @@ class GemmScores(BlockScores):
         return (
             self._finite
             and self.rounding in (None, torch.bfloat16)
-            and native.gemm_topk_usable(q, k, K, k is q, exclude)
+            and native.gemm_topk_usable(q, k, K, exclude)
         )
 
     def fused_topk(
