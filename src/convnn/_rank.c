@@ -523,6 +523,10 @@ AVX512 __attribute__((noinline)) static int rows_tile_wide(const float *const *r
     __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0, z4 = z0, z5 = z0, z6 = z0;
     __m512 z7 = z0, z8 = z0, z9 = z0, z10 = z0, z11 = z0;
     for (int k = 0; k < K; k++) {
+        if (k + 1 < K) /* the next neighbours' rows, which lie anywhere in the values */
+            for (int r = 0; r < 2 * MR; r++)
+                for (Py_ssize_t c = 0; c < C; c += 16)
+                    _mm_prefetch((const char *)(rows[r * K + k + 1] + c), _MM_HINT_T0);
         const float *a0 = rows[k], *a1 = rows[K + k], *a2 = rows[2 * K + k], *a3 = rows[3 * K + k];
         const float *a4 = rows[4 * K + k], *a5 = rows[5 * K + k], *a6 = rows[6 * K + k];
         const float *a7 = rows[7 * K + k], *a8 = rows[8 * K + k], *a9 = rows[9 * K + k];
@@ -785,64 +789,95 @@ AVX2 static int aggregate_grad_values(const float *gy, Py_ssize_t gb, Py_ssize_t
 }
 
 /* Weight gradient: g_weight (O, C, K) = sum over n of gy[n, o] v[idx[n, k], c] (overwritten;
- * gy strided as for aggregate_grad_values). Tiles of MR channels of one k by NR outputs run
- * over blocks of NB rows: the block's gradient rows packed (G[panel][n][NR]) and its
- * neighbours' row pointers, and every tile carried from block to block in acc. Returns 0
- * when out of memory. */
+ * gy strided as for aggregate_grad_values). Tiles of channels of one k (MR, or 2 * MR on
+ * AVX-512) by NR outputs run over blocks of NB rows: the block's gradient rows packed
+ * (G[panel][n][NR]) and its neighbours' row pointers, and every tile carried from block to
+ * block in acc[k][panel][channel][NR] (channels padded to a multiple of MR). Each number is
+ * summed over n in ascending order, whatever the tile. Returns 0 when out of memory. */
 #define NB 256
+
+/* t (MR channels c0.. by NR outputs) += sum over n < nb of rows[n][c0 + r] g[n][NR]; channels
+ * from c0 + cr on (a short last block) read channel c0 again. */
+AVX2 static void weight_tile(float *t, const float *g, const float *const *rows, Py_ssize_t c0,
+                             Py_ssize_t cr, Py_ssize_t nb) {
+    Py_ssize_t o1 = cr > 1, o2 = cr > 2 ? 2 : 0, o3 = cr > 3 ? 3 : 0;
+    Py_ssize_t o4 = cr > 4 ? 4 : 0, o5 = cr > 5 ? 5 : 0;
+#define TILE_AT(offset) _mm256_load_ps(t + (offset))
+    TILE_DECLARE(TILE_AT);
+#undef TILE_AT
+    for (Py_ssize_t n = 0; n < nb; n++, g += NR) {
+        const float *a = rows[n] + c0;
+        __m256 b0 = _mm256_load_ps(g), b1 = _mm256_load_ps(g + 8);
+        TILE_STEP(b0, b1, a, a + o1, a + o2, a + o3, a + o4, a + o5);
+    }
+    TILE_STORE(t);
+}
+
+/* weight_tile for 2 * MR whole channels on AVX-512. */
+#define WIDE_LOAD(r) __m512 z##r = _mm512_load_ps(t + (r) * NR)
+#define WIDE_CHANNEL(r) z##r = _mm512_fmadd_ps(_mm512_set1_ps(a[r]), b, z##r)
+AVX512 __attribute__((noinline)) static void weight_tile_wide(float *t, const float *g,
+                                                             const float *const *rows,
+                                                             Py_ssize_t c0, Py_ssize_t nb) {
+    WIDE_LOAD(0); WIDE_LOAD(1); WIDE_LOAD(2); WIDE_LOAD(3); WIDE_LOAD(4); WIDE_LOAD(5);
+    WIDE_LOAD(6); WIDE_LOAD(7); WIDE_LOAD(8); WIDE_LOAD(9); WIDE_LOAD(10); WIDE_LOAD(11);
+    for (Py_ssize_t n = 0; n < nb; n++, g += NR) {
+        const float *a = rows[n] + c0;
+        /* the neighbours' rows lie anywhere in the values: fetch one a few rows ahead */
+        if (n + 16 < nb) _mm_prefetch((const char *)(rows[n + 16] + c0), _MM_HINT_T0);
+        __m512 b = _mm512_load_ps(g);
+        WIDE_CHANNEL(0), WIDE_CHANNEL(1), WIDE_CHANNEL(2), WIDE_CHANNEL(3);
+        WIDE_CHANNEL(4), WIDE_CHANNEL(5), WIDE_CHANNEL(6), WIDE_CHANNEL(7);
+        WIDE_CHANNEL(8), WIDE_CHANNEL(9), WIDE_CHANNEL(10), WIDE_CHANNEL(11);
+    }
+    float *tile = t;
+    WIDE_STORE(0), WIDE_STORE(1), WIDE_STORE(2), WIDE_STORE(3), WIDE_STORE(4), WIDE_STORE(5);
+    WIDE_STORE(6), WIDE_STORE(7), WIDE_STORE(8), WIDE_STORE(9), WIDE_STORE(10), WIDE_STORE(11);
+}
+
 AVX2 static int aggregate_grad_weight(const float *gy, Py_ssize_t gb, Py_ssize_t gn, Py_ssize_t go,
                                       const int64_t *idx, const float *values, float *g_weight,
                                       Py_ssize_t B, Py_ssize_t M, Py_ssize_t N, Py_ssize_t C, int K,
                                       Py_ssize_t O) {
-    Py_ssize_t panels = (O + NR - 1) / NR, cbs = (C + MR - 1) / MR, total = B * N;
-    size_t tiles = (size_t)K * cbs * panels;
+    Py_ssize_t panels = (O + NR - 1) / NR, cpad = (C + MR - 1) / MR * MR, total = B * N;
+    size_t floats = (size_t)K * panels * cpad * NR;
     void *bases[2];
-    float *acc = aligned_block(tiles * MR * NR * sizeof(float), &bases[0]);
+    float *acc = aligned_block(floats * sizeof(float), &bases[0]);
     float *G = aligned_block((size_t)panels * NB * NR * sizeof(float), &bases[1]);
     const float **rp = malloc((size_t)NB * K * sizeof(float *));
     if (!acc || !G || !rp) return free(bases[0]), free(bases[1]), free(rp), 0;
-    memset(acc, 0, tiles * MR * NR * sizeof(float));
+    memset(acc, 0, floats * sizeof(float));
     for (Py_ssize_t n0 = 0; n0 < total; n0 += NB) {
         Py_ssize_t nb = total - n0 < NB ? total - n0 : NB;
-        for (Py_ssize_t p = 0; p < panels; p++)
-            for (Py_ssize_t n = 0; n < nb; n++)
+        for (Py_ssize_t n = 0; n < nb; n++) {
+            const float *row = gy + (n0 + n) / N * gb + (n0 + n) % N * gn;
+            for (Py_ssize_t p = 0; p < panels; p++)
                 for (int j = 0; j < NR; j++) {
                     Py_ssize_t o = p * NR + j;
-                    Py_ssize_t bn = n0 + n;
-                    G[(p * NB + n) * NR + j] = o < O ? gy[bn / N * gb + bn % N * gn + o * go] : 0.0f;
+                    G[(p * NB + n) * NR + j] = o < O ? row[o * go] : 0.0f;
                 }
+        }
         for (Py_ssize_t n = 0; n < nb; n++)
             for (int k = 0; k < K; k++)
                 rp[k * NB + n] = values + ((n0 + n) / N * M + idx[(n0 + n) * K + k]) * C;
         for (int k = 0; k < K; k++)
-            for (Py_ssize_t cb = 0; cb < cbs; cb++) {
-                /* a short last block of channels reads its first channel again */
-                Py_ssize_t c0 = cb * MR, cr = C - c0 < MR ? C - c0 : MR;
-                Py_ssize_t o1 = cr > 1, o2 = cr > 2 ? 2 : 0, o3 = cr > 3 ? 3 : 0;
-                Py_ssize_t o4 = cr > 4 ? 4 : 0, o5 = cr > 5 ? 5 : 0;
-                for (Py_ssize_t p = 0; p < panels; p++) {
-                    float *t = acc + (((size_t)k * cbs + cb) * panels + p) * MR * NR;
-#define TILE_AT(offset) _mm256_load_ps(t + (offset))
-                    TILE_DECLARE(TILE_AT);
-#undef TILE_AT
-                    const float *g = G + p * NB * NR, *const *rows = rp + k * NB;
-                    for (Py_ssize_t n = 0; n < nb; n++, g += NR) {
-                        const float *a = rows[n] + c0;
-                        __m256 b0 = _mm256_load_ps(g), b1 = _mm256_load_ps(g + 8);
-                        TILE_STEP(b0, b1, a, a + o1, a + o2, a + o3, a + o4, a + o5);
-                    }
-                    TILE_STORE(t);
-                }
+            for (Py_ssize_t p = 0; p < panels; p++) {
+                float *t = acc + ((size_t)k * panels + p) * cpad * NR;
+                const float *g = G + p * NB * NR, *const *rows = rp + k * NB;
+                Py_ssize_t c0 = 0;
+                if (wide_tiles) /* whole blocks of 2 * MR channels, then one of MR at most */
+                    for (; c0 + 2 * MR <= C; c0 += 2 * MR)
+                        weight_tile_wide(t + c0 * NR, g, rows, c0, nb);
+                for (; c0 < C; c0 += MR)
+                    weight_tile(t + c0 * NR, g, rows, c0, C - c0 < MR ? C - c0 : MR, nb);
             }
     }
     for (int k = 0; k < K; k++)
-        for (Py_ssize_t cb = 0; cb < cbs; cb++)
-            for (Py_ssize_t p = 0; p < panels; p++) {
-                const float *t = acc + (((size_t)k * cbs + cb) * panels + p) * MR * NR;
-                for (Py_ssize_t r = 0; r < MR && cb * MR + r < C; r++)
-                    for (Py_ssize_t j = 0; j < NR && p * NR + j < O; j++)
-                        g_weight[((p * NR + j) * C + cb * MR + r) * K + k] = t[r * NR + j];
-            }
+        for (Py_ssize_t p = 0; p < panels; p++)
+            for (Py_ssize_t c = 0; c < C; c++)
+                for (Py_ssize_t j = 0; j < NR && p * NR + j < O; j++)
+                    g_weight[((p * NR + j) * C + c) * K + k] =
+                        acc[(((size_t)k * panels + p) * cpad + c) * NR + j];
     free(bases[0]), free(bases[1]), free(rp);
     return 1;
 }
