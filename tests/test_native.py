@@ -202,7 +202,7 @@ def test_native_window_scores_are_the_dot_products(d):
     k[:, 40:] = k[:, 10:20]  # keys 40-49 repeat keys 10-19
     shared = torch.randint(0, 50, (20, 9), generator=gen)
     own = torch.randint(0, 50, (3, 20, 9), generator=gen)
-    own[..., 0], own[..., 1] = 12, 42  # equal keys in every row
+    own[..., 0], own[..., 1], own[..., 8] = 12, 42, 42  # equal keys: eight at once, and alone
     for qq, kk, cand in ((q, k, shared), (q, k, own), (q[:1], k, own), (q, k[:1], shared)):
         got = native.window_scores(qq, kk, cand)
         B = max(qq.shape[0], kk.shape[0], cand.shape[0] if cand.dim() == 3 else 1)
@@ -213,11 +213,39 @@ def test_native_window_scores_are_the_dot_products(d):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     assert native.window_scores(q[:0], k[:0], shared).shape == (0, 20, 9)  # an empty batch
     same = native.window_scores(q, k, own)
-    assert torch.equal(same[..., 0], same[..., 1])
+    assert torch.equal(same[..., 0], same[..., 1]) and torch.equal(same[..., 0], same[..., 8])
     with pytest.raises(ValueError, match="outside the keys"):
         native.window_scores(q, k, shared.masked_fill(shared == 7, 50))
     with torch.enable_grad():  # a differentiable call keeps the torch path
         assert native.window_scores(q.requires_grad_(), k, shared) is None
+
+
+@needs_native
+def test_native_window_topk_ranks_the_window_scores():
+    """Window scores and their top-K in one pass: the K best candidates of the window scores
+    (excluded keys -inf), ties to the lower index, as key indices; small integer features
+    (many exact ties), shared and per-image candidates, blocks of queries that end short,
+    K = 1 to W, and the errors."""
+    gen = torch.Generator().manual_seed(12)
+    for B, n, M, d, W in ((2, 70, 90, 16, 9), (1, 130, 40, 5, 49), (3, 9, 30, 64, 25)):
+        q = torch.randint(-2, 3, (B, n, d), generator=gen).float()
+        k = torch.randint(-2, 3, (B, M, d), generator=gen).float()
+        for cand in (torch.randint(0, M, (n, W), generator=gen),
+                     torch.randint(0, M, (B, n, W), generator=gen)):  # fmt: skip
+            cand = cand.sort(-1).values
+            s = native.window_scores(q, k, cand)
+            for ex in (None, torch.randint(0, M, (n,), generator=gen)):
+                masked = s if ex is None else s.masked_fill(cand == ex[:, None], -torch.inf)
+                for K in sorted({1, min(W, 9), W}):
+                    got = native.window_topk(q, k, cand, K, ex)
+                    want = cand.expand(B, -1, -1).gather(-1, formula(masked, K))
+                    assert torch.equal(got, want), (B, n, W, K, ex is None)
+    with pytest.raises(ValueError, match="K must lie in"):
+        native.window_topk(q, k, cand, W + 1)
+    with pytest.raises(ValueError, match="exclude must be"):
+        native.window_topk(q, k, cand, 2, torch.zeros(n + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="outside the keys"):
+        native.window_topk(q, k, cand.masked_fill(cand == cand[0, 0, 0], M), 2)
 
 
 def gemm_formula(q, k, K, exclude=None):

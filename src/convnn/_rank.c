@@ -21,6 +21,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -305,6 +306,58 @@ static void rank_row(const void *row, int kind, Py_ssize_t M, Py_ssize_t K, int3
     rank_heap(row, kind, M, K, scratch, scratch + K, scratch + 2 * K, out);
 }
 
+/* What rank_rows needs for rows of M scores and K best: rank_row's keys, its heap and group
+ * maxima, and its chosen groups; for narrow rows with few rounds (by_lanes), LANES rows at
+ * a time, a row to a lane, their keys lane by lane. */
+typedef struct {
+    Py_ssize_t M, K;
+    int by_lanes;
+    size_t n_keys;
+    int32_t *keys, *lane_keys;
+    int64_t *chosen;
+} Ranker;
+
+static int ranker_open(Ranker *r, Py_ssize_t M, Py_ssize_t K) {
+    r->M = M, r->K = K;
+    r->n_keys = (size_t)M + (size_t)M / GROUP + 4 * LANES;
+    size_t n_scratch = 2 * (size_t)K + (size_t)M / GROUP + 1;
+    r->chosen = (int64_t *)malloc((size_t)K * sizeof(int64_t));
+    r->keys = (int32_t *)malloc((r->n_keys + n_scratch) * sizeof(int32_t));
+    r->by_lanes = M <= LANE_ROWS_WIDTH && K * M <= ROUNDS_WORK;
+    r->lane_keys = r->by_lanes ? (int32_t *)malloc((size_t)M * LANES * sizeof(int32_t)) : NULL;
+    if (r->keys && r->chosen && (!r->by_lanes || r->lane_keys)) return 1;
+    free(r->keys), free(r->chosen), free(r->lane_keys);
+    return 0;
+}
+
+static void ranker_close(Ranker *r) { free(r->keys), free(r->chosen), free(r->lane_keys); }
+
+/* The K best positions of each of ``rows`` rows of M scores (``kind``; rows ``stride``
+ * elements apart, each contiguous) into the int64 rows of dst (``out_stride`` apart), in
+ * canonical order. */
+static void rank_rows(const Ranker *rk, const void *src, int kind, Py_ssize_t rows,
+                      Py_ssize_t stride, int64_t *dst, Py_ssize_t out_stride) {
+    Py_ssize_t M = rk->M, K = rk->K, r = 0;
+    size_t item = kind == HALF16 ? 2 : 4;
+    int32_t *keys = rk->keys, *heap = keys + rk->n_keys;
+    for (; rk->by_lanes && r < rows; r += LANES) {
+        const char *group[LANES];
+        for (int l = 0; l < LANES; l++)
+            group[l] = r + l < rows ? (const char *)src + (size_t)((r + l) * stride) * item : NULL;
+        read_keys_lanes(group, M, kind, rk->lane_keys);
+        int64_t *out = dst + r * out_stride;
+        int real = rows - r < LANES ? (int)(rows - r) : LANES;
+        int failed = rank_rounds_lanes(rk->lane_keys, M, K, out, out_stride, real);
+        for (int l = 0; l < real; l++)
+            if (failed >> l & 1)
+                rank_heap(group[l], kind, M, K, heap, heap + K, heap + 2 * K, out + l * out_stride);
+    }
+    for (; r < rows; r++) {
+        const char *row = (const char *)src + (size_t)(r * stride) * item;
+        rank_row(row, kind, M, K, keys, heap, rk->chosen, dst + r * out_stride);
+    }
+}
+
 /* Eight float lanes; with contraction off (setup.py: -ffp-contract=off) every build and CPU
  * rounds a dot product the same way. */
 typedef float floats __attribute__((vector_size(4 * LANES)));
@@ -321,6 +374,44 @@ static inline float dot(const float *a, const float *b, Py_ssize_t d) {
     return s;
 }
 
+/* dot(a, b[t], d) for eight rows b[t] at once, each summed as dot sums it (bit for bit): their
+ * lane sums side by side, transposed so that lane l of all eight is one vector, and added in
+ * dot's pairs; then the tail. Into out[0..8). */
+static inline __attribute__((always_inline)) void dot8(const float *a, const float *const *b,
+                                                       Py_ssize_t d, float *out) {
+    floats r0 = {0}, r1 = {0}, r2 = {0}, r3 = {0}, r4 = {0}, r5 = {0}, r6 = {0}, r7 = {0};
+    Py_ssize_t t = 0;
+    for (; t + LANES <= d; t += LANES) {
+        floats x = *(const floats_u *)(a + t);
+        r0 += x * *(const floats_u *)(b[0] + t), r1 += x * *(const floats_u *)(b[1] + t);
+        r2 += x * *(const floats_u *)(b[2] + t), r3 += x * *(const floats_u *)(b[3] + t);
+        r4 += x * *(const floats_u *)(b[4] + t), r5 += x * *(const floats_u *)(b[5] + t);
+        r6 += x * *(const floats_u *)(b[6] + t), r7 += x * *(const floats_u *)(b[7] + t);
+    }
+    const lanes even = {0, 8, 1, 9, 4, 12, 5, 13}, odd = {2, 10, 3, 11, 6, 14, 7, 15};
+    const lanes pairs_lo = {0, 1, 8, 9, 4, 5, 12, 13}, pairs_hi = {2, 3, 10, 11, 6, 7, 14, 15};
+    const lanes lo = {0, 1, 2, 3, 8, 9, 10, 11}, hi = {4, 5, 6, 7, 12, 13, 14, 15};
+    floats t0 = __builtin_shuffle(r0, r1, even), t1 = __builtin_shuffle(r0, r1, odd);
+    floats t2 = __builtin_shuffle(r2, r3, even), t3 = __builtin_shuffle(r2, r3, odd);
+    floats t4 = __builtin_shuffle(r4, r5, even), t5 = __builtin_shuffle(r4, r5, odd);
+    floats t6 = __builtin_shuffle(r6, r7, even), t7 = __builtin_shuffle(r6, r7, odd);
+    floats u0 = __builtin_shuffle(t0, t2, pairs_lo), u1 = __builtin_shuffle(t0, t2, pairs_hi);
+    floats u2 = __builtin_shuffle(t1, t3, pairs_lo), u3 = __builtin_shuffle(t1, t3, pairs_hi);
+    floats u4 = __builtin_shuffle(t4, t6, pairs_lo), u5 = __builtin_shuffle(t4, t6, pairs_hi);
+    floats u6 = __builtin_shuffle(t5, t7, pairs_lo), u7 = __builtin_shuffle(t5, t7, pairs_hi);
+    /* lane l of the eight rows: (u0, u4) hold lanes 0 and 4, (u1, u5) 1 and 5, ... */
+    floats l0 = __builtin_shuffle(u0, u4, lo), l4 = __builtin_shuffle(u0, u4, hi);
+    floats l1 = __builtin_shuffle(u1, u5, lo), l5 = __builtin_shuffle(u1, u5, hi);
+    floats l2 = __builtin_shuffle(u2, u6, lo), l6 = __builtin_shuffle(u2, u6, hi);
+    floats l3 = __builtin_shuffle(u3, u7, lo), l7 = __builtin_shuffle(u3, u7, hi);
+    floats s = ((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7));
+    for (; t < d; t++) {
+        floats x = {b[0][t], b[1][t], b[2][t], b[3][t], b[4][t], b[5][t], b[6][t], b[7][t]};
+        s += a[t] * x;
+    }
+    *(floats_u *)out = s; /* stored here: a vector return's registers differ between clones */
+}
+
 /* out[b, i, j] = q[b, i] . k[b, cand[b, i, j]] for B x n queries and their W candidates
  * (strides in elements; a batch stride of 0 shares across the batch). Returns 0 if a
  * candidate lies outside [0, M). */
@@ -333,10 +424,50 @@ CLONES static int window_rows(const float *q, const float *k, const int64_t *can
             const float *qi = q + b * qb + i * qr;
             const int64_t *c = cand + b * cb + i * W;
             float *o = out + (b * n + i) * W;
-            for (Py_ssize_t j = 0; j < W; j++) {
+            Py_ssize_t j = 0;
+            for (; j + LANES <= W; j += LANES) { /* eight candidates at a time */
+                const float *kc[LANES];
+                for (int t = 0; t < LANES; t++) {
+                    if (c[j + t] < 0 || c[j + t] >= M) return 0;
+                    kc[t] = k + b * kb + c[j + t] * kr;
+                }
+                dot8(qi, kc, d, o + j);
+            }
+            for (; j < W; j++) {
                 if (c[j] < 0 || c[j] >= M) return 0;
                 o[j] = dot(qi, k + b * kb + c[j] * kr, d);
             }
+        }
+    return 1;
+}
+
+/* The K best of each query's W candidates under its window scores, into out (B, n, K) as the
+ * candidates' key indices in canonical order (descending score, equal scores by lower
+ * position in cand, whose rows ascend): window_rows' scores of a block of queries at a time,
+ * ranked by rank_rows while they are in the cache. ex: NULL or each query's excluded key,
+ * scored -inf. rk: a Ranker for W and K; buf: WINDOW_BLOCK * W floats. Returns 0 if a
+ * candidate lies outside [0, M). */
+#define WINDOW_BLOCK 64
+static int window_topk_rows(const float *q, const float *k, const int64_t *cand, const int64_t *ex,
+                            int64_t *out, Py_ssize_t B, Py_ssize_t n, Py_ssize_t W, Py_ssize_t d,
+                            Py_ssize_t M, Py_ssize_t qb, Py_ssize_t qr, Py_ssize_t kb,
+                            Py_ssize_t kr, Py_ssize_t cb, const Ranker *rk, float *buf) {
+    Py_ssize_t K = rk->K;
+    for (Py_ssize_t b = 0; b < B; b++)
+        for (Py_ssize_t i0 = 0; i0 < n; i0 += WINDOW_BLOCK) {
+            Py_ssize_t rows = n - i0 < WINDOW_BLOCK ? n - i0 : WINDOW_BLOCK;
+            const int64_t *c = cand + b * cb + i0 * W;
+            if (!window_rows(q + b * qb + i0 * qr, k + b * kb, c, buf, 1, rows, W, d, M, 0, qr, 0,
+                             kr, 0))
+                return 0;
+            if (ex)
+                for (Py_ssize_t i = 0; i < rows; i++)
+                    for (Py_ssize_t j = 0; j < W; j++)
+                        if (c[i * W + j] == ex[i0 + i]) buf[i * W + j] = -INFINITY;
+            int64_t *o = out + (b * n + i0) * K;
+            rank_rows(rk, buf, F32, rows, W, o, K);
+            for (Py_ssize_t i = 0; i < rows; i++) /* positions to key indices */
+                for (Py_ssize_t t = 0; t < K; t++) o[i * K + t] = c[i * W + o[i * K + t]];
         }
     return 1;
 }
@@ -924,6 +1055,38 @@ static PyObject *window(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(window_topk_doc,
+             "window_topk(q, k, cand, exclude, out, B, n, W, d, M, q_batch, q_row, k_batch,\n"
+             "            k_row, cand_batch, K)\n\n"
+             "The K best of each query's candidates under window's scores, as key indices into\n"
+             "the int64 out (B, n, K), canonical order; exclude: 0 or n int64 keys, one a query\n"
+             "scores -inf. Finite scores only (the caller's check).");
+
+static PyObject *window_topk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    Py_ssize_t v[16];
+    if (!integers(args, nargs, 16, "window_topk", v)) return NULL;
+    if (v[15] < 1 || v[15] > v[7]) {
+        PyErr_SetString(PyExc_ValueError, "window_topk: need 1 <= K <= W");
+        return NULL;
+    }
+    Ranker rk;
+    float *buf = malloc((size_t)WINDOW_BLOCK * v[7] * sizeof(float));
+    if (!buf || !ranker_open(&rk, v[7], v[15])) return free(buf), PyErr_NoMemory();
+    int ok;
+    Py_BEGIN_ALLOW_THREADS;
+    ok = window_topk_rows((const float *)v[0], (const float *)v[1], (const int64_t *)v[2],
+                          (const int64_t *)v[3], (int64_t *)v[4], v[5], v[6], v[7], v[8], v[9],
+                          v[10], v[11], v[12], v[13], v[14], &rk, buf);
+    Py_END_ALLOW_THREADS;
+    ranker_close(&rk), free(buf);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "window_topk: a candidate lies outside the keys");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(topk_doc,
              "topk(scores, kind, rows, width, row_stride, K, out, out_stride)\n\n"
              "The K best positions of each of ``rows`` rows of ``width`` scores (data pointer\n"
@@ -935,48 +1098,18 @@ static PyObject *topk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     Py_ssize_t v[8];
     if (!integers(args, nargs, 8, "topk", v)) return NULL;
-    uintptr_t src = (uintptr_t)v[0], dst = (uintptr_t)v[6];
     int kind = v[1] < F32 || v[1] > HALF16 ? -1 : (int)v[1];
     Py_ssize_t rows = v[2], M = v[3], stride = v[4], K = v[5], out_stride = v[7];
     if (kind < F32 || kind > HALF16 || rows < 0 || K < 1 || K > M || M > INT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "topk: kind must be 0-2 and 1 <= K <= width < 2^31");
         return NULL;
     }
-    /* rank_row's keys, its heap and group maxima, and its chosen groups */
-    size_t n_keys = (size_t)M + (size_t)M / GROUP + 4 * LANES;
-    size_t n_scratch = 2 * (size_t)K + (size_t)M / GROUP + 1;
-    int64_t *chosen = (int64_t *)malloc((size_t)K * sizeof(int64_t));
-    int32_t *keys = (int32_t *)malloc((n_keys + n_scratch) * sizeof(int32_t));
-    /* narrow rows with few rounds: LANES rows at a time, a row to a lane, their keys lane by
-     * lane in lane_keys */
-    int by_lanes = M <= LANE_ROWS_WIDTH && K * M <= ROUNDS_WORK;
-    int32_t *lane_keys = by_lanes ? (int32_t *)malloc((size_t)M * LANES * sizeof(int32_t)) : NULL;
-    if (keys == NULL || chosen == NULL || (by_lanes && lane_keys == NULL)) {
-        free(keys), free(chosen), free(lane_keys);
-        return PyErr_NoMemory();
-    }
-    size_t item = kind == HALF16 ? 2 : 4;
+    Ranker r;
+    if (!ranker_open(&r, M, K)) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS;
-    Py_ssize_t r = 0;
-    for (; by_lanes && r < rows; r += LANES) {
-        const char *group[LANES];
-        for (int l = 0; l < LANES; l++)
-            group[l] = r + l < rows ? (const char *)src + (size_t)((r + l) * stride) * item : NULL;
-        read_keys_lanes(group, M, kind, lane_keys);
-        int64_t *out = (int64_t *)dst + r * out_stride;
-        int real = rows - r < LANES ? (int)(rows - r) : LANES;
-        int failed = rank_rounds_lanes(lane_keys, M, K, out, out_stride, real);
-        for (int l = 0; l < real; l++)
-            if (failed >> l & 1)
-                rank_heap(group[l], kind, M, K, keys + n_keys, keys + n_keys + K,
-                          keys + n_keys + 2 * K, out + l * out_stride);
-    }
-    for (; r < rows; r++) {
-        const char *row = (const char *)src + (size_t)(r * stride) * item;
-        rank_row(row, kind, M, K, keys, keys + n_keys, chosen, (int64_t *)dst + r * out_stride);
-    }
+    rank_rows(&r, (const void *)v[0], kind, rows, stride, (int64_t *)v[6], out_stride);
     Py_END_ALLOW_THREADS;
-    free(keys), free(chosen), free(lane_keys);
+    ranker_close(&r);
     Py_RETURN_NONE;
 }
 
@@ -1146,6 +1279,7 @@ static PyMethodDef methods[] = {
     {"tile_rows", tile_rows, METH_VARARGS, tile_rows_doc},
     {"topk", (PyCFunction)(void (*)(void))topk, METH_FASTCALL, topk_doc},
     {"window", (PyCFunction)(void (*)(void))window, METH_FASTCALL, window_doc},
+    {"window_topk", (PyCFunction)(void (*)(void))window_topk, METH_FASTCALL, window_topk_doc},
     {"gemm_topk", (PyCFunction)(void (*)(void))gemm_topk, METH_FASTCALL, gemm_topk_doc},
     {"gemm_topk_cpu", gemm_topk_here, METH_NOARGS, gemm_topk_cpu_doc},
     {"aggregate", (PyCFunction)(void (*)(void))aggregate, METH_FASTCALL, aggregate_doc},

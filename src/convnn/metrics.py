@@ -497,6 +497,18 @@ class GemmScores(BlockScores):
         s = s.to(self.query.dtype)
         return s if self._finite else rankable(s)
 
+    def window_topk(self, qs, cand: Tensor, K: int, exclude: Tensor | None = None) -> Tensor | None:
+        """The K best (B, n, K) of queries ``qs`` among their candidates ``cand`` (n, W) or
+        (B', n, W), rows ascending, as key indices in canonical order, scored as
+        :meth:`window` scores them and ranked in the same native pass (the scores never
+        written out), ``exclude`` (n,) scoring -inf; None where that kernel does not serve
+        (non-finite or rounded scores, or no native kernel), and the caller ranks
+        :meth:`window`'s scores."""
+        if not self._finite or self.rounding is not None or self.query.dtype != torch.float32:
+            return None
+        q, k = self._gemm_operands
+        return native.window_topk(q[:, qs], k, cand, K, exclude)
+
     def fused(self, K: int, exclude: Tensor | None = None) -> bool:
         """Whether :meth:`fused_topk` serves this selection: finite float32 scores, or
         bfloat16 ones from the float32 GEMM, where the native kernel runs

@@ -295,13 +295,38 @@ def window_scores_usable(query: Tensor, key: Tensor) -> bool:
     )
 
 
-def window_scores(query: Tensor, key: Tensor, cand: Tensor) -> Tensor | None:
-    """Scores (B, n, W) of queries (Bq, n, d) against their own candidate keys ``cand`` (n, W)
-    or (B', n, W) among ``key`` (Bk, M, d) (batches 1 or B), or None where the kernel does
-    not serve the call (then the caller's torch path scores it): float32 CPU tensors outside
-    autograd, in eager code."""
+def window_topk(
+    query: Tensor, key: Tensor, cand: Tensor, K: int, exclude: Tensor | None = None
+) -> Tensor | None:
+    """The K best (B, n, K) of each query's candidates ``cand`` as :func:`window_scores`
+    scores them, as key indices in canonical order (descending score, equal scores by the
+    lower index: ``cand``'s rows ascend), the scores never written out; ``exclude`` (n,): a
+    key each query scores -inf. None where the kernel does not serve the call. The caller
+    vouches that every score is finite."""
     if not (window_scores_usable(query, key) and cand.device.type == "cpu"):
         return None
+    query, key, cand, B = _window_operands(query, key, cand)
+    n, W = cand.shape[-2:]
+    if not 1 <= K <= W:
+        raise ValueError(f"window_topk: K must lie in [1, {W}] (the candidates), got {K}")
+    if exclude is not None:
+        if exclude.shape != (n,):
+            raise ValueError(f"window_topk: exclude must be ({n},), got {tuple(exclude.shape)}")
+        exclude = exclude.to(torch.int64).contiguous()
+    out = torch.empty(B, n, K, dtype=torch.int64)
+    if out.numel() == 0:
+        return out
+    _rank.window_topk(
+        query.data_ptr(), key.data_ptr(), cand.data_ptr(),
+        0 if exclude is None else exclude.data_ptr(), out.data_ptr(), B, n, W,
+        query.shape[-1], key.shape[1], _batch_stride(query), query.stride(1),
+        _batch_stride(key), key.stride(1), _batch_stride(cand) if cand.dim() == 3 else 0, K,
+    )  # fmt: skip
+    return out
+
+
+def _window_operands(query: Tensor, key: Tensor, cand: Tensor):
+    """The window kernels' operands (rows contiguous, int64 candidates) and their batch."""
     n, W = cand.shape[-2:]
     d = query.shape[-1]
     if query.dim() != 3 or key.dim() != 3 or query.shape[1] != n or key.shape[2] != d:
@@ -314,7 +339,19 @@ def window_scores(query: Tensor, key: Tensor, cand: Tensor) -> Tensor | None:
         query = query.contiguous()
     if key.stride(-1) != 1:
         key = key.contiguous()
-    cand = cand.to(torch.int64).contiguous()
+    return query, key, cand.to(torch.int64).contiguous(), B
+
+
+def window_scores(query: Tensor, key: Tensor, cand: Tensor) -> Tensor | None:
+    """Scores (B, n, W) of queries (Bq, n, d) against their own candidate keys ``cand`` (n, W)
+    or (B', n, W) among ``key`` (Bk, M, d) (batches 1 or B), or None where the kernel does
+    not serve the call (then the caller's torch path scores it): float32 CPU tensors outside
+    autograd, in eager code."""
+    if not (window_scores_usable(query, key) and cand.device.type == "cpu"):
+        return None
+    query, key, cand, B = _window_operands(query, key, cand)
+    n, W = cand.shape[-2:]
+    d = query.shape[-1]
     out = torch.empty(B, n, W, dtype=torch.float32)
     if out.numel() == 0:
         return out

@@ -242,6 +242,11 @@ def _select_window(scores: BlockScores, K, exclude, window):
     for n0 in range(0, N, qb):
         qs = slice(n0, n0 + qb)
         w = window[..., qs, :]  # (n, W) or (B', n, W)
+        if in_place:  # scored and ranked in one native pass, where it serves
+            idx = scores.window_topk(qs, w, K, None if exclude is None else exclude[qs])
+            if idx is not None:
+                out[:, qs] = idx
+                continue
         s = scores.window(qs, w)
         if exclude is not None:
             s = _mask_excluded(s, w - exclude[qs, None], 0)
