@@ -436,29 +436,32 @@ def _widen_half(query: Tensor, key: Tensor) -> tuple[Tensor, Tensor] | None:
         query.dtype == torch.bfloat16 and native.one_pass_here()
     ):
         return None
-    wide = query.float()
-    return wide, wide if key is query else key.float()  # self-similarity: converted once
+    # contiguous rows (what the score kernels and the per-query windows read), in one copy
+    wide = query.to(torch.float32, memory_format=torch.contiguous_format)
+    same = key is query  # self-similarity: converted once
+    return wide, wide if same else key.to(torch.float32, memory_format=torch.contiguous_format)
 
 
 class GemmScores(BlockScores):
     """score = q' . k' (a metric's GEMM operands): query (Bq, N, D), key (Bk, M, D)."""
 
     def __init__(self, query: Tensor, key: Tensor) -> None:
-        # once: per-query windows gather the key's rows (gather_rows); keys that are the
-        # queries stay one tensor (self-similarity: the symmetric one-pass kernel)
-        same, key = key is query, key.contiguous()
-        query = key if same else query
+        # Products of two bf16 (or fp16) values are exact in fp32, so an fp32 GEMM of the
+        # half operands, rounded to half, is what a half GEMM with fp32 accumulation gives
+        # (up to the order of the sums): on a CPU without half matrix instructions it runs
+        # an order of magnitude faster than the emulated half GEMM.
+        self._wide = _widen_half(query, key)
+        if self._wide is None:
+            # once: per-query windows gather the key's rows (gather_rows); keys that are the
+            # queries stay one tensor (self-similarity: the symmetric one-pass kernel)
+            same, key = key is query, key.contiguous()
+            query = key if same else query
         self.query, self.key = query, key
         self.operands = (query, key)
         self.batch = max(query.shape[0], key.shape[0])
         self.num_queries, self.num_keys, self.width = query.shape[1], key.shape[1], key.shape[2]
         self.device = query.device
         self._finite = finite_products(query, key)
-        # Products of two bf16 (or fp16) values are exact in fp32, so an fp32 GEMM of the
-        # half operands, rounded to half, is what a half GEMM with fp32 accumulation gives
-        # (up to the order of the sums): on a CPU without half matrix instructions it runs
-        # an order of magnitude faster than the emulated half GEMM.
-        self._wide = _widen_half(query, key)
         # Finite wide scores rank as their rounding without rounding every one of them
         # (rankable's order on non-finite ones is the rounded scores').
         self.rounding = query.dtype if self._wide is not None and self._finite else None

@@ -52,8 +52,13 @@ def selection_scores(
     dtype = selection_dtype or (
         torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
     )
-    q = query.detach().to(dtype)
-    return metric_scores(metric, q, q if key is query else key.detach().to(dtype))
+
+    def cast(t: Tensor) -> Tensor:  # a cast copies: in the row layout the scores read
+        t = t.detach()
+        return t if t.dtype == dtype else t.to(dtype, memory_format=torch.contiguous_format)
+
+    q = cast(query)
+    return metric_scores(metric, q, q if key is query else cast(key))
 
 
 def spatial_scores(grid: Grid, self_index: Tensor) -> SpatialScores:
