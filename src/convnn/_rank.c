@@ -684,6 +684,46 @@ AVX512 __attribute__((noinline)) static int rows_tile_wide(const float *const *r
     return 1;
 }
 
+/* rows_tile_wide against two panels at once (w and w + next), into tile and tile + 2 * MR *
+ * NR: every row's numbers serve 32 columns where they would serve 16, so the neighbours'
+ * rows (gathered from anywhere) are read half as often. The same sums as rows_tile_wide's. */
+#define WIDE2_STEP(r)                                                                          \
+    do {                                                                                     \
+        __m512 x_ = _mm512_set1_ps(a##r[d]);                                                 \
+        z##r = _mm512_fmadd_ps(x_, b, z##r), y##r = _mm512_fmadd_ps(x_, b2, y##r);           \
+    } while (0)
+AVX512 __attribute__((noinline)) static void rows_tile_wide2(const float *const *rows, int K,
+                                                            Py_ssize_t C, const float *w,
+                                                            Py_ssize_t next, float *tile) {
+    __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0, z4 = z0, z5 = z0, z6 = z0;
+    __m512 z7 = z0, z8 = z0, z9 = z0, z10 = z0, z11 = z0, y0 = z0, y1 = z0, y2 = z0, y3 = z0;
+    __m512 y4 = z0, y5 = z0, y6 = z0, y7 = z0, y8 = z0, y9 = z0, y10 = z0, y11 = z0;
+    for (int k = 0; k < K; k++) {
+        if (k + 1 < K) /* the next neighbours' rows, which lie anywhere in the values */
+            for (int r = 0; r < 2 * MR; r++)
+                for (Py_ssize_t c = 0; c < C; c += 16)
+                    _mm_prefetch((const char *)(rows[r * K + k + 1] + c), _MM_HINT_T0);
+        const float *a0 = rows[k], *a1 = rows[K + k], *a2 = rows[2 * K + k], *a3 = rows[3 * K + k];
+        const float *a4 = rows[4 * K + k], *a5 = rows[5 * K + k], *a6 = rows[6 * K + k];
+        const float *a7 = rows[7 * K + k], *a8 = rows[8 * K + k], *a9 = rows[9 * K + k];
+        const float *a10 = rows[10 * K + k], *a11 = rows[11 * K + k];
+        for (Py_ssize_t d = 0; d < C; d++, w += NR) {
+            __m512 b = _mm512_load_ps(w), b2 = _mm512_load_ps(w + next);
+            WIDE2_STEP(0); WIDE2_STEP(1); WIDE2_STEP(2); WIDE2_STEP(3);
+            WIDE2_STEP(4); WIDE2_STEP(5); WIDE2_STEP(6); WIDE2_STEP(7);
+            WIDE2_STEP(8); WIDE2_STEP(9); WIDE2_STEP(10); WIDE2_STEP(11);
+        }
+    }
+    WIDE_STORE(0), WIDE_STORE(1), WIDE_STORE(2), WIDE_STORE(3), WIDE_STORE(4), WIDE_STORE(5);
+    WIDE_STORE(6), WIDE_STORE(7), WIDE_STORE(8), WIDE_STORE(9), WIDE_STORE(10), WIDE_STORE(11);
+    tile += 2 * MR * NR;
+#define WIDE2_STORE(r) _mm512_store_ps(tile + (r) * NR, y##r)
+    WIDE2_STORE(0), WIDE2_STORE(1), WIDE2_STORE(2), WIDE2_STORE(3), WIDE2_STORE(4);
+    WIDE2_STORE(5), WIDE2_STORE(6), WIDE2_STORE(7), WIDE2_STORE(8), WIDE2_STORE(9);
+    WIDE2_STORE(10), WIDE2_STORE(11);
+#undef WIDE2_STORE
+}
+
 /* rows_tile for one block (two = 0: rows[0 .. MR * K)) or two (rows[0 .. 2 * MR * K), into
  * tile[2 * MR][NR]): one wide tile where it runs, else one or two 6 x 16 tiles. gates and
  * col_gates as for rows_tile_wide (where it runs); returns 0 when no score reaches them. */
@@ -848,19 +888,27 @@ AVX2 static int aggregate_images(const float *values, const int64_t *idx, const 
                 Py_ssize_t o = p * NR + j;
                 P[(p * depth + kc) * NR + j] = o < O ? weight[(o * C + kc % C) * K + kc / C] : 0.0f;
             }
-    float tile[2 * MR * NR] __attribute__((aligned(64)));
+    float tile[2 * 2 * MR * NR] __attribute__((aligned(64)));
     for (Py_ssize_t b = 0; b < B; b++)
         for (Py_ssize_t n0 = 0; n0 < N; n0 += 2 * MR) { /* two blocks of rows at a time */
             int nr = N - n0 < 2 * MR ? (int)(N - n0) : 2 * MR;
             for (int r = 0; r < 2 * MR; r++) /* rows past the end repeat the first */
                 for (int k = 0; k < K; k++)
                     rows[r * K + k] = values + (b * M + idx[(b * N + n0 + (r < nr ? r : 0)) * K + k]) * C;
-            for (Py_ssize_t p = 0; p < panels; p++) {
-                rows_tiles(rows, K, C, P + p * depth * NR, tile, nr > MR, NULL, NULL);
-                int cols = O - p * NR < NR ? (int)(O - p * NR) : NR;
-                for (int j = 0; j < cols; j++) {
-                    float *o = out + (b * O + p * NR + j) * N + n0, add = bias ? bias[p * NR + j] : 0.0f;
-                    for (int r = 0; r < nr; r++) o[r] = tile[r * NR + j] + add;
+            for (Py_ssize_t p = 0; p < panels;) {
+                /* two panels at a time where the wide tiles run */
+                int two = wide_tiles && nr > MR && p + 1 < panels;
+                if (two)
+                    rows_tile_wide2(rows, K, C, P + p * depth * NR, depth * NR, tile);
+                else
+                    rows_tiles(rows, K, C, P + p * depth * NR, tile, nr > MR, NULL, NULL);
+                for (int h = 0; h <= two; h++, p++) {
+                    const float *t = tile + h * 2 * MR * NR;
+                    int cols = O - p * NR < NR ? (int)(O - p * NR) : NR;
+                    for (int j = 0; j < cols; j++) {
+                        float *o = out + (b * O + p * NR + j) * N + n0, add = bias ? bias[p * NR + j] : 0.0f;
+                        for (int r = 0; r < nr; r++) o[r] = t[r * NR + j] + add;
+                    }
                 }
             }
         }
@@ -899,7 +947,11 @@ AVX2 static int aggregate_grad_values(const float *gy, Py_ssize_t gb, Py_ssize_t
                 for (Py_ssize_t o = 0; o < O; o++)
                     rows[r * O + o] = gy[b * gb + (n0 + (r < nr ? r : 0)) * gn + o * go];
             const int64_t *ix = idx + (b * N + n0) * K;
-            for (int k = 0; k < K; k++)
+            for (int k = 0; k < K; k++) {
+                /* the next neighbours' rows (anywhere in g_values), to be added into */
+                for (int r = 0; k + 1 < K && r < nr; r++)
+                    for (Py_ssize_t c = 0; c < C; c += 16)
+                        __builtin_prefetch(g + ix[r * K + k + 1] * C + c, 1, 3);
                 for (Py_ssize_t cb = 0; cb < cbs; cb++) {
                     rows_tiles(a, 1, O, P + (k * cbs + cb) * O * NR, tile, nr > MR, NULL, NULL);
                     Py_ssize_t c0 = cb * NR, cols = C - c0 < NR ? C - c0 : NR;
@@ -913,6 +965,7 @@ AVX2 static int aggregate_grad_values(const float *gy, Py_ssize_t gb, Py_ssize_t
                             for (Py_ssize_t j = 0; j < cols; j++) dst[j] += src[j];
                     }
                 }
+            }
         }
     }
     free(base), free(rows);

@@ -526,6 +526,11 @@ def convnn_map(
     padded = lambda t: F.pad(t, (pw, pw, ph, ph)) if ph or pw else t
     tokens = lambda t: padded(t).flatten(2).transpose(1, 2)
     values = tokens(x)
+    if x_select is x and not torch.compiler.is_compiling():
+        # one copy in the row layout serves the selection's features and the aggregation's
+        # values, which would each copy the transposed map (a compiled graph copies values
+        # in one op of its own: chunked._rows)
+        values = values.contiguous()
     feats = values if x_select is x else tokens(x_select)
     every = (ph, pw, sh, sw) == (0, 0, 1, 1)  # every token is a query: self-similarity
     y, idx = _operator(
