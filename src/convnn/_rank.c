@@ -639,6 +639,19 @@ AVX2 __attribute__((noinline)) static void rows_tile(const float *const *rows, i
 }
 
 #define WIDE_STEP(r) z##r = _mm512_fmadd_ps(_mm512_set1_ps(a##r[d]), b, z##r)
+/* The wide tiles' twelve rows at neighbour k (a0..a11), having fetched those at k + 1, which
+ * lie anywhere in the values. */
+#define WIDE_ROWS(rows, K, k, C)                                                               \
+    if ((k) + 1 < (K))                                                                       \
+        for (int r_ = 0; r_ < 2 * MR; r_++)                                                  \
+            for (Py_ssize_t c_ = 0; c_ < (C); c_ += 16)                                      \
+                _mm_prefetch((const char *)((rows)[r_ * (K) + (k) + 1] + c_), _MM_HINT_T0);  \
+    const float *a0 = (rows)[k], *a1 = (rows)[(K) + (k)], *a2 = (rows)[2 * (K) + (k)];     \
+    const float *a3 = (rows)[3 * (K) + (k)], *a4 = (rows)[4 * (K) + (k)];                  \
+    const float *a5 = (rows)[5 * (K) + (k)], *a6 = (rows)[6 * (K) + (k)];                  \
+    const float *a7 = (rows)[7 * (K) + (k)], *a8 = (rows)[8 * (K) + (k)];                  \
+    const float *a9 = (rows)[9 * (K) + (k)], *a10 = (rows)[10 * (K) + (k)];                \
+    const float *a11 = (rows)[11 * (K) + (k)]
 #define WIDE_STORE(r) _mm512_store_ps(tile + (r) * NR, z##r)
 
 /* rows_tile for two blocks at once (2 * MR rows, tile[2 * MR][NR]) on AVX-512: a row of 16
@@ -654,14 +667,7 @@ AVX512 __attribute__((noinline)) static int rows_tile_wide(const float *const *r
     __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0, z4 = z0, z5 = z0, z6 = z0;
     __m512 z7 = z0, z8 = z0, z9 = z0, z10 = z0, z11 = z0;
     for (int k = 0; k < K; k++) {
-        if (k + 1 < K) /* the next neighbours' rows, which lie anywhere in the values */
-            for (int r = 0; r < 2 * MR; r++)
-                for (Py_ssize_t c = 0; c < C; c += 16)
-                    _mm_prefetch((const char *)(rows[r * K + k + 1] + c), _MM_HINT_T0);
-        const float *a0 = rows[k], *a1 = rows[K + k], *a2 = rows[2 * K + k], *a3 = rows[3 * K + k];
-        const float *a4 = rows[4 * K + k], *a5 = rows[5 * K + k], *a6 = rows[6 * K + k];
-        const float *a7 = rows[7 * K + k], *a8 = rows[8 * K + k], *a9 = rows[9 * K + k];
-        const float *a10 = rows[10 * K + k], *a11 = rows[11 * K + k];
+        WIDE_ROWS(rows, K, k, C);
         for (Py_ssize_t d = 0; d < C; d++, w += NR) {
             __m512 b = _mm512_load_ps(w);
             WIDE_STEP(0), WIDE_STEP(1), WIDE_STEP(2), WIDE_STEP(3), WIDE_STEP(4), WIDE_STEP(5);
@@ -699,14 +705,7 @@ AVX512 __attribute__((noinline)) static void rows_tile_wide2(const float *const 
     __m512 z7 = z0, z8 = z0, z9 = z0, z10 = z0, z11 = z0, y0 = z0, y1 = z0, y2 = z0, y3 = z0;
     __m512 y4 = z0, y5 = z0, y6 = z0, y7 = z0, y8 = z0, y9 = z0, y10 = z0, y11 = z0;
     for (int k = 0; k < K; k++) {
-        if (k + 1 < K) /* the next neighbours' rows, which lie anywhere in the values */
-            for (int r = 0; r < 2 * MR; r++)
-                for (Py_ssize_t c = 0; c < C; c += 16)
-                    _mm_prefetch((const char *)(rows[r * K + k + 1] + c), _MM_HINT_T0);
-        const float *a0 = rows[k], *a1 = rows[K + k], *a2 = rows[2 * K + k], *a3 = rows[3 * K + k];
-        const float *a4 = rows[4 * K + k], *a5 = rows[5 * K + k], *a6 = rows[6 * K + k];
-        const float *a7 = rows[7 * K + k], *a8 = rows[8 * K + k], *a9 = rows[9 * K + k];
-        const float *a10 = rows[10 * K + k], *a11 = rows[11 * K + k];
+        WIDE_ROWS(rows, K, k, C);
         for (Py_ssize_t d = 0; d < C; d++, w += NR) {
             __m512 b = _mm512_load_ps(w), b2 = _mm512_load_ps(w + next);
             WIDE2_STEP(0); WIDE2_STEP(1); WIDE2_STEP(2); WIDE2_STEP(3);
