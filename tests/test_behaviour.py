@@ -277,7 +277,7 @@ def test_compile_backward(fresh_dynamo):
 def test_compiled_gemm_selection_is_one_eager_op(fresh_dynamo):
     """On the chunked backend a compiled graph calls the GEMM selection as one opaque op
     (so its eager shortcuts run), with the eager indices; the op's fake and real forms agree
-    (opcheck)."""
+    (opcheck), also for self-similarity's one operand (no keys)."""
     from convnn.backends import chunked  # noqa: F401  (registers the op)
 
     op = torch.ops.convnn.chunked_select_gemm
@@ -296,7 +296,8 @@ def test_compiled_gemm_selection_is_one_eager_op(fresh_dynamo):
     assert op in seen or op.default in seen
     assert torch.equal(got, want)
     q = torch.nn.functional.normalize(randn(2, 30, 8).float(), dim=-1)
-    for args in [(q, q, 4, None, None), (q, q[:1], 3, torch.arange(30), None)]:
+    for args in [(q, q, 4, None, None), (q, None, 4, torch.arange(30), None),
+                 (q, q[:1], 3, torch.arange(30), None)]:  # fmt: skip
         torch.library.opcheck(op.default, args)
 
 

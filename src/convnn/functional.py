@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import dispatch
+from .backends.chunked import contiguous_rows
 from .metrics import get_metric, metric_names
 from .options import (
     check_bool,
@@ -526,11 +527,10 @@ def convnn_map(
     padded = lambda t: F.pad(t, (pw, pw, ph, ph)) if ph or pw else t
     tokens = lambda t: padded(t).flatten(2).transpose(1, 2)
     values = tokens(x)
-    if x_select is x and not torch.compiler.is_compiling():
+    if x_select is x:
         # one copy in the row layout serves the selection's features and the aggregation's
-        # values, which would each copy the transposed map (a compiled graph copies values
-        # in one op of its own: chunked._rows)
-        values = values.contiguous()
+        # values, which would each copy the transposed map
+        values = contiguous_rows(values)
     feats = values if x_select is x else tokens(x_select)
     every = (ph, pw, sh, sw) == (0, 0, 1, 1)  # every token is a query: self-similarity
     y, idx = _operator(

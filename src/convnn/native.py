@@ -74,14 +74,13 @@ def _enabled() -> bool:
     return _rank is not None and os.environ.get("CONVNN_NATIVE", "1") != "0"
 
 
-_TILES: list[bool] = []
+# asked once, at import: a traced graph reads the answer without calling the extension
+_TILES = [_rank is not None and _rank.gemm_topk_cpu()]
 
 
 def _tiles() -> bool:
     """Whether this CPU runs the tile kernels (one-pass top-K, aggregation): x86-64 with AVX2
-    and FMA (asked once)."""
-    if not _TILES:
-        _TILES.append(_rank is not None and _rank.gemm_topk_cpu())
+    and FMA."""
     return _TILES[0]
 
 

@@ -103,9 +103,8 @@ def select_scores(
     """Same contract as :func:`convnn.backends.reference.select_scores`, in O(N*K) memory:
     key blocks stream through a running top-K."""
     if torch.compiler.is_compiling() and type(scores) is GemmScores:
-        q = scores.query.detach()
-        k = q if scores.key is scores.query else scores.key.detach()
-        return torch.ops.convnn.chunked_select_gemm(q, k, K, exclude, window)
+        k = None if scores.key is scores.query else scores.key.detach()
+        return torch.ops.convnn.chunked_select_gemm(scores.query.detach(), k, K, exclude, window)
     with torch.no_grad():
         if window is not None:
             return _select_window(scores, K, exclude, window)
@@ -210,23 +209,21 @@ def _select_block(scores: BlockScores, K: int, exclude: Tensor | None, kb: int, 
 @torch.library.custom_op(
     "convnn::chunked_select_gemm",
     mutates_args=(),
-    schema="(Tensor query, Tensor key, int K, Tensor? exclude, Tensor? window) -> Tensor",
+    schema="(Tensor query, Tensor? key, int K, Tensor? exclude, Tensor? window) -> Tensor",
 )
 def _select_gemm(query, key, K, exclude, window):
     """:func:`select_scores` of GEMM scores as one opaque op of a compiled graph, so it runs
     as eager code: its data-dependent shortcuts (no rankable pass when the scores are finite,
     only the tied rows repaired) stay, where a traced graph would rank every score's
-    tie-free key. A compiled graph can hand self-similarity's one operand over as two equal
-    copies: equal keys are taken as the queries, so the one-pass kernel stays symmetric (the
-    scores are the same either way)."""
-    if key.shape == query.shape and key.dtype == query.dtype and torch.equal(key, query):
-        key = query
-    return select_scores(GemmScores(query, key), K, exclude=exclude, window=window)
+    tie-free key. ``key`` None: self-similarity, the keys are the queries (one operand, so
+    the one-pass kernel stays symmetric; a graph may hand one tensor over as two copies)."""
+    scores = GemmScores(query, query if key is None else key)
+    return select_scores(scores, K, exclude=exclude, window=window)
 
 
 @_select_gemm.register_fake
 def _(query, key, K, exclude, window):
-    batch = max(query.shape[0], key.shape[0])
+    batch = query.shape[0] if key is None else max(query.shape[0], key.shape[0])
     return query.new_empty(batch, query.shape[1], K, dtype=torch.long)
 
 
@@ -285,8 +282,9 @@ _contiguous_copy.register_autograd(
 )
 
 
-def _rows(values: Tensor) -> Tensor:
-    """``values`` (B, M, C) with contiguous rows: each block gathers rows of a flat view."""
+def contiguous_rows(values: Tensor) -> Tensor:
+    """``values`` (B, M, C) with contiguous rows (each block gathers rows of a flat view); in
+    a compiled graph a copy is one op of its own (:func:`_contiguous_copy`)."""
     if torch.compiler.is_compiling() and not values.is_contiguous():
         return _contiguous_copy(values)
     return values.contiguous()
@@ -295,7 +293,7 @@ def _rows(values: Tensor) -> Tensor:
 class _Aggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, indices, rho, weight, bias, kernel):
-        values = _rows(values)  # once
+        values = contiguous_rows(values)  # once
         B, M, C = values.shape
         G, N, K = indices.shape[1:]
         acc = torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else values.dtype
@@ -477,5 +475,5 @@ def aggregate(
 ) -> Tensor:
     """Same contract as :func:`convnn.backends.reference.aggregate`, in O(N*K) memory."""
     if _native_aggregation(values, indices, rho, weight, bias, kernel):
-        return torch.ops.convnn.native_aggregate(_rows(values), indices, weight, bias)
+        return torch.ops.convnn.native_aggregate(contiguous_rows(values), indices, weight, bias)
     return _Aggregate.apply(values, indices, rho, weight, bias, kernel)
