@@ -385,8 +385,8 @@ def test_gemm_topk_serves_the_chunked_backend_in_threads(monkeypatch):
     try:
         for t, B in ((1, 3), (2, 3), (3, 1)):
             torch.set_num_threads(t)
-            x = torch.randint(-2, 3, (B, 150, 16), generator=gen).float()
-            for ex in (None, torch.arange(150)):
+            x = torch.randint(-2, 3, (B, 260, 16), generator=gen).float()  # >= 256 keys
+            for ex in (None, torch.arange(260)):
                 scores = GemmScores(x, x)
                 assert scores.fused(8, ex)
                 got = chunked.select_scores(scores, 8, exclude=ex)
@@ -408,6 +408,10 @@ def test_gemm_topk_usable_and_errors():
     assert not native.gemm_topk_usable(q.double(), q.double(), 4)
     assert not native.gemm_topk_usable(q, q[:, :4], 4, torch.arange(30))  # K = M - 1 + 1
     assert native.gemm_topk_usable(q, q[:, :5], 4, torch.arange(30))
+    from convnn.metrics import GemmScores  # the one pass serves from 256 keys on (it pays)
+
+    few, enough = torch.randn(1, 255, 8), torch.randn(1, 256, 8)
+    assert not GemmScores(few, few).fused(4) and GemmScores(enough, enough).fused(4)
     with pytest.raises(ValueError, match="keys to be the queries"):
         native.gemm_topk(q, q.clone(), 4, symmetric=True)
     with pytest.raises(ValueError, match="min\\(16, M\\)"):
@@ -517,6 +521,7 @@ def test_native_aggregation_ops_in_compiled_graphs(monkeypatch):
         return gm
 
     symmetric = []
+    monkeypatch.setattr(native, "GEMM_TOPK_MIN_KEYS", 1)  # the one pass on a 6 x 6 map
     gemm_topk = native.gemm_topk
     monkeypatch.setattr(native, "gemm_topk", lambda *a: symmetric.append(a[3]) or gemm_topk(*a))
     torch.manual_seed(0)

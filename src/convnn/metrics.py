@@ -515,10 +515,12 @@ class GemmScores(BlockScores):
     def fused(self, K: int, exclude: Tensor | None = None) -> bool:
         """Whether :meth:`fused_topk` serves this selection: finite float32 scores, or
         bfloat16 ones from the float32 GEMM, where the native kernel runs
-        (:func:`convnn.native.gemm_topk_usable`)."""
+        (:func:`convnn.native.gemm_topk_usable`) and pays (at least
+        :data:`convnn.native.GEMM_TOPK_MIN_KEYS` keys)."""
         q, k = self._gemm_operands
         return (
             self._finite
+            and self.num_keys >= native.GEMM_TOPK_MIN_KEYS
             and self.rounding in (None, torch.bfloat16)
             and native.gemm_topk_usable(q, k, K, exclude)
         )
