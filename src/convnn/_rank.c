@@ -935,7 +935,7 @@ AVX2 static int aggregate_grad_values(const float *gy, Py_ssize_t gb, Py_ssize_t
                     Py_ssize_t c = cb * NR + j;
                     P[((k * cbs + cb) * O + o) * NR + j] = c < C ? weight[(o * C + c) * K + k] : 0.0f;
                 }
-    float tile[2 * MR * NR] __attribute__((aligned(64)));
+    float tile[2 * 2 * MR * NR] __attribute__((aligned(64)));
     const float *a[2 * MR];
     for (int r = 0; r < 2 * MR; r++) a[r] = rows + r * O;
     for (Py_ssize_t b = 0; b < B; b++) {
@@ -951,17 +951,25 @@ AVX2 static int aggregate_grad_values(const float *gy, Py_ssize_t gb, Py_ssize_t
                 for (int r = 0; k + 1 < K && r < nr; r++)
                     for (Py_ssize_t c = 0; c < C; c += 16)
                         __builtin_prefetch(g + ix[r * K + k + 1] * C + c, 1, 3);
-                for (Py_ssize_t cb = 0; cb < cbs; cb++) {
-                    rows_tiles(a, 1, O, P + (k * cbs + cb) * O * NR, tile, nr > MR, NULL, NULL);
-                    Py_ssize_t c0 = cb * NR, cols = C - c0 < NR ? C - c0 : NR;
-                    for (int r = 0; r < nr; r++) {
-                        float *dst = g + ix[r * K + k] * C + c0;
-                        const float *src = tile + r * NR;
-                        if (cols == NR) {
-                            _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), _mm256_load_ps(src)));
-                            _mm256_storeu_ps(dst + 8, _mm256_add_ps(_mm256_loadu_ps(dst + 8), _mm256_load_ps(src + 8)));
-                        } else
-                            for (Py_ssize_t j = 0; j < cols; j++) dst[j] += src[j];
+                for (Py_ssize_t cb = 0; cb < cbs;) {
+                    /* two blocks of channels at a time where the wide tiles run */
+                    int two = wide_tiles && nr > MR && cb + 1 < cbs;
+                    const float *panel = P + (k * cbs + cb) * O * NR;
+                    if (two)
+                        rows_tile_wide2(a, 1, O, panel, O * NR, tile);
+                    else
+                        rows_tiles(a, 1, O, panel, tile, nr > MR, NULL, NULL);
+                    for (int h = 0; h <= two; h++, cb++) {
+                        Py_ssize_t c0 = cb * NR, cols = C - c0 < NR ? C - c0 : NR;
+                        for (int r = 0; r < nr; r++) {
+                            float *dst = g + ix[r * K + k] * C + c0;
+                            const float *src = tile + h * 2 * MR * NR + r * NR;
+                            if (cols == NR) {
+                                _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), _mm256_load_ps(src)));
+                                _mm256_storeu_ps(dst + 8, _mm256_add_ps(_mm256_loadu_ps(dst + 8), _mm256_load_ps(src + 8)));
+                            } else
+                                for (Py_ssize_t j = 0; j < cols; j++) dst[j] += src[j];
+                        }
                     }
                 }
             }
