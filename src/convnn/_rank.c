@@ -1026,6 +1026,40 @@ AVX512 __attribute__((noinline)) static void weight_tile_wide(float *t, const fl
     WIDE_STORE(6), WIDE_STORE(7), WIDE_STORE(8), WIDE_STORE(9), WIDE_STORE(10), WIDE_STORE(11);
 }
 
+/* weight_tile_wide for two panels of outputs at once (t, g and t2, g2): each neighbour's
+ * numbers serve 32 outputs where they would serve 16. */
+#define WIDE2_LOAD(r) __m512 y##r = _mm512_load_ps(t2 + (r) * NR)
+#define WIDE2_CHANNEL(r)                                                                       \
+    do {                                                                                     \
+        __m512 x_ = _mm512_set1_ps(a[r]);                                                    \
+        z##r = _mm512_fmadd_ps(x_, b, z##r), y##r = _mm512_fmadd_ps(x_, b2, y##r);           \
+    } while (0)
+AVX512 __attribute__((noinline)) static void weight_tile_wide2(float *t, float *t2,
+                                                              const float *g, const float *g2,
+                                                              const float *const *rows,
+                                                              Py_ssize_t c0, Py_ssize_t nb) {
+    WIDE_LOAD(0); WIDE_LOAD(1); WIDE_LOAD(2); WIDE_LOAD(3); WIDE_LOAD(4); WIDE_LOAD(5);
+    WIDE_LOAD(6); WIDE_LOAD(7); WIDE_LOAD(8); WIDE_LOAD(9); WIDE_LOAD(10); WIDE_LOAD(11);
+    WIDE2_LOAD(0); WIDE2_LOAD(1); WIDE2_LOAD(2); WIDE2_LOAD(3); WIDE2_LOAD(4); WIDE2_LOAD(5);
+    WIDE2_LOAD(6); WIDE2_LOAD(7); WIDE2_LOAD(8); WIDE2_LOAD(9); WIDE2_LOAD(10); WIDE2_LOAD(11);
+    for (Py_ssize_t n = 0; n < nb; n++, g += NR, g2 += NR) {
+        const float *a = rows[n] + c0;
+        if (n + 16 < nb) _mm_prefetch((const char *)(rows[n + 16] + c0), _MM_HINT_T0);
+        __m512 b = _mm512_load_ps(g), b2 = _mm512_load_ps(g2);
+        WIDE2_CHANNEL(0); WIDE2_CHANNEL(1); WIDE2_CHANNEL(2); WIDE2_CHANNEL(3);
+        WIDE2_CHANNEL(4); WIDE2_CHANNEL(5); WIDE2_CHANNEL(6); WIDE2_CHANNEL(7);
+        WIDE2_CHANNEL(8); WIDE2_CHANNEL(9); WIDE2_CHANNEL(10); WIDE2_CHANNEL(11);
+    }
+    float *tile = t;
+    WIDE_STORE(0), WIDE_STORE(1), WIDE_STORE(2), WIDE_STORE(3), WIDE_STORE(4), WIDE_STORE(5);
+    WIDE_STORE(6), WIDE_STORE(7), WIDE_STORE(8), WIDE_STORE(9), WIDE_STORE(10), WIDE_STORE(11);
+#define WIDE2_STORE(r) _mm512_store_ps(t2 + (r) * NR, y##r)
+    WIDE2_STORE(0), WIDE2_STORE(1), WIDE2_STORE(2), WIDE2_STORE(3), WIDE2_STORE(4);
+    WIDE2_STORE(5), WIDE2_STORE(6), WIDE2_STORE(7), WIDE2_STORE(8), WIDE2_STORE(9);
+    WIDE2_STORE(10), WIDE2_STORE(11);
+#undef WIDE2_STORE
+}
+
 AVX2 static int aggregate_grad_weight(const float *gy, Py_ssize_t gb, Py_ssize_t gn, Py_ssize_t go,
                                       const int64_t *idx, const float *values, float *g_weight,
                                       Py_ssize_t B, Py_ssize_t M, Py_ssize_t N, Py_ssize_t C, int K,
@@ -1052,15 +1086,22 @@ AVX2 static int aggregate_grad_weight(const float *gy, Py_ssize_t gb, Py_ssize_t
             for (int k = 0; k < K; k++)
                 rp[k * NB + n] = values + ((n0 + n) / N * M + idx[(n0 + n) * K + k]) * C;
         for (int k = 0; k < K; k++)
-            for (Py_ssize_t p = 0; p < panels; p++) {
-                float *t = acc + ((size_t)k * panels + p) * cpad * NR;
-                const float *g = G + p * NB * NR, *const *rows = rp + k * NB;
+            for (Py_ssize_t p = 0; p < panels;) {
+                /* where the wide tiles run: two panels at a time, in whole blocks of 2 * MR
+                 * channels; the rest in blocks of MR */
+                int two = wide_tiles && p + 1 < panels;
+                float *t = acc + ((size_t)k * panels + p) * cpad * NR, *t2 = t + cpad * NR;
+                const float *g = G + p * NB * NR, *g2 = g + NB * NR, *const *rows = rp + k * NB;
                 Py_ssize_t c0 = 0;
-                if (wide_tiles) /* whole blocks of 2 * MR channels, then one of MR at most */
-                    for (; c0 + 2 * MR <= C; c0 += 2 * MR)
+                for (; wide_tiles && c0 + 2 * MR <= C; c0 += 2 * MR)
+                    if (two)
+                        weight_tile_wide2(t + c0 * NR, t2 + c0 * NR, g, g2, rows, c0, nb);
+                    else
                         weight_tile_wide(t + c0 * NR, g, rows, c0, nb);
-                for (; c0 < C; c0 += MR)
-                    weight_tile(t + c0 * NR, g, rows, c0, C - c0 < MR ? C - c0 : MR, nb);
+                for (int h = 0; h <= two; h++, p++)
+                    for (Py_ssize_t c = c0; c < C; c += MR)
+                        weight_tile(t + h * cpad * NR + c * NR, g + h * NB * NR, rows, c,
+                                    C - c < MR ? C - c : MR, nb);
             }
     }
     for (int k = 0; k < K; k++)
