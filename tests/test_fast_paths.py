@@ -375,6 +375,31 @@ def test_whole_window_attention_by_blocks_is_the_knn_path(monkeypatch, hw, windo
     assert max_diff(grads[0], grads[1]) < 1e-12
 
 
+def test_window_attention_blocks_differentiate_each_input():
+    """The blocks' gradients go straight into each input's gradient: with only some of q, k,
+    v requiring one, each as the whole-mask SDPA gives it (float64), none for the others; a
+    second derivative is refused clearly (SDPA's CPU kernel has none either)."""
+    from convnn.stages.candidates import Grid, window_blocks, window_mask
+
+    hw, window = (14, 14), 7
+    assert len(window_blocks(Grid(*hw), window, "cpu")) > 1
+    mask = window_mask(Grid(*hw), window, "cpu")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for need in ((True, False, False), (False, True, True), (True, True, True)):
+        q, k, v = (randn(2, 2, 196, 8, seed=s).requires_grad_(n) for s, n in zip((1, 2, 3), need))
+        w = randn(2, 196, 16, seed=4)
+        y = convnn_attention(q, k, v, 49, candidates="window", window=window, hw=hw)
+        got = torch.autograd.grad((y * w).sum(), [t for t in (q, k, v) if t.requires_grad])
+        ref = sdpa(q, k, v, attn_mask=mask).transpose(1, 2).reshape(2, 196, 16)
+        want = torch.autograd.grad((ref * w).sum(), [t for t in (q, k, v) if t.requires_grad])
+        assert max_diff(y, ref) < 1e-12
+        for a, b in zip(got, want):
+            assert max_diff(a, b) < 1e-12
+    y = convnn_attention(q, k, v, 49, candidates="window", window=window, hw=hw)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(y.sum(), q, create_graph=True)
+
+
 def test_worker_threads_keep_the_callers_modes(monkeypatch):
     """Selection on worker threads under inference mode (whose tensors only that mode may
     write) gives the same result; under a dispatch mode (here one counting the top-K's

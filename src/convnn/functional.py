@@ -733,6 +733,51 @@ def convnn_attention(
     )
 
 
+class _BlockSDPA(torch.autograd.Function):
+    """SDPA of blocks of queries (B, G, N, d), each against its span of keys with its mask
+    (``blocks``: ((queries, keys, mask), ...), the queries covering every row once). Each
+    block keeps its own graph, and backward adds the blocks' gradients straight into one
+    gradient per input: slicing and concatenating would fill a whole zero gradient per block
+    and input and add them up (a third of the step)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, blocks, dropout_p):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        graphs = []
+        for qs, ks, m in blocks:
+            parts = (q[:, :, qs], k[:, :, ks], v[:, :, ks])
+            leaves = [t.detach().requires_grad_(n) for t, n in zip(parts, ctx.needs_input_grad)]
+            with torch.enable_grad():
+                o = F.scaled_dot_product_attention(*leaves, attn_mask=m, dropout_p=dropout_p)
+            out[:, :, qs] = o.detach()
+            graphs.append((qs, ks, o, leaves))
+        ctx.graphs, ctx.inputs = graphs, (q.shape, k.shape, v.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph: a second derivative is asked for
+            raise RuntimeError(
+                "window attention by blocks of queries has no second derivative (nor has "
+                "scaled_dot_product_attention's CPU kernel)"
+            )
+        needs = ctx.needs_input_grad[:3]
+        shapes = ctx.inputs
+        dq = grad.new_empty(shapes[0]) if needs[0] else None  # every row once: no zeros
+        dk, dv = (grad.new_zeros(sh) if n else None for sh, n in zip(shapes[1:], needs[1:]))
+        for qs, ks, o, leaves in ctx.graphs:
+            got = iter(
+                torch.autograd.grad(o, [t for t in leaves if t.requires_grad], grad[:, :, qs])
+            )
+            if needs[0]:
+                dq[:, :, qs] = next(got)
+            for g, n in ((dk, needs[1]), (dv, needs[2])):
+                if n:
+                    g[:, :, ks] += next(got)
+        ctx.graphs = None  # the blocks' graphs are freed
+        return dq, dk, dv, None, None
+
+
 def attention_call(
     q: Tensor,
     k: Tensor,
@@ -824,13 +869,21 @@ def attention_call(
         if spec.candidates != "window":
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:  # each block of queries against the span of keys its windows reach
-            parts = [
-                F.scaled_dot_product_attention(
-                    q[:, :, qs], k[:, :, ks], v[:, :, ks], attn_mask=m, dropout_p=p
-                )
-                for qs, ks, m in window_blocks(grid, spec.window, q.device)
-            ]
-            out = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+            blocks = window_blocks(grid, spec.window, q.device)
+            if (
+                len(blocks) > 1
+                and torch.is_grad_enabled()
+                and any(t.requires_grad for t in (q, k, v))
+            ):
+                out = _BlockSDPA.apply(q, k, v, blocks, p)
+            else:
+                parts = [
+                    F.scaled_dot_product_attention(
+                        q[:, :, qs], k[:, :, ks], v[:, :, ks], attn_mask=m, dropout_p=p
+                    )
+                    for qs, ks, m in blocks
+                ]
+                out = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
         out = out.transpose(1, 2).reshape(B, N, C)
         return out if bias is None else out + bias
     values = v.transpose(1, 2).reshape(B, N, C)
