@@ -400,6 +400,27 @@ def test_window_attention_blocks_differentiate_each_input():
         torch.autograd.grad(y.sum(), q, create_graph=True)
 
 
+def test_block_sdpa_gradients_where_spans_overlap_leave_gaps():
+    """Blocks whose key spans overlap (their gradients add) and leave keys no block reaches
+    (gradient zero) give the gradients of one SDPA with the blocks' masks put together."""
+    from convnn.functional import _BlockSDPA
+
+    g = torch.Generator().manual_seed(3)
+    m1, m2 = torch.rand(3, 4, generator=g) > 0.3, torch.rand(4, 5, generator=g) > 0.3
+    m1[:, 0] = m2[:, 0] = True  # every query sees a key
+    blocks = ((slice(0, 3), slice(2, 6), m1), (slice(3, 7), slice(4, 9), m2))
+    whole = torch.zeros(7, 11, dtype=torch.bool)
+    whole[0:3, 2:6], whole[3:7, 4:9] = m1, m2  # keys 0-1 and 9-10: in no span
+    q, k, v = (randn(2, 3, n, 4, seed=s).requires_grad_() for s, n in ((1, 7), (2, 11), (3, 11)))
+    w = randn(2, 3, 7, 4, seed=4)
+    got = torch.autograd.grad((_BlockSDPA.apply(q, k, v, blocks, 0.0) * w).sum(), (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=whole)
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        assert max_diff(a, b) < 1e-12
+    assert (got[1][:, :, [0, 1, 9, 10]] == 0).all()
+
+
 def test_worker_threads_keep_the_callers_modes(monkeypatch):
     """Selection on worker threads under inference mode (whose tensors only that mode may
     write) gives the same result; under a dispatch mode (here one counting the top-K's

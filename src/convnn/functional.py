@@ -762,18 +762,30 @@ class _BlockSDPA(torch.autograd.Function):
                 "scaled_dot_product_attention's CPU kernel)"
             )
         needs = ctx.needs_input_grad[:3]
-        shapes = ctx.inputs
-        dq = grad.new_empty(shapes[0]) if needs[0] else None  # every row once: no zeros
-        dk, dv = (grad.new_zeros(sh) if n else None for sh, n in zip(shapes[1:], needs[1:]))
-        for qs, ks, o, leaves in ctx.graphs:
-            got = iter(
-                torch.autograd.grad(o, [t for t in leaves if t.requires_grad], grad[:, :, qs])
+        graphs, shapes = ctx.graphs, ctx.inputs
+        got = iter(  # one pass of the engine over every block's graph
+            torch.autograd.grad(
+                [o for _, _, o, _ in graphs],
+                [t for *_, leaves in graphs for t in leaves if t.requires_grad],
+                [grad[:, :, qs] for qs, *_ in graphs],
             )
+        )
+        dq, dk, dv = (grad.new_empty(sh) if n else None for sh, n in zip(shapes, needs))
+        covered = 0  # keys [0, covered) hold their gradient so far: the rest is written, not added
+        for qs, ks, _, _ in graphs:
             if needs[0]:
-                dq[:, :, qs] = next(got)
+                dq[:, :, qs] = next(got)  # the blocks' queries cover every row once
+            lo, hi, _ = ks.indices(shapes[1][2])
             for g, n in ((dk, needs[1]), (dv, needs[2])):
                 if n:
-                    g[:, :, ks] += next(got)
+                    part, cut = next(got), min(max(covered, lo), hi) - lo
+                    g[:, :, covered:lo].zero_()  # keys no span reached (none, for windows)
+                    g[:, :, lo : lo + cut] += part[:, :, :cut]
+                    g[:, :, lo + cut : hi] = part[:, :, cut:]
+            covered = max(covered, hi)
+        for g in (dk, dv):
+            if g is not None:
+                g[:, :, covered:].zero_()
         ctx.graphs = None  # the blocks' graphs are freed
         return dq, dk, dv, None, None
 
