@@ -734,6 +734,16 @@ AVX2 static int rows_tiles(const float *const *rows, int K, Py_ssize_t C, const 
     return 1;
 }
 
+/* rows_tiles (without gates) against the panel at w and, where the wide tiles run with two
+ * blocks of rows and another panel follows (at w + next), that one too, into tile + 2 * MR *
+ * NR (rows_tile_wide2): the number of panels done, 1 or 2. */
+AVX2 static int panel_tiles(const float *const *rows, int K, Py_ssize_t C, const float *w,
+                            Py_ssize_t next, float *tile, int two, int another) {
+    if (wide_tiles && two && another) return rows_tile_wide2(rows, K, C, w, next, tile), 2;
+    rows_tiles(rows, K, C, w, tile, two, NULL, NULL);
+    return 1;
+}
+
 /* A score rounded to bfloat16, as a float. */
 static inline float as_bf16(float s) {
     uint32_t bits;
@@ -895,13 +905,9 @@ AVX2 static int aggregate_images(const float *values, const int64_t *idx, const 
                 for (int k = 0; k < K; k++)
                     rows[r * K + k] = values + (b * M + idx[(b * N + n0 + (r < nr ? r : 0)) * K + k]) * C;
             for (Py_ssize_t p = 0; p < panels;) {
-                /* two panels at a time where the wide tiles run */
-                int two = wide_tiles && nr > MR && p + 1 < panels;
-                if (two)
-                    rows_tile_wide2(rows, K, C, P + p * depth * NR, depth * NR, tile);
-                else
-                    rows_tiles(rows, K, C, P + p * depth * NR, tile, nr > MR, NULL, NULL);
-                for (int h = 0; h <= two; h++, p++) {
+                int done = panel_tiles(rows, K, C, P + p * depth * NR, depth * NR, tile, nr > MR,
+                                       p + 1 < panels);
+                for (int h = 0; h < done; h++, p++) {
                     const float *t = tile + h * 2 * MR * NR;
                     int cols = O - p * NR < NR ? (int)(O - p * NR) : NR;
                     for (int j = 0; j < cols; j++) {
@@ -951,15 +957,10 @@ AVX2 static int aggregate_grad_values(const float *gy, Py_ssize_t gb, Py_ssize_t
                 for (int r = 0; k + 1 < K && r < nr; r++)
                     for (Py_ssize_t c = 0; c < C; c += 16)
                         __builtin_prefetch(g + ix[r * K + k + 1] * C + c, 1, 3);
-                for (Py_ssize_t cb = 0; cb < cbs;) {
-                    /* two blocks of channels at a time where the wide tiles run */
-                    int two = wide_tiles && nr > MR && cb + 1 < cbs;
-                    const float *panel = P + (k * cbs + cb) * O * NR;
-                    if (two)
-                        rows_tile_wide2(a, 1, O, panel, O * NR, tile);
-                    else
-                        rows_tiles(a, 1, O, panel, tile, nr > MR, NULL, NULL);
-                    for (int h = 0; h <= two; h++, cb++) {
+                for (Py_ssize_t cb = 0; cb < cbs;) { /* blocks of NR channels: panels */
+                    int done = panel_tiles(a, 1, O, P + (k * cbs + cb) * O * NR, O * NR, tile,
+                                           nr > MR, cb + 1 < cbs);
+                    for (int h = 0; h < done; h++, cb++) {
                         Py_ssize_t c0 = cb * NR, cols = C - c0 < NR ? C - c0 : NR;
                         for (int r = 0; r < nr; r++) {
                             float *dst = g + ix[r * K + k] * C + c0;

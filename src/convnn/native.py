@@ -24,7 +24,8 @@ fused multiply-adds, the same on every CPU that runs it (x86-64 with AVX2 and FM
 tiles; with AVX-512, 12 x 16 tiles, whose numbers are the same bit for bit).
 
 The standard kernel's aggregation, out[n] = sum_k W_k v[idx[n, k]] + bias, and its two
-gradients run on the same 6 x 16 register tiles with the neighbours read in place: the
+gradients run on the same register tiles (12 x 32 on AVX-512) with the neighbours read in
+place, every number summed in the same order whatever the tile: the
 gathered (N, K*C) matrix of the torch path is never formed, in the forward pass or the
 backward. Float32, one group of neighbours, no weighting, on the CPUs that run the one-pass
 top-K.
