@@ -413,7 +413,7 @@ def test_block_sdpa_gradients_where_spans_overlap_leave_gaps():
     whole[0:3, 2:6], whole[3:7, 4:9] = m1, m2  # keys 0-1 and 9-10: in no span
     q, k, v = (randn(2, 3, n, 4, seed=s).requires_grad_() for s, n in ((1, 7), (2, 11), (3, 11)))
     w = randn(2, 3, 7, 4, seed=4)
-    got = torch.autograd.grad((_BlockSDPA.apply(q, k, v, blocks, 0.0) * w).sum(), (q, k, v))
+    got = torch.autograd.grad((_BlockSDPA.apply(q, k, v, blocks, 0.0, True) * w).sum(), (q, k, v))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=whole)
     want = torch.autograd.grad((ref * w).sum(), (q, k, v))
     for a, b in zip(got, want):

@@ -741,17 +741,19 @@ class _BlockSDPA(torch.autograd.Function):
     and input and add them up (a third of the step)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, blocks, dropout_p):
+    def forward(ctx, q, k, v, blocks, dropout_p, differentiable):
+        # differentiable: grad mode outside (inside forward it is off, and needs_input_grad
+        # says what the inputs require even under no_grad)
         out = q.new_empty(*q.shape[:-1], v.shape[-1])
-        graphs = []
+        graphs, needs = [], ctx.needs_input_grad[:3]
         for qs, ks, m in blocks:
             parts = (q[:, :, qs], k[:, :, ks], v[:, :, ks])
-            leaves = [t.detach().requires_grad_(n) for t, n in zip(parts, ctx.needs_input_grad)]
+            leaves = [t.detach().requires_grad_(n and differentiable) for t, n in zip(parts, needs)]
             with torch.enable_grad():
                 o = F.scaled_dot_product_attention(*leaves, attn_mask=m, dropout_p=dropout_p)
             out[:, :, qs] = o.detach()
             graphs.append((qs, ks, o, leaves))
-        ctx.graphs, ctx.inputs = graphs, (q.shape, k.shape, v.shape)
+        ctx.graphs, ctx.shapes = graphs, (q.shape, k.shape, v.shape)
         return out
 
     @staticmethod
@@ -762,7 +764,7 @@ class _BlockSDPA(torch.autograd.Function):
                 "scaled_dot_product_attention's CPU kernel)"
             )
         needs = ctx.needs_input_grad[:3]
-        graphs, shapes = ctx.graphs, ctx.inputs
+        graphs, shapes = ctx.graphs, ctx.shapes
         got = iter(  # one pass of the engine over every block's graph
             torch.autograd.grad(
                 [o for _, _, o, _ in graphs],
@@ -787,7 +789,7 @@ class _BlockSDPA(torch.autograd.Function):
             if g is not None:
                 g[:, :, covered:].zero_()
         ctx.graphs = None  # the blocks' graphs are freed
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def attention_call(
@@ -882,20 +884,10 @@ def attention_call(
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:  # each block of queries against the span of keys its windows reach
             blocks = window_blocks(grid, spec.window, q.device)
-            if (
-                len(blocks) > 1
-                and torch.is_grad_enabled()
-                and any(t.requires_grad for t in (q, k, v))
-            ):
-                out = _BlockSDPA.apply(q, k, v, blocks, p)
-            else:
-                parts = [
-                    F.scaled_dot_product_attention(
-                        q[:, :, qs], k[:, :, ks], v[:, :, ks], attn_mask=m, dropout_p=p
-                    )
-                    for qs, ks, m in blocks
-                ]
-                out = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+            if len(blocks) > 1:
+                out = _BlockSDPA.apply(q, k, v, blocks, p, torch.is_grad_enabled())
+            else:  # the whole mask (a traced graph, or spans that would not pay)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=blocks[0][2], dropout_p=p)
         out = out.transpose(1, 2).reshape(B, N, C)
         return out if bias is None else out + bias
     values = v.transpose(1, 2).reshape(B, N, C)
