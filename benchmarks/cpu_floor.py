@@ -164,22 +164,26 @@ def group_window_conv(quick: bool) -> Group:
 def group_local_attention(quick: bool) -> Group:
     """ConvNN local attention (window 7x7 = K 49, softmax, kernel none) vs SDPA with the
     same window mask, forward+backward, ViT-Tiny shapes (B 16, 3 heads, 14x14, d 64). Both
-    give the layer's output, heads merged to (B, N, C) as timm's Attention merges them."""
+    take q, k, v as timm's Attention makes them (views of one projection, its gradient the
+    step's) and give the layer's output, heads merged to (B, N, C) as timm merges them."""
     from convnn.stages.candidates import Grid
 
     gen = torch.Generator().manual_seed(0)
     B, G, H, d = (2, 1, 8, 8) if quick else (16, 3, 14, 64)
-    q, k, v = (torch.randn(B, G, H * H, d, generator=gen, requires_grad=True) for _ in range(3))
+    qkv = torch.randn(B, H * H, 3 * G * d, generator=gen, requires_grad=True)
     win = Grid(H, H).window(7, "cpu")
     mask = torch.zeros(H * H, H * H, dtype=torch.bool)
     mask.scatter_(1, win, True)
 
+    def heads():
+        return qkv.reshape(B, H * H, 3, G, d).permute(2, 0, 3, 1, 4).unbind(0)
+
     def ours():
-        out = convnn_attention(q, k, v, K=49, candidates="window", window=7, hw=(H, H))
+        out = convnn_attention(*heads(), K=49, candidates="window", window=7, hw=(H, H))
         out.sum().backward()
 
     def sdpa():
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(*heads(), attn_mask=mask)
         out.transpose(1, 2).reshape(B, H * H, G * d).sum().backward()
 
     g = Group(f"local_attention B{B}x{G}x{H}x{H}x{d}", dict(local=ours, sdpa_masked=sdpa))

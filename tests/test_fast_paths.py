@@ -421,6 +421,37 @@ def test_block_sdpa_gradients_where_spans_overlap_leave_gaps():
     assert (got[1][:, :, [0, 1, 9, 10]] == 0).all()
 
 
+def test_window_attention_blocks_keep_timms_layout():
+    """q, k, v as timm's Attention makes them (views of one (B, N, 3, heads, d) projection):
+    the blocks' output is laid out as SDPA lays it out, so merging the heads is a view, and
+    each gradient is laid out like its input; values and gradients as the whole-mask SDPA
+    gives them (float64)."""
+    from convnn.stages.candidates import Grid, window_mask
+
+    B, G, hw, d, window = 2, 3, (14, 14), 8, 7
+    qkv = randn(B, 196, 3 * G * d, seed=5).requires_grad_()
+    w = randn(B, 196, G * d, seed=6)
+    outs, grads = [], []
+    for whole in (False, True):
+        q, k, v = qkv.reshape(B, 196, 3, G, d).permute(2, 0, 3, 1, 4).unbind(0)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        if whole:
+            mask = window_mask(Grid(*hw), window, "cpu")
+            y = torch.nn.functional.scaled_dot_product_attention(*leaves, attn_mask=mask)
+            outs.append(y.transpose(1, 2).reshape(B, 196, G * d))
+        else:
+            outs.append(convnn_attention(*leaves, 49, candidates="window", window=window, hw=hw))
+            assert outs[-1]._is_view()  # heads merged without a copy
+        grads.append(torch.autograd.grad((outs[-1] * w).sum(), leaves))
+        if not whole:
+            for t, g in zip(leaves, grads[-1]):
+                order = sorted(range(4), key=lambda i: -t.stride(i))
+                assert sorted(range(4), key=lambda i: -g.stride(i)) == order
+    assert max_diff(*outs) < 1e-12
+    for a, b in zip(*grads):
+        assert max_diff(a, b) < 1e-12
+
+
 def test_worker_threads_keep_the_callers_modes(monkeypatch):
     """Selection on worker threads under inference mode (whose tensors only that mode may
     write) gives the same result; under a dispatch mode (here one counting the top-K's

@@ -733,6 +733,12 @@ def convnn_attention(
     )
 
 
+def _empty_as(t: Tensor, shape) -> Tensor:
+    """An empty tensor of ``shape`` whose dimensions lie in memory in the order of ``t``'s."""
+    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
+    return t.new_empty([shape[i] for i in order]).permute(*sorted(range(t.dim()), key=order.index))
+
+
 class _BlockSDPA(torch.autograd.Function):
     """SDPA of blocks of queries (B, G, N, d), each against its span of keys with its mask
     (``blocks``: ((queries, keys, mask), ...), the queries covering every row once). Each
@@ -744,8 +750,8 @@ class _BlockSDPA(torch.autograd.Function):
     def forward(ctx, q, k, v, blocks, dropout_p, differentiable):
         # differentiable: grad mode outside (inside forward it is off, and needs_input_grad
         # says what the inputs require even under no_grad)
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
         graphs, needs = [], ctx.needs_input_grad[:3]
+        out = _empty_as(q, (*q.shape[:-1], v.shape[-1]))  # laid out as SDPA lays out its output
         for qs, ks, m in blocks:
             parts = (q[:, :, qs], k[:, :, ks], v[:, :, ks])
             leaves = [t.detach().requires_grad_(n and differentiable) for t, n in zip(parts, needs)]
@@ -753,7 +759,7 @@ class _BlockSDPA(torch.autograd.Function):
                 o = F.scaled_dot_product_attention(*leaves, attn_mask=m, dropout_p=dropout_p)
             out[:, :, qs] = o.detach()
             graphs.append((qs, ks, o, leaves))
-        ctx.graphs, ctx.shapes = graphs, (q.shape, k.shape, v.shape)
+        ctx.graphs, ctx.inputs = graphs, [t.detach() for t in (q, k, v)]  # shapes, layouts
         return out
 
     @staticmethod
@@ -763,24 +769,26 @@ class _BlockSDPA(torch.autograd.Function):
                 "window attention by blocks of queries has no second derivative (nor has "
                 "scaled_dot_product_attention's CPU kernel)"
             )
-        needs = ctx.needs_input_grad[:3]
-        graphs, shapes = ctx.graphs, ctx.shapes
-        got = iter(  # one pass of the engine over every block's graph
-            torch.autograd.grad(
-                [o for _, _, o, _ in graphs],
-                [t for *_, leaves in graphs for t in leaves if t.requires_grad],
-                [grad[:, :, qs] for qs, *_ in graphs],
-            )
+        needs, graphs = ctx.needs_input_grad[:3], ctx.graphs
+        parts = torch.autograd.grad(  # one pass of the engine over every block's graph
+            [o for _, _, o, _ in graphs],
+            [t for *_, leaves in graphs for t in leaves if t.requires_grad],
+            [grad[:, :, qs] for qs, *_ in graphs],
         )
-        dq, dk, dv = (grad.new_empty(sh) if n else None for sh, n in zip(shapes, needs))
+        spans, parts = [(qs, ks) for qs, ks, *_ in graphs], list(parts)
+        ctx.graphs = graphs = None  # the blocks' outputs are freed before the gradients come
+        # each gradient laid out like its input, as autograd lays them out
+        dq, dk, dv = (_empty_as(t, t.shape) if n else None for t, n in zip(ctx.inputs, needs))
+        lim = ctx.inputs[1].shape[2]
+        parts.reverse()  # taken in order, each freed once written
         covered = 0  # keys [0, covered) hold their gradient so far: the rest is written, not added
-        for qs, ks, _, _ in graphs:
+        for qs, ks in spans:
             if needs[0]:
-                dq[:, :, qs] = next(got)  # the blocks' queries cover every row once
-            lo, hi, _ = ks.indices(shapes[1][2])
+                dq[:, :, qs] = parts.pop()  # the blocks' queries cover every row once
+            lo, hi, _ = ks.indices(lim)
             for g, n in ((dk, needs[1]), (dv, needs[2])):
                 if n:
-                    part, cut = next(got), min(max(covered, lo), hi) - lo
+                    part, cut = parts.pop(), min(max(covered, lo), hi) - lo
                     g[:, :, covered:lo].zero_()  # keys no span reached (none, for windows)
                     g[:, :, lo : lo + cut] += part[:, :, :cut]
                     g[:, :, lo + cut : hi] = part[:, :, cut:]
@@ -788,7 +796,6 @@ class _BlockSDPA(torch.autograd.Function):
         for g in (dk, dv):
             if g is not None:
                 g[:, :, covered:].zero_()
-        ctx.graphs = None  # the blocks' graphs are freed
         return dq, dk, dv, None, None, None
 
 
