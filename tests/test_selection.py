@@ -290,6 +290,25 @@ def test_nan_in_input_does_not_crash_selection(backend, bad):
     assert (idx_win[0, reach.flatten() & (torch.arange(25) != bad_index), 1] == bad_index).all()
 
 
+def test_half_scores_are_judged_finite_in_their_own_dtype():
+    """Whether every score is finite is judged against the scores' dtype, also from float32
+    copies of half features (what the GEMM multiplies where half GEMMs are emulated): fp16
+    products past 65504 / 4 are not; a NaN feature never is. GemmScores asks it so."""
+    from convnn.metrics import GemmScores, finite_products
+
+    q, k = randn(2, 30, 8, seed=1) * 80, randn(2, 20, 8, seed=2) * 80  # |q| |k| ~ 8 * 80^2
+    wide_q, wide_k = q.half().float(), k.half().float()
+    assert finite_products(wide_q, wide_k)  # in float32
+    assert not finite_products(wide_q, wide_k, torch.float16)
+    assert finite_products(wide_q, wide_k, torch.bfloat16)
+    assert not finite_products(q.half(), k.half())
+    for dtype, finite in ((torch.float16, False), (torch.bfloat16, True)):
+        assert GemmScores(q.to(dtype), k.to(dtype))._finite is finite
+        assert GemmScores(q.to(dtype) / 80, k.to(dtype) / 80)._finite is True
+    wide_q[1, 3, 2] = float("nan")
+    assert not finite_products(wide_q, wide_k, torch.bfloat16)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_under_spatial_metric_matches_conv(backend):
     """Spatial selection ignores values: NaN spreads exactly as nn.Conv2d spreads it."""

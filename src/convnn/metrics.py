@@ -390,11 +390,11 @@ class BlockScores:
         return None
 
 
-def finite_products(query: Tensor, key: Tensor) -> bool:
-    """Whether every q . k is finite for sure (|q . k| <= |q| |k| far below the dtype's
-    largest value; False for NaN or infinite entries), so ranking needs no rankable pass.
-    Checked on the CPU and in eager code only: elsewhere the answer would cost a device sync
-    or a data-dependent guard."""
+def finite_products(query: Tensor, key: Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether every q . k is finite for sure in ``dtype`` (default the operands'): |q . k|
+    <= |q| |k| far below its largest value; False for NaN or infinite entries. Then ranking
+    needs no rankable pass. Checked on the CPU and in eager code only: elsewhere the answer
+    would cost a device sync or a data-dependent guard."""
     if query.device.type != "cpu" or query.numel() == 0 or key.numel() == 0:
         return False
     if torch.compiler.is_compiling():
@@ -403,7 +403,7 @@ def finite_products(query: Tensor, key: Tensor) -> bool:
     norm = lambda t: torch.linalg.vector_norm(t, dim=-1, dtype=wide).amax().double()  # noqa: E731
     q_norm = norm(query)
     k_norm = q_norm if key is query else norm(key)
-    return bool(q_norm * k_norm < torch.finfo(query.dtype).max / 4)
+    return bool(q_norm * k_norm < torch.finfo(dtype or query.dtype).max / 4)
 
 
 _HALF_GEMM: dict[torch.dtype, bool] = {}
@@ -461,7 +461,8 @@ class GemmScores(BlockScores):
         self.batch = max(query.shape[0], key.shape[0])
         self.num_queries, self.num_keys, self.width = query.shape[1], key.shape[1], key.shape[2]
         self.device = query.device
-        self._finite = finite_products(query, key)
+        # the norms of the float32 copies where there are some (the same values, read faster)
+        self._finite = finite_products(*self._gemm_operands, query.dtype)
         # Finite wide scores rank as their rounding without rounding every one of them
         # (rankable's order on non-finite ones is the rounded scores').
         self.rounding = query.dtype if self._wide is not None and self._finite else None
