@@ -298,6 +298,13 @@ def test_wide_tiles_give_the_narrow_tiles_numbers():
         native._rank.tile_rows(8)
 
 
+def exclusions(kind: str | None, n: int, M: int, gen: torch.Generator) -> torch.Tensor | None:
+    """Each of n queries' excluded key: none, its own, or any (some outside the M keys)."""
+    if kind is None:
+        return None
+    return torch.arange(n) if kind == "own" else torch.randint(-2, M + 2, (n,), generator=gen)
+
+
 @needs_gemm_topk
 def test_gemm_topk_is_the_formula():
     """Scores and top-K in one pass against the float64 formula, on small integer features
@@ -319,11 +326,7 @@ def test_gemm_topk_is_the_formula():
                     k = q if symmetric else torch.randint(-2, 3, (B, M, D), generator=gen).float()
                     if not symmetric and case % 2:
                         k = k[:1]  # shared keys
-                    ex = {
-                        None: None,
-                        "own": torch.arange(n),
-                        "any": torch.randint(-2, M + 2, (n,), generator=gen),
-                    }[exclude]
+                    ex = exclusions(exclude, n, M, gen)
                     assert native.gemm_topk_usable(q, k, K, ex)
                     got = native.gemm_topk(q, k, K, symmetric, ex)
                     want = gemm_formula(q, k.expand(B, -1, -1), K, ex)
@@ -351,6 +354,92 @@ def test_gemm_topk_ranks_the_bfloat16_rounding():
             assert torch.equal(got, formula(s.float(), 11, torch.bfloat16))
             ties = s.float().bfloat16().sort(-1, descending=True).values
             assert (ties[..., 10] == ties[..., 11]).any()  # rows that tie at the K-th score
+
+
+needs_amx = pytest.mark.skipif(
+    native._rank is None or not native._AMX[0], reason="no AMX-BF16 tile unit lent here"
+)
+
+
+@needs_amx
+def test_gemm_topk_scores_bfloat16_operands_in_the_tile_unit():
+    """bfloat16 features scored by the tile unit and ranked as their scores' bfloat16
+    rounding: on small integer features (exact sums up to 10^3, rounded into many ties) the
+    float64 formula's picks and the float32 kernel's, for depths that fill no whole chunk of
+    32, rows and keys that fill no 16 x 16 tile, K = 1 to 16, self-similarity, separate and
+    shared keys, excluded keys (its own, any, outside the keys) and strided rows."""
+    gen = torch.Generator().manual_seed(8)
+    bf16 = torch.bfloat16
+    shapes = [(1, 2, 1), (7, 17, 13), (33, 33, 64), (97, 200, 5), (200, 97, 130),
+              (257, 257, 40), (300, 300, 64)]  # fmt: skip
+    for case, (n, M, D) in enumerate(shapes):
+        for K in sorted({1, min(M - 1, 5), min(M - 1, 16)}):
+            for symmetric in (False, True) if n == M else (False,):
+                for exclude in (None, "own", "any"):
+                    B = 1 + case % 3
+                    q = torch.randint(-6, 7, (B, n, D), generator=gen).to(bf16)
+                    k = q if symmetric else torch.randint(-6, 7, (B, M, D), generator=gen).to(bf16)
+                    if not symmetric and case % 2:
+                        k = k[:1]  # shared keys
+                    ex = exclusions(exclude, n, M, gen)
+                    assert native.gemm_topk_usable(q, k, K, ex)
+                    got = native.gemm_topk(q, k, K, symmetric, ex, bf16)
+                    s = q.double() @ k.expand(B, -1, -1).double().transpose(1, 2)
+                    if ex is not None:
+                        hit = (ex >= 0) & (ex < M)
+                        s[:, torch.arange(n)[hit], ex[hit]] = -torch.inf
+                    case_ = (n, M, D, K, symmetric, exclude)
+                    assert torch.equal(got, formula(s.float(), K, bf16)), case_
+                    wide = q.float()
+                    k32 = wide if symmetric else k.float()
+                    assert torch.equal(got, native.gemm_topk(wide, k32, K, symmetric, ex, bf16))
+    wide = torch.randint(-6, 7, (2, 50, 80), generator=gen).to(bf16)
+    q, k = wide[:, :, :40], wide[:, 10:, 40:]  # rows 80 numbers apart
+    s = q.double() @ k.double().transpose(1, 2)
+    assert torch.equal(native.gemm_topk(q, k, 6, rounding=bf16), formula(s.float(), 6, bf16))
+
+
+@needs_amx
+def test_gemm_topk_tile_unit_on_real_valued_features():
+    """Random unit bfloat16 features: the tile unit rounds its sums its own way, so a pick
+    may differ from the float32 kernel's only where two scores round to neighbouring
+    bfloat16 values: (almost) all picks agree, and every pick is among the float64 K best up
+    to a bfloat16 step."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.nn.functional.normalize(torch.randn(3, 700, 64, generator=gen), dim=-1)
+    x = x.bfloat16()
+    s = x.double() @ x.double().transpose(1, 2)
+    for symmetric, k in ((True, x), (False, x[:, :300].clone())):
+        got = native.gemm_topk(x, k, 9, symmetric, None, torch.bfloat16)
+        w = x.float()
+        want = native.gemm_topk(
+            w, w if symmetric else k.float(), 9, symmetric, None, torch.bfloat16
+        )
+        assert (got == want).float().mean() > 0.999
+        ss = s[:, :, : k.shape[1]]
+        best = ss.sort(-1, descending=True).values
+        assert (ss.gather(-1, got) >= best[..., 8:9] - 2**-7).all()
+
+
+@needs_amx
+def test_bfloat16_selection_takes_the_tile_unit(monkeypatch):
+    """A layer's bfloat16 selection over 256 keys or more runs the one pass on the tile unit
+    (bfloat16 operands, not float32 copies) and picks what the float32 kernel picks (integer
+    features: exact sums), through the whole layer."""
+    torch.manual_seed(0)
+    layer = convnn.ConvNN2d(8, 8, K=5, metric="dot", selection_dtype=torch.bfloat16)
+    x = torch.randint(-3, 4, (2, 8, 20, 20)).float()  # 400 keys
+    dtypes, one_pass = [], native.gemm_topk
+    monkeypatch.setattr(
+        native, "gemm_topk", lambda q, *a: dtypes.append(q.dtype) or one_pass(q, *a)
+    )
+    y, idx = layer(x, return_indices=True)
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # a call per run of images
+    dtypes.clear()
+    monkeypatch.setattr(native, "_AMX", [False])  # the float32 copies, on the float32 kernel
+    y0, idx0 = layer(x, return_indices=True)
+    assert dtypes and set(dtypes) == {torch.float32}
+    assert torch.equal(idx, idx0) and torch.equal(y, y0)
 
 
 @needs_gemm_topk
@@ -418,6 +507,14 @@ def test_gemm_topk_usable_and_errors():
         native.gemm_topk(q, q, 17)
     with pytest.raises(ValueError, match="do not broadcast"):
         native.gemm_topk(q, torch.randn(3, 30, 8), 4)
+    # bfloat16 operands: only on the tile unit, ranked as their scores' bfloat16 rounding
+    h = q.bfloat16()
+    assert native.gemm_topk_usable(h, h, 4) == native.amx_here()
+    with pytest.raises(ValueError, match="rounding=torch.bfloat16"):
+        native.gemm_topk(h, h, 4)
+    if not native._AMX[0]:
+        with pytest.raises(ValueError, match="tile unit"):
+            native.gemm_topk(h, h, 4, rounding=torch.bfloat16)
 
 
 @needs_gemm_topk

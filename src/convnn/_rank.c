@@ -807,6 +807,28 @@ static void *aligned_block(size_t bytes, void **base) {
     return *base ? (void *)(((uintptr_t)*base + 63) & ~(uintptr_t)63) : NULL;
 }
 
+/* n rows' running top-K (bases[0 .. 4) get the blocks to free); 0 when out of memory. */
+static int best_open(Best *b, Py_ssize_t n, int K, int bf16, void **bases) {
+    b->K = K, b->bf16 = bf16;
+    b->score = aligned_block((size_t)n * SLOTS * sizeof(float), &bases[0]);
+    b->at = aligned_block((size_t)n * SLOTS * sizeof(int32_t), &bases[1]);
+    b->thr = aligned_block(((size_t)n + NR) * sizeof(float), &bases[2]);
+    b->gate = aligned_block(((size_t)n + NR) * sizeof(float), &bases[3]);
+    return b->score && b->at && b->thr && b->gate;
+}
+
+/* Every row empty: no score kept, and any score beats the threshold. */
+static void best_reset(Best *b, Py_ssize_t n) {
+    for (Py_ssize_t t = 0; t < n * SLOTS; t++) b->score[t] = -INFINITY, b->at[t] = 0;
+    for (Py_ssize_t t = 0; t < n + NR; t++) b->thr[t] = -INFINITY, b->gate[t] = -FLT_MAX;
+}
+
+/* The rows' K best positions into out (n, K), in canonical order. */
+static void best_write(const Best *b, Py_ssize_t n, int64_t *out) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        for (int t = 0; t < b->K; t++) out[i * b->K + t] = b->at[i * SLOTS + t];
+}
+
 /* Image by image, the K best keys of n queries (rows q_row apart, images q_batch apart)
  * among M keys (k_row, k_batch; a batch stride of 0 shares), depth D, into int64 out
  * (B, n, K). symmetric: the keys are the queries (n == M). ex: NULL or each query's
@@ -820,15 +842,10 @@ AVX2 static int gemm_topk_images(const float *q, Py_ssize_t q_batch, Py_ssize_t 
     sb = sb < MR ? MR : sb > 192 ? 192 : sb;
     Py_ssize_t panels = (M + NR - 1) / NR;
     void *bases[5];
-    float *P = aligned_block((size_t)panels * D * NR * sizeof(float), &bases[0]);
     Best b;
-    b.K = K;
-    b.score = aligned_block((size_t)n * SLOTS * sizeof(float), &bases[1]);
-    b.at = aligned_block((size_t)n * SLOTS * sizeof(int32_t), &bases[2]);
-    b.thr = aligned_block(((size_t)n + NR) * sizeof(float), &bases[3]);
-    b.gate = aligned_block(((size_t)n + NR) * sizeof(float), &bases[4]);
-    b.bf16 = bf16;
-    int ok = P && b.score && b.at && b.thr && b.gate;
+    int ok = best_open(&b, n, K, bf16, bases + 1);
+    float *P = aligned_block((size_t)panels * D * NR * sizeof(float), &bases[0]);
+    ok = ok && P;
     for (Py_ssize_t img = 0; ok && img < B; img++, q += q_batch, k += k_batch, out += n * K) {
         /* keys packed in panels of NR, depth-major: P[panel][d][NR], zero past M (shared
          * keys are packed once) */
@@ -839,8 +856,7 @@ AVX2 static int gemm_topk_images(const float *q, Py_ssize_t q_batch, Py_ssize_t 
                         Py_ssize_t m = p * NR + c;
                         P[(p * D + d) * NR + c] = m < M ? k[m * k_row + d] : 0.0f;
                     }
-        for (Py_ssize_t t = 0; t < n * SLOTS; t++) b.score[t] = -INFINITY, b.at[t] = 0;
-        for (Py_ssize_t t = 0; t < n + NR; t++) b.thr[t] = -INFINITY, b.gate[t] = -FLT_MAX;
+        best_reset(&b, n);
         float tile[2 * MR * NR] __attribute__((aligned(64)));
         for (Py_ssize_t s0 = 0; s0 < n; s0 += sb) {
             Py_ssize_t s1 = s0 + sb < n ? s0 + sb : n, blocks = (s1 - s0 + MR - 1) / MR;
@@ -867,12 +883,114 @@ AVX2 static int gemm_topk_images(const float *q, Py_ssize_t q_batch, Py_ssize_t 
                 }
             }
         }
-        for (Py_ssize_t i = 0; i < n; i++)
-            for (int t = 0; t < K; t++) out[i * K + t] = b.at[i * SLOTS + t];
+        best_write(&b, n, out);
     }
     for (int t = 0; t < 5; t++) free(bases[t]);
     return ok;
 }
+
+#if defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+/* bfloat16 scores in the tile unit (AMX-BF16): Linux lends a process the tile registers on
+ * request, asked once at import (amx_open). */
+#define HAVE_AMX 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX __attribute__((target("amx-tile,amx-bf16,avx2,fma")))
+#define AMX_DEPTH 32 /* bfloat16 numbers of a row that one tile product takes */
+static int amx_ready = 0;
+
+static int amx_open(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 22 & 1) || !(d >> 24 & 1)) return 0;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* tile[16][NR] = rows q[0 .. 16) (Dp bfloat16 numbers each, q_bytes apart) times the
+ * panel's NR keys (packed in pairs of depths, P[Dp / 2][NR][2]), in chunks of 32 depths. */
+AMX static void amx_tile(const uint16_t *q, Py_ssize_t q_bytes, const uint16_t *panel, Py_ssize_t Dp,
+                         float *tile) {
+    _tile_zero(0);
+    for (Py_ssize_t c = 0; c < Dp; c += AMX_DEPTH) {
+        _tile_loadd(1, q + c, q_bytes);
+        _tile_loadd(2, panel + c * NR, NR * 4);
+        _tile_dpbf16ps(0, 1, 2);
+    }
+    _tile_stored(0, tile, NR * 4);
+}
+
+/* gemm_topk_images for bfloat16 queries and keys (rows q_row and k_row numbers apart),
+ * scored 16 x 16 at a time by the tile unit, each score the products' sum in float32 as
+ * that unit rounds it (not bit for bit the float32 kernels' sum), offered as those offer
+ * theirs. Returns 0 when out of memory. */
+AMX static int gemm_topk_images_amx(const uint16_t *q, Py_ssize_t q_batch, Py_ssize_t q_row,
+                                    const uint16_t *k, Py_ssize_t k_batch, Py_ssize_t k_row,
+                                    Py_ssize_t B, Py_ssize_t n, Py_ssize_t M, Py_ssize_t D, int K,
+                                    int symmetric, const int64_t *ex, int bf16, int64_t *out) {
+    const int TR = 16;                                        /* a tile's rows */
+    Py_ssize_t Dp = (D + AMX_DEPTH - 1) / AMX_DEPTH * AMX_DEPTH; /* zeros past D */
+    Py_ssize_t panels = (M + NR - 1) / NR, rows_pad = (n + TR - 1) / TR * TR;
+    Py_ssize_t sb = (49152 / 2 / Dp) / TR * TR; /* rows per superblock, as gemm_topk_images */
+    sb = sb < TR ? TR : sb > 192 ? 192 : sb;
+    void *bases[6];
+    Best b;
+    int ok = best_open(&b, n, K, bf16, bases + 2);
+    uint16_t *P = aligned_block((size_t)panels * Dp * NR * 2, &bases[0]);
+    uint16_t *Q = aligned_block((size_t)rows_pad * Dp * 2, &bases[1]);
+    ok = ok && P && Q;
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 3; t++) cfg.rows[t] = TR, cfg.colsb[t] = 64;
+    if (ok) _tile_loadconfig(&cfg);
+    float tile[16 * NR] __attribute__((aligned(64)));
+    for (Py_ssize_t img = 0; ok && img < B; img++, q += q_batch, k += k_batch, out += n * K) {
+        /* keys in panels of NR, pairs of depths together: P[panel][d / 2][NR][2] */
+        if (img == 0 || k_batch != 0)
+            for (Py_ssize_t p = 0; p < panels; p++)
+                for (Py_ssize_t d = 0; d < Dp; d++)
+                    for (int c = 0; c < NR; c++) {
+                        Py_ssize_t m = p * NR + c;
+                        P[(p * Dp + d / 2 * 2) * NR + c * 2 + d % 2] =
+                            m < M && d < D ? k[m * k_row + d] : 0;
+                    }
+        /* the queries' rows, zeros past D and past n */
+        for (Py_ssize_t i = 0; i < rows_pad; i++)
+            for (Py_ssize_t d = 0; d < Dp; d++) Q[i * Dp + d] = i < n && d < D ? q[i * q_row + d] : 0;
+        best_reset(&b, n);
+        /* the order of gemm_topk_images: superblocks, then panels, then blocks of rows, each
+         * offered in blocks of at most MR rows (the order each row's candidates need) */
+        for (Py_ssize_t s0 = 0; s0 < n; s0 += sb) {
+            Py_ssize_t s1 = s0 + sb < n ? s0 + sb : n;
+            for (Py_ssize_t p = symmetric ? s0 / NR : 0; p < panels; p++) {
+                Py_ssize_t j0 = p * NR;
+                int cols = M - j0 < NR ? (int)(M - j0) : NR;
+                for (Py_ssize_t i0 = s0; i0 < s1; i0 += TR) {
+                    if (symmetric && j0 + cols <= i0) continue; /* below the diagonal */
+                    amx_tile(Q + i0 * Dp, Dp * 2, P + p * Dp * NR, Dp, tile);
+                    for (Py_ssize_t ih = i0; ih < i0 + TR && ih < s1; ih += MR) {
+                        if (symmetric && j0 + cols <= ih) break;
+                        int rows = s1 - ih < MR ? (int)(s1 - ih) : MR;
+                        rows = i0 + TR - ih < rows ? (int)(i0 + TR - ih) : rows;
+                        offer_tile(&b, tile + (ih - i0) * NR, ih, rows, j0, cols, symmetric, ex, bf16);
+                    }
+                }
+            }
+        }
+        best_write(&b, n, out);
+    }
+    if (ok) _tile_release();
+    for (int t = 0; t < 6; t++) free(bases[t]);
+    return ok;
+}
+#endif
 
 /* ---- Aggregation: out = sum_k W_k v[idx[n, k]] (+ bias) with the neighbours read in place.
  *
@@ -1217,14 +1335,15 @@ static PyObject *topk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
 
 PyDoc_STRVAR(gemm_topk_doc,
              "gemm_topk(q, q_batch, q_row, k, k_batch, k_row, B, n, M, D, K, symmetric,\n"
-             "          exclude, bf16, out)\n\n"
+             "          exclude, bf16, out, half)\n\n"
              "For each of B images, the K best of M keys (float32 rows k_row apart) for each\n"
              "of n queries (float32 rows q_row apart) under q . k, depth D, scored and ranked\n"
              "in one pass, into int64 out (B, n, K) in canonical order; 1 <= K <= 16, K <= M.\n"
              "Strides in elements; a batch stride of 0 shares. symmetric: the keys are the\n"
              "queries (same pointer and strides, n == M). exclude: 0 or n int64 positions, one\n"
              "a query never takes (then K < M). bf16: rank each score's bfloat16 rounding.\n"
-             "Only where gemm_topk_cpu() is true.");
+             "half: q and k are bfloat16, scored by the tile unit (only where amx()). Only\n"
+             "where gemm_topk_cpu() is true.");
 
 /* Whether the tile kernels (gemm_topk, aggregate, aggregate_grad) run here: 0 with a
  * RuntimeError naming ``name`` when this build or CPU lacks them. */
@@ -1238,13 +1357,28 @@ static int tiles_here(const char *name) {
     return 0;
 }
 
+/* Whether gemm_topk takes bfloat16 operands here (the tile unit, lent to this process). */
+static int amx_here_now(void) {
+#ifdef HAVE_AMX
+    return amx_ready;
+#else
+    return 0;
+#endif
+}
+
 static PyObject *gemm_topk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    Py_ssize_t v[15];
-    if (!integers(args, nargs, 15, "gemm_topk", v) || !tiles_here("gemm_topk")) return NULL;
+    Py_ssize_t v[16];
+    if (!integers(args, nargs, 16, "gemm_topk", v) || !tiles_here("gemm_topk")) return NULL;
 #ifdef HAVE_GEMM_TOPK
     Py_ssize_t B = v[6], n = v[7], M = v[8], D = v[9], K = v[10];
-    int symmetric = v[11] != 0;
+    int symmetric = v[11] != 0, half = v[15] != 0;
+    if (half && !amx_here_now()) {
+        PyErr_SetString(PyExc_ValueError,
+                        "gemm_topk: bfloat16 operands need the tile unit (AMX-BF16), which "
+                        "this CPU or process lacks");
+        return NULL;
+    }
     if (B < 0 || n < 0 || D < 1 || K < 1 || K > SLOTS || K > M - (v[12] != 0) || M > INT32_MAX ||
         (symmetric && (v[0] != v[3] || v[1] != v[4] || v[2] != v[5] || n != M))) {
         PyErr_SetString(PyExc_ValueError,
@@ -1255,9 +1389,16 @@ static PyObject *gemm_topk(PyObject *self, PyObject *const *args, Py_ssize_t nar
     int ok = 1;
     if (B > 0 && n > 0) {
         Py_BEGIN_ALLOW_THREADS;
-        ok = gemm_topk_images((const float *)v[0], v[1], v[2], (const float *)v[3], v[4], v[5], B,
-                              n, M, D, (int)K, symmetric, (const int64_t *)v[12], v[13] != 0,
-                              (int64_t *)v[14]);
+#ifdef HAVE_AMX
+        if (half)
+            ok = gemm_topk_images_amx((const uint16_t *)v[0], v[1], v[2], (const uint16_t *)v[3],
+                                      v[4], v[5], B, n, M, D, (int)K, symmetric,
+                                      (const int64_t *)v[12], v[13] != 0, (int64_t *)v[14]);
+        else
+#endif
+            ok = gemm_topk_images((const float *)v[0], v[1], v[2], (const float *)v[3], v[4], v[5],
+                                  B, n, M, D, (int)K, symmetric, (const int64_t *)v[12],
+                                  v[13] != 0, (int64_t *)v[14]);
         Py_END_ALLOW_THREADS;
     }
     if (!ok) return PyErr_NoMemory();
@@ -1346,6 +1487,13 @@ static PyObject *gemm_topk_here(PyObject *self, PyObject *unused) {
 #endif
 }
 
+PyDoc_STRVAR(amx_doc, "amx()\n\nWhether gemm_topk takes bfloat16 operands here (AMX-BF16).");
+
+static PyObject *amx(PyObject *self, PyObject *unused) {
+    (void)self, (void)unused;
+    return PyBool_FromLong(amx_here_now());
+}
+
 PyDoc_STRVAR(tile_rows_doc,
              "tile_rows(rows=0)\n\n"
              "The rows of the tile kernels' widest tile: 12 (AVX-512, 12 x 16), 6 (AVX2, 6 x 16)\n"
@@ -1384,6 +1532,7 @@ static PyMethodDef methods[] = {
     {"window_topk", (PyCFunction)(void (*)(void))window_topk, METH_FASTCALL, window_topk_doc},
     {"gemm_topk", (PyCFunction)(void (*)(void))gemm_topk, METH_FASTCALL, gemm_topk_doc},
     {"gemm_topk_cpu", gemm_topk_here, METH_NOARGS, gemm_topk_cpu_doc},
+    {"amx", amx, METH_NOARGS, amx_doc},
     {"aggregate", (PyCFunction)(void (*)(void))aggregate, METH_FASTCALL, aggregate_doc},
     {"aggregate_grad", (PyCFunction)(void (*)(void))aggregate_grad, METH_FASTCALL,
      aggregate_grad_doc},
@@ -1399,6 +1548,9 @@ PyMODINIT_FUNC PyInit__rank(void) {
 #ifdef HAVE_GEMM_TOPK
     __builtin_cpu_init();
     wide_tiles = gemm_topk_cpu() && __builtin_cpu_supports("avx512f");
+#endif
+#ifdef HAVE_AMX
+    amx_ready = gemm_topk_cpu() && amx_open();
 #endif
     return PyModule_Create(&module);
 }

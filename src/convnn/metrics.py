@@ -513,12 +513,21 @@ class GemmScores(BlockScores):
         q, k = self._gemm_operands
         return native.window_topk(q[:, qs], k, cand, K, exclude)
 
+    @property
+    def _fused_operands(self) -> tuple[Tensor, Tensor]:
+        """What the one-pass kernel multiplies: bfloat16 features as they are where the CPU's
+        tile unit multiplies them (:func:`convnn.native.amx_here`), else the GEMM operands."""
+        if self.rounding == torch.bfloat16 and self.query.dtype == torch.bfloat16:
+            if native.amx_here():
+                return self.query, self.key
+        return self._gemm_operands
+
     def fused(self, K: int, exclude: Tensor | None = None) -> bool:
         """Whether :meth:`fused_topk` serves this selection: finite float32 scores, or
-        bfloat16 ones from the float32 GEMM, where the native kernel runs
-        (:func:`convnn.native.gemm_topk_usable`) and pays (at least
+        bfloat16 ones (from the float32 GEMM, or the tile unit's), where the native kernel
+        runs (:func:`convnn.native.gemm_topk_usable`) and pays (at least
         :data:`convnn.native.GEMM_TOPK_MIN_KEYS` keys)."""
-        q, k = self._gemm_operands
+        q, k = self._fused_operands
         return (
             self._finite
             and self.num_keys >= native.GEMM_TOPK_MIN_KEYS
@@ -538,7 +547,7 @@ class GemmScores(BlockScores):
         query's ``exclude`` (N,) key. Self-similarity over every query computes half the
         scores. Only where :meth:`fused`."""
         one = lambda t: t if t.shape[0] == 1 else t[images]  # noqa: E731  (1: shared)
-        q, k = self._gemm_operands
+        q, k = self._fused_operands
         whole = qs == slice(None)
         symmetric = whole and k is q
         query, key = one(q), one(k)

@@ -21,7 +21,10 @@ tile of scores is computed in registers and offered at once to each row's runnin
 the scores are never written out; self-similarity computes only the tiles on and above the
 diagonal and offers each score to both its rows. Its scores are sums in one fixed order with
 fused multiply-adds, the same on every CPU that runs it (x86-64 with AVX2 and FMA: 6 x 16
-tiles; with AVX-512, 12 x 16 tiles, whose numbers are the same bit for bit).
+tiles; with AVX-512, 12 x 16 tiles, whose numbers are the same bit for bit). On a CPU with
+a bfloat16 tile unit (AMX-BF16, lent by Linux on request at import) bfloat16 features are
+scored there, 16 x 16 scores a tile, each the products' float32 sum as that unit rounds it,
+and ranked as their bfloat16 rounding.
 
 The standard kernel's aggregation, out[n] = sum_k W_k v[idx[n, k]] + bias, and its two
 gradients run on the same register tiles (12 x 32 on AVX-512) with the neighbours read in
@@ -65,6 +68,8 @@ def status() -> str:
         if _tiles()
         else "off, this CPU lacks AVX2 and FMA; torch aggregation"
     )
+    if _AMX[0]:
+        fused += "; bfloat16 features on the CPU's tile unit (AMX-BF16), 16 x 16 tiles"
     return (
         "native kernels: on (eager CPU top-K of float32, bfloat16 and float16 scores; "
         f"float32 window scores; scores and top-K in one pass: {fused})"
@@ -92,6 +97,17 @@ def one_pass_here() -> bool:
     return _enabled() and _tiles()
 
 
+# also asked once: whether the tile unit (AMX-BF16) is here and lent to this process
+_AMX = [_TILES[0] and _rank.amx()]
+
+
+@torch.compiler.assume_constant_result
+def amx_here() -> bool:
+    """Whether :func:`gemm_topk` takes bfloat16 operands here: kernels on, and a CPU whose
+    tile unit (AMX-BF16) multiplies them."""
+    return _enabled() and _AMX[0]
+
+
 GEMM_TOPK_SLOTS = 16  # the fused kernel keeps at most 16 best keys a row
 # Below this many keys the GEMM and the top-K's row ranking beat the one pass: a row's running
 # top-K takes a large share of its candidates (K (1 + ln(M / K)) of M on average), one at a
@@ -102,11 +118,13 @@ GEMM_TOPK_MIN_KEYS = 256
 
 def gemm_topk_usable(query: Tensor, key: Tensor, K: int, exclude: Tensor | None = None) -> bool:
     """Whether :func:`gemm_topk` serves the K best of ``key`` (B, M, D) for ``query``
-    (B, N, D): float32 CPU operands, K <= 16 (and below M with an ``exclude`` (N,) of
-    positions), in eager code outside torch modes on a CPU that runs the kernel."""
+    (B, N, D): float32 CPU operands (or bfloat16 ones where :func:`amx_here`), K <= 16 (and
+    below M with an ``exclude`` (N,) of positions), in eager code outside torch modes on a
+    CPU that runs the kernel."""
     return (
         one_pass_here()
-        and query.dtype == key.dtype == torch.float32
+        and query.dtype == key.dtype
+        and (query.dtype == torch.float32 or (query.dtype == torch.bfloat16 and amx_here()))
         and query.device.type == key.device.type == "cpu"
         and query.dim() == key.dim() == 3
         and query.shape[-1] == key.shape[-1] > 0
@@ -134,12 +152,20 @@ def gemm_topk(
     (B or 1, N, D), key (B or 1, M, D). ``symmetric``: ``key`` is ``query``, and only half the
     scores are computed. ``exclude`` (N,): a key each query never takes (one outside the keys
     excludes nothing). ``rounding``: None, or ``torch.bfloat16`` to rank each score's bfloat16
-    rounding (the threshold tests run on the raw scores: rounding is monotone). Only where
-    :func:`gemm_topk_usable`."""
+    rounding (the threshold tests run on the raw scores: rounding is monotone). bfloat16
+    operands (where :func:`amx_here`) are scored by the CPU's tile unit, each score the
+    products' float32 sum as that unit rounds it, and ranked as its bfloat16 rounding
+    (``rounding`` must say so). Only where :func:`gemm_topk_usable`."""
     if symmetric and (key.data_ptr() != query.data_ptr() or key.shape != query.shape):
         raise ValueError("gemm_topk: symmetric needs the keys to be the queries")
     if rounding not in (None, torch.float32, torch.bfloat16):
         raise ValueError(f"gemm_topk: rounding must be None or torch.bfloat16, got {rounding}")
+    half = query.dtype == torch.bfloat16
+    if half and rounding != torch.bfloat16:
+        raise ValueError(
+            f"gemm_topk: bfloat16 operands rank their scores' bfloat16 rounding (rounding="
+            f"torch.bfloat16), got rounding={rounding}"
+        )
     B = _batch(query.shape[0], key.shape[0])
     N, M, D = query.shape[1], key.shape[1], query.shape[2]
     if query.stride(-1) != 1:
@@ -152,7 +178,7 @@ def gemm_topk(
         query.data_ptr(), _batch_stride(query), query.stride(1),
         key.data_ptr(), _batch_stride(key), key.stride(1), B, N, M, D, K, int(symmetric),
         0 if exclude is None else exclude.data_ptr(), int(rounding == torch.bfloat16),
-        out.data_ptr(),
+        out.data_ptr(), int(half),
     )  # fmt: skip
     return out
 
