@@ -74,11 +74,15 @@ def _time(fn, reps: int = 1) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def _fwd_bwd(module, x):
+def _fwd_bwd(module, x, grad):
+    """A training step's forward and backward, with an output gradient as a network's loss
+    hands a layer (``sum().backward()`` would hand a broadcast scalar, which an eager
+    backward reads as it is but a compiled one first writes out whole)."""
+
     def step():
         module.zero_grad(set_to_none=True)
         x.grad = None
-        module(x).sum().backward()
+        module(x).backward(grad)
 
     return step
 
@@ -235,14 +239,16 @@ def group_resnet18(quick: bool) -> Group:
 
 
 def group_compile(quick: bool) -> Group:
-    """torch.compile(ConvNN2d(64, 64, K=9, cosine, all)) vs eager, forward+backward, 2x64x32x32
-    (--quick: 1x8x8x8 with torch.compile's 'eager' backend, which only traces)."""
+    """torch.compile(ConvNN2d(64, 64, K=9, cosine, all)) vs eager, forward+backward with a
+    random output gradient, 2x64x32x32 (--quick: 1x8x8x8 with torch.compile's 'eager'
+    backend, which only traces)."""
     torch.manual_seed(0)
     C, S = (8, 8) if quick else (64, 32)
     layer = convnn.ConvNN2d(C, C, K=9)
     x = torch.randn(1 if quick else 2, C, S, S, requires_grad=True)
+    grad = torch.randn_like(x)  # the output's shape: C in = C out, stride 1, padding 'same'
     compiled = torch.compile(layer, backend="eager") if quick else torch.compile(layer)
-    step_c, step_e = _fwd_bwd(compiled, x), _fwd_bwd(layer, x)
+    step_c, step_e = _fwd_bwd(compiled, x, grad), _fwd_bwd(layer, x, grad)
     step_c()  # compile outside the timing
     g = Group(f"compile {tuple(x.shape)}", dict(compiled=step_c, eager=step_e))
     return g
