@@ -8,7 +8,11 @@ the same layer run on the torch path, bit for bit.
 
 from __future__ import annotations
 
+import pathlib
+import platform
 import shutil
+import subprocess
+import sys
 import sysconfig
 import threading
 
@@ -515,6 +519,12 @@ def test_gemm_topk_usable_and_errors():
     if not native._AMX[0]:
         with pytest.raises(ValueError, match="tile unit"):
             native.gemm_topk(h, h, 4, rounding=torch.bfloat16)
+    for a, b in ((q, h), (h, q), (q.half(), q.half())):  # one dtype of the two kinds
+        with pytest.raises(ValueError, match="float32 or both bfloat16"):
+            native.gemm_topk(a, b, 4, rounding=torch.bfloat16)
+    # a bfloat16 query against float32 keys: both widened, the float32 kernel serves
+    mixed = GemmScores(torch.randn(1, 300, 16).bfloat16(), torch.randn(1, 300, 16))
+    assert mixed.fused(4)
 
 
 @needs_gemm_topk
@@ -662,6 +672,28 @@ def test_native_topk_status_and_switch(monkeypatch):
     assert not native.usable(scores.bfloat16(), 3, torch.float16)  # a rounding it cannot do
     monkeypatch.setenv("CONVNN_NATIVE", "0")
     assert "CONVNN_NATIVE=0" in native.status() and not native.usable(scores, 3, None)
+
+
+def test_kernels_build_without_the_tile_instructions(tmp_path):
+    """Where the assembler lacks the AMX instructions (binutils before 2.36), the kernels
+    still build with CONVNN_NO_AMX, which setup.py adds when the first build fails: an
+    assembler told to know only AVX-512 rejects the AMX build and takes the other."""
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None or sys.platform != "linux" or platform.machine() != "x86_64":
+        pytest.skip("needs a C compiler on x86-64 Linux")
+    source = pathlib.Path(native.__file__).with_name("_rank.c")
+    isa = "generic64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma+bmi+bmi2+lzcnt+popcnt+f16c"
+    base = [compiler, "-O0", "-std=c99", "-shared", "-fPIC", f"-Wa,-march={isa}"]
+    base += [f"-I{sysconfig.get_paths()['include']}", str(source)]
+    built = [
+        subprocess.run([*base, *flag, "-o", str(tmp_path / f"r{i}.so")], capture_output=True)
+        for i, flag in enumerate(([], ["-DCONVNN_NO_AMX"]))
+    ]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    major = subprocess.run([compiler, "-dumpversion"], capture_output=True, text=True).stdout
+    if "clang" not in version and int(major.split(".")[0] or 0) >= 11:  # it emits them
+        assert built[0].returncode != 0 and b"tile" in built[0].stderr
+    assert built[1].returncode == 0, built[1].stderr.decode()[-2000:]
 
 
 def test_native_topk_is_built_where_a_c_compiler_is():

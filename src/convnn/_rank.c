@@ -889,9 +889,11 @@ AVX2 static int gemm_topk_images(const float *q, Py_ssize_t q_batch, Py_ssize_t 
     return ok;
 }
 
-#if defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#if defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && \
+    !defined(CONVNN_NO_AMX)
 /* bfloat16 scores in the tile unit (AMX-BF16): Linux lends a process the tile registers on
- * request, asked once at import (amx_open). */
+ * request, asked once at import (amx_open). The build leaves it out (CONVNN_NO_AMX, set by
+ * setup.py when the first build fails) where the assembler lacks the tile instructions. */
 #define HAVE_AMX 1
 #include <cpuid.h>
 #include <sys/syscall.h>
@@ -917,6 +919,7 @@ typedef struct {
  * panel's NR keys (packed in pairs of depths, P[Dp / 2][NR][2]), in chunks of 32 depths. */
 AMX static void amx_tile(const uint16_t *q, Py_ssize_t q_bytes, const uint16_t *panel, Py_ssize_t Dp,
                          float *tile) {
+    __asm__ volatile("" ::: "memory"); /* the packed rows are written before the tiles load */
     _tile_zero(0);
     for (Py_ssize_t c = 0; c < Dp; c += AMX_DEPTH) {
         _tile_loadd(1, q + c, q_bytes);
@@ -928,8 +931,8 @@ AMX static void amx_tile(const uint16_t *q, Py_ssize_t q_bytes, const uint16_t *
 
 /* gemm_topk_images for bfloat16 queries and keys (rows q_row and k_row numbers apart),
  * scored 16 x 16 at a time by the tile unit, each score the products' sum in float32 as
- * that unit rounds it (not bit for bit the float32 kernels' sum), offered as those offer
- * theirs. Returns 0 when out of memory. */
+ * that unit rounds it (not bit for bit the float32 kernels' sum; denormal numbers are
+ * flushed to zero), offered as those offer theirs. Returns 0 when out of memory. */
 AMX static int gemm_topk_images_amx(const uint16_t *q, Py_ssize_t q_batch, Py_ssize_t q_row,
                                     const uint16_t *k, Py_ssize_t k_batch, Py_ssize_t k_row,
                                     Py_ssize_t B, Py_ssize_t n, Py_ssize_t M, Py_ssize_t D, int K,

@@ -160,6 +160,11 @@ def gemm_topk(
         raise ValueError("gemm_topk: symmetric needs the keys to be the queries")
     if rounding not in (None, torch.float32, torch.bfloat16):
         raise ValueError(f"gemm_topk: rounding must be None or torch.bfloat16, got {rounding}")
+    if query.dtype != key.dtype or query.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(
+            f"gemm_topk: query and key must both be float32 or both bfloat16, got "
+            f"{query.dtype} and {key.dtype}"
+        )
     half = query.dtype == torch.bfloat16
     if half and rounding != torch.bfloat16:
         raise ValueError(
