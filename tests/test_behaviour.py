@@ -301,6 +301,21 @@ def test_compiled_gemm_selection_is_one_eager_op(fresh_dynamo):
         torch.library.opcheck(op.default, args)
 
 
+def test_compiled_bf16_selection_ranks_what_eager_ranks(fresh_dynamo):
+    """bfloat16 selection through Inductor picks the neighbours eager code picks: the
+    metric's operands (cosine's normalisation, euclidean's squared norms) are formed in
+    float32 and rounded once in both, where eager code had rounded each step in bfloat16 and
+    the compiled graph had not (an eighth of the picks differed, and outputs by 1.7)."""
+    for metric in ("cosine", "euclidean"):
+        torch.manual_seed(0)
+        layer = ConvNN2d(8, 8, K=9, selection_dtype=torch.bfloat16, metric=metric)
+        x = randn(2, 8, 20, 20, seed=3).float()  # 400 keys: the one-pass kernel
+        y, idx = layer(x, return_indices=True)
+        y2, idx2 = torch.compile(layer)(x, return_indices=True)
+        assert torch.equal(idx, idx2), (metric, (idx != idx2).sum().item())
+        torch.testing.assert_close(y2, y)
+
+
 def test_compiled_aggregation_gathers_from_one_contiguous_copy(fresh_dynamo):
     """A compiled graph copies the tokens to contiguous rows once, as an opaque op that the
     backward pass reuses: fused into the gathers, the copy became one strided load per

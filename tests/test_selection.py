@@ -290,6 +290,26 @@ def test_nan_in_input_does_not_crash_selection(backend, bad):
     assert (idx_win[0, reach.flatten() & (torch.arange(25) != bad_index), 1] == bad_index).all()
 
 
+def test_narrower_selection_rounds_the_metric_operands_once():
+    """A selection dtype narrower than the features: the metric's GEMM operands are formed in
+    the features' dtype and rounded once (cosine: the float32 normalisation, rounded), and
+    self-similarity stays one operand (the one-pass kernel's symmetric form); a wider one
+    casts the features first."""
+    from convnn.metrics import get_metric
+    from convnn.stages.similarity import selection_scores
+
+    x = randn(2, 30, 8, seed=4).float()
+    cos = get_metric("cosine")
+    s = selection_scores(cos, x, x, torch.bfloat16)
+    assert s.key is s.query and s.query.dtype == torch.bfloat16
+    assert torch.equal(s.query, torch.nn.functional.normalize(x, dim=-1).bfloat16())
+    k = randn(2, 20, 8, seed=5).float()
+    s = selection_scores(get_metric("euclidean"), x, k, torch.bfloat16)
+    assert torch.equal(s.key[..., -1], k.pow(2).sum(-1).bfloat16())
+    wide = selection_scores(cos, x.bfloat16(), x.bfloat16(), None)  # float32 selection
+    assert torch.equal(wide.query, torch.nn.functional.normalize(x.bfloat16().float(), dim=-1))
+
+
 def test_half_scores_are_judged_finite_in_their_own_dtype():
     """Whether every score is finite is judged against the scores' dtype, also from float32
     copies of half features (what the GEMM multiplies where half GEMMs are emulated): fp16

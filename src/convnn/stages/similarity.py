@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..metrics import BlockScores, Metric, SpatialScores, metric_scores
+from ..metrics import BlockScores, GemmScores, Metric, SpatialScores, metric_scores
 from ..options import tensors_or_initial
 from .candidates import Grid
 
@@ -57,6 +57,15 @@ def selection_scores(
         t = t.detach()
         return t if t.dtype == dtype else t.to(dtype, memory_format=torch.contiguous_format)
 
+    if torch.finfo(dtype).bits < torch.finfo(query.dtype).bits:
+        # A narrower selection dtype: the metric's GEMM operands are formed in the features'
+        # dtype and rounded once, as a compiled graph forms them (it keeps a fused
+        # normalisation's steps in float32), so eager and compiled code rank the same numbers
+        q = query.detach()
+        pair = metric.operands(q, q if key is query else key.detach())  # one: self-similarity
+        if pair is not None:
+            q = cast(pair[0])
+            return GemmScores(q, q if pair[1] is pair[0] else cast(pair[1]))
     q = cast(query)
     return metric_scores(metric, q, q if key is query else cast(key))
 
