@@ -140,7 +140,9 @@ def _operator(
     if metric.uses_positions:
         scores = similarity.spatial_scores(grid, queries)
     else:
-        scores = similarity.selection_scores(metric, q_feat, k_feat, spec.selection_dtype)
+        scores = similarity.selection_scores(
+            metric, q_feat, k_feat, spec.selection_dtype, name=spec.metric, p=spec.p
+        )
         if spec.positional == "relative_bias":
             scores = encoding.bias_scores(scores, grid, queries, pos_params["table"], prefix)
 
@@ -305,7 +307,7 @@ def knn_select(
     self_index = check_self_index(self_index, include_self, N, M, query.device)
     ConvNNSpec(p=p)  # checks p
     m = get_metric(metric, p)
-    scores = similarity.selection_scores(m, query, key, selection_dtype)
+    scores = similarity.selection_scores(m, query, key, selection_dtype, name=metric, p=p)
     shared = candidates is not None and candidates.dim() == 1
     cands = Candidates(
         shared=candidates if shared else None,

@@ -17,7 +17,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..metrics import BlockScores, GemmScores, Metric, SpatialScores, metric_scores
+from ..metrics import (
+    BlockScores,
+    GemmScores,
+    Metric,
+    SpatialScores,
+    get_metric,
+    metric_scores,
+)
 from ..options import tensors_or_initial
 from .candidates import Grid
 
@@ -43,31 +50,74 @@ def prepare(
     return q.flatten(0, 1), k.flatten(0, 1)
 
 
+def _rounded_operands(
+    metric: Metric, query: Tensor, key: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor] | None:
+    """The metric's GEMM operands formed in the features' dtype and rounded once to the
+    narrower ``dtype`` (contiguous rows), or None where it has no GEMM form. Self-similarity
+    (``key is query``) gives one tensor twice."""
+    pair = metric.operands(query, key)
+    if pair is None:
+        return None
+    cast = lambda t: t.to(dtype, memory_format=torch.contiguous_format)  # noqa: E731
+    q = cast(pair[0])
+    return q, q if pair[1] is pair[0] else cast(pair[1])
+
+
+@torch.library.custom_op("convnn::selection_operands", mutates_args=())
+def _selection_operands(
+    query: Tensor, key: Tensor | None, metric: str, p: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """:func:`_rounded_operands` of ``get_metric(metric, p)`` as one opaque op of a compiled
+    graph: the compiler would fuse the rounding into the metric's steps (a normalisation's
+    norm, its quotient) and form them its own way, and a narrow dtype's many ties would pick
+    other neighbours than eager code. ``key`` None: self-similarity. Keys' operands that
+    are the queries' (cosine's, not euclidean's) come back empty."""
+    q, k = _rounded_operands(get_metric(metric, p), query, query if key is None else key, dtype)
+    return q, q.new_empty(0) if k is q else k
+
+
+@_selection_operands.register_fake
+def _(query, key, metric, p, dtype):
+    q, k = _rounded_operands(get_metric(metric, p), query, query if key is None else key, dtype)
+    return q, q.new_empty(0) if k is q else k
+
+
 def selection_scores(
-    metric: Metric, query: Tensor, key: Tensor, selection_dtype: torch.dtype | None
+    metric: Metric,
+    query: Tensor,
+    key: Tensor,
+    selection_dtype: torch.dtype | None,
+    *,
+    name: str | None = None,
+    p: float = 2.0,
 ) -> BlockScores:
     """What the backends rank for ``metric``: query (B', N, d), key (B', M, d) features,
-    detached and cast to the selection dtype (default float32 for half inputs, else the
-    input's), in the metric's GEMM form when it has one."""
+    detached, in the metric's GEMM form when it has one, in the selection dtype (default
+    float32 for half inputs, else the input's). A narrower selection dtype rounds the GEMM
+    operands once, formed in the features' dtype (cosine: the float32 normalisation,
+    rounded), so eager and compiled code rank the same numbers; in a compiled graph they are
+    formed by one opaque op, given the metric's ``name`` and ``p`` (``get_metric(name, p)``
+    is ``metric``). A wider one casts the features first."""
     dtype = selection_dtype or (
         torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
     )
+    q, k = query.detach(), key.detach()
+    same = key is query  # self-similarity: one operand, the one pass's symmetric form
+    if torch.finfo(dtype).bits < torch.finfo(q.dtype).bits:
+        pair = _rounded_operands(metric, q, q if same else k, dtype)
+        if pair is not None and name is not None and torch.compiler.is_compiling():
+            # the same numbers formed eagerly (the traced ones above go unused)
+            a, b = torch.ops.convnn.selection_operands(q, None if same else k, name, p, dtype)
+            pair = a, a if pair[1] is pair[0] else b
+        if pair is not None:
+            return GemmScores(*pair)
 
     def cast(t: Tensor) -> Tensor:  # a cast copies: in the row layout the scores read
-        t = t.detach()
         return t if t.dtype == dtype else t.to(dtype, memory_format=torch.contiguous_format)
 
-    if torch.finfo(dtype).bits < torch.finfo(query.dtype).bits:
-        # A narrower selection dtype: the metric's GEMM operands are formed in the features'
-        # dtype and rounded once, as a compiled graph forms them (it keeps a fused
-        # normalisation's steps in float32), so eager and compiled code rank the same numbers
-        q = query.detach()
-        pair = metric.operands(q, q if key is query else key.detach())  # one: self-similarity
-        if pair is not None:
-            q = cast(pair[0])
-            return GemmScores(q, q if pair[1] is pair[0] else cast(pair[1]))
-    q = cast(query)
-    return metric_scores(metric, q, q if key is query else cast(key))
+    q = cast(q)
+    return metric_scores(metric, q, q if same else cast(k))
 
 
 def spatial_scores(grid: Grid, self_index: Tensor) -> SpatialScores:
