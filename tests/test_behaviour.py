@@ -311,15 +311,18 @@ def test_compiled_half_selection_ranks_what_eager_ranks(fresh_dynamo):
 
     # (the float16 case: float32 normalisations formed in and out of a graph differ in a last
     # bit here, and 2 of its picks with them, unless the graph forms them eagerly)
-    cases = [("cosine", torch.bfloat16, "all", 20), ("euclidean", torch.bfloat16, "all", 20),
-             ("cosine", torch.float16, "all", 18), ("euclidean", torch.float16, "window", 20)]  # fmt: skip
-    for metric, dtype, candidates, size in cases:
+    # and a float16 layer's own float16 selection: its operands are formed in float32 too
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    cases = [("cosine", bf16, "all", 20, f32), ("euclidean", bf16, "all", 20, f32),
+             ("cosine", f16, "all", 18, f32), ("euclidean", f16, "window", 20, f32),
+             ("cosine", f16, "all", 18, f16)]  # fmt: skip
+    for metric, dtype, candidates, size, features in cases:
         torch.manual_seed(0)
         window = dict(window=5) if candidates == "window" else {}
         layer = ConvNN2d(
             8, 8, K=9, selection_dtype=dtype, metric=metric, candidates=candidates, **window
-        )
-        x = torch.randn(2, 8, size, size)  # 324-400 keys: the one-pass kernel
+        ).to(features)
+        x = torch.randn(2, 8, size, size).to(features)  # 324-400 keys: the one-pass kernel
         y, idx = layer(x, return_indices=True)
         y2, idx2 = torch.compile(layer)(x, return_indices=True)
         assert torch.equal(idx, idx2), (metric, dtype, (idx != idx2).sum().item())

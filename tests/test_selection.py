@@ -291,10 +291,10 @@ def test_nan_in_input_does_not_crash_selection(backend, bad):
 
 
 def test_narrower_selection_rounds_the_metric_operands_once():
-    """A selection dtype narrower than the features: the metric's GEMM operands are formed in
-    the features' dtype and rounded once (cosine: the float32 normalisation, rounded), and
-    self-similarity stays one operand (the one-pass kernel's symmetric form); a wider one
-    casts the features first."""
+    """A half selection dtype: the metric's GEMM operands are formed in float32 (of half
+    features too) and rounded once (cosine: the float32 normalisation, rounded), and
+    self-similarity stays one operand (the one-pass kernel's symmetric form); float32
+    selection of half features casts the features first."""
     from convnn.metrics import get_metric
     from convnn.stages.similarity import selection_scores
 
@@ -308,6 +308,9 @@ def test_narrower_selection_rounds_the_metric_operands_once():
     assert torch.equal(s.key[..., -1], k.pow(2).sum(-1).bfloat16())
     wide = selection_scores(cos, x.bfloat16(), x.bfloat16(), None)  # float32 selection
     assert torch.equal(wide.query, torch.nn.functional.normalize(x.bfloat16().float(), dim=-1))
+    h = x.half()  # half features, half selection: formed in float32 all the same
+    s = selection_scores(cos, h, h, torch.float16)
+    assert torch.equal(s.query, torch.nn.functional.normalize(h.float(), dim=-1).half())
 
 
 def test_half_scores_are_judged_finite_in_their_own_dtype():

@@ -94,17 +94,19 @@ def selection_scores(
 ) -> BlockScores:
     """What the backends rank for ``metric``: query (B', N, d), key (B', M, d) features,
     detached, in the metric's GEMM form when it has one, in the selection dtype (default
-    float32 for half inputs, else the input's). A narrower selection dtype rounds the GEMM
-    operands once, formed in the features' dtype (cosine: the float32 normalisation,
-    rounded), so eager and compiled code rank the same numbers; in a compiled graph they are
-    formed by one opaque op, given the metric's ``name`` and ``p`` (``get_metric(name, p)``
-    is ``metric``). A wider one casts the features first."""
+    float32 for half inputs, else the input's). A half selection dtype rounds the GEMM
+    operands once, formed in float32 (or the features' wider dtype; cosine: the
+    normalisation, rounded), so eager and compiled code rank the same numbers; in a compiled
+    graph they are formed by one opaque op, given the metric's ``name`` and ``p``
+    (``get_metric(name, p)`` is ``metric``). Otherwise the features are cast first."""
     dtype = selection_dtype or (
         torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
     )
     q, k = query.detach(), key.detach()
     same = key is query  # self-similarity: one operand, the one pass's symmetric form
-    if torch.finfo(dtype).bits < torch.finfo(q.dtype).bits:
+    wide = torch.promote_types(q.dtype, torch.float32)  # half features: formed in float32
+    if torch.finfo(dtype).bits < torch.finfo(wide).bits:
+        q, k = q.to(wide), k.to(wide)
         pair = _rounded_operands(metric, q, q if same else k, dtype)
         if pair is not None and name is not None and torch.compiler.is_compiling():
             # the same numbers formed eagerly (the traced ones above go unused)
