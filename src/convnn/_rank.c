@@ -802,6 +802,20 @@ AVX2 static void offer_tile(Best *b, const float *tile, Py_ssize_t i0, int rows,
     }
 }
 
+/* Offer a computed tile of ``tile_rows`` rows (i0.., up to the superblock's end s1) in blocks
+ * of at most MR rows, in ascending order (the order each row's candidates need): the tile
+ * kernels' blocks of 6 or 12 rows and the tile unit's of 16. Stops at the first block wholly
+ * below the diagonal under ``symmetric`` (and the rest are too). */
+AVX2 static void offer_rows(Best *b, const float *tile, Py_ssize_t i0, int tile_rows, Py_ssize_t s1,
+                            Py_ssize_t j0, int cols, int symmetric, const int64_t *ex, int bf16) {
+    for (Py_ssize_t ih = i0; ih < i0 + tile_rows && ih < s1; ih += MR) {
+        if (symmetric && j0 + cols <= ih) break;
+        int rows = s1 - ih < MR ? (int)(s1 - ih) : MR;
+        rows = i0 + tile_rows - ih < rows ? (int)(i0 + tile_rows - ih) : rows;
+        offer_tile(b, tile + (ih - i0) * NR, ih, rows, j0, cols, symmetric, ex, bf16);
+    }
+}
+
 static void *aligned_block(size_t bytes, void **base) {
     *base = malloc(bytes + 63);
     return *base ? (void *)(((uintptr_t)*base + 63) & ~(uintptr_t)63) : NULL;
@@ -874,12 +888,7 @@ AVX2 static int gemm_topk_images(const float *q, Py_ssize_t q_batch, Py_ssize_t 
                     if (!rows_tiles(a, 1, D, P + p * D * NR, tile, bk + 1 < blocks, b.gate + i0,
                                     symmetric ? b.gate + j0 : NULL))
                         continue; /* no score reaches a gate */
-                    for (int h = 0; h < 2 && bk + h < blocks; h++) {
-                        Py_ssize_t ih = i0 + h * MR;
-                        if (symmetric && j0 + cols <= ih) break;
-                        int rows = s1 - ih < MR ? (int)(s1 - ih) : MR;
-                        offer_tile(&b, tile + h * MR * NR, ih, rows, j0, cols, symmetric, ex, bf16);
-                    }
+                    offer_rows(&b, tile, i0, 2 * MR, s1, j0, cols, symmetric, ex, bf16);
                 }
             }
         }
@@ -968,8 +977,7 @@ AMX static int gemm_topk_images_amx(const uint16_t *q, Py_ssize_t q_batch, Py_ss
         for (Py_ssize_t i = 0; i < rows_pad; i++)
             for (Py_ssize_t d = 0; d < Dp; d++) Q[i * Dp + d] = i < n && d < D ? q[i * q_row + d] : 0;
         best_reset(&b, n);
-        /* the order of gemm_topk_images: superblocks, then panels, then blocks of rows, each
-         * offered in blocks of at most MR rows (the order each row's candidates need) */
+        /* the order of gemm_topk_images: superblocks, then panels, then blocks of rows */
         for (Py_ssize_t s0 = 0; s0 < n; s0 += sb) {
             Py_ssize_t s1 = s0 + sb < n ? s0 + sb : n;
             for (Py_ssize_t p = symmetric ? s0 / NR : 0; p < panels; p++) {
@@ -978,12 +986,7 @@ AMX static int gemm_topk_images_amx(const uint16_t *q, Py_ssize_t q_batch, Py_ss
                 for (Py_ssize_t i0 = s0; i0 < s1; i0 += TR) {
                     if (symmetric && j0 + cols <= i0) continue; /* below the diagonal */
                     amx_tile(Q + i0 * Dp, Dp * 2, P + p * Dp * NR, Dp, tile);
-                    for (Py_ssize_t ih = i0; ih < i0 + TR && ih < s1; ih += MR) {
-                        if (symmetric && j0 + cols <= ih) break;
-                        int rows = s1 - ih < MR ? (int)(s1 - ih) : MR;
-                        rows = i0 + TR - ih < rows ? (int)(i0 + TR - ih) : rows;
-                        offer_tile(&b, tile + (ih - i0) * NR, ih, rows, j0, cols, symmetric, ex, bf16);
-                    }
+                    offer_rows(&b, tile, i0, TR, s1, j0, cols, symmetric, ex, bf16);
                 }
             }
         }

@@ -780,7 +780,7 @@ class _BlockSDPA(torch.autograd.Function):
         spans, parts = [(qs, ks) for qs, ks, *_ in graphs], list(parts)
         ctx.graphs = graphs = None  # the blocks' outputs are freed before the gradients come
         # each gradient laid out like its input, as autograd lays them out
-        dq, dk, dv = (_empty_as(t, t.shape) if n else None for t, n in zip(ctx.inputs, needs))
+        dq, dk, dv = (torch.empty_like(t) if n else None for t, n in zip(ctx.inputs, needs))
         lim = ctx.inputs[1].shape[2]
         parts.reverse()  # taken in order, each freed once written
         covered = 0  # keys [0, covered) hold their gradient so far: the rest is written, not added

@@ -517,9 +517,13 @@ class GemmScores(BlockScores):
     def _fused_operands(self) -> tuple[Tensor, Tensor]:
         """What the one-pass kernel multiplies: bfloat16 features as they are where the CPU's
         tile unit multiplies them (:func:`convnn.native.amx_here`), else the GEMM operands."""
-        if self.rounding == torch.bfloat16 and self.query.dtype == self.key.dtype == torch.bfloat16:
-            if native.amx_here():
-                return self.query, self.key
+        # rounding bf16: widened bf16 queries (the keys may be float32)
+        if (
+            self.rounding == torch.bfloat16
+            and self.key.dtype == torch.bfloat16
+            and native.amx_here()
+        ):
+            return self.query, self.key
         return self._gemm_operands
 
     def fused(self, K: int, exclude: Tensor | None = None) -> bool:

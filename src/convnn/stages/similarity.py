@@ -50,6 +50,11 @@ def prepare(
     return q.flatten(0, 1), k.flatten(0, 1)
 
 
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``: a cast copies, into the row layout the scores read."""
+    return t if t.dtype == dtype else t.to(dtype, memory_format=torch.contiguous_format)
+
+
 def _rounded_operands(
     metric: Metric, query: Tensor, key: Tensor, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor] | None:
@@ -59,9 +64,8 @@ def _rounded_operands(
     pair = metric.operands(query, key)
     if pair is None:
         return None
-    cast = lambda t: t.to(dtype, memory_format=torch.contiguous_format)  # noqa: E731
-    q = cast(pair[0])
-    return q, q if pair[1] is pair[0] else cast(pair[1])
+    q = _cast(pair[0], dtype)
+    return q, q if pair[1] is pair[0] else _cast(pair[1], dtype)
 
 
 @torch.library.custom_op("convnn::selection_operands", mutates_args=())
@@ -106,20 +110,17 @@ def selection_scores(
     same = key is query  # self-similarity: one operand, the one pass's symmetric form
     wide = torch.promote_types(q.dtype, torch.float32)  # half features: formed in float32
     if torch.finfo(dtype).bits < torch.finfo(wide).bits:
-        q, k = q.to(wide), k.to(wide)
-        pair = _rounded_operands(metric, q, q if same else k, dtype)
+        q = q.to(wide)
+        k = q if same else k.to(wide)
+        pair = _rounded_operands(metric, q, k, dtype)
         if pair is not None and name is not None and torch.compiler.is_compiling():
             # the same numbers formed eagerly (the traced ones above go unused)
             a, b = torch.ops.convnn.selection_operands(q, None if same else k, name, p, dtype)
             pair = a, a if pair[1] is pair[0] else b
         if pair is not None:
             return GemmScores(*pair)
-
-    def cast(t: Tensor) -> Tensor:  # a cast copies: in the row layout the scores read
-        return t if t.dtype == dtype else t.to(dtype, memory_format=torch.contiguous_format)
-
-    q = cast(q)
-    return metric_scores(metric, q, q if same else cast(k))
+    q = _cast(q, dtype)
+    return metric_scores(metric, q, q if same else _cast(k, dtype))
 
 
 def spatial_scores(grid: Grid, self_index: Tensor) -> SpatialScores:
