@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _helpers import max_diff, randn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from convnn import ConvNNAttention
 from convnn.backends import dispatch, explain
@@ -338,11 +339,32 @@ def test_window_mask_is_built_once_per_map():
     assert window_mask(Grid(5, 7, ph=1, pw=2), 5, "cpu").sum(1).eq(25).all()
 
 
+class _CountFlash(TorchDispatchMode):
+    """Counts the CPU flash-attention kernel's calls, forward (queries per call) and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward, self.backward = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
+            self.forward.append(args[0].shape[2])
+        self.backward += (
+            func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+        )
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize(("hw", "window"), [((14, 14), 7), ((12, 20), 5), ((1, 144), 9)])
-def test_whole_window_attention_by_blocks_is_the_knn_path(monkeypatch, hw, window):
+@pytest.mark.parametrize("flash", [True, False])
+def test_whole_window_attention_by_blocks_is_the_knn_path(hw, window, flash):
     """On maps large enough, whole-window attention runs SDPA block by block, each block of
     queries against the span of keys its windows reach (fewer pairs than the whole mask),
-    and agrees with the k-NN path forward and backward."""
+    and agrees with the k-NN path forward and backward: on the CPU flash-attention kernels
+    called block by block, and (flash attention switched off, as for dropout) on one SDPA
+    graph per block."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from convnn.stages.candidates import Grid, window_blocks, window_mask
 
     grid = Grid(*hw)
@@ -356,23 +378,52 @@ def test_whole_window_attention_by_blocks_is_the_knn_path(monkeypatch, hw, windo
         covered[qs, ks] = m
     assert torch.equal(covered, mask)  # the spans hold every window
     assert sum(m.numel() for _, _, m in blocks) <= 0.75 * mask.numel()
-    out, grads, calls = [], [], []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape[2])  # queries in the call
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    out, grads = [], []
+    kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH] if flash else [SDPBackend.MATH]
     for backend in (None, "chunked"):
         qkv = randn(2, N, 3, 2, 4, seed=6).requires_grad_()
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        y = convnn_attention(q, k, v, K, candidates="window", window=window, hw=hw, backend=backend)
-        (y * randn(*y.shape, seed=9)).sum().backward()
+        with sdpa_kernel(kernels), _CountFlash() as count:
+            y = convnn_attention(
+                q, k, v, K, candidates="window", window=window, hw=hw, backend=backend
+            )
+            (y * randn(*y.shape, seed=9)).sum().backward()
         out.append(y), grads.append(qkv.grad)
-    assert calls == [qs.stop - qs.start for qs, _, _ in blocks]  # the automatic choice only
+        if backend is None and flash:  # the automatic choice only: one call per block
+            assert count.forward == [qs.stop - qs.start for qs, _, _ in blocks]
+            assert count.backward == len(blocks)
+        else:
+            assert count.forward == [] and count.backward == 0
     assert max_diff(out[0], out[1]) < 1e-12
     assert max_diff(grads[0], grads[1]) < 1e-12
+
+
+def test_window_attention_blocks_with_dropout_keep_one_graph_per_block():
+    """With dropout the blocks run SDPA's own graphs (its CPU flash kernel has no dropout):
+    seeded alike, the blocks' output and gradients are those of SDPA called block by block."""
+    from convnn.functional import _BlockSDPA, _flash_blocks
+    from convnn.stages.candidates import Grid, window_blocks
+
+    blocks = window_blocks(Grid(14, 14), 7, "cpu")
+    q, k, v = (randn(2, 2, 196, 8, seed=s).requires_grad_() for s in (1, 2, 3))
+    w = randn(2, 2, 196, 8, seed=4)
+    assert _flash_blocks(q, v, 0.0) and not _flash_blocks(q, v, 0.25)
+    torch.manual_seed(0)
+    with _CountFlash() as count:
+        y = _BlockSDPA.apply(q, k, v, blocks, 0.25, True)
+        got = torch.autograd.grad((y * w).sum(), (q, k, v))
+    assert count.forward == [] and count.backward == 0
+    torch.manual_seed(0)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    parts = [
+        sdpa(q[:, :, a], k[:, :, b], v[:, :, b], attn_mask=m, dropout_p=0.25) for a, b, m in blocks
+    ]
+    ref = torch.cat(parts, 2)
+    assert max_diff(y, ref) < 1e-12
+    assert max_diff(y, _BlockSDPA.apply(q, k, v, blocks, 0.0, True)) > 0.1  # weights dropped
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        assert max_diff(a, b) < 1e-12
 
 
 def test_window_attention_blocks_differentiate_each_input():
@@ -398,6 +449,33 @@ def test_window_attention_blocks_differentiate_each_input():
     y = convnn_attention(q, k, v, 49, candidates="window", window=window, hw=hw)
     with pytest.raises(RuntimeError, match="no second derivative"):
         torch.autograd.grad(y.sum(), q, create_graph=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_window_attention_blocks_take_every_dtype_and_layout(dtype):
+    """The flash kernels called block by block in half and single precision, with q's head
+    dimension strided (the kernel reads rows with unit stride: such an input is copied, as
+    SDPA copies it): output and gradients as the float64 formula of DESIGN.md gives them,
+    softmax(q k^T / sqrt(d) + mask) v over each query's window."""
+    from convnn.stages.candidates import Grid, window_mask
+
+    B, G, N, d = 2, 2, 196, 16
+    mask = window_mask(Grid(14, 14), 7, "cpu")
+    q = randn(B, G, d, N, seed=1).transpose(-1, -2).to(dtype)  # head dimension strided
+    k, v = (randn(B, G, N, d, seed=s).to(dtype) for s in (2, 3))
+    w = randn(B, N, G * d, seed=4)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    y = convnn_attention(*leaves, 49, candidates="window", window=7, hw=(14, 14))
+    got = torch.autograd.grad((y.double() * w).sum(), leaves)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in leaves)
+    scores = (q64 @ k64.transpose(-1, -2)) / d**0.5
+    ref = scores.masked_fill(~mask, -torch.inf).softmax(-1) @ v64
+    ref = ref.transpose(1, 2).reshape(B, N, G * d)
+    want = torch.autograd.grad((ref * w).sum(), (q64, k64, v64))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert y.dtype == dtype and max_diff(y.double(), ref) < tol * ref.abs().max()
+    for a, b in zip(got, want):
+        assert a.dtype == dtype and max_diff(a.double(), b) < tol * b.abs().max()
 
 
 def test_block_sdpa_gradients_where_spans_overlap_leave_gaps():

@@ -741,19 +741,55 @@ def _empty_as(t: Tensor, shape) -> Tensor:
     return t.new_empty([shape[i] for i in order]).permute(*sorted(range(t.dim()), key=order.index))
 
 
+def _flash_blocks(q: Tensor, v: Tensor, dropout_p: float) -> bool:
+    """Whether :class:`_BlockSDPA` calls the CPU flash-attention kernels itself, forward and
+    backward, block by block: what SDPA would run for each block (no dropout, q's head size
+    for v, flash attention not switched off), without an autograd graph per block (the
+    nested graphs cost a tenth of a ViT-Tiny window-attention step)."""
+    return (
+        dropout_p == 0.0
+        and q.device.type == "cpu"
+        and q.shape[-1] == v.shape[-1]
+        and torch.backends.cuda.flash_sdp_enabled()  # also SDPA's switch on the CPU
+    )
+
+
+def _additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask (True: attend) as the additive one the flash kernel takes (0 / -inf)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
+
+
 class _BlockSDPA(torch.autograd.Function):
     """SDPA of blocks of queries (B, G, N, d), each against its span of keys with its mask
-    (``blocks``: ((queries, keys, mask), ...), the queries covering every row once). Each
-    block keeps its own graph, and backward adds the blocks' gradients straight into one
-    gradient per input: slicing and concatenating would fill a whole zero gradient per block
-    and input and add them up (a third of the step)."""
+    (``blocks``: ((queries, keys, mask), ...), the queries covering every row once). Without
+    dropout each block runs on the CPU flash-attention kernels directly (:func:`_flash_blocks`),
+    keeping its output and log-sum-exp for the backward kernel; with dropout each block keeps
+    its own SDPA graph. Backward adds the blocks' gradients straight into one gradient per
+    input: slicing and concatenating would fill a whole zero gradient per block and input and
+    add them up (a third of the step)."""
 
     @staticmethod
     def forward(ctx, q, k, v, blocks, dropout_p, differentiable):
         # differentiable: grad mode outside (inside forward it is off, and needs_input_grad
         # says what the inputs require even under no_grad)
-        graphs, needs = [], ctx.needs_input_grad[:3]
         out = _empty_as(q, (*q.shape[:-1], v.shape[-1]))  # laid out as SDPA lays out its output
+        ctx.inputs = [t.detach() for t in (q, k, v)]  # shapes, layouts
+        ctx.flash = _flash_blocks(q, v, dropout_p)
+        if ctx.flash:
+            # the kernel reads rows with unit stride (SDPA copies other layouts too)
+            q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+            saved = []
+            for qs, ks, m in blocks:
+                bias = _additive_mask(m, q.dtype)
+                o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q[:, :, qs], k[:, :, ks], v[:, :, ks], 0.0, False, attn_mask=bias
+                )
+                out[:, :, qs] = o
+                saved.append((qs, ks, bias, o, lse))
+            ctx.blocks = saved
+            ctx.save_for_backward(q, k, v)
+            return out
+        graphs, needs = [], ctx.needs_input_grad[:3]
         for qs, ks, m in blocks:
             parts = (q[:, :, qs], k[:, :, ks], v[:, :, ks])
             leaves = [t.detach().requires_grad_(n and differentiable) for t, n in zip(parts, needs)]
@@ -761,7 +797,7 @@ class _BlockSDPA(torch.autograd.Function):
                 o = F.scaled_dot_product_attention(*leaves, attn_mask=m, dropout_p=dropout_p)
             out[:, :, qs] = o.detach()
             graphs.append((qs, ks, o, leaves))
-        ctx.graphs, ctx.inputs = graphs, [t.detach() for t in (q, k, v)]  # shapes, layouts
+        ctx.blocks = graphs
         return out
 
     @staticmethod
@@ -771,34 +807,67 @@ class _BlockSDPA(torch.autograd.Function):
                 "window attention by blocks of queries has no second derivative (nor has "
                 "scaled_dot_product_attention's CPU kernel)"
             )
-        needs, graphs = ctx.needs_input_grad[:3], ctx.graphs
-        parts = torch.autograd.grad(  # one pass of the engine over every block's graph
-            [o for _, _, o, _ in graphs],
-            [t for *_, leaves in graphs for t in leaves if t.requires_grad],
-            [grad[:, :, qs] for qs, *_ in graphs],
-        )
-        spans, parts = [(qs, ks) for qs, ks, *_ in graphs], list(parts)
-        ctx.graphs = graphs = None  # the blocks' outputs are freed before the gradients come
+        needs, blocks = ctx.needs_input_grad[:3], ctx.blocks
+        ctx.blocks = None  # each block's tensors are freed once its gradients are written
         # each gradient laid out like its input, as autograd lays them out
-        dq, dk, dv = (torch.empty_like(t) if n else None for t, n in zip(ctx.inputs, needs))
-        lim = ctx.inputs[1].shape[2]
-        parts.reverse()  # taken in order, each freed once written
-        covered = 0  # keys [0, covered) hold their gradient so far: the rest is written, not added
-        for qs, ks in spans:
-            if needs[0]:
-                dq[:, :, qs] = parts.pop()  # the blocks' queries cover every row once
-            lo, hi, _ = ks.indices(lim)
-            for g, n in ((dk, needs[1]), (dv, needs[2])):
-                if n:
-                    part, cut = parts.pop(), min(max(covered, lo), hi) - lo
-                    g[:, :, covered:lo].zero_()  # keys no span reached (none, for windows)
-                    g[:, :, lo : lo + cut] += part[:, :, :cut]
-                    g[:, :, lo + cut : hi] = part[:, :, cut:]
-            covered = max(covered, hi)
-        for g in (dk, dv):
+        grads = [torch.empty_like(t) if n else None for t, n in zip(ctx.inputs, needs)]
+        _add_block_gradients(grads, ctx.inputs[1].shape[2], _block_gradients(ctx, blocks, grad))
+        return *grads, None, None, None
+
+
+def _block_gradients(ctx, blocks: list, grad: Tensor):
+    """Yield (queries, keys, (dq, dk, dv)) block by block, None for an input not needing one."""
+    needs = ctx.needs_input_grad[:3]
+    if ctx.flash:
+        q, k, v = ctx.saved_tensors
+        while blocks:
+            qs, ks, bias, o, lse = blocks.pop(0)
+            parts = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad[:, :, qs],
+                q[:, :, qs],
+                k[:, :, ks],
+                v[:, :, ks],
+                o,
+                lse,
+                0.0,
+                False,
+                attn_mask=bias,
+            )
+            yield qs, ks, [t if n else None for t, n in zip(parts, needs)]
+        return
+    parts = list(  # one pass of the engine over every block's graph
+        torch.autograd.grad(
+            [o for _, _, o, _ in blocks],
+            [t for *_, leaves in blocks for t in leaves if t.requires_grad],
+            [grad[:, :, qs] for qs, *_ in blocks],
+        )
+    )
+    spans = [(qs, ks) for qs, ks, *_ in blocks]
+    del blocks[:]  # the blocks' outputs are freed before the gradients come
+    parts.reverse()  # taken in order, each freed once written
+    for qs, ks in spans:
+        yield qs, ks, [parts.pop() if n else None for n in needs]
+
+
+def _add_block_gradients(grads: list, num_keys: int, blocks) -> None:
+    """Write the blocks' gradients into ``grads`` [dq, dk, dv] (None: not needed): the
+    blocks' queries cover every row once; keys in several spans add up, keys in none get 0."""
+    dq, dk, dv = grads
+    covered = 0  # keys [0, covered) hold their gradient so far: the rest is written, not added
+    for qs, ks, (gq, gk, gv) in blocks:
+        if dq is not None:
+            dq[:, :, qs] = gq
+        lo, hi, _ = ks.indices(num_keys)
+        for g, part in ((dk, gk), (dv, gv)):
             if g is not None:
-                g[:, :, covered:].zero_()
-        return dq, dk, dv, None, None, None
+                cut = min(max(covered, lo), hi) - lo
+                g[:, :, covered:lo].zero_()  # keys no span reached (none, for windows)
+                g[:, :, lo : lo + cut] += part[:, :, :cut]
+                g[:, :, lo + cut : hi] = part[:, :, cut:]
+        covered = max(covered, hi)
+    for g in (dk, dv):
+        if g is not None:
+            g[:, :, covered:].zero_()
 
 
 def attention_call(
