@@ -165,19 +165,16 @@ def group_window_conv(quick: bool) -> Group:
     return g
 
 
-def group_local_attention(quick: bool) -> Group:
-    """ConvNN local attention (window 7x7 = K 49, softmax, kernel none) vs SDPA with the
-    same window mask, forward+backward, ViT-Tiny shapes (B 16, 3 heads, 14x14, d 64). Both
-    take q, k, v as timm's Attention makes them (views of one projection, its gradient the
-    step's) and give the layer's output, heads merged to (B, N, C) as timm merges them."""
-    from convnn.stages.candidates import Grid
+def _local_attention(B: int, H: int, G: int, d: int) -> dict:
+    """ConvNN local attention (window 7x7 = K 49, softmax, kernel none) and SDPA with the
+    same window mask, forward+backward on B x H x H tokens. Both take q, k, v as timm's
+    Attention makes them (views of one projection, its gradient the step's) and give the
+    layer's output, heads merged to (B, N, C) as timm merges them."""
+    from convnn.stages.candidates import Grid, window_mask
 
     gen = torch.Generator().manual_seed(0)
-    B, G, H, d = (2, 1, 8, 8) if quick else (16, 3, 14, 64)
     qkv = torch.randn(B, H * H, 3 * G * d, generator=gen, requires_grad=True)
-    win = Grid(H, H).window(7, "cpu")
-    mask = torch.zeros(H * H, H * H, dtype=torch.bool)
-    mask.scatter_(1, win, True)
+    mask = window_mask(Grid(H, H), 7, "cpu")
 
     def heads():
         return qkv.reshape(B, H * H, 3, G, d).permute(2, 0, 3, 1, 4).unbind(0)
@@ -190,8 +187,22 @@ def group_local_attention(quick: bool) -> Group:
         out = F.scaled_dot_product_attention(*heads(), attn_mask=mask)
         out.transpose(1, 2).reshape(B, H * H, G * d).sum().backward()
 
-    g = Group(f"local_attention B{B}x{G}x{H}x{H}x{d}", dict(local=ours, sdpa_masked=sdpa))
-    return g
+    return dict(local=ours, sdpa_masked=sdpa)
+
+
+def group_local_attention(quick: bool) -> Group:
+    """Local attention vs masked SDPA (:func:`_local_attention`) at ViT-Tiny shapes (B 16,
+    3 heads, 14x14, d 64)."""
+    B, G, H, d = (2, 1, 8, 8) if quick else (16, 3, 14, 64)
+    return Group(f"local_attention B{B}x{G}x{H}x{H}x{d}", _local_attention(B, H, G, d))
+
+
+def group_local_attention_map(quick: bool) -> Group:
+    """Local attention vs masked SDPA (:func:`_local_attention`) on a map whose 7x7 window
+    is a smaller share of it (B 1, 3 heads, 56x56, d 64: a hierarchical model's first
+    stage). A group of its own: its large steps would disturb the ViT-Tiny timings."""
+    B, G, H, d = (1, 1, 12, 8) if quick else (1, 3, 56, 64)
+    return Group(f"local_attention_map B{B}x{G}x{H}x{H}x{d}", _local_attention(B, H, G, d))
 
 
 def _train_step(model, x, y):
@@ -370,6 +381,7 @@ GROUPS = {
     "headline": group_headline,
     "window_conv": group_window_conv,
     "local_attention": group_local_attention,
+    "local_attention_map": group_local_attention_map,
     "vit_tiny": group_vit_tiny,
     "resnet18": group_resnet18,
     "compile": group_compile,
@@ -388,6 +400,7 @@ RATIOS = {
     ],
     "window_conv": [Ratio("window7x7/conv3x3", "window", "conv3x3", 4.0)],
     "local_attention": [Ratio("local_attention/sdpa_masked", "local", "sdpa_masked", 1.0)],
+    "local_attention_map": [Ratio("local_attention_56x56/sdpa_masked", "local", "sdpa_masked")],
     "vit_tiny": [
         Ratio("vit_tiny_local/attention", "local", "attention", 1.5),
         Ratio("vit_tiny_kvt/attention", "kvt", "attention", 1.1),

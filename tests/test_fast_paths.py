@@ -33,6 +33,8 @@ def test_whole_window_attention_is_masked_sdpa(hw, window):
 
 
 def test_explain_names_the_window_shortcut_and_its_limits():
+    from convnn.stages.candidates import Grid, window_pairs
+
     x = torch.randn(1, 36, 8)
     whole = ConvNNAttention(8, 2, K=9, kernel="none", candidates="window", window=3)
     top = ConvNNAttention(8, 2, K=4, kernel="none", candidates="window", window=3)
@@ -46,9 +48,15 @@ def test_explain_names_the_window_shortcut_and_its_limits():
     ]
     with dispatch.use("chunked"):  # a forced backend runs the k-NN path
         assert "shortcut" not in [d.stage for d in explain(whole, x, hw=(6, 6))]
-    side = 13  # 169 tokens > 16 * 9: the k-NN path scores fewer pairs than masked SDPA
-    assert not dispatch.masked_sdpa_pays(side * side, 9)
-    big = explain(whole, torch.randn(1, side * side, 8), hw=(side, side))
+    # 13 x 13: the whole mask would score 169 keys per query > 16 * 9; blocks of 5, 5 and 3
+    # rows of queries reach rows 0-5, 4-10 and 9-12 of keys: 77 per query <= 32 * 9
+    assert not dispatch.masked_sdpa_pays(169, 9) and dispatch.masked_sdpa_pays(77, 9, True)
+    assert window_pairs(Grid(13, 13), 3, "cpu") == 65 * 6 * 13 + 65 * 7 * 13 + 39 * 4 * 13
+    (mid,) = explain(whole, torch.randn(1, 169, 8), hw=(13, 13))
+    assert mid.backend == "SDPA" and "by blocks" in mid.reason and "77 keys" in mid.reason
+    # 20 x 100: each row's windows reach 3 rows, 300 keys per query > 32 * 9: the k-NN path
+    assert window_pairs(Grid(20, 100), 3, "cpu") > 32 * 9 * 2000
+    big = explain(whole, torch.randn(1, 2000, 8), hw=(20, 100))
     assert "shortcut" not in [d.stage for d in big]
 
 
@@ -355,7 +363,9 @@ class _CountFlash(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize(("hw", "window"), [((14, 14), 7), ((12, 20), 5), ((1, 144), 9)])
+@pytest.mark.parametrize(
+    ("hw", "window"), [((14, 14), 7), ((12, 20), 5), ((1, 144), 9), ((40, 40), 7)]
+)
 @pytest.mark.parametrize("flash", [True, False])
 def test_whole_window_attention_by_blocks_is_the_knn_path(hw, window, flash):
     """On maps large enough, whole-window attention runs SDPA block by block, each block of
@@ -365,13 +375,23 @@ def test_whole_window_attention_by_blocks_is_the_knn_path(hw, window, flash):
     graph per block."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from convnn.stages.candidates import Grid, window_blocks, window_mask
+    from convnn.stages.candidates import (
+        Grid,
+        _window_mask_cached,
+        window_blocks,
+        window_mask,
+        window_pairs,
+    )
 
     grid = Grid(*hw)
     N, K = hw[0] * hw[1], window * window if hw[0] > 1 else window
+    _window_mask_cached.cache_clear()
     blocks = window_blocks(grid, window, "cpu")
+    assert _window_mask_cached.cache_info().currsize == 0  # no N x N mask on the way
     mask = window_mask(grid, window, "cpu")
-    assert dispatch.masked_sdpa_pays(N, K)  # the automatic choice is the SDPA shortcut
+    pairs = window_pairs(grid, window, "cpu")
+    assert pairs == sum(m.numel() for *_, m in blocks)
+    assert dispatch.masked_sdpa_pays(pairs / N, K, True)  # the automatic choice: SDPA by blocks
     assert len(blocks) > 1 and window_blocks(grid, window, "cpu") is blocks  # built once
     covered = torch.zeros_like(mask)
     for qs, ks, m in blocks:

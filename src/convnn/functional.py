@@ -57,6 +57,7 @@ from .stages.candidates import (
     candidate_count,
     check_candidates,
     window_blocks,
+    window_pairs,
 )
 from .stages.candidates import ann_select as ann_select_stage
 from .stages.candidates import build as build_candidates
@@ -949,13 +950,17 @@ def attention_call(
         plain
         and spec.candidates == "window"
         and K == candidate_count(grid, "window", None, spec.window)
-        and dispatch.masked_sdpa_pays(N, K)
     ):
-        exact = (
-            f"softmax attention over each token's whole window (scaled_dot, K = {K}, kernel "
-            f"'none'): SDPA with a window mask (by blocks of queries, over the keys their "
-            f"windows reach), {N} tokens <= {dispatch.MASKED_SDPA_RATIO} K"
-        )
+        pairs = window_pairs(grid, spec.window, q.device) / N  # keys each query scores
+        blocks = pairs < grid.padded[0] * grid.padded[1]
+        if dispatch.masked_sdpa_pays(pairs, K, blocks):
+            ratio = dispatch.BLOCK_SDPA_RATIO if blocks else dispatch.MASKED_SDPA_RATIO
+            how = "by blocks of queries, over the keys their windows reach" if blocks else "whole"
+            exact = (
+                f"softmax attention over each token's whole window (scaled_dot, K = {K}, "
+                f"kernel 'none'): SDPA with a window mask ({how}), {pairs:.0f} keys scored "
+                f"per query <= {ratio} K"
+            )
     if dispatch.shortcut("SDPA", exact, backend):
         p = dropout_p if training else 0.0
         if spec.candidates != "window":

@@ -138,30 +138,56 @@ def window_blocks(grid: Grid, window: int, device) -> tuple[tuple[slice, slice, 
     ...), so attention over whole windows scores each block's span, not every key. One
     block, the whole mask, where the spans would not skip a quarter of the pairs, in a
     traced graph (the spans are data) and off the CPU (where the blocks were measured; on a
-    GPU one larger kernel is the better bet). Built once per map, window and device: the
-    masks are shared, never to be written to."""
-    if torch.compiler.is_compiling() or torch.device(device).type != "cpu":
+    GPU one larger kernel is the better bet). Built once per map, window and device from
+    the windows themselves (no N x N mask on the way): the masks are shared, never to be
+    written to."""
+    if _whole_mask(device):
+        return ((slice(None), slice(None), window_mask(grid, window, device)),)
+    spans = _window_spans(grid, window, torch.device(device))
+    if spans is None:
         return ((slice(None), slice(None), window_mask(grid, window, device)),)
     return _window_blocks(grid, window, torch.device(device))
 
 
+def window_pairs(grid: Grid, window: int, device) -> int:
+    """How many (query, key) pairs SDPA over whole windows scores: its blocks'
+    (:func:`window_blocks`), without building their masks."""
+    spans = None if _whole_mask(device) else _window_spans(grid, window, torch.device(device))
+    if spans is None:
+        return grid.out[0] * grid.out[1] * grid.padded[0] * grid.padded[1]
+    return sum((qs.stop - qs.start) * (ks.stop - ks.start) for qs, ks in spans)
+
+
+def _whole_mask(device) -> bool:
+    return torch.compiler.is_compiling() or torch.device(device).type != "cpu"
+
+
 @functools.lru_cache(maxsize=32)
-def _window_blocks(grid: Grid, window: int, device: torch.device):
-    mask = _window_mask_cached(grid, window, device)
-    whole = ((slice(None), slice(None), mask),)
-    N, M = mask.shape
-    first = mask.int().argmax(1)  # each query's first and last key of its window
-    last = M - 1 - mask.flip(1).int().argmax(1)
+def _window_spans(grid: Grid, window: int, device: torch.device):
+    """The blocks' (queries, keys) slices, None where they would not pay."""
+    win = grid.window(window, device)  # (N, wh * ww) each query's keys
+    first, last = win.min(1).values, win.max(1).values
+    N, M = win.shape[0], grid.padded[0] * grid.padded[1]
     # whole rows of queries (their windows span the fewest rows), else runs of a long row
     wo = grid.out[1]
     step = wo * max(1, round(WINDOW_QUERY_BLOCK / wo)) if wo < N else WINDOW_QUERY_BLOCK
     bounds = list(range(0, N, step)) + [N]
-    blocks, pairs = [], 0
-    for a, b in zip(bounds, bounds[1:]):
-        lo, hi = int(first[a:b].min()), int(last[a:b].max()) + 1
-        blocks.append((slice(a, b), slice(lo, hi), mask[a:b, lo:hi].contiguous()))
-        pairs += (b - a) * (hi - lo)
-    return tuple(blocks) if pairs <= WINDOW_BLOCK_SAVING * N * M else whole
+    spans = [
+        (slice(a, b), slice(int(first[a:b].min()), int(last[a:b].max()) + 1))
+        for a, b in zip(bounds, bounds[1:])
+    ]
+    pairs = sum((qs.stop - qs.start) * (ks.stop - ks.start) for qs, ks in spans)
+    return tuple(spans) if len(spans) > 1 and pairs <= WINDOW_BLOCK_SAVING * N * M else None
+
+
+@functools.lru_cache(maxsize=32)
+def _window_blocks(grid: Grid, window: int, device: torch.device):
+    win = grid.window(window, device)
+    blocks = []
+    for qs, ks in _window_spans(grid, window, device):
+        mask = torch.zeros(qs.stop - qs.start, ks.stop - ks.start, dtype=torch.bool, device=device)
+        blocks.append((qs, ks, mask.scatter_(1, win[qs] - ks.start, True)))
+    return tuple(blocks)
 
 
 def candidate_count(grid: Grid, candidates: str, num_candidates: int | None, window: int | None):
