@@ -379,6 +379,7 @@ def test_whole_window_attention_by_blocks_is_the_knn_path(hw, window, flash):
         Grid,
         _window_mask_cached,
         window_blocks,
+        window_indices,
         window_mask,
         window_pairs,
     )
@@ -388,6 +389,7 @@ def test_whole_window_attention_by_blocks_is_the_knn_path(hw, window, flash):
     _window_mask_cached.cache_clear()
     blocks = window_blocks(grid, window, "cpu")
     assert _window_mask_cached.cache_info().currsize == 0  # no N x N mask on the way
+    assert window_indices(grid, window, "cpu") is window_indices(grid, window, "cpu")  # once
     mask = window_mask(grid, window, "cpu")
     pairs = window_pairs(grid, window, "cpu")
     assert pairs == sum(m.numel() for *_, m in blocks)

@@ -231,7 +231,9 @@ def _select_window(scores: BlockScores, K, exclude, window):
     """Per-query candidate lists (N, W) or (B, N, W): score only each query's W."""
     B = scores.batch
     N, W = window.shape[-2:]
-    window = window.sort(-1).values  # columns ascend in index, so ties go to the lower index
+    # columns ascend in index, so ties go to the lower index (a map's windows already do)
+    if torch.compiler.is_compiling() or not bool((window[..., 1:] > window[..., :-1]).all()):
+        window = window.sort(-1).values
     # a block holds its scores, and a gathered copy of its keys unless they are read in place
     in_place = type(scores) is GemmScores and scores.window_in_place()
     qb = max(1, BLOCK_ELEMENTS // max(1, B * W * (1 if in_place else scores.width)))

@@ -106,6 +106,17 @@ class Grid:
         return (rows[:, None] * self.padded[1] + cols).reshape(-1)
 
 
+def window_indices(grid: Grid, window: int, device) -> Tensor:
+    """:meth:`Grid.window`, built once per map, window and device (every call of a layer
+    reads it), never written to."""
+    if torch.compiler.is_compiling():
+        return grid.window(window, device)
+    return _window_indices_cached(grid, window, torch.device(device))
+
+
+_window_indices_cached = functools.lru_cache(maxsize=32)(Grid.window)
+
+
 def window_mask(grid: Grid, window: int, device) -> Tensor:
     """True where key j lies in query i's window (:meth:`Grid.window`): (N_out, Hp * Wp)
     bool, SDPA's mask for attention over whole windows. Built once per map, window and
@@ -260,7 +271,7 @@ def build(spec: ConvNNSpec, grid: Grid, training: bool, generator, device) -> Ca
     if spec.candidates == "grid":
         return Candidates(shared=grid.lattice(spec.num_candidates, device))
     if spec.candidates == "window":
-        return Candidates(per_query=grid.window(spec.window, device))
+        return Candidates(per_query=window_indices(grid, spec.window, device))
     return Candidates()
 
 
