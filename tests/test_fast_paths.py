@@ -211,6 +211,55 @@ def test_top_k_attention_is_sdpa_masked_to_the_selection(metric, include_self, K
     assert max_diff(grads[0], grads[1]) < 1e-12
 
 
+@pytest.mark.parametrize("metric", ["scaled_dot", "dot"])
+@pytest.mark.parametrize("include_self", [False, True])
+def test_top_k_window_attention_is_sdpa_masked_by_blocks(metric, include_self):
+    """The K best keys of each query's window, softmax, kernel 'none' (top-K attention among
+    the window's keys): on a map whose windows are a small share of it, SDPA masked to the
+    selection block by block (each block's mask over the span of keys its windows reach),
+    agreeing with the k-NN path forward and backward, indices included; a ConvNN2d with the
+    same options on its padded map too."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from convnn import ConvNN2d
+
+    hw, N, K = (14, 14), 196, 9
+    out, grads, indices = [], [], []
+    # the flash kernels block by block; one SDPA graph per block (flash off, as for dropout);
+    # the k-NN path
+    for backend, kernel in ((None, SDPBackend.FLASH_ATTENTION), (None, None), ("chunked", None)):
+        qkv = randn(2, N, 3, 3, 4, seed=5).requires_grad_()  # (B, N, q/k/v, heads, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        with sdpa_kernel([kernel or SDPBackend.MATH, SDPBackend.MATH]), _CountFlash() as count:
+            y, idx = convnn_attention(
+                q, k, v, K, metric=metric, include_self=include_self, candidates="window",
+                window=7, hw=hw, backend=backend, return_indices=True,
+            )  # fmt: skip
+            (y * randn(*y.shape, seed=9)).sum().backward()
+        assert count.backward == (3 if kernel else 0)  # three blocks of rows
+        out.append(y), indices.append(idx), grads.append(qkv.grad)
+    for i in (1, 2):
+        assert torch.equal(indices[0], indices[i])
+        assert max_diff(out[0], out[i]) < 1e-12
+        assert max_diff(grads[0], grads[i]) < 1e-12
+    layer = ConvNNAttention(12, 3, K=K, kernel="none", candidates="window", window=7)
+    (d, e) = explain(layer, torch.randn(2, N, 12), hw=hw)
+    assert (e.stage, e.backend) == ("shortcut", "SDPA") and "by blocks" in e.reason
+    conv = ConvNN2d(
+        6, 6, K=9, padding=2, candidates="window", window=5, metric=metric,
+        weighting="softmax", kernel="none",
+    ).double()  # fmt: skip
+    x = randn(2, 6, 24, 24, seed=4).requires_grad_()
+    assert "by blocks" in explain(conv, x)[-1].reason
+    got = conv(x, return_indices=True)
+    (g,) = torch.autograd.grad((got[0] * randn(*got[0].shape, seed=2)).sum(), x)
+    with dispatch.use("chunked"):
+        want = conv(x, return_indices=True)
+        (h,) = torch.autograd.grad((want[0] * randn(*want[0].shape, seed=2)).sum(), x)
+    assert torch.equal(got[1], want[1])
+    assert max_diff(got[0], want[0]) < 1e-12 and max_diff(g, h) < 1e-12
+
+
 def test_explain_names_the_top_k_shortcut_and_its_limits():
     from convnn import ConvNN2d
 

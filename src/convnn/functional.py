@@ -117,6 +117,7 @@ def _operator(
     device = values.device
     B, G = values.shape[0], groups
     features = q_feat, k_feat  # as given, before any encoding
+    queries_here = queries is None and cands is None  # the map's queries and candidates
     if queries is None:
         queries = grid.index(device)  # each query's own token
 
@@ -166,14 +167,14 @@ def _operator(
     shared, idx = idx, idx.expand(B * G, -1, -1)  # spatial selection is one (1, N, K) for all
 
     # 4-5 at once: softmax attention over the selected keys is SDPA masked to them, which
-    # beats gathering them on a few tokens
-    exact = _masked_attention(spec, values, q_feat, k_feat, G, K, metric_params)
+    # beats gathering them on a few tokens; the map's windows (no prefix tokens): by blocks
+    # of queries, each masked over the span of keys its windows reach
+    windows = spec.candidates == "window" and not prefix and queries_here
+    exact, blocks = _masked_attention(
+        spec, values, q_feat, k_feat, G, K, metric_params, grid if windows else None
+    )
     if dispatch.shortcut("SDPA", exact, backend):
         M, N = values.shape[1], idx.shape[1]
-        # an additive mask (0 on the selected keys): SDPA's CPU kernel takes it as it is,
-        # where a boolean one is converted on every call
-        mask = torch.full((B * G, N, M), -torch.inf, dtype=q_feat.dtype, device=device)
-        mask.scatter_(-1, idx, mask.new_zeros(()).expand(idx.shape))  # 0.55x a scalar's time
         v = values.view(B, M, G, -1).transpose(1, 2)
         if heads is not None and all(a is b for a, b in zip(features, (q_feat, k_feat))):
             # SDPA reads any strides: the heads as they are spare the reshaped copies a copy
@@ -181,14 +182,18 @@ def _operator(
             q, k = heads
         else:
             q, k = q_feat.view(B, G, N, -1), k_feat.view(B, G, M, -1)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask.view(B, G, N, M),
-            dropout_p=dropout_p if training else 0.0,
-            scale=None if spec.metric == "scaled_dot" else 1.0,
-        )
+        p = dropout_p if training else 0.0
+        scale = None if spec.metric == "scaled_dot" else 1.0
+        if blocks:
+            masks = tuple(
+                (qs, ks, _selection_mask(idx[:, qs] - ks.start, ks.stop - ks.start, q_feat.dtype))
+                for qs, ks, _ in window_blocks(grid, spec.window, device)
+            )
+            masks = tuple((qs, ks, m.view(B, G, *m.shape[1:])) for qs, ks, m in masks)
+            y = _BlockSDPA.apply(q, k, v, masks, p, torch.is_grad_enabled(), scale)
+        else:
+            mask = _selection_mask(idx, M, q_feat.dtype).view(B, G, N, M)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
         y = y.transpose(1, 2).reshape(B, N, -1)
         return (y if bias is None else y + bias), idx.reshape(B, G, N, K)
 
@@ -214,12 +219,18 @@ def _operator(
     return y, idx
 
 
-def _masked_attention(spec, values, q_feat, k_feat, G, K, metric_params) -> str | None:
+def _masked_attention(
+    spec, values, q_feat, k_feat, G, K, metric_params, grid: Grid | None
+) -> tuple[str | None, bool]:
     """Why weighting and aggregation are exactly SDPA masked to the selected keys (None:
-    they are not, or the N x M mask would not pay): softmax over plain (scaled) dot
-    products, kernel 'none', no positional term, on few enough tokens."""
+    they are not, or the mask would not pay): softmax over plain (scaled) dot products,
+    kernel 'none', no positional term, on few enough tokens; and whether by blocks of
+    queries (``grid``: the selection is among the map's windows, so each block's keys lie in
+    the span its windows reach, :func:`window_blocks`), else one (N, M) mask."""
     B, M, C = values.shape
     N = q_feat.shape[1]
+    pairs = M if grid is None else window_pairs(grid, spec.window, values.device) / N
+    blocks = pairs < M
     if not (
         spec.weighting == "softmax"
         and spec.kernel == "none"
@@ -229,13 +240,23 @@ def _masked_attention(spec, values, q_feat, k_feat, G, K, metric_params) -> str 
         and B * N > 0
         and C % G == 0
         and q_feat.shape[-1] == k_feat.shape[-1]
-        and dispatch.masked_sdpa_pays(M, K)
+        and dispatch.masked_sdpa_pays(pairs, K, blocks)
     ):
-        return None
+        return None, False
+    ratio = dispatch.BLOCK_SDPA_RATIO if blocks else dispatch.MASKED_SDPA_RATIO
+    how = "by blocks of queries, over the keys their windows reach" if blocks else "one mask"
     return (
         f"softmax attention over the K = {K} selected keys ({spec.metric}, kernel 'none') is "
-        f"SDPA masked to them: {M} tokens <= {dispatch.MASKED_SDPA_RATIO} K"
-    )
+        f"SDPA masked to them ({how}): {pairs:.0f} keys scored per query <= {ratio} K"
+    ), blocks
+
+
+def _selection_mask(idx: Tensor, num_keys: int, dtype: torch.dtype) -> Tensor:
+    """(B', n, num_keys) additive mask, 0 on the selected keys ``idx`` (B', n, K), -inf
+    elsewhere: SDPA's CPU kernel takes it as it is, where a boolean one is converted on every
+    call."""
+    mask = torch.full((*idx.shape[:2], num_keys), -torch.inf, dtype=dtype, device=idx.device)
+    return mask.scatter_(-1, idx, mask.new_zeros(()).expand(idx.shape))  # 0.55x a scalar's time
 
 
 # --------------------------------------------------------------------------- selection
@@ -756,13 +777,18 @@ def _flash_blocks(q: Tensor, v: Tensor, dropout_p: float) -> bool:
 
 
 def _additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """A boolean mask (True: attend) as the additive one the flash kernel takes (0 / -inf)."""
+    """A boolean mask (True: attend) as the additive one the flash kernel takes (0 / -inf);
+    an additive mask in ``dtype``."""
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
 
 
 class _BlockSDPA(torch.autograd.Function):
     """SDPA of blocks of queries (B, G, N, d), each against its span of keys with its mask
-    (``blocks``: ((queries, keys, mask), ...), the queries covering every row once). Without
+    (``blocks``: ((queries, keys, mask), ...), the queries covering every row once; a mask
+    is boolean (n, m), True where a query attends, or additive, broadcasting to (B, G, n,
+    m)), scores scaled by ``scale`` (None: 1 / sqrt(d)). Without
     dropout each block runs on the CPU flash-attention kernels directly (:func:`_flash_blocks`),
     keeping its output and log-sum-exp for the backward kernel; with dropout each block keeps
     its own SDPA graph. Backward adds the blocks' gradients straight into one gradient per
@@ -770,12 +796,12 @@ class _BlockSDPA(torch.autograd.Function):
     add them up (a third of the step)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, blocks, dropout_p, differentiable):
+    def forward(ctx, q, k, v, blocks, dropout_p, differentiable, scale=None):
         # differentiable: grad mode outside (inside forward it is off, and needs_input_grad
         # says what the inputs require even under no_grad)
         out = _empty_as(q, (*q.shape[:-1], v.shape[-1]))  # laid out as SDPA lays out its output
         ctx.inputs = [t.detach() for t in (q, k, v)]  # shapes, layouts
-        ctx.flash = _flash_blocks(q, v, dropout_p)
+        ctx.flash, ctx.scale = _flash_blocks(q, v, dropout_p), scale
         if ctx.flash:
             # the kernel reads rows with unit stride (SDPA copies other layouts too)
             q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -783,7 +809,7 @@ class _BlockSDPA(torch.autograd.Function):
             for qs, ks, m in blocks:
                 bias = _additive_mask(m, q.dtype)
                 o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q[:, :, qs], k[:, :, ks], v[:, :, ks], 0.0, False, attn_mask=bias
+                    q[:, :, qs], k[:, :, ks], v[:, :, ks], 0.0, False, attn_mask=bias, scale=scale
                 )
                 out[:, :, qs] = o
                 saved.append((qs, ks, bias, o, lse))
@@ -795,7 +821,9 @@ class _BlockSDPA(torch.autograd.Function):
             parts = (q[:, :, qs], k[:, :, ks], v[:, :, ks])
             leaves = [t.detach().requires_grad_(n and differentiable) for t, n in zip(parts, needs)]
             with torch.enable_grad():
-                o = F.scaled_dot_product_attention(*leaves, attn_mask=m, dropout_p=dropout_p)
+                o = F.scaled_dot_product_attention(
+                    *leaves, attn_mask=m, dropout_p=dropout_p, scale=scale
+                )
             out[:, :, qs] = o.detach()
             graphs.append((qs, ks, o, leaves))
         ctx.blocks = graphs
@@ -813,7 +841,7 @@ class _BlockSDPA(torch.autograd.Function):
         # each gradient laid out like its input, as autograd lays them out
         grads = [torch.empty_like(t) if n else None for t, n in zip(ctx.inputs, needs)]
         _add_block_gradients(grads, ctx.inputs[1].shape[2], _block_gradients(ctx, blocks, grad))
-        return *grads, None, None, None
+        return *grads, None, None, None, None
 
 
 def _block_gradients(ctx, blocks: list, grad: Tensor):
@@ -833,6 +861,7 @@ def _block_gradients(ctx, blocks: list, grad: Tensor):
                 0.0,
                 False,
                 attn_mask=bias,
+                scale=ctx.scale,
             )
             yield qs, ks, [t if n else None for t, n in zip(parts, needs)]
         return
