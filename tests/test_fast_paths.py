@@ -213,7 +213,7 @@ def test_top_k_attention_is_sdpa_masked_to_the_selection(metric, include_self, K
 
 @pytest.mark.parametrize("metric", ["scaled_dot", "dot"])
 @pytest.mark.parametrize("include_self", [False, True])
-def test_top_k_window_attention_is_sdpa_masked_by_blocks(metric, include_self):
+def test_top_k_window_attention_is_sdpa_masked_by_blocks(monkeypatch, metric, include_self):
     """The K best keys of each query's window, softmax, kernel 'none' (top-K attention among
     the window's keys): on a map whose windows are a small share of it, SDPA masked to the
     selection block by block (each block's mask over the span of keys its windows reach),
@@ -222,9 +222,12 @@ def test_top_k_window_attention_is_sdpa_masked_by_blocks(metric, include_self):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from convnn import ConvNN2d
+    from convnn.functional import _BlockSDPA
 
     hw, N, K = (14, 14), 196, 9
-    out, grads, indices = [], [], []
+    out, grads, indices, blocks = [], [], [], []
+    apply = _BlockSDPA.apply
+    monkeypatch.setattr(_BlockSDPA, "apply", lambda *a: blocks.append(a) or apply(*a))
     # the flash kernels block by block; one SDPA graph per block (flash off, as for dropout);
     # the k-NN path
     for backend, kernel in ((None, SDPBackend.FLASH_ATTENTION), (None, None), ("chunked", None)):
@@ -237,6 +240,7 @@ def test_top_k_window_attention_is_sdpa_masked_by_blocks(metric, include_self):
             )  # fmt: skip
             (y * randn(*y.shape, seed=9)).sum().backward()
         assert count.backward == (3 if kernel else 0)  # three blocks of rows
+        assert len(blocks) == (backend is None) and (not blocks or len(blocks.pop()[3]) == 3)
         out.append(y), indices.append(idx), grads.append(qkv.grad)
     for i in (1, 2):
         assert torch.equal(indices[0], indices[i])
@@ -258,6 +262,53 @@ def test_top_k_window_attention_is_sdpa_masked_by_blocks(metric, include_self):
         (h,) = torch.autograd.grad((want[0] * randn(*want[0].shape, seed=2)).sum(), x)
     assert torch.equal(got[1], want[1])
     assert max_diff(got[0], want[0]) < 1e-12 and max_diff(g, h) < 1e-12
+
+
+@pytest.mark.parametrize("K", [49, 9])
+def test_window_attention_blocks_backward_twice_and_under_autocast(K):
+    """Whole-window (K 49) and top-K (K 9) attention by blocks: a retained graph gives the
+    same gradients on a second backward (each block's output, log-sum-exp and mask are
+    saved tensors), and the Jacobian is the k-NN path's; with dropout a second backward is
+    refused clearly. Under CPU autocast a ConvNN layer on the block path runs in bfloat16
+    like SDPA, close to its float32 result."""
+    from torch.autograd.functional import jacobian
+
+    from convnn import ConvNN2d
+    from convnn.functional import _BlockSDPA
+    from convnn.stages.candidates import Grid, window_blocks
+
+    q, k, v = (randn(2, 3, 196, 4, seed=s).requires_grad_() for s in (1, 2, 3))
+    y = convnn_attention(q, k, v, K, candidates="window", window=7, hw=(14, 14))
+    w = randn(*y.shape, seed=4)
+    first = torch.autograd.grad((y * w).sum(), (q, k, v), retain_graph=True)
+    second = torch.autograd.grad((y * w).sum(), (q, k, v))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    q1, k1 = randn(2, 1, 1, 208, 2, seed=5)
+    v1 = randn(1, 1, 208, 2, seed=6)
+
+    def attend(backend):
+        return lambda v: convnn_attention(
+            q1, k1, v, 9, candidates="window", window=3, hw=(13, 16), backend=backend
+        )
+
+    assert max_diff(jacobian(attend(None), v1), jacobian(attend("chunked"), v1)) < 1e-12
+    blocks = window_blocks(Grid(14, 14), 7, "cpu")
+    y = _BlockSDPA.apply(q, k, v, blocks, 0.25, True)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="freed by the first backward"):
+        y.sum().backward()
+    conv = ConvNN2d(
+        6, 6, K=K if K < 49 else 25, padding=2, candidates="window", window=5,
+        metric="scaled_dot", weighting="softmax", kernel="none",
+    )  # fmt: skip
+    x = randn(2, 6, 24, 24, seed=7).float()
+    assert "by blocks" in explain(conv, x)[-1].reason
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = conv(x)
+    assert got.dtype == torch.bfloat16
+    want = conv(x)
+    assert max_diff(got.float(), want) < 0.05 * want.abs().max()
 
 
 def test_explain_names_the_top_k_shortcut_and_its_limits():
@@ -478,7 +529,7 @@ def test_window_attention_blocks_with_dropout_keep_one_graph_per_block():
     blocks = window_blocks(Grid(14, 14), 7, "cpu")
     q, k, v = (randn(2, 2, 196, 8, seed=s).requires_grad_() for s in (1, 2, 3))
     w = randn(2, 2, 196, 8, seed=4)
-    assert _flash_blocks(q, v, 0.0) and not _flash_blocks(q, v, 0.25)
+    assert _flash_blocks(q, k, v, 0.0) and not _flash_blocks(q, k, v, 0.25)
     torch.manual_seed(0)
     with _CountFlash() as count:
         y = _BlockSDPA.apply(q, k, v, blocks, 0.25, True)

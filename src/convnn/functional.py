@@ -185,6 +185,8 @@ def _operator(
         p = dropout_p if training else 0.0
         scale = None if spec.metric == "scaled_dot" else 1.0
         if blocks:
+            # the flash kernels are called directly: cast as SDPA would be under autocast
+            q, k, v = autocast_cast(q, k, v, device_type=device.type)
             masks = tuple(
                 (qs, ks, _selection_mask(idx[:, qs] - ks.start, ks.stop - ks.start, q_feat.dtype))
                 for qs, ks, _ in window_blocks(grid, spec.window, device)
@@ -759,18 +761,26 @@ def convnn_attention(
 
 def _empty_as(t: Tensor, shape) -> Tensor:
     """An empty tensor of ``shape`` whose dimensions lie in memory in the order of ``t``'s."""
-    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
-    return t.new_empty([shape[i] for i in order]).permute(*sorted(range(t.dim()), key=order.index))
+    return _empty_ordered(shape, t.stride(), t)
 
 
-def _flash_blocks(q: Tensor, v: Tensor, dropout_p: float) -> bool:
+def _empty_ordered(shape, strides, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An empty dense tensor of ``shape`` (on ``like``'s device, in ``dtype``, default
+    ``like``'s) whose dimensions lie in memory in the order of ``strides``."""
+    order = sorted(range(len(shape)), key=lambda i: -strides[i])
+    dims = sorted(range(len(shape)), key=order.index)
+    return like.new_empty([shape[i] for i in order], dtype=dtype).permute(*dims)
+
+
+def _flash_blocks(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
     """Whether :class:`_BlockSDPA` calls the CPU flash-attention kernels itself, forward and
-    backward, block by block: what SDPA would run for each block (no dropout, q's head size
-    for v, flash attention not switched off), without an autograd graph per block (the
-    nested graphs cost a tenth of a ViT-Tiny window-attention step)."""
+    backward, block by block: what SDPA would run for each block (no dropout, one dtype, q's
+    head size for v, flash attention not switched off), without an autograd graph per block
+    (the nested graphs cost a tenth of a ViT-Tiny window-attention step)."""
     return (
         dropout_p == 0.0
         and q.device.type == "cpu"
+        and q.dtype == k.dtype == v.dtype
         and q.shape[-1] == v.shape[-1]
         and torch.backends.cuda.flash_sdp_enabled()  # also SDPA's switch on the CPU
     )
@@ -788,20 +798,22 @@ class _BlockSDPA(torch.autograd.Function):
     """SDPA of blocks of queries (B, G, N, d), each against its span of keys with its mask
     (``blocks``: ((queries, keys, mask), ...), the queries covering every row once; a mask
     is boolean (n, m), True where a query attends, or additive, broadcasting to (B, G, n,
-    m)), scores scaled by ``scale`` (None: 1 / sqrt(d)). Without
-    dropout each block runs on the CPU flash-attention kernels directly (:func:`_flash_blocks`),
-    keeping its output and log-sum-exp for the backward kernel; with dropout each block keeps
-    its own SDPA graph. Backward adds the blocks' gradients straight into one gradient per
-    input: slicing and concatenating would fill a whole zero gradient per block and input and
-    add them up (a third of the step)."""
+    m)), scores scaled by ``scale`` (None: 1 / sqrt(d)). Without dropout each block runs on
+    the CPU flash-attention kernels directly (:func:`_flash_blocks`), its output, log-sum-exp
+    and mask saved for the backward kernel; with dropout each block keeps its own SDPA
+    graph. Backward adds the blocks' gradients straight into one gradient per input: slicing
+    and concatenating would fill a whole zero gradient per block and input and add them up
+    (a third of the step)."""
 
     @staticmethod
     def forward(ctx, q, k, v, blocks, dropout_p, differentiable, scale=None):
         # differentiable: grad mode outside (inside forward it is off, and needs_input_grad
         # says what the inputs require even under no_grad)
         out = _empty_as(q, (*q.shape[:-1], v.shape[-1]))  # laid out as SDPA lays out its output
-        ctx.inputs = [t.detach() for t in (q, k, v)]  # shapes, layouts
-        ctx.flash, ctx.scale = _flash_blocks(q, v, dropout_p), scale
+        # the gradients' shapes and layouts: each laid out like its input, as autograd would
+        ctx.layouts = [(t.shape, t.stride(), t.dtype) for t in (q, k, v)]
+        ctx.spans = [(qs, ks) for qs, ks, _ in blocks]
+        ctx.flash, ctx.scale = _flash_blocks(q, k, v, dropout_p), scale
         if ctx.flash:
             # the kernel reads rows with unit stride (SDPA copies other layouts too)
             q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -812,9 +824,9 @@ class _BlockSDPA(torch.autograd.Function):
                     q[:, :, qs], k[:, :, ks], v[:, :, ks], 0.0, False, attn_mask=bias, scale=scale
                 )
                 out[:, :, qs] = o
-                saved.append((qs, ks, bias, o, lse))
-            ctx.blocks = saved
-            ctx.save_for_backward(q, k, v)
+                saved += [bias, o, lse]
+            # saved tensors (hooks such as save_on_cpu see them; a retained graph keeps them)
+            ctx.save_for_backward(q, k, v, *saved)
             return out
         graphs, needs = [], ctx.needs_input_grad[:3]
         for qs, ks, m in blocks:
@@ -825,8 +837,8 @@ class _BlockSDPA(torch.autograd.Function):
                     *leaves, attn_mask=m, dropout_p=dropout_p, scale=scale
                 )
             out[:, :, qs] = o.detach()
-            graphs.append((qs, ks, o, leaves))
-        ctx.blocks = graphs
+            graphs.append((o, leaves))
+        ctx.graphs = graphs
         return out
 
     @staticmethod
@@ -834,23 +846,24 @@ class _BlockSDPA(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: a second derivative is asked for
             raise RuntimeError(
                 "window attention by blocks of queries has no second derivative (nor has "
-                "scaled_dot_product_attention's CPU kernel)"
+                "scaled_dot_product_attention's CPU kernel); backend='chunked' runs the k-NN "
+                "path, which has one"
             )
-        needs, blocks = ctx.needs_input_grad[:3], ctx.blocks
-        ctx.blocks = None  # each block's tensors are freed once its gradients are written
-        # each gradient laid out like its input, as autograd lays them out
-        grads = [torch.empty_like(t) if n else None for t, n in zip(ctx.inputs, needs)]
-        _add_block_gradients(grads, ctx.inputs[1].shape[2], _block_gradients(ctx, blocks, grad))
+        needs = ctx.needs_input_grad[:3]
+        grads = [
+            _empty_ordered(shape, stride, grad, dtype) if n else None
+            for (shape, stride, dtype), n in zip(ctx.layouts, needs)
+        ]
+        _add_block_gradients(grads, ctx.layouts[1][0][2], _block_gradients(ctx, grad))
         return *grads, None, None, None, None
 
 
-def _block_gradients(ctx, blocks: list, grad: Tensor):
+def _block_gradients(ctx, grad: Tensor):
     """Yield (queries, keys, (dq, dk, dv)) block by block, None for an input not needing one."""
     needs = ctx.needs_input_grad[:3]
     if ctx.flash:
-        q, k, v = ctx.saved_tensors
-        while blocks:
-            qs, ks, bias, o, lse = blocks.pop(0)
+        q, k, v, *saved = ctx.saved_tensors
+        for (qs, ks), bias, o, lse in zip(ctx.spans, saved[::3], saved[1::3], saved[2::3]):
             parts = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad[:, :, qs],
                 q[:, :, qs],
@@ -865,17 +878,22 @@ def _block_gradients(ctx, blocks: list, grad: Tensor):
             )
             yield qs, ks, [t if n else None for t, n in zip(parts, needs)]
         return
+    if ctx.graphs is None:
+        raise RuntimeError(
+            "window attention by blocks with dropout: its blocks' graphs were freed by the "
+            "first backward (retain_graph does not keep them)"
+        )
+    graphs, ctx.graphs = ctx.graphs, None  # the blocks' outputs are freed once used
     parts = list(  # one pass of the engine over every block's graph
         torch.autograd.grad(
-            [o for _, _, o, _ in blocks],
-            [t for *_, leaves in blocks for t in leaves if t.requires_grad],
-            [grad[:, :, qs] for qs, *_ in blocks],
+            [o for o, _ in graphs],
+            [t for _, leaves in graphs for t in leaves if t.requires_grad],
+            [grad[:, :, qs] for qs, _ in ctx.spans],
         )
     )
-    spans = [(qs, ks) for qs, ks, *_ in blocks]
-    del blocks[:]  # the blocks' outputs are freed before the gradients come
+    del graphs
     parts.reverse()  # taken in order, each freed once written
-    for qs, ks in spans:
+    for qs, ks in ctx.spans:
         yield qs, ks, [parts.pop() if n else None for n in needs]
 
 
@@ -984,7 +1002,9 @@ def attention_call(
         blocks = pairs < grid.padded[0] * grid.padded[1]
         if dispatch.masked_sdpa_pays(pairs, K, blocks):
             ratio = dispatch.BLOCK_SDPA_RATIO if blocks else dispatch.MASKED_SDPA_RATIO
-            how = "by blocks of queries, over the keys their windows reach" if blocks else "whole"
+            how = (
+                "by blocks of queries, over the keys their windows reach" if blocks else "one mask"
+            )
             exact = (
                 f"softmax attention over each token's whole window (scaled_dot, K = {K}, "
                 f"kernel 'none'): SDPA with a window mask ({how}), {pairs:.0f} keys scored "

@@ -231,8 +231,13 @@ def _select_window(scores: BlockScores, K, exclude, window):
     """Per-query candidate lists (N, W) or (B, N, W): score only each query's W."""
     B = scores.batch
     N, W = window.shape[-2:]
-    # columns ascend in index, so ties go to the lower index (a map's windows already do)
-    if torch.compiler.is_compiling() or not bool((window[..., 1:] > window[..., :-1]).all()):
+    # columns ascend in index, so ties go to the lower index (a map's windows already do;
+    # checked on the CPU only, where the answer costs no device sync)
+    if (
+        torch.compiler.is_compiling()
+        or window.device.type != "cpu"
+        or not bool((window[..., 1:] > window[..., :-1]).all())
+    ):
         window = window.sort(-1).values
     # a block holds its scores, and a gathered copy of its keys unless they are read in place
     in_place = type(scores) is GemmScores and scores.window_in_place()
