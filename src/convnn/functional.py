@@ -187,12 +187,11 @@ def _operator(
         if blocks:
             # the flash kernels are called directly: cast as SDPA would be under autocast
             q, k, v = autocast_cast(q, k, v, device_type=device.type)
-            masks = tuple(
-                (qs, ks, _selection_mask(idx[:, qs] - ks.start, ks.stop - ks.start, q_feat.dtype))
-                for qs, ks, _ in window_blocks(grid, spec.window, device)
-            )
-            masks = tuple((qs, ks, m.view(B, G, *m.shape[1:])) for qs, ks, m in masks)
-            y = _BlockSDPA.apply(q, k, v, masks, p, torch.is_grad_enabled(), scale)
+            masks = []  # (B, G, n, m) each: the block's selected keys in its span of keys
+            for qs, ks, _ in window_blocks(grid, spec.window, device):
+                m = _selection_mask(idx[:, qs] - ks.start, ks.stop - ks.start, q.dtype)
+                masks.append((qs, ks, m.unflatten(0, (B, G))))
+            y = _BlockSDPA.apply(q, k, v, tuple(masks), p, torch.is_grad_enabled(), scale)
         else:
             mask = _selection_mask(idx, M, q_feat.dtype).view(B, G, N, M)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)

@@ -152,10 +152,7 @@ def window_blocks(grid: Grid, window: int, device) -> tuple[tuple[slice, slice, 
     GPU one larger kernel is the better bet). Built once per map, window and device from
     the windows themselves (no N x N mask on the way): the masks are shared, never to be
     written to."""
-    if _whole_mask(device):
-        return ((slice(None), slice(None), window_mask(grid, window, device)),)
-    spans = _window_spans(grid, window, torch.device(device))
-    if spans is None:
+    if _whole_mask(device) or _window_spans(grid, window, torch.device(device)) is None:
         return ((slice(None), slice(None), window_mask(grid, window, device)),)
     return _window_blocks(grid, window, torch.device(device))
 
@@ -170,13 +167,15 @@ def window_pairs(grid: Grid, window: int, device) -> int:
 
 
 def _whole_mask(device) -> bool:
+    """Whether whole-window attention takes one (N, M) mask, not blocks: in a traced graph
+    (the spans are data) and off the CPU."""
     return torch.compiler.is_compiling() or torch.device(device).type != "cpu"
 
 
 @functools.lru_cache(maxsize=32)
 def _window_spans(grid: Grid, window: int, device: torch.device):
     """The blocks' (queries, keys) slices, None where they would not pay."""
-    win = grid.window(window, device)  # (N, wh * ww) each query's keys
+    win = window_indices(grid, window, device)  # (N, wh * ww) each query's keys
     first, last = win.min(1).values, win.max(1).values
     N, M = win.shape[0], grid.padded[0] * grid.padded[1]
     # whole rows of queries (their windows span the fewest rows), else runs of a long row
@@ -193,7 +192,7 @@ def _window_spans(grid: Grid, window: int, device: torch.device):
 
 @functools.lru_cache(maxsize=32)
 def _window_blocks(grid: Grid, window: int, device: torch.device):
-    win = grid.window(window, device)
+    win = window_indices(grid, window, device)
     blocks = []
     for qs, ks in _window_spans(grid, window, device):
         mask = torch.zeros(qs.stop - qs.start, ks.stop - ks.start, dtype=torch.bool, device=device)
