@@ -230,8 +230,6 @@ def _masked_attention(
     the span its windows reach, :func:`window_blocks`), else one (N, M) mask."""
     B, M, C = values.shape
     N = q_feat.shape[1]
-    pairs = M if grid is None else window_pairs(grid, spec.window, values.device) / N
-    blocks = pairs < M
     if not (
         spec.weighting == "softmax"
         and spec.kernel == "none"
@@ -241,15 +239,31 @@ def _masked_attention(
         and B * N > 0
         and C % G == 0
         and q_feat.shape[-1] == k_feat.shape[-1]
-        and dispatch.masked_sdpa_pays(pairs, K, blocks)
     ):
+        return None, False
+    rule, blocks = _sdpa_rule(grid, spec.window, N, M, K, values.device)
+    if rule is None:
+        return None, False
+    return (
+        f"softmax attention over the K = {K} selected keys ({spec.metric}, kernel 'none') is "
+        f"SDPA masked to them {rule}"
+    ), blocks
+
+
+def _sdpa_rule(
+    grid: Grid | None, window: int | None, N: int, M: int, K: int, device
+) -> tuple[str | None, bool]:
+    """Whether SDPA over each query's window of K keys pays against the k-NN path
+    (:func:`dispatch.masked_sdpa_pays`), in words (None: it does not), and whether by blocks
+    of queries over the keys their windows reach (``grid``: the map's windows,
+    :func:`window_pairs`) rather than one (N, M) mask."""
+    pairs = M if grid is None else window_pairs(grid, window, device) / N  # keys per query
+    blocks = pairs < M
+    if not dispatch.masked_sdpa_pays(pairs, K, blocks):
         return None, False
     ratio = dispatch.BLOCK_SDPA_RATIO if blocks else dispatch.MASKED_SDPA_RATIO
     how = "by blocks of queries, over the keys their windows reach" if blocks else "one mask"
-    return (
-        f"softmax attention over the K = {K} selected keys ({spec.metric}, kernel 'none') is "
-        f"SDPA masked to them ({how}): {pairs:.0f} keys scored per query <= {ratio} K"
-    ), blocks
+    return f"({how}): {pairs:.0f} keys scored per query <= {ratio} K", blocks
 
 
 def _selection_mask(idx: Tensor, num_keys: int, dtype: torch.dtype) -> Tensor:
@@ -997,17 +1011,12 @@ def attention_call(
         and spec.candidates == "window"
         and K == candidate_count(grid, "window", None, spec.window)
     ):
-        pairs = window_pairs(grid, spec.window, q.device) / N  # keys each query scores
-        blocks = pairs < grid.padded[0] * grid.padded[1]
-        if dispatch.masked_sdpa_pays(pairs, K, blocks):
-            ratio = dispatch.BLOCK_SDPA_RATIO if blocks else dispatch.MASKED_SDPA_RATIO
-            how = (
-                "by blocks of queries, over the keys their windows reach" if blocks else "one mask"
-            )
+        M = grid.padded[0] * grid.padded[1]
+        rule, blocks = _sdpa_rule(grid, spec.window, N, M, K, q.device)
+        if rule is not None:
             exact = (
                 f"softmax attention over each token's whole window (scaled_dot, K = {K}, "
-                f"kernel 'none'): SDPA with a window mask ({how}), {pairs:.0f} keys scored "
-                f"per query <= {ratio} K"
+                f"kernel 'none'): SDPA with a window mask {rule}"
             )
     if dispatch.shortcut("SDPA", exact, backend):
         p = dropout_p if training else 0.0

@@ -68,23 +68,24 @@ def _rounded_operands(
     return q, q if pair[1] is pair[0] else _cast(pair[1], dtype)
 
 
-@torch.library.custom_op("convnn::selection_operands", mutates_args=())
-def _selection_operands(
+def _named_operands(
     query: Tensor, key: Tensor | None, metric: str, p: float, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """:func:`_rounded_operands` of ``get_metric(metric, p)`` as one opaque op of a compiled
-    graph: the compiler would fuse the rounding into the metric's steps (a normalisation's
-    norm, its quotient) and form them its own way, and a narrow dtype's many ties would pick
-    other neighbours than eager code. ``key`` None: self-similarity. Keys' operands that
-    are the queries' (cosine's, not euclidean's) come back empty."""
+    """:func:`_rounded_operands` of ``get_metric(metric, p)``; ``key`` None:
+    self-similarity. Keys' operands that are the queries' (cosine's, not euclidean's) come
+    back empty."""
     q, k = _rounded_operands(get_metric(metric, p), query, query if key is None else key, dtype)
     return q, q.new_empty(0) if k is q else k
 
 
-@_selection_operands.register_fake
-def _(query, key, metric, p, dtype):
-    q, k = _rounded_operands(get_metric(metric, p), query, query if key is None else key, dtype)
-    return q, q.new_empty(0) if k is q else k
+# :func:`_named_operands` as one opaque op of a compiled graph: the compiler would fuse the
+# rounding into the metric's steps (a normalisation's norm, its quotient) and form them its
+# own way, and a narrow dtype's many ties would pick other neighbours than eager code. Its
+# fake form is the same code on fake tensors.
+_selection_operands = torch.library.custom_op("convnn::selection_operands", mutates_args=())(
+    _named_operands
+)
+_selection_operands.register_fake(_named_operands)
 
 
 def selection_scores(
