@@ -32,7 +32,7 @@ def test_whole_window_attention_is_masked_sdpa(hw, window):
         assert max_diff(a, b) < 1e-12
 
 
-def test_explain_names_the_window_shortcut_and_its_limits():
+def test_explain_names_the_window_shortcut_and_its_limits(monkeypatch):
     from convnn.stages.candidates import Grid, window_pairs
 
     x = torch.randn(1, 36, 8)
@@ -41,7 +41,13 @@ def test_explain_names_the_window_shortcut_and_its_limits():
     decisions = explain(whole, x, hw=(6, 6))
     assert [(d.stage, d.backend) for d in decisions] == [("shortcut", "SDPA")]
     assert "window" in decisions[0].reason
-    # K < the window: a top-K, selected first, then SDPA masked to the selection
+    # K < the window: a top-K, selected first, then attention over the selection: the
+    # native kernel's (float32 on a CPU), else SDPA masked to it
+    assert [(d.stage, d.backend) for d in explain(top, x, hw=(6, 6))] == [
+        ("selection", "chunked"),
+        ("shortcut", "native"),
+    ]
+    monkeypatch.setenv("CONVNN_NATIVE", "0")
     assert [(d.stage, d.backend) for d in explain(top, x, hw=(6, 6))] == [
         ("selection", "chunked"),
         ("shortcut", "SDPA"),
@@ -224,6 +230,7 @@ def test_top_k_window_attention_is_sdpa_masked_by_blocks(monkeypatch, metric, in
     from convnn import ConvNN2d
     from convnn.functional import _BlockSDPA
 
+    monkeypatch.setenv("CONVNN_NATIVE", "0")  # SDPA's paths, not the native kernel's
     hw, N, K = (14, 14), 196, 9
     out, grads, indices, blocks = [], [], [], []
     apply = _BlockSDPA.apply
@@ -265,7 +272,7 @@ def test_top_k_window_attention_is_sdpa_masked_by_blocks(monkeypatch, metric, in
 
 
 @pytest.mark.parametrize("K", [49, 9])
-def test_window_attention_blocks_backward_twice_and_under_autocast(K):
+def test_window_attention_blocks_backward_twice_and_under_autocast(monkeypatch, K):
     """Whole-window (K 49) and top-K (K 9) attention by blocks: a retained graph gives the
     same gradients on a second backward (each block's output, log-sum-exp and mask are
     saved tensors), and the Jacobian is the k-NN path's; with dropout a second backward is
@@ -303,6 +310,7 @@ def test_window_attention_blocks_backward_twice_and_under_autocast(K):
         metric="scaled_dot", weighting="softmax", kernel="none",
     )  # fmt: skip
     x = randn(2, 6, 24, 24, seed=7).float()
+    monkeypatch.setenv("CONVNN_NATIVE", "0")  # float32 top-K attention: SDPA's blocks
     assert "by blocks" in explain(conv, x)[-1].reason
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = conv(x)
@@ -311,31 +319,39 @@ def test_window_attention_blocks_backward_twice_and_under_autocast(K):
     assert max_diff(got.float(), want) < 0.05 * want.abs().max()
 
 
-def test_explain_names_the_top_k_shortcut_and_its_limits():
+def test_explain_names_the_top_k_shortcut_and_its_limits(monkeypatch):
     from convnn import ConvNN2d
 
     kvt = ConvNNAttention(8, 2, K=4, kernel="none")
-    decisions = explain(kvt, torch.randn(2, 20, 8))
-    assert [(d.stage, d.backend) for d in decisions] == [
-        ("selection", "chunked"),
-        ("shortcut", "SDPA"),
-    ]
-    assert "selected keys" in decisions[1].reason
+    for x in (torch.randn(2, 20, 8), torch.randn(1, 65, 8)):  # any number of tokens
+        decisions = explain(kvt, x)
+        assert [(d.stage, d.backend) for d in decisions] == [
+            ("selection", "chunked"),
+            ("shortcut", "native"),
+        ]
+        assert "selected keys" in decisions[1].reason
     with dispatch.use("chunked"):  # a forced backend runs the k-NN path
         assert "shortcut" not in [d.stage for d in explain(kvt, torch.randn(2, 20, 8))]
-    assert "shortcut" not in [d.stage for d in explain(kvt, torch.randn(1, 65, 8))]  # > 16 K
+    kvt_drop = ConvNNAttention(8, 2, K=4, kernel="none", attn_drop=0.1).train()
+    assert explain(kvt_drop, torch.randn(2, 20, 8))[-1].backend == "SDPA"  # dropout: SDPA's
     for other in (dict(kernel="depthwise"), dict(metric="cosine"), dict(weighting="none")):
         layer = ConvNNAttention(8, 2, K=4, **{"kernel": "none", **other})
         assert "shortcut" not in [d.stage for d in explain(layer, torch.randn(2, 20, 8))]
     # a ConvNN2d with the same options, on its padded map (M > N), takes it too
     conv = ConvNN2d(6, 6, K=5, padding=1, metric="scaled_dot", weighting="softmax", kernel="none")
     x = randn(2, 6, 4, 5, seed=4).float()
-    assert ("shortcut", "SDPA") in [(d.stage, d.backend) for d in explain(conv, x)]
+    assert ("shortcut", "native") in [(d.stage, d.backend) for d in explain(conv, x)]
     with dispatch.use("chunked"):
         want = conv(x, return_indices=True)
     got = conv(x, return_indices=True)
     assert torch.equal(got[1], want[1])
     torch.testing.assert_close(got[0], want[0])
+    # without the native kernels: SDPA masked to the selection, on few enough tokens only
+    monkeypatch.setenv("CONVNN_NATIVE", "0")
+    assert explain(kvt, torch.randn(2, 20, 8))[-1].backend == "SDPA"
+    assert "shortcut" not in [d.stage for d in explain(kvt, torch.randn(1, 65, 8))]  # > 16 K
+    assert ("shortcut", "SDPA") in [(d.stage, d.backend) for d in explain(conv, x)]
+    torch.testing.assert_close(conv(x), want[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -660,6 +660,98 @@ def test_native_aggregation_usable_and_errors():
         native.aggregate_grad(torch.randn(2, 6, 5), v, idx.masked_fill(idx == 3, -1), w, None, True)
 
 
+def _listed_formula(q, k, v, idx, scale):
+    """Softmax attention over listed keys in float64, written from its definition:
+    q (B, G, N, d), k, v (B, G, M, d), idx (B or 1, G or 1, N, K) -> (B, N, G * d)."""
+    B, G, N, d = q.shape
+    idx = idx.expand(B, G, N, idx.shape[3])
+    q, k, v = q.double(), k.double(), v.double()
+    take = lambda t: torch.stack(  # noqa: E731  t[b, g, idx[b, g, n, j]]
+        [torch.stack([t[b, g][idx[b, g]] for g in range(G)]) for b in range(B)]
+    )  # (B, G, N, K, d)
+    w = torch.softmax((q[..., None, :] * take(k)).sum(-1) * scale, -1)
+    return (w[..., None] * take(v)).sum(-2).transpose(1, 2).reshape(B, N, G * d)
+
+
+@needs_native
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("K", [1, 7, 9, 20])
+def test_listed_attention_is_the_formula_forward_and_backward(shared, K):
+    """The native attention over listed keys, on the heads as a projection's strided views,
+    against float64 attention written from its definition, forward and all three gradients
+    (through the projection, as a ViT takes them); lists per head, or one shared."""
+    from convnn.backends.chunked import ListedAttention
+
+    B, G, N, d = 2, 3, 24, 20  # d: two vectors of eight and a tail of four
+    qkv = torch.randn(B, N, 3, G, d, generator=torch.Generator().manual_seed(K)).requires_grad_()
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    g = torch.Generator().manual_seed(1)
+    lists = [torch.randperm(N, generator=g)[:K] for _ in range(N if shared else B * G * N)]
+    idx = torch.stack(lists).view(1 if shared else B, 1 if shared else G, N, K)
+    assert native.listed_attention_usable(q, k, v, idx)
+    y = ListedAttention.apply(q, k, v, idx, 0.3)
+    want = _listed_formula(q, k, v, idx, 0.3)
+    assert y.shape == (B, N, G * d) and y.dtype == torch.float32
+    assert (y.double() - want).abs().max() < 1e-5
+    w = torch.randn(y.shape, generator=g)
+    (got,) = torch.autograd.grad((y * w).sum(), qkv)
+    (ref,) = torch.autograd.grad((want * w.double()).sum(), qkv)
+    assert (got.double() - ref).abs().max() < 1e-5 * max(1.0, ref.abs().max().item())
+
+
+@needs_native
+def test_listed_attention_in_threads_and_its_errors(monkeypatch):
+    """Heads split over worker threads give the one thread's numbers bit for bit; the
+    kernels refuse a listed key outside the keys, and a second derivative clearly."""
+    from convnn.backends.chunked import ListedAttention
+
+    q, k, v = (torch.randn(4, 3, 30, 16, requires_grad=True) for _ in range(3))
+    idx = torch.randint(0, 30, (4, 3, 30, 9))
+    runs = []
+    for threads in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+        y = ListedAttention.apply(q, k, v, idx, 0.25)
+        runs.append((y, *torch.autograd.grad(y.square().sum(), (q, k, v))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="outside the keys"):
+        ListedAttention.apply(q, k, v, idx.masked_fill(idx == 3, 30), 0.25)
+    y = ListedAttention.apply(q, k, v, idx, 0.25)
+    with pytest.raises(RuntimeError, match="no second derivative.*backend='chunked'"):
+        torch.autograd.grad(y.sum(), q, create_graph=True)
+    assert not native.listed_attention_usable(q.double(), k.double(), v.double(), idx)
+    monkeypatch.setenv("CONVNN_NATIVE", "0")
+    assert not native.listed_attention_usable(q, k, v, idx)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "options", [dict(), dict(include_self=True, metric="dot"), dict(candidates="window", window=5)]
+)
+def test_top_k_attention_layers_on_the_native_kernel(options):
+    """ConvNN attention with softmax over its K selected keys, kernel 'none' (top-K attention,
+    KVT), on the native kernel: the k-NN path's picks and, to float32 rounding, its output
+    and gradients; timm's qkv layout read in place."""
+    layer = convnn.ConvNNAttention(24, 3, K=9, kernel="none", **options)
+    x = torch.randn(2, 64, 24, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    hw = (8, 8)
+    assert explain_backend(layer, x, hw) == "native"
+    runs = []
+    for backend in ("auto", "chunked"):
+        with convnn.backends.dispatch.use(backend):
+            y, idx = layer(x, hw=hw, return_indices=True)
+            runs.append((y, idx, *torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])))
+    assert torch.equal(runs[0][1], runs[1][1])
+    for a, b in zip(runs[0][:1] + runs[0][2:], runs[1][:1] + runs[1][2:]):
+        assert (a - b).abs().max() < 2e-5 * max(1.0, b.abs().max().item())
+
+
+def explain_backend(layer, x, hw) -> str:
+    from convnn import explain
+
+    return explain(layer, x, hw=hw)[-1].backend
+
+
 def test_native_topk_status_and_switch(monkeypatch):
     scores = torch.randn(4, 10)
     if native._rank is None:

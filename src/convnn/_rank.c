@@ -488,6 +488,111 @@ static int window_topk_rows(const float *q, const float *k, const int64_t *cand,
  *
  * x86-64 with AVX2 and FMA only (checked at run time); elsewhere convnn.native does not
  * offer it and the chunked backend takes the GEMM and top-K path. */
+/* y[0..d) += a * x[0..d), eight lanes at a time (no contraction: every build rounds alike). */
+static inline void axpy(float *y, float a, const float *x, Py_ssize_t d) {
+    floats A = (floats){0} + a;
+    Py_ssize_t t = 0;
+    for (; t + LANES <= d; t += LANES) *(floats_u *)(y + t) += A * *(const floats_u *)(x + t);
+    for (; t < d; t++) y[t] += a * x[t];
+}
+
+/* Softmax attention of each query over its own list of K keys (those the operator selected,
+ * or its window): with every tensor given as a pointer and strides in floats for the image
+ * b, the head g and the row (a row's d numbers contiguous; a stride of 0 shares), and the
+ * slices s = b * G + g for s0 <= s < s1, p[s, i, :] = softmax(scale * q_i . k_c) over the
+ * keys c = cand[b, g, i, :], and out_i = sum_j p[s, i, j] v_c[j]. */
+typedef struct {
+    const float *q, *k, *v;
+    const int64_t *cand;
+    float *prob; /* (B * G, N, K), contiguous */
+    Py_ssize_t G, N, M, d, K;
+    Py_ssize_t qs[3], ks[3], vs[3], cs[3];
+    float scale;
+} Listed;
+
+#define AT(base, st, b, g) ((base) + (b) * (st)[0] + (g) * (st)[1])
+
+/* The scores of row i's K keys into sc (their key rows into rows): 0 if a key lies outside
+ * [0, M). */
+CLONES static int listed_scores(const Listed *a, const float *qi, const float *kb,
+                                const int64_t *c, float *sc, const float **rows) {
+    Py_ssize_t j = 0, K = a->K;
+    for (Py_ssize_t t = 0; t < K; t++) {
+        if (c[t] < 0 || c[t] >= a->M) return 0;
+        rows[t] = kb + c[t] * a->ks[2];
+    }
+    for (; j + LANES <= K; j += LANES) dot8(qi, rows + j, a->d, sc + j);
+    for (; j < K; j++) sc[j] = dot(qi, rows[j], a->d);
+    return 1;
+}
+
+/* The forward pass into out (strides os); sc: K floats, rows: K pointers. Returns 0 if a
+ * key lies outside [0, M). */
+CLONES static int listed_forward(const Listed *a, float *out, const Py_ssize_t *os, Py_ssize_t s0,
+                                 Py_ssize_t s1, float *sc, const float **rows) {
+    Py_ssize_t K = a->K, d = a->d;
+    for (Py_ssize_t s = s0; s < s1; s++) {
+        Py_ssize_t b = s / a->G, g = s % a->G;
+        const float *qb = AT(a->q, a->qs, b, g), *kb = AT(a->k, a->ks, b, g);
+        const float *vb = AT(a->v, a->vs, b, g);
+        const int64_t *cb = AT(a->cand, a->cs, b, g);
+        float *ob = AT(out, os, b, g);
+        for (Py_ssize_t i = 0; i < a->N; i++) {
+            if (!listed_scores(a, qb + i * a->qs[2], kb, cb + i * a->cs[2], sc, rows)) return 0;
+            float top = -INFINITY, sum = 0.0f;
+            for (Py_ssize_t j = 0; j < K; j++) sc[j] *= a->scale, top = sc[j] > top ? sc[j] : top;
+            for (Py_ssize_t j = 0; j < K; j++) sc[j] = expf(sc[j] - top), sum += sc[j];
+            float *p = a->prob + (s * a->N + i) * K, *o = ob + i * os[2];
+            for (Py_ssize_t t = 0; t < d; t++) o[t] = 0.0f;
+            for (Py_ssize_t j = 0; j < K; j++) {
+                p[j] = sc[j] / sum;
+                axpy(o, p[j], vb + cb[i * a->cs[2] + j] * a->vs[2], d);
+            }
+        }
+    }
+    return 1;
+}
+
+/* The backward pass for the forward's out and the gradient dout: dq (each row written),
+ * dk and dv (added into: zeroed by the caller), any of them NULL to skip, strides like the
+ * inputs'. With ds_j = p_j (dout_i . v_c[j] - dout_i . out_i): dq_i = scale sum_j ds_j k_c[j],
+ * dk_c[j] += scale ds_j q_i, dv_c[j] += p_j dout_i. */
+CLONES static int listed_backward(const Listed *a, const float *out, const Py_ssize_t *os,
+                                  const float *dout, const Py_ssize_t *gs, float *dq,
+                                  const Py_ssize_t *dqs, float *dk, const Py_ssize_t *dks,
+                                  float *dv, const Py_ssize_t *dvs, Py_ssize_t s0, Py_ssize_t s1,
+                                  float *sc, const float **rows) {
+    Py_ssize_t K = a->K, d = a->d;
+    for (Py_ssize_t s = s0; s < s1; s++) {
+        Py_ssize_t b = s / a->G, g = s % a->G;
+        const float *qb = AT(a->q, a->qs, b, g), *kb = AT(a->k, a->ks, b, g);
+        const float *vb = AT(a->v, a->vs, b, g), *ob = AT(out, os, b, g);
+        const float *gb = AT(dout, gs, b, g);
+        const int64_t *cb = AT(a->cand, a->cs, b, g);
+        for (Py_ssize_t i = 0; i < a->N; i++) {
+            const float *qi = qb + i * a->qs[2], *gi = gb + i * gs[2];
+            const int64_t *c = cb + i * a->cs[2];
+            const float *p = a->prob + (s * a->N + i) * K;
+            /* dout_i . v_c[j]: the scores' kernel on the value rows */
+            if (!listed_scores(&(Listed){.M = a->M, .d = d, .K = K, .ks = {0, 0, a->vs[2]}}, gi,
+                               vb, c, sc, rows))
+                return 0;
+            float delta = dot(gi, ob + i * os[2], d);
+            for (Py_ssize_t j = 0; j < K; j++) sc[j] = p[j] * (sc[j] - delta) * a->scale;
+            if (dq) {
+                float *r = AT(dq, dqs, b, g) + i * dqs[2];
+                for (Py_ssize_t t = 0; t < d; t++) r[t] = 0.0f;
+                for (Py_ssize_t j = 0; j < K; j++) axpy(r, sc[j], kb + c[j] * a->ks[2], d);
+            }
+            for (Py_ssize_t j = 0; j < K; j++) {
+                if (dk) axpy(AT(dk, dks, b, g) + c[j] * dks[2], sc[j], qi, d);
+                if (dv) axpy(AT(dv, dvs, b, g) + c[j] * dvs[2], p[j], gi, d);
+            }
+        }
+    }
+    return 1;
+}
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define HAVE_GEMM_TOPK 1
 #include <float.h>
@@ -1258,6 +1363,94 @@ static int integers(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, co
     return !PyErr_Occurred();
 }
 
+PyDoc_STRVAR(listed_doc,
+             "listed(q, q_b, q_g, q_row, k, .., v, .., cand, .., out, .., prob, G, N, M, d, K,\n"
+             "       s0, s1, scale)\n\n"
+             "Softmax attention of each query over its own K listed keys, for the slices\n"
+             "s0 <= b * G + g < s1: float32 q (B, G, N, d), k and v (B, G, M, d), int64 cand\n"
+             "(B, G, N, K) and out (B, G, N, d), each a data pointer and its strides in elements\n"
+             "for b, g and the row (rows contiguous; 0 shares), prob (B * G, N, K) contiguous:\n"
+             "prob = softmax(scale * q . k[cand]), out = prob @ v[cand].");
+
+PyDoc_STRVAR(listed_grad_doc,
+             "listed_grad(q, .., k, .., v, .., cand, .., prob, out, .., dout, .., dq, .., dk, ..,\n"
+             "            dv, .., G, N, M, d, K, s0, s1, scale)\n\n"
+             "The gradients of listed for dout: dq written, dk and dv added into (0: skip).");
+
+/* The shared head of listed and listed_grad: the integers and the trailing scale; 0 with an
+ * exception set when wrong. dims: G, N, M, d, K, s0, s1. */
+static int listed_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *name,
+                       Py_ssize_t *v, float *scale) {
+    if (nargs != want + 1) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd arguments", name, want + 1);
+        return 0;
+    }
+    if (!integers(args, want, want, name, v)) return 0;
+    *scale = (float)PyFloat_AsDouble(args[want]);
+    if (PyErr_Occurred()) return 0;
+    const Py_ssize_t *dims = v + want - 7;
+    if (dims[0] < 1 || dims[1] < 0 || dims[2] < 1 || dims[3] < 1 || dims[4] < 1 || dims[5] < 0 ||
+        dims[6] < dims[5]) {
+        PyErr_Format(PyExc_ValueError, "%s: need G, M, d, K >= 1, N >= 0, 0 <= s0 <= s1", name);
+        return 0;
+    }
+    return 1;
+}
+
+static Listed listed_of(const Py_ssize_t *v, float *prob, const Py_ssize_t *dims, float scale) {
+    Listed a = {(const float *)v[0], (const float *)v[4], (const float *)v[8],
+                (const int64_t *)v[12], prob, dims[0], dims[1], dims[2], dims[3], dims[4],
+                {v[1], v[2], v[3]}, {v[5], v[6], v[7]}, {v[9], v[10], v[11]},
+                {v[13], v[14], v[15]}, scale};
+    return a;
+}
+
+static PyObject *listed(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    Py_ssize_t v[28];
+    float scale;
+    if (!listed_args(args, nargs, 28, "listed", v, &scale)) return NULL;
+    const Py_ssize_t *dims = v + 21;
+    Listed a = listed_of(v, (float *)v[20], dims, scale);
+    float *sc = malloc((size_t)a.K * sizeof(float));
+    const float **rows = malloc((size_t)a.K * sizeof(float *));
+    if (!sc || !rows) return free(sc), free(rows), PyErr_NoMemory();
+    int ok;
+    Py_BEGIN_ALLOW_THREADS;
+    ok = listed_forward(&a, (float *)v[16], v + 17, dims[5], dims[6], sc, rows);
+    Py_END_ALLOW_THREADS;
+    free(sc), free(rows);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "listed: a listed key lies outside the keys");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *listed_grad(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    Py_ssize_t v[44];
+    float scale;
+    if (!listed_args(args, nargs, 44, "listed_grad", v, &scale)) return NULL;
+    const Py_ssize_t *dims = v + 37;
+    Listed a = listed_of(v, (float *)v[16], dims, scale);
+    float *sc = malloc((size_t)a.K * sizeof(float));
+    const float **rows = malloc((size_t)a.K * sizeof(float *));
+    if (!sc || !rows) return free(sc), free(rows), PyErr_NoMemory();
+    int ok;
+    Py_BEGIN_ALLOW_THREADS;
+    ok = listed_backward(&a, (const float *)v[17], v + 18, (const float *)v[21], v + 22,
+                         (float *)v[25], v + 26, (float *)v[29], v + 30, (float *)v[33], v + 34,
+                         dims[5], dims[6], sc, rows);
+    Py_END_ALLOW_THREADS;
+    free(sc), free(rows);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "listed_grad: a listed key lies outside the keys");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(window_doc,
              "window(q, k, cand, out, B, n, W, d, M, q_batch, q_row, k_batch, k_row,\n"
              "       cand_batch)\n\n"
@@ -1535,6 +1728,8 @@ static PyMethodDef methods[] = {
     {"tile_rows", tile_rows, METH_VARARGS, tile_rows_doc},
     {"topk", (PyCFunction)(void (*)(void))topk, METH_FASTCALL, topk_doc},
     {"window", (PyCFunction)(void (*)(void))window, METH_FASTCALL, window_doc},
+    {"listed", (PyCFunction)(void (*)(void))listed, METH_FASTCALL, listed_doc},
+    {"listed_grad", (PyCFunction)(void (*)(void))listed_grad, METH_FASTCALL, listed_grad_doc},
     {"window_topk", (PyCFunction)(void (*)(void))window_topk, METH_FASTCALL, window_topk_doc},
     {"gemm_topk", (PyCFunction)(void (*)(void))gemm_topk, METH_FASTCALL, gemm_topk_doc},
     {"gemm_topk_cpu", gemm_topk_here, METH_NOARGS, gemm_topk_cpu_doc},

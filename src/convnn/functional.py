@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
 from .backends import dispatch
-from .backends.chunked import contiguous_rows
+from .backends.chunked import ListedAttention, contiguous_rows
 from .metrics import get_metric, metric_names
 from .options import (
     check_bool,
@@ -166,37 +167,37 @@ def _operator(
             )
     shared, idx = idx, idx.expand(B * G, -1, -1)  # spatial selection is one (1, N, K) for all
 
-    # 4-5 at once: softmax attention over the selected keys is SDPA masked to them, which
-    # beats gathering them on a few tokens; the map's windows (no prefix tokens): by blocks
-    # of queries, each masked over the span of keys its windows reach
-    windows = spec.candidates == "window" and not prefix and queries_here
-    exact, blocks = _masked_attention(
-        spec, values, q_feat, k_feat, G, K, metric_params, grid if windows else None
-    )
-    if dispatch.shortcut("SDPA", exact, backend):
+    # 4-5 at once: softmax attention over the selected keys runs fused, each query's K keys
+    # read in place (the native kernels: float32 on a CPU, no dropout), else as SDPA masked
+    # to them, which beats gathering them on a few tokens; the map's windows (no prefix
+    # tokens): by blocks of queries, each masked over the span of keys its windows reach
+    what = _selected_attention(spec, values, q_feat, k_feat, G, K, metric_params)
+    if what is not None:
         M, N = values.shape[1], idx.shape[1]
         v = values.view(B, M, G, -1).transpose(1, 2)
         if heads is not None and all(a is b for a, b in zip(features, (q_feat, k_feat))):
-            # SDPA reads any strides: the heads as they are spare the reshaped copies a copy
-            # back of their gradients (the gradients come in the heads' layout)
+            # SDPA and the kernels read any strides: the heads as they are spare the reshaped
+            # copies a copy back of their gradients (the gradients come in the heads' layout)
             q, k = heads
         else:
             q, k = q_feat.view(B, G, N, -1), k_feat.view(B, G, M, -1)
         p = dropout_p if training else 0.0
-        scale = None if spec.metric == "scaled_dot" else 1.0
-        if blocks:
-            # the flash kernels are called directly: cast as SDPA would be under autocast
-            q, k, v = autocast_cast(q, k, v, device_type=device.type)
-            masks = []  # (B, G, n, m) each: the block's selected keys in its span of keys
-            for qs, ks, _ in window_blocks(grid, spec.window, device):
-                m = _selection_mask(idx[:, qs] - ks.start, ks.stop - ks.start, q.dtype)
-                masks.append((qs, ks, m.unflatten(0, (B, G))))
-            y = _BlockSDPA.apply(q, k, v, tuple(masks), p, torch.is_grad_enabled(), scale)
+        listed = idx.view(B, G, N, K)
+        if not p and native.listed_attention_usable(
+            *autocast_cast(q, k, v, device_type=device.type), listed
+        ):
+            if dispatch.shortcut("native", f"{what}, each query's K keys read in place", backend):
+                scale = q.shape[-1] ** -0.5 if spec.metric == "scaled_dot" else 1.0
+                y = ListedAttention.apply(q, k, v, listed, scale)
+                return (y if bias is None else y + bias), idx.reshape(B, G, N, K)
         else:
-            mask = _selection_mask(idx, M, q_feat.dtype).view(B, G, N, M)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
-        y = y.transpose(1, 2).reshape(B, N, -1)
-        return (y if bias is None else y + bias), idx.reshape(B, G, N, K)
+            windows = spec.candidates == "window" and not prefix and queries_here
+            grid_ = grid if windows else None
+            rule, blocks = _sdpa_rule(grid_, spec.window, N, M, K, device)
+            exact = None if rule is None else f"{what} is SDPA masked to them {rule}"
+            if dispatch.shortcut("SDPA", exact, backend):
+                y = _sdpa_selected(q, k, v, idx, grid_ if blocks else None, spec, p)
+                return (y if bias is None else y + bias), idx.reshape(B, G, N, K)
 
     # 4. weighting: rho over the K selected scores
     rho = None
@@ -220,14 +221,10 @@ def _operator(
     return y, idx
 
 
-def _masked_attention(
-    spec, values, q_feat, k_feat, G, K, metric_params, grid: Grid | None
-) -> tuple[str | None, bool]:
-    """Why weighting and aggregation are exactly SDPA masked to the selected keys (None:
-    they are not, or the mask would not pay): softmax over plain (scaled) dot products,
-    kernel 'none', no positional term, on few enough tokens; and whether by blocks of
-    queries (``grid``: the selection is among the map's windows, so each block's keys lie in
-    the span its windows reach, :func:`window_blocks`), else one (N, M) mask."""
+def _selected_attention(spec, values, q_feat, k_feat, G, K, metric_params) -> str | None:
+    """Why weighting and aggregation are exactly softmax attention over the K selected keys,
+    in words (None: they are not): softmax over plain (scaled) dot products, kernel 'none',
+    no positional term."""
     B, M, C = values.shape
     N = q_feat.shape[1]
     if not (
@@ -240,14 +237,31 @@ def _masked_attention(
         and C % G == 0
         and q_feat.shape[-1] == k_feat.shape[-1]
     ):
-        return None, False
-    rule, blocks = _sdpa_rule(grid, spec.window, N, M, K, values.device)
-    if rule is None:
-        return None, False
-    return (
-        f"softmax attention over the K = {K} selected keys ({spec.metric}, kernel 'none') is "
-        f"SDPA masked to them {rule}"
-    ), blocks
+        return None
+    return f"softmax attention over the K = {K} selected keys ({spec.metric}, kernel 'none')"
+
+
+def _sdpa_selected(q, k, v, idx, grid: Grid | None, spec, dropout_p: float) -> Tensor:
+    """SDPA of q (B, G, N, d) masked to the selected keys ``idx`` (B * G, N, K) of k, v
+    (B, G, M, d) -> (B, N, G * d): by blocks of queries over the span of keys their windows
+    reach where ``grid`` is given (:func:`window_blocks`), else with one (N, M) mask."""
+    B, G, N, _ = q.shape
+    M = k.shape[2]
+    scale = None if spec.metric == "scaled_dot" else 1.0
+    if grid is not None:
+        # the flash kernels are called directly: cast as SDPA would be under autocast
+        q, k, v = autocast_cast(q, k, v, device_type=q.device.type)
+        masks = []  # (B, G, n, m) each: the block's selected keys in its span of keys
+        for qs, ks, _ in window_blocks(grid, spec.window, q.device):
+            m = _selection_mask(idx[:, qs] - ks.start, ks.stop - ks.start, q.dtype)
+            masks.append((qs, ks, m.unflatten(0, (B, G))))
+        y = _BlockSDPA.apply(q, k, v, tuple(masks), dropout_p, torch.is_grad_enabled(), scale)
+    else:
+        mask = _selection_mask(idx, M, q.dtype).view(B, G, N, M)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale
+        )
+    return y.transpose(1, 2).reshape(B, N, -1)
 
 
 def _sdpa_rule(

@@ -397,3 +397,96 @@ def window_scores(query: Tensor, key: Tensor, cand: Tensor) -> Tensor | None:
         _batch_stride(key), key.stride(1), _batch_stride(cand) if cand.dim() == 3 else 0,
     )  # fmt: skip
     return out
+
+
+def listed_attention_usable(q: Tensor, k: Tensor, v: Tensor, idx: Tensor) -> bool:
+    """Whether :func:`listed_attention` serves softmax attention of ``q`` (B, G, N, d) over
+    the keys ``idx`` (B or 1, G or 1, N, K) lists of ``k``, ``v`` (B, G, M, d): float32 CPU
+    tensors, in eager code outside torch modes (where SDPA or the torch path runs, which the
+    mode sees)."""
+    return (
+        _enabled()
+        and q.dtype == k.dtype == v.dtype == torch.float32
+        and q.device.type == k.device.type == v.device.type == idx.device.type == "cpu"
+        and q.dim() == k.dim() == v.dim() == idx.dim() == 4
+        and k.shape == v.shape
+        and q.shape[:2] == k.shape[:2]
+        and q.shape[3] == k.shape[3] > 0
+        and idx.shape[2] == q.shape[2]
+        and idx.shape[3] > 0
+        and k.shape[2] > 0
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_function_stack() == 0
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
+
+
+def _rows(t: Tensor) -> tuple[int, int, int, int]:
+    """A 4-D tensor's data pointer and its strides for the two batch dims and the row (0
+    where a batch dim is 1: shared); its rows must be contiguous."""
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"listed attention: rows must be contiguous, got strides {t.stride()}")
+    s = [0 if t.shape[i] == 1 else t.stride(i) for i in (0, 1)]
+    return t.data_ptr(), s[0], s[1], t.stride(2)
+
+
+def _heads_out(B: int, G: int, N: int, d: int, zero: bool = False) -> Tensor:
+    """A (B, G, N, d) float32 tensor laid out as (B, N, G, d): heads side by side in a row,
+    as SDPA lays out its outputs and gradients (merging the heads is then a view)."""
+    make = torch.zeros if zero else torch.empty
+    return make(B, N, G, d, dtype=torch.float32).transpose(1, 2)
+
+
+def listed_attention_output(q: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Empty outputs of :func:`listed_attention`: (B, G, N, d) laid out as (B, N, G, d), and
+    the weights (B, G, N, K)."""
+    B, G, N, d = q.shape
+    return _heads_out(B, G, N, d), torch.empty(B, G, N, idx.shape[3], dtype=torch.float32)
+
+
+def _slices(part: slice, B: int, G: int) -> tuple[int, int]:
+    s0, s1, _ = part.indices(B * G)
+    return s0, max(s0, s1)
+
+
+def listed_attention(
+    q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float, out: Tensor, prob: Tensor,
+    part: slice = slice(None),
+) -> None:  # fmt: skip
+    """Softmax attention of each query over its own listed keys: ``prob`` (B, G, N, K) =
+    softmax(scale * q . k[idx]) and ``out`` (B, G, N, d) = prob @ v[idx], for the heads
+    b * G + g in ``part`` (``out`` and ``prob`` from :func:`listed_attention_output`). The
+    keys are read in place, every dot product summed in one fixed order. Every tensor's rows
+    are contiguous, ``idx`` int64. Only where :func:`listed_attention_usable`."""
+    B, G, N, d = q.shape
+    M, K = k.shape[2], idx.shape[3]
+    args = [x for t in (q, k, v, idx, out) for x in _rows(t)]
+    _rank.listed(*args, prob.data_ptr(), G, N, M, d, K, *_slices(part, B, G), float(scale))
+
+
+def listed_attention_grad(
+    q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float, prob: Tensor, out: Tensor,
+    grad: Tensor, grads: tuple[Tensor | None, Tensor | None, Tensor | None],
+    part: slice = slice(None),
+) -> None:  # fmt: skip
+    """The gradients of :func:`listed_attention` for ``grad`` (B, G, N, d) of ``out``, into
+    ``grads`` (dq, dk, dv; None to skip) for the heads in ``part``: dq written, dk and dv
+    added into (zeros from :func:`listed_attention_grads`)."""
+    B, G, N, d = q.shape
+    M, K = k.shape[2], idx.shape[3]
+    args = [x for t in (q, k, v, idx) for x in _rows(t)]
+    args += [prob.data_ptr()] + [x for t in (out, grad) for x in _rows(t)]
+    for g in grads:
+        args += [0, 0, 0, 0] if g is None else _rows(g)
+    _rank.listed_grad(*args, G, N, M, d, K, *_slices(part, B, G), float(scale))
+
+
+def listed_attention_grads(q: Tensor, k: Tensor, needs) -> list[Tensor | None]:
+    """The gradients :func:`listed_attention_grad` fills (dq, dk, dv; None where not in
+    ``needs``), laid out as SDPA lays out its own."""
+    B, G, N, d = q.shape
+    M = k.shape[2]
+    shapes = ((N, False), (M, True), (M, True))
+    return [
+        _heads_out(B, G, n, d, zero) if need else None for need, (n, zero) in zip(needs, shapes)
+    ]

@@ -460,6 +460,48 @@ def _in_runs(size: int, run) -> list:
         return list(pool.map(run, [slice(i, i + step) for i in range(0, size, step)]))
 
 
+class ListedAttention(torch.autograd.Function):
+    """Softmax attention of each query over its own list of keys by the native kernels
+    (:func:`convnn.native.listed_attention`), the heads split over the worker threads:
+    q (B, G, N, d), k and v (B, G, M, d) (any strides, rows contiguous: the heads as a
+    projection's views), idx (B or 1, G or 1, N, K) int64 keys -> (B, N, G * d), the heads
+    merged. Attention over K listed keys costs K per query where SDPA masked to them weighs
+    every key. The weights are kept for the backward pass, which has no second derivative
+    (as SDPA's CPU kernels have none)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, idx, scale):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        B, G, N, d = q.shape
+        out, prob = native.listed_attention_output(q, idx)
+        _in_runs(B * G, lambda s: native.listed_attention(q, k, v, idx, scale, out, prob, s))
+        y = out.transpose(1, 2).view(B, N, G * d)
+        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, idx, prob, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph: a second derivative is asked for
+            raise RuntimeError(
+                "attention over listed keys by the native kernels has no second derivative "
+                "(nor has scaled_dot_product_attention's CPU kernel); backend='chunked' runs "
+                "the k-NN path, which has one"
+            )
+        q, k, v, idx, prob, y = ctx.saved_tensors
+        B, G, N, d = q.shape
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        heads = lambda t: t.unflatten(-1, (G, d)).transpose(1, 2)  # noqa: E731
+        grads = native.listed_attention_grads(q, k, ctx.needs_input_grad[:3])
+        _in_runs(
+            B * G,
+            lambda s: native.listed_attention_grad(
+                q, k, v, idx, ctx.scale, prob, heads(y), heads(grad), grads, s
+            ),
+        )
+        return (*grads, None, None)
+
+
 def _native_aggregation(values, indices, rho, weight, bias, kernel) -> bool:
     """Whether the native kernels aggregate: :func:`convnn.native.aggregate_usable`, a float32
     bias, and one thread or at least as many images as threads (the input gradient adds
