@@ -38,22 +38,34 @@ def test_explain_names_the_window_shortcut_and_its_limits(monkeypatch):
     x = torch.randn(1, 36, 8)
     whole = ConvNNAttention(8, 2, K=9, kernel="none", candidates="window", window=3)
     top = ConvNNAttention(8, 2, K=4, kernel="none", candidates="window", window=3)
-    decisions = explain(whole, x, hw=(6, 6))
-    assert [(d.stage, d.backend) for d in decisions] == [("shortcut", "SDPA")]
-    assert "window" in decisions[0].reason
-    # K < the window: a top-K, selected first, then attention over the selection: the
-    # native kernel's (float32 on a CPU), else SDPA masked to it
+    # float32 on a CPU: the native kernel over each query's keys, where SDPA would score
+    # more than 2.1 K keys per query (36 of a 6 x 6 map for a 3 x 3 window) or not pay
+    (native,) = explain(whole, x, hw=(6, 6))
+    assert native.backend == "native" and "window" in native.reason and "36 per" in native.reason
+    # K < the window: a top-K, selected first, then attention over the selection
     assert [(d.stage, d.backend) for d in explain(top, x, hw=(6, 6))] == [
         ("selection", "chunked"),
         ("shortcut", "native"),
     ]
+    # a window that is most of its map: SDPA (4 x 4, 16 keys per query <= 2.1 * 9)
+    assert [(d.stage, d.backend) for d in explain(whole, x[:, :16], hw=(4, 4))] == [
+        ("shortcut", "SDPA")
+    ]
+    assert not dispatch.listed_attention_pays(16, 9) and dispatch.listed_attention_pays(19, 9)
+    # where SDPA would not pay (20 x 100, below), the kernel
+    big = explain(whole, torch.randn(1, 2000, 8), hw=(20, 100))
+    assert [d.backend for d in big] == ["native"]
+    with dispatch.use("chunked"):  # a forced backend runs the k-NN path
+        assert "shortcut" not in [d.stage for d in explain(whole, x, hw=(6, 6))]
+    # without the native kernels, SDPA within its limits
     monkeypatch.setenv("CONVNN_NATIVE", "0")
+    decisions = explain(whole, x, hw=(6, 6))
+    assert [(d.stage, d.backend) for d in decisions] == [("shortcut", "SDPA")]
+    assert "window" in decisions[0].reason
     assert [(d.stage, d.backend) for d in explain(top, x, hw=(6, 6))] == [
         ("selection", "chunked"),
         ("shortcut", "SDPA"),
     ]
-    with dispatch.use("chunked"):  # a forced backend runs the k-NN path
-        assert "shortcut" not in [d.stage for d in explain(whole, x, hw=(6, 6))]
     # 13 x 13: the whole mask would score 169 keys per query > 16 * 9; blocks of 5, 5 and 3
     # rows of queries reach rows 0-5, 4-10 and 9-12 of keys: 77 per query <= 32 * 9
     assert not dispatch.masked_sdpa_pays(169, 9) and dispatch.masked_sdpa_pays(77, 9, True)

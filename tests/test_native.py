@@ -746,6 +746,33 @@ def test_top_k_attention_layers_on_the_native_kernel(options):
         assert (a - b).abs().max() < 2e-5 * max(1.0, b.abs().max().item())
 
 
+@needs_native
+def test_window_attention_on_the_native_kernel_is_sdpa_with_the_window_mask():
+    """Softmax attention over each token's whole 7 x 7 window on a map where the window is
+    a small share (14 x 14): the native kernel, against SDPA with the window mask on the
+    same float32 heads (timm's qkv views), forward and the projection's gradient."""
+    import torch.nn.functional as F
+
+    from convnn.functional import convnn_attention
+    from convnn.stages.candidates import Grid, window_mask
+
+    B, G, H, d = 2, 3, 14, 16
+    qkv = torch.randn(B, H * H, 3, G, d, generator=torch.Generator().manual_seed(3))
+    qkv.requires_grad_()
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    layer = convnn.ConvNNAttention(G * d, G, K=49, kernel="none", candidates="window", window=7)
+    assert explain_backend(layer, torch.randn(B, H * H, G * d), (H, H)) == "native"
+    y = convnn_attention(q, k, v, 49, candidates="window", window=7, hw=(H, H))
+    mask = window_mask(Grid(H, H), 7, "cpu")
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    want = want.transpose(1, 2).reshape(B, H * H, G * d)
+    assert (y - want).abs().max() < 1e-5
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    (got,) = torch.autograd.grad((y * w).sum(), qkv)
+    (ref,) = torch.autograd.grad((want * w).sum(), qkv)
+    assert (got - ref).abs().max() < 1e-5 * max(1.0, ref.abs().max().item())
+
+
 def explain_backend(layer, x, hw) -> str:
     from convnn import explain
 

@@ -24,6 +24,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* Score kinds: how a score's 32-bit sign-magnitude pattern is read. */
 enum { F32 = 0, F32_AS_BF16 = 1, HALF16 = 2 };
@@ -488,12 +489,88 @@ static int window_topk_rows(const float *q, const float *k, const int64_t *cand,
  *
  * x86-64 with AVX2 and FMA only (checked at run time); elsewhere convnn.native does not
  * offer it and the chunked backend takes the GEMM and top-K path. */
-/* y[0..d) += a * x[0..d), eight lanes at a time (no contraction: every build rounds alike). */
-static inline void axpy(float *y, float a, const float *x, Py_ssize_t d) {
-    floats A = (floats){0} + a;
+/* Sixteen float lanes: one AVX-512 register, two AVX2 ones (the rows of attention). */
+typedef float wides __attribute__((vector_size(64)));
+typedef float wides_u __attribute__((vector_size(64), aligned(4)));
+#define WIDE 16
+
+/* y[0..d) += a * x[0..d), sixteen lanes at a time (no contraction: every build rounds
+ * alike). */
+static inline __attribute__((always_inline)) void axpy(float *y, float a, const float *x, Py_ssize_t d) {
+    wides A = (wides){0} + a;
     Py_ssize_t t = 0;
-    for (; t + LANES <= d; t += LANES) *(floats_u *)(y + t) += A * *(const floats_u *)(x + t);
+    for (; t + WIDE <= d; t += WIDE) *(wides_u *)(y + t) += A * *(const wides_u *)(x + t);
     for (; t < d; t++) y[t] += a * x[t];
+}
+
+/* o[0..d) = sum over j < K of p[j] rows[j][0..d), each number summed in ascending j from 0:
+ * four vectors of the output at a time kept in registers while the K rows stream by. */
+static inline __attribute__((always_inline)) void weighted_rows(float *o, const float *p, const float *const *rows,
+                                 Py_ssize_t K, Py_ssize_t d) {
+    Py_ssize_t t = 0;
+    for (; t + 4 * WIDE <= d; t += 4 * WIDE) {
+        wides a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (Py_ssize_t j = 0; j < K; j++) {
+            wides P = (wides){0} + p[j];
+            const float *x = rows[j] + t;
+            a0 += P * *(const wides_u *)x, a1 += P * *(const wides_u *)(x + WIDE);
+            a2 += P * *(const wides_u *)(x + 2 * WIDE), a3 += P * *(const wides_u *)(x + 3 * WIDE);
+        }
+        *(wides_u *)(o + t) = a0, *(wides_u *)(o + t + WIDE) = a1;
+        *(wides_u *)(o + t + 2 * WIDE) = a2, *(wides_u *)(o + t + 3 * WIDE) = a3;
+    }
+    for (; t + WIDE <= d; t += WIDE) {
+        wides a = {0};
+        for (Py_ssize_t j = 0; j < K; j++) a += ((wides){0} + p[j]) * *(const wides_u *)(rows[j] + t);
+        *(wides_u *)(o + t) = a;
+    }
+    for (; t < d; t++) {
+        float a = 0.0f;
+        for (Py_ssize_t j = 0; j < K; j++) a += p[j] * rows[j][t];
+        o[t] = a;
+    }
+}
+
+/* exp of eight numbers at most 0 (scores less their row's maximum), about one unit in the
+ * last place from expf: 2^n e^r with r = x - n ln 2 (in two parts) and a polynomial for
+ * e^r (Cephes' expf). Below -87 (where expf leaves the normal floats) it gives exp(-87);
+ * NaN stays NaN. */
+static inline __attribute__((always_inline)) floats exp_lanes(floats x) {
+    const floats lo = (floats){0} - 87.0f;
+    lanes below = x < lo; /* NaN compares false: kept */
+    x = (floats)((below & (lanes)lo) | (~below & (lanes)x));
+    floats fx = x * 1.44269504088896341f + 0.5f;
+    lanes n = __builtin_convertvector(fx, lanes); /* truncates toward 0: floor below */
+    n += __builtin_convertvector(n, floats) > fx; /* -1 where it rounded up */
+    floats fn = __builtin_convertvector(n, floats);
+    floats r = x - fn * 0.693359375f - fn * -2.12194440e-4f;
+    floats y = (floats){0} + 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f, y = y * r + 8.3334519073e-3f, y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f, y = y * r + 5.0000001201e-1f;
+    y = y * (r * r) + r + 1.0f;
+    lanes bits = (n + 127) << 23;
+    floats scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+/* sc[0..K) = exp(sc - top), returning their sum in a fixed order. */
+static inline __attribute__((always_inline)) float exp_sum(float *sc, Py_ssize_t K, float top) {
+    floats acc = {0};
+    Py_ssize_t j = 0;
+    for (; j + LANES <= K; j += LANES) {
+        floats e = exp_lanes(*(floats_u *)(sc + j) - top);
+        *(floats_u *)(sc + j) = e, acc += e;
+    }
+    float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    if (j < K) { /* the tail as one padded vector */
+        floats e = (floats){0} - 87.0f - 1.0f, t = (floats){0};
+        for (Py_ssize_t u = j; u < K; u++) e[u - j] = sc[u] - top;
+        e = exp_lanes(e);
+        for (Py_ssize_t u = j; u < K; u++) sc[u] = e[u - j], t[u - j] = e[u - j];
+        sum += ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+    }
+    return sum;
 }
 
 /* Softmax attention of each query over its own list of K keys (those the operator selected,
@@ -539,15 +616,12 @@ CLONES static int listed_forward(const Listed *a, float *out, const Py_ssize_t *
         float *ob = AT(out, os, b, g);
         for (Py_ssize_t i = 0; i < a->N; i++) {
             if (!listed_scores(a, qb + i * a->qs[2], kb, cb + i * a->cs[2], sc, rows)) return 0;
-            float top = -INFINITY, sum = 0.0f;
+            float top = -INFINITY;
             for (Py_ssize_t j = 0; j < K; j++) sc[j] *= a->scale, top = sc[j] > top ? sc[j] : top;
-            for (Py_ssize_t j = 0; j < K; j++) sc[j] = expf(sc[j] - top), sum += sc[j];
-            float *p = a->prob + (s * a->N + i) * K, *o = ob + i * os[2];
-            for (Py_ssize_t t = 0; t < d; t++) o[t] = 0.0f;
-            for (Py_ssize_t j = 0; j < K; j++) {
-                p[j] = sc[j] / sum;
-                axpy(o, p[j], vb + cb[i * a->cs[2] + j] * a->vs[2], d);
-            }
+            float sum = exp_sum(sc, K, top), *p = a->prob + (s * a->N + i) * K;
+            const int64_t *c = cb + i * a->cs[2];
+            for (Py_ssize_t j = 0; j < K; j++) p[j] = sc[j] / sum, rows[j] = vb + c[j] * a->vs[2];
+            weighted_rows(ob + i * os[2], p, rows, K, d);
         }
     }
     return 1;
@@ -580,9 +654,8 @@ CLONES static int listed_backward(const Listed *a, const float *out, const Py_ss
             float delta = dot(gi, ob + i * os[2], d);
             for (Py_ssize_t j = 0; j < K; j++) sc[j] = p[j] * (sc[j] - delta) * a->scale;
             if (dq) {
-                float *r = AT(dq, dqs, b, g) + i * dqs[2];
-                for (Py_ssize_t t = 0; t < d; t++) r[t] = 0.0f;
-                for (Py_ssize_t j = 0; j < K; j++) axpy(r, sc[j], kb + c[j] * a->ks[2], d);
+                for (Py_ssize_t j = 0; j < K; j++) rows[j] = kb + c[j] * a->ks[2];
+                weighted_rows(AT(dq, dqs, b, g) + i * dqs[2], sc, rows, K, d);
             }
             for (Py_ssize_t j = 0; j < K; j++) {
                 if (dk) axpy(AT(dk, dks, b, g) + c[j] * dks[2], sc[j], qi, d);

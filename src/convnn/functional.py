@@ -58,6 +58,7 @@ from .stages.candidates import (
     candidate_count,
     check_candidates,
     window_blocks,
+    window_indices,
     window_pairs,
 )
 from .stages.candidates import ann_select as ann_select_stage
@@ -182,21 +183,22 @@ def _operator(
         else:
             q, k = q_feat.view(B, G, N, -1), k_feat.view(B, G, M, -1)
         p = dropout_p if training else 0.0
+        windows = spec.candidates == "window" and not prefix and queries_here
+        pairs, blocks = _keys_scored(grid if windows else None, spec.window, N, M, device)
         listed = idx.view(B, G, N, K)
-        if not p and native.listed_attention_usable(
-            *autocast_cast(q, k, v, device_type=device.type), listed
-        ):
-            if dispatch.shortcut("native", f"{what}, each query's K keys read in place", backend):
+        fused = _native_rule(
+            *autocast_cast(q, k, v, device_type=device.type), listed, pairs, blocks, p
+        )
+        if fused is not None:
+            if dispatch.shortcut("native", f"{what} {fused}", backend):
                 scale = q.shape[-1] ** -0.5 if spec.metric == "scaled_dot" else 1.0
                 y = ListedAttention.apply(q, k, v, listed, scale)
                 return (y if bias is None else y + bias), idx.reshape(B, G, N, K)
         else:
-            windows = spec.candidates == "window" and not prefix and queries_here
-            grid_ = grid if windows else None
-            rule, blocks = _sdpa_rule(grid_, spec.window, N, M, K, device)
+            rule = _sdpa_rule(pairs, blocks, K)
             exact = None if rule is None else f"{what} is SDPA masked to them {rule}"
             if dispatch.shortcut("SDPA", exact, backend):
-                y = _sdpa_selected(q, k, v, idx, grid_ if blocks else None, spec, p)
+                y = _sdpa_selected(q, k, v, idx, grid if blocks else None, spec, p)
                 return (y if bias is None else y + bias), idx.reshape(B, G, N, K)
 
     # 4. weighting: rho over the K selected scores
@@ -264,20 +266,43 @@ def _sdpa_selected(q, k, v, idx, grid: Grid | None, spec, dropout_p: float) -> T
     return y.transpose(1, 2).reshape(B, N, -1)
 
 
-def _sdpa_rule(
-    grid: Grid | None, window: int | None, N: int, M: int, K: int, device
-) -> tuple[str | None, bool]:
-    """Whether SDPA over each query's window of K keys pays against the k-NN path
-    (:func:`dispatch.masked_sdpa_pays`), in words (None: it does not), and whether by blocks
-    of queries over the keys their windows reach (``grid``: the map's windows,
-    :func:`window_pairs`) rather than one (N, M) mask."""
-    pairs = M if grid is None else window_pairs(grid, window, device) / N  # keys per query
-    blocks = pairs < M
+def _keys_scored(
+    grid: Grid | None, window: int | None, N: int, M: int, device
+) -> tuple[float, bool]:
+    """The keys per query SDPA would score for softmax attention over a window or a top-K
+    among the M keys, and whether by blocks of queries over the keys their windows reach
+    (``grid``: the map's windows, :func:`window_pairs`) rather than one (N, M) mask."""
+    pairs = M if grid is None else window_pairs(grid, window, device) / N
+    return pairs, pairs < M
+
+
+def _sdpa_rule(pairs: float, blocks: bool, K: int) -> str | None:
+    """Why SDPA scoring ``pairs`` keys per query (:func:`_keys_scored`) pays against the k-NN
+    path (:func:`dispatch.masked_sdpa_pays`), in words; None: it does not."""
     if not dispatch.masked_sdpa_pays(pairs, K, blocks):
-        return None, False
+        return None
     ratio = dispatch.BLOCK_SDPA_RATIO if blocks else dispatch.MASKED_SDPA_RATIO
     how = "by blocks of queries, over the keys their windows reach" if blocks else "one mask"
-    return f"({how}): {pairs:.0f} keys scored per query <= {ratio} K", blocks
+    return f"({how}): {pairs:.0f} keys scored per query <= {ratio} K"
+
+
+def _native_rule(
+    q, k, v, lists: Tensor, pairs: float, blocks: bool, dropout_p: float
+) -> str | None:
+    """Why the native kernel (:class:`ListedAttention`) runs attention over each query's K
+    ``lists`` (B or 1, G or 1, N, K) of keys, in words (None: it does not): float32 on a
+    CPU without dropout (:func:`native.listed_attention_usable`), where it beats SDPA
+    scoring ``pairs`` keys per query (:func:`dispatch.listed_attention_pays`)."""
+    K = lists.shape[-1]
+    if dropout_p or not (
+        native.listed_attention_usable(q, k, v, lists)
+        and dispatch.listed_attention_pays(pairs, K, blocks)
+    ):
+        return None
+    return (
+        f"on the native kernel, each query's K keys read in place, where SDPA would score "
+        f"{pairs:.0f} per query (> {dispatch.LISTED_RATIO} K, or more than pays)"
+    )
 
 
 def _selection_mask(idx: Tensor, num_keys: int, dtype: torch.dtype) -> Tensor:
@@ -1008,7 +1033,8 @@ def attention_call(
     for name, t in (("k", k), ("v", v), ("weight", weight), ("bias", bias)):
         check_like(name, t, "q", q)
 
-    exact = None
+    exact = fused = None
+    p = dropout_p if training else 0.0
     plain = (
         not P
         and not spec.include_self
@@ -1026,14 +1052,18 @@ def attention_call(
         and K == candidate_count(grid, "window", None, spec.window)
     ):
         M = grid.padded[0] * grid.padded[1]
-        rule, blocks = _sdpa_rule(grid, spec.window, N, M, K, q.device)
-        if rule is not None:
-            exact = (
-                f"softmax attention over each token's whole window (scaled_dot, K = {K}, "
-                f"kernel 'none'): SDPA with a window mask {rule}"
-            )
+        pairs, blocks = _keys_scored(grid, spec.window, N, M, q.device)
+        lists = window_indices(grid, spec.window, q.device).view(1, 1, N, K)
+        what = (
+            f"softmax attention over each token's whole window (scaled_dot, K = {K}, kernel 'none')"
+        )
+        fused = _native_rule(q, k, v, lists, pairs, blocks, p)
+        rule = None if fused else _sdpa_rule(pairs, blocks, K)
+        exact = None if rule is None else f"{what}: SDPA with a window mask {rule}"
+    if dispatch.shortcut("native", fused and f"{what} {fused}", backend):
+        out = ListedAttention.apply(q, k, v, lists, d**-0.5)
+        return out if bias is None else out + bias
     if dispatch.shortcut("SDPA", exact, backend):
-        p = dropout_p if training else 0.0
         if spec.candidates != "window":
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:  # each block of queries against the span of keys its windows reach

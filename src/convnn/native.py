@@ -33,6 +33,12 @@ gathered (N, K*C) matrix of the torch path is never formed, in the forward pass 
 backward. Float32, one group of neighbours, no weighting, on the CPUs that run the one-pass
 top-K.
 
+Softmax attention over each query's own list of keys (the K it selected, or its window)
+runs fused too (:func:`listed_attention`): the scores, their softmax and the weighted sum of
+the listed value rows, reading the heads in place in any strides (a projection's views) and
+writing them merged; its backward keeps the weights and adds each query's share into the
+rows of the keys and values it listed. Float32, without dropout.
+
 Compiled graphs, float64 and other devices take the torch paths. ``CONVNN_NATIVE=0`` turns
 the kernels off (to compare the two paths); :func:`status` says whether they run and why not.
 """

@@ -209,6 +209,22 @@ MASKED_SDPA_RATIO = 16
 BLOCK_SDPA_RATIO = 32
 
 
+#: The native kernel attends over each query's K listed keys (:func:`convnn.native.
+#: listed_attention`); SDPA scores every key of its (N, M) mask or of its blocks' spans, about
+#: twice as fast per key. The kernel runs where SDPA would score more than this many K keys
+#: per query, or would not pay at all (CPU, forward and backward, 3 heads of 64, K = 49:
+#: SDPA took 0.77 of the kernel's time at 2.04 K (a 10 x 10 map), the kernel 0.81 of SDPA's
+#: at 2.12 K (12 x 12) and 0.33 at 56 x 56; K = 9 of 65 tokens: 0.6).
+LISTED_RATIO = 2.1
+
+
+def listed_attention_pays(pairs: float, K: int, blocks: bool = False) -> bool:
+    """Whether softmax attention over each query's K listed keys runs faster on the native
+    kernel than as SDPA scoring ``pairs`` keys per query (``blocks``: by blocks of queries)
+    or, where that would not pay, than on the k-NN path."""
+    return pairs > LISTED_RATIO * K or not masked_sdpa_pays(pairs, K, blocks)
+
+
 def masked_sdpa_pays(pairs: float, K: int, blocks: bool = False) -> bool:
     """Whether attention over each query's K-token window runs faster as SDPA with a window
     mask, scoring ``pairs`` keys per query (N for the whole (N, N) mask; fewer ``blocks``
