@@ -680,7 +680,7 @@ def test_listed_attention_is_the_formula_forward_and_backward(shared, K):
     """The native attention over listed keys, on the heads as a projection's strided views,
     against float64 attention written from its definition, forward and all three gradients
     (through the projection, as a ViT takes them); lists per head, or one shared."""
-    from convnn.backends.chunked import ListedAttention
+    from convnn.backends.chunked import listed_attention
 
     B, G, N, d = 2, 3, 24, 20  # d: two vectors of eight and a tail of four
     qkv = torch.randn(B, N, 3, G, d, generator=torch.Generator().manual_seed(K)).requires_grad_()
@@ -689,7 +689,7 @@ def test_listed_attention_is_the_formula_forward_and_backward(shared, K):
     lists = [torch.randperm(N, generator=g)[:K] for _ in range(N if shared else B * G * N)]
     idx = torch.stack(lists).view(1 if shared else B, 1 if shared else G, N, K)
     assert native.listed_attention_usable(q, k, v, idx)
-    y = ListedAttention.apply(q, k, v, idx, 0.3)
+    y = listed_attention(q, k, v, idx, 0.3)
     want = _listed_formula(q, k, v, idx, 0.3)
     assert y.shape == (B, N, G * d) and y.dtype == torch.float32
     assert (y.double() - want).abs().max() < 1e-5
@@ -703,25 +703,59 @@ def test_listed_attention_is_the_formula_forward_and_backward(shared, K):
 def test_listed_attention_in_threads_and_its_errors(monkeypatch):
     """Heads split over worker threads give the one thread's numbers bit for bit; the
     kernels refuse a listed key outside the keys, and a second derivative clearly."""
-    from convnn.backends.chunked import ListedAttention
+    from convnn.backends.chunked import listed_attention
 
     q, k, v = (torch.randn(4, 3, 30, 16, requires_grad=True) for _ in range(3))
     idx = torch.randint(0, 30, (4, 3, 30, 9))
     runs = []
     for threads in (1, 2):
         monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
-        y = ListedAttention.apply(q, k, v, idx, 0.25)
+        y = listed_attention(q, k, v, idx, 0.25)
         runs.append((y, *torch.autograd.grad(y.square().sum(), (q, k, v))))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="outside the keys"):
-        ListedAttention.apply(q, k, v, idx.masked_fill(idx == 3, 30), 0.25)
-    y = ListedAttention.apply(q, k, v, idx, 0.25)
-    with pytest.raises(RuntimeError, match="no second derivative.*backend='chunked'"):
-        torch.autograd.grad(y.sum(), q, create_graph=True)
+        listed_attention(q, k, v, idx.masked_fill(idx == 3, 30), 0.25)
+    assert not native.listed_attention_usable(q, k, v, idx.int())  # int64 lists only
+    assert not native.listed_attention_usable(q, k, v, idx[:2])  # 2 lists for 4 images
+    for bad in (idx.int(), idx[:2], idx.float()):  # the op refuses what the kernel misreads
+        with pytest.raises(ValueError, match="int64 idx"):
+            torch.ops.convnn.listed_attention(q, k, v, bad, 0.25)
     assert not native.listed_attention_usable(q.double(), k.double(), v.double(), idx)
     monkeypatch.setenv("CONVNN_NATIVE", "0")
     assert not native.listed_attention_usable(q, k, v, idx)
+
+
+@needs_native
+def test_listed_attention_second_derivative_in_place_output_and_far_keys():
+    """A backward that builds a graph recomputes the output in torch operators, so a
+    gradient penalty gets the float64 formula's second derivative; the output is the
+    caller's to change in place (a residual added into it); a key scored far below its
+    row's best gets no weight, as in softmax."""
+    from convnn.backends.chunked import listed_attention
+
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 2, 10, 8, generator=gen, requires_grad=True) for _ in range(3))
+    idx = torch.randint(0, 10, (2, 2, 10, 4), generator=gen)
+
+    def penalty(f, args):
+        (gq,) = torch.autograd.grad(f(*args, idx, 0.5).square().sum(), args[0], create_graph=True)
+        return torch.autograd.grad(gq.square().sum(), args)
+
+    got = penalty(listed_attention, (q, k, v))
+    want = penalty(_listed_formula, tuple(t.detach().double().requires_grad_() for t in (q, k, v)))
+    for a, b in zip(got, want):
+        assert (a.double() - b).abs().max() < 1e-4 * max(1.0, b.abs().max().item())
+    y = listed_attention(q, k, v, idx, 0.5)
+    y += 1.0  # a residual into the output
+    (g,) = torch.autograd.grad(y.sum(), v)
+    (h,) = torch.autograd.grad(_listed_formula(q, k, v, idx, 0.5).sum(), v)
+    assert (g - h).abs().max() < 1e-5
+    far = torch.zeros(1, 1, 1, 8)
+    keys = torch.stack([torch.zeros(8), torch.full((8,), -20.0)])[None, None]  # scores 0, -160
+    values = torch.tensor([[0.0], [1e30]]).expand(2, 8)[None, None].contiguous()
+    out = listed_attention(far + 1.0, keys, values, torch.tensor([[[[0, 1]]]]), 1.0)
+    assert out.abs().max() == 0  # e^-160 is 0 in float32, not the least normal float
 
 
 @needs_native
@@ -771,6 +805,50 @@ def test_window_attention_on_the_native_kernel_is_sdpa_with_the_window_mask():
     (got,) = torch.autograd.grad((y * w).sum(), qkv)
     (ref,) = torch.autograd.grad((want * w).sum(), qkv)
     assert (got - ref).abs().max() < 1e-5 * max(1.0, ref.abs().max().item())
+
+
+@needs_native
+def test_listed_attention_ops_in_compiled_graphs():
+    """The native attention is one op forward and one backward (convnn::listed_attention and
+    its gradient): their fake and real forms agree (opcheck, the heads as strided views and
+    a shared list), and compiled top-K and window attention call it and give the eager
+    outputs and gradients."""
+    from convnn.backends import chunked  # noqa: F401  (registers the ops)
+
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(2, 12, 3, 2, 8, generator=gen).requires_grad_()
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    for idx in (torch.randint(0, 12, (2, 2, 12, 5), generator=gen), torch.arange(12)[:, None]):
+        idx = idx.expand(-1, 3) if idx.dim() == 2 else idx  # a shared list: (12, 3)
+        idx = idx if idx.dim() == 4 else idx[None, None]
+        torch.library.opcheck(torch.ops.convnn.listed_attention.default, (q, k, v, idx, 0.5))
+        y, prob = torch.ops.convnn.listed_attention(q, k, v, idx, 0.5)
+        grad = torch.randn(y.shape, generator=gen)
+        for needs in ([True, True, True], [False, False, True]):
+            qd, kd, vd, pd = (t.detach() for t in (q, k, v, prob))
+            args = (grad, qd, kd, vd, idx, pd, 0.5, needs)
+            torch.library.opcheck(torch.ops.convnn.listed_attention_grad.default, args)
+    x = torch.randn(2, 144, 24, generator=gen).requires_grad_()
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(node.target for node in gm.graph.nodes)
+        return gm
+
+    for options in (dict(K=9), dict(K=25, candidates="window", window=5)):
+        torch.manual_seed(0)
+        layer = convnn.ConvNNAttention(24, 3, kernel="none", **options)
+        seen.clear()
+        for compiler in ("inductor", backend):
+            torch._dynamo.reset()
+            y = torch.compile(layer, backend=compiler)(x, hw=(12, 12))
+            (g,) = torch.autograd.grad(y.square().sum(), x)
+            y0 = layer(x, hw=(12, 12))
+            (g0,) = torch.autograd.grad(y0.square().sum(), x)
+            assert torch.equal(y, y0) and torch.equal(g, g0)
+        op = torch.ops.convnn.listed_attention
+        assert op in seen or op.default in seen
+    torch._dynamo.reset()
 
 
 def explain_backend(layer, x, hw) -> str:

@@ -533,8 +533,8 @@ static inline __attribute__((always_inline)) void weighted_rows(float *o, const 
 
 /* exp of eight numbers at most 0 (scores less their row's maximum), about one unit in the
  * last place from expf: 2^n e^r with r = x - n ln 2 (in two parts) and a polynomial for
- * e^r (Cephes' expf). Below -87 (where expf leaves the normal floats) it gives exp(-87);
- * NaN stays NaN. */
+ * e^r (Cephes' expf). Below -87 (where expf leaves the normal floats) it gives 0; NaN
+ * stays NaN. */
 static inline __attribute__((always_inline)) floats exp_lanes(floats x) {
     const floats lo = (floats){0} - 87.0f;
     lanes below = x < lo; /* NaN compares false: kept */
@@ -551,7 +551,7 @@ static inline __attribute__((always_inline)) floats exp_lanes(floats x) {
     lanes bits = (n + 127) << 23;
     floats scale;
     memcpy(&scale, &bits, sizeof scale);
-    return y * scale;
+    return (floats)((lanes)(y * scale) & ~below);
 }
 
 /* sc[0..K) = exp(sc - top), returning their sum in a fixed order. */
@@ -627,12 +627,12 @@ CLONES static int listed_forward(const Listed *a, float *out, const Py_ssize_t *
     return 1;
 }
 
-/* The backward pass for the forward's out and the gradient dout: dq (each row written),
- * dk and dv (added into: zeroed by the caller), any of them NULL to skip, strides like the
- * inputs'. With ds_j = p_j (dout_i . v_c[j] - dout_i . out_i): dq_i = scale sum_j ds_j k_c[j],
- * dk_c[j] += scale ds_j q_i, dv_c[j] += p_j dout_i. */
-CLONES static int listed_backward(const Listed *a, const float *out, const Py_ssize_t *os,
-                                  const float *dout, const Py_ssize_t *gs, float *dq,
+/* The backward pass for the gradient dout of the output: dq (each row written), dk and dv
+ * (added into: zeroed by the caller), any of them NULL to skip, strides like the inputs'.
+ * With dp_j = dout_i . v_c[j] and ds_j = p_j (dp_j - sum_t p_t dp_t): dq_i = scale sum_j
+ * ds_j k_c[j], dk_c[j] += scale ds_j q_i, dv_c[j] += p_j dout_i. (sum_t p_t dp_t is
+ * dout_i . out_i, without the output.) */
+CLONES static int listed_backward(const Listed *a, const float *dout, const Py_ssize_t *gs, float *dq,
                                   const Py_ssize_t *dqs, float *dk, const Py_ssize_t *dks,
                                   float *dv, const Py_ssize_t *dvs, Py_ssize_t s0, Py_ssize_t s1,
                                   float *sc, const float **rows) {
@@ -640,8 +640,7 @@ CLONES static int listed_backward(const Listed *a, const float *out, const Py_ss
     for (Py_ssize_t s = s0; s < s1; s++) {
         Py_ssize_t b = s / a->G, g = s % a->G;
         const float *qb = AT(a->q, a->qs, b, g), *kb = AT(a->k, a->ks, b, g);
-        const float *vb = AT(a->v, a->vs, b, g), *ob = AT(out, os, b, g);
-        const float *gb = AT(dout, gs, b, g);
+        const float *vb = AT(a->v, a->vs, b, g), *gb = AT(dout, gs, b, g);
         const int64_t *cb = AT(a->cand, a->cs, b, g);
         for (Py_ssize_t i = 0; i < a->N; i++) {
             const float *qi = qb + i * a->qs[2], *gi = gb + i * gs[2];
@@ -651,7 +650,8 @@ CLONES static int listed_backward(const Listed *a, const float *out, const Py_ss
             if (!listed_scores(&(Listed){.M = a->M, .d = d, .K = K, .ks = {0, 0, a->vs[2]}}, gi,
                                vb, c, sc, rows))
                 return 0;
-            float delta = dot(gi, ob + i * os[2], d);
+            float delta = 0.0f;
+            for (Py_ssize_t j = 0; j < K; j++) delta += p[j] * sc[j];
             for (Py_ssize_t j = 0; j < K; j++) sc[j] = p[j] * (sc[j] - delta) * a->scale;
             if (dq) {
                 for (Py_ssize_t j = 0; j < K; j++) rows[j] = kb + c[j] * a->ks[2];
@@ -1446,8 +1446,8 @@ PyDoc_STRVAR(listed_doc,
              "prob = softmax(scale * q . k[cand]), out = prob @ v[cand].");
 
 PyDoc_STRVAR(listed_grad_doc,
-             "listed_grad(q, .., k, .., v, .., cand, .., prob, out, .., dout, .., dq, .., dk, ..,\n"
-             "            dv, .., G, N, M, d, K, s0, s1, scale)\n\n"
+             "listed_grad(q, .., k, .., v, .., cand, .., prob, dout, .., dq, .., dk, .., dv, ..,\n"
+             "            G, N, M, d, K, s0, s1, scale)\n\n"
              "The gradients of listed for dout: dq written, dk and dv added into (0: skip).");
 
 /* The shared head of listed and listed_grad: the integers and the trailing scale; 0 with an
@@ -1502,19 +1502,19 @@ static PyObject *listed(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 static PyObject *listed_grad(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    Py_ssize_t v[44];
+    Py_ssize_t v[40];
     float scale;
-    if (!listed_args(args, nargs, 44, "listed_grad", v, &scale)) return NULL;
-    const Py_ssize_t *dims = v + 37;
+    if (!listed_args(args, nargs, 40, "listed_grad", v, &scale)) return NULL;
+    const Py_ssize_t *dims = v + 33;
     Listed a = listed_of(v, (float *)v[16], dims, scale);
     float *sc = malloc((size_t)a.K * sizeof(float));
     const float **rows = malloc((size_t)a.K * sizeof(float *));
     if (!sc || !rows) return free(sc), free(rows), PyErr_NoMemory();
     int ok;
     Py_BEGIN_ALLOW_THREADS;
-    ok = listed_backward(&a, (const float *)v[17], v + 18, (const float *)v[21], v + 22,
-                         (float *)v[25], v + 26, (float *)v[29], v + 30, (float *)v[33], v + 34,
-                         dims[5], dims[6], sc, rows);
+    ok = listed_backward(&a, (const float *)v[17], v + 18, (float *)v[21], v + 22,
+                         (float *)v[25], v + 26, (float *)v[29], v + 30, dims[5], dims[6], sc,
+                         rows);
     Py_END_ALLOW_THREADS;
     free(sc), free(rows);
     if (!ok) {

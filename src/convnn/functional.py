@@ -32,7 +32,7 @@ from torch import Tensor
 
 from . import native
 from .backends import dispatch
-from .backends.chunked import ListedAttention, contiguous_rows
+from .backends.chunked import contiguous_rows, listed_attention
 from .metrics import get_metric, metric_names
 from .options import (
     check_bool,
@@ -192,7 +192,7 @@ def _operator(
         if fused is not None:
             if dispatch.shortcut("native", f"{what} {fused}", backend):
                 scale = q.shape[-1] ** -0.5 if spec.metric == "scaled_dot" else 1.0
-                y = ListedAttention.apply(q, k, v, listed, scale)
+                y = listed_attention(q, k, v, listed, scale)
                 return (y if bias is None else y + bias), idx.reshape(B, G, N, K)
         else:
             rule = _sdpa_rule(pairs, blocks, K)
@@ -289,7 +289,7 @@ def _sdpa_rule(pairs: float, blocks: bool, K: int) -> str | None:
 def _native_rule(
     q, k, v, lists: Tensor, pairs: float, blocks: bool, dropout_p: float
 ) -> str | None:
-    """Why the native kernel (:class:`ListedAttention`) runs attention over each query's K
+    """Why the native kernel (:func:`listed_attention`) runs attention over each query's K
     ``lists`` (B or 1, G or 1, N, K) of keys, in words (None: it does not): float32 on a
     CPU without dropout (:func:`native.listed_attention_usable`), where it beats SDPA
     scoring ``pairs`` keys per query (:func:`dispatch.listed_attention_pays`)."""
@@ -1061,7 +1061,7 @@ def attention_call(
         rule = None if fused else _sdpa_rule(pairs, blocks, K)
         exact = None if rule is None else f"{what}: SDPA with a window mask {rule}"
     if dispatch.shortcut("native", fused and f"{what} {fused}", backend):
-        out = ListedAttention.apply(q, k, v, lists, d**-0.5)
+        out = listed_attention(q, k, v, lists, d**-0.5)
         return out if bias is None else out + bias
     if dispatch.shortcut("SDPA", exact, backend):
         if spec.candidates != "window":

@@ -409,7 +409,7 @@ def listed_attention_usable(q: Tensor, k: Tensor, v: Tensor, idx: Tensor) -> boo
     """Whether :func:`listed_attention` serves softmax attention of ``q`` (B, G, N, d) over
     the keys ``idx`` (B or 1, G or 1, N, K) lists of ``k``, ``v`` (B, G, M, d): float32 CPU
     tensors, in eager code outside torch modes (where SDPA or the torch path runs, which the
-    mode sees)."""
+    mode sees) or in a compiled graph (which calls the kernels as one op)."""
     return (
         _enabled()
         and q.dtype == k.dtype == v.dtype == torch.float32
@@ -418,12 +418,16 @@ def listed_attention_usable(q: Tensor, k: Tensor, v: Tensor, idx: Tensor) -> boo
         and k.shape == v.shape
         and q.shape[:2] == k.shape[:2]
         and q.shape[3] == k.shape[3] > 0
+        and idx.dtype == torch.int64
+        and idx.shape[0] in (1, q.shape[0])
+        and idx.shape[1] in (1, q.shape[1])
         and idx.shape[2] == q.shape[2]
         and idx.shape[3] > 0
         and k.shape[2] > 0
-        and not torch.compiler.is_compiling()
-        and torch._C._len_torch_function_stack() == 0
-        and torch._C._len_torch_dispatch_stack() == 0
+        and (
+            torch.compiler.is_compiling()
+            or torch._C._len_torch_function_stack() == torch._C._len_torch_dispatch_stack() == 0
+        )
     )
 
 
@@ -444,10 +448,39 @@ def _heads_out(B: int, G: int, N: int, d: int, zero: bool = False) -> Tensor:
 
 
 def listed_attention_output(q: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-    """Empty outputs of :func:`listed_attention`: (B, G, N, d) laid out as (B, N, G, d), and
-    the weights (B, G, N, K)."""
+    """Empty outputs of :func:`listed_attention`: (B, N, G * d), the heads merged (the kernel
+    writes its (B, G, N, d) view, :func:`heads_of`), and the weights (B, G, N, K)."""
     B, G, N, d = q.shape
-    return _heads_out(B, G, N, d), torch.empty(B, G, N, idx.shape[3], dtype=torch.float32)
+    out = torch.empty(B, N, G * d, dtype=torch.float32)
+    return out, torch.empty(B, G, N, idx.shape[3], dtype=torch.float32)
+
+
+def heads_of(merged: Tensor, G: int) -> Tensor:
+    """The (B, G, N, d) view of heads merged as (B, N, G * d)."""
+    return merged.unflatten(-1, (G, merged.shape[-1] // G)).transpose(1, 2)
+
+
+def _check_listed(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, *made: Tensor) -> None:
+    """The kernels read raw pointers: refuse operands that :func:`listed_attention_usable`
+    would not pass, and outputs ``made`` that are not float32 CPU tensors."""
+    if not (
+        q.dtype == k.dtype == v.dtype == torch.float32
+        and idx.dtype == torch.int64
+        and all(t.device.type == "cpu" for t in (q, k, v, idx, *made))
+        and all(t.dtype == torch.float32 for t in made)
+        and q.dim() == k.dim() == v.dim() == idx.dim() == 4
+        and k.shape == v.shape
+        and q.shape[:2] == k.shape[:2]
+        and q.shape[3] == k.shape[3]
+        and idx.shape[0] in (1, q.shape[0])
+        and idx.shape[1] in (1, q.shape[1])
+        and idx.shape[2] == q.shape[2]
+    ):
+        raise ValueError(
+            "listed attention: need float32 CPU q (B, G, N, d), k and v (B, G, M, d) and int64 "
+            f"idx (B or 1, G or 1, N, K), got {q.dtype} {tuple(q.shape)}, {k.dtype} "
+            f"{tuple(k.shape)}, {v.dtype} {tuple(v.shape)}, {idx.dtype} {tuple(idx.shape)}"
+        )
 
 
 def _slices(part: slice, B: int, G: int) -> tuple[int, int]:
@@ -461,27 +494,39 @@ def listed_attention(
 ) -> None:  # fmt: skip
     """Softmax attention of each query over its own listed keys: ``prob`` (B, G, N, K) =
     softmax(scale * q . k[idx]) and ``out`` (B, G, N, d) = prob @ v[idx], for the heads
-    b * G + g in ``part`` (``out`` and ``prob`` from :func:`listed_attention_output`). The
+    b * G + g in ``part`` (``out``: the :func:`heads_of` view of the merged output of
+    :func:`listed_attention_output`, which makes ``prob`` too). The
     keys are read in place, every dot product summed in one fixed order. Every tensor's rows
     are contiguous, ``idx`` int64. Only where :func:`listed_attention_usable`."""
+    _check_listed(q, k, v, idx, out, prob)
     B, G, N, d = q.shape
     M, K = k.shape[2], idx.shape[3]
+    if out.shape != q.shape or prob.shape != (B, G, N, K) or not prob.is_contiguous():
+        raise ValueError("listed attention: out must be (B, G, N, d), prob (B, G, N, K)")
     args = [x for t in (q, k, v, idx, out) for x in _rows(t)]
     _rank.listed(*args, prob.data_ptr(), G, N, M, d, K, *_slices(part, B, G), float(scale))
 
 
 def listed_attention_grad(
-    q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float, prob: Tensor, out: Tensor,
-    grad: Tensor, grads: tuple[Tensor | None, Tensor | None, Tensor | None],
-    part: slice = slice(None),
+    q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float, prob: Tensor, grad: Tensor,
+    grads: tuple[Tensor | None, Tensor | None, Tensor | None], part: slice = slice(None),
 ) -> None:  # fmt: skip
-    """The gradients of :func:`listed_attention` for ``grad`` (B, G, N, d) of ``out``, into
-    ``grads`` (dq, dk, dv; None to skip) for the heads in ``part``: dq written, dk and dv
-    added into (zeros from :func:`listed_attention_grads`)."""
+    """The gradients of :func:`listed_attention` for ``grad`` (B, G, N, d) of its output and
+    its weights ``prob``, into ``grads`` (dq, dk, dv; None to skip) for the heads in
+    ``part``: dq written, dk and dv added into (zeros from :func:`listed_attention_grads`)."""
+    _check_listed(q, k, v, idx, prob, grad, *(g for g in grads if g is not None))
     B, G, N, d = q.shape
     M, K = k.shape[2], idx.shape[3]
+    shapes = (q.shape, k.shape, v.shape)
+    if (
+        grad.shape != q.shape
+        or prob.shape != (B, G, N, K)
+        or not prob.is_contiguous()
+        or any(g is not None and g.shape != s for g, s in zip(grads, shapes))
+    ):
+        raise ValueError("listed attention: grad and dq must be shaped as q, dk and dv as k")
     args = [x for t in (q, k, v, idx) for x in _rows(t)]
-    args += [prob.data_ptr()] + [x for t in (out, grad) for x in _rows(t)]
+    args += [prob.data_ptr(), *_rows(grad)]
     for g in grads:
         args += [0, 0, 0, 0] if g is None else _rows(g)
     _rank.listed_grad(*args, G, N, M, d, K, *_slices(part, B, G), float(scale))

@@ -460,46 +460,104 @@ def _in_runs(size: int, run) -> list:
         return list(pool.map(run, [slice(i, i + step) for i in range(0, size, step)]))
 
 
-class ListedAttention(torch.autograd.Function):
+def _rows_contiguous(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors with their last dim contiguous (copied only where it is not)."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
+@torch.library.custom_op(
+    "convnn::listed_attention",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor idx, float scale) -> (Tensor, Tensor)",
+)
+def _listed_attention(q, k, v, idx, scale):
     """Softmax attention of each query over its own list of keys by the native kernels
-    (:func:`convnn.native.listed_attention`), the heads split over the worker threads:
-    q (B, G, N, d), k and v (B, G, M, d) (any strides, rows contiguous: the heads as a
-    projection's views), idx (B or 1, G or 1, N, K) int64 keys -> (B, N, G * d), the heads
-    merged. Attention over K listed keys costs K per query where SDPA masked to them weighs
-    every key. The weights are kept for the backward pass, which has no second derivative
-    (as SDPA's CPU kernels have none)."""
+    (:func:`convnn.native.listed_attention`), the heads split over the worker threads: one
+    op, eager and in compiled graphs. -> the output (B, N, G * d), heads merged, and the
+    weights (B, G, N, K) its backward reads."""
+    q, k, v, idx = _rows_contiguous(q, k, v, idx)
+    B, G, N, d = q.shape
+    y, prob = native.listed_attention_output(q, idx)
+    out = native.heads_of(y, G)
+    _in_runs(B * G, lambda s: native.listed_attention(q, k, v, idx, scale, out, prob, s))
+    return y, prob
 
-    @staticmethod
-    def forward(ctx, q, k, v, idx, scale):
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        B, G, N, d = q.shape
-        out, prob = native.listed_attention_output(q, idx)
-        _in_runs(B * G, lambda s: native.listed_attention(q, k, v, idx, scale, out, prob, s))
-        y = out.transpose(1, 2).view(B, N, G * d)
-        ctx.scale = scale
-        ctx.save_for_backward(q, k, v, idx, prob, y)
-        return y
 
-    @staticmethod
-    def backward(ctx, grad):
-        if torch.is_grad_enabled():  # create_graph: a second derivative is asked for
-            raise RuntimeError(
-                "attention over listed keys by the native kernels has no second derivative "
-                "(nor has scaled_dot_product_attention's CPU kernel); backend='chunked' runs "
-                "the k-NN path, which has one"
-            )
-        q, k, v, idx, prob, y = ctx.saved_tensors
-        B, G, N, d = q.shape
-        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-        heads = lambda t: t.unflatten(-1, (G, d)).transpose(1, 2)  # noqa: E731
-        grads = native.listed_attention_grads(q, k, ctx.needs_input_grad[:3])
-        _in_runs(
-            B * G,
-            lambda s: native.listed_attention_grad(
-                q, k, v, idx, ctx.scale, prob, heads(y), heads(grad), grads, s
-            ),
+@_listed_attention.register_fake
+def _(q, k, v, idx, scale):
+    B, G, N, d = q.shape
+    return q.new_empty(B, N, G * d), q.new_empty(B, G, N, idx.shape[3])
+
+
+@torch.library.custom_op(
+    "convnn::listed_attention_grad",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor idx, Tensor prob, float scale, "
+    "bool[] needs) -> (Tensor, Tensor, Tensor)",
+)
+def _listed_attention_grad(grad, q, k, v, idx, prob, scale, needs):
+    """The gradients of :func:`_listed_attention` for ``grad`` (B, N, G * d) of its output:
+    dq, dk, dv where ``needs`` says (else empty), laid out as SDPA lays out its own."""
+    q, k, v, idx, grad = _rows_contiguous(q, k, v, idx, grad)
+    prob = prob.contiguous()  # read as (B * G, N, K)
+    B, G, N, d = q.shape
+    grads = native.listed_attention_grads(q, k, needs)
+    g = native.heads_of(grad, G)
+    _in_runs(B * G, lambda s: native.listed_attention_grad(q, k, v, idx, scale, prob, g, grads, s))
+    return tuple(t if t is not None else q.new_empty(0) for t in grads)
+
+
+@_listed_attention_grad.register_fake
+def _(grad, q, k, v, idx, prob, scale, needs):
+    B, G, N, d = q.shape
+    M = k.shape[2]
+    make = lambda n: q.new_empty_strided((B, G, n, d), (n * G * d, d, G * d, 1))  # noqa: E731
+    return tuple(make(n) if need else q.new_empty(0) for n, need in zip((N, M, M), needs))
+
+
+def _listed_setup(ctx, inputs, output):
+    q, k, v, idx, scale = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, idx, output[1])  # not the output: it may change in place
+
+
+def _listed_backward(ctx, grad, _grad_prob):
+    q, k, v, idx, prob = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:3])
+    if torch.is_grad_enabled():  # a backward that builds a graph (double backward)
+        y = _listed_formula(q, k, v, idx, ctx.scale)
+        wrt = [t for t, need in zip((q, k, v), needs) if need]
+        grads = iter(torch.autograd.grad(y, wrt, grad, create_graph=True))
+    else:
+        grads = iter(
+            torch.ops.convnn.listed_attention_grad(grad, q, k, v, idx, prob, ctx.scale, needs)
         )
-        return (*grads, None, None)
+        grads = iter([g for g, need in zip(grads, needs) if need])
+    return *(next(grads) if need else None for need in needs), None, None
+
+
+_listed_attention.register_autograd(_listed_backward, setup_context=_listed_setup)
+
+
+def _listed_formula(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float) -> Tensor:
+    """:func:`listed_attention` in torch operators (differentiable twice): the listed rows of
+    k and v gathered, (B, G, N, K, d) each."""
+    B, G, N, d = q.shape
+    K = idx.shape[3]
+    rows = idx.expand(B, G, N, K).reshape(B, G, N * K, 1).expand(-1, -1, -1, d)
+    pick = lambda t: t.gather(2, rows).view(B, G, N, K, d)  # noqa: E731
+    w = torch.softmax((q[..., None, :] * pick(k)).sum(-1) * scale, -1)
+    return (w[..., None] * pick(v)).sum(-2).transpose(1, 2).reshape(B, N, G * d)
+
+
+def listed_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float) -> Tensor:
+    """Softmax attention of q (B, G, N, d) over the keys ``idx`` (B or 1, G or 1, N, K, int64)
+    lists of k and v (B, G, M, d) (any strides, rows contiguous: the heads as a projection's
+    views) by the native kernels -> (B, N, G * d), the heads merged. Attention over K listed
+    keys costs K per query where SDPA masked to them weighs every key. The weights are kept
+    for the backward pass; a backward that builds a graph (a second derivative) recomputes
+    the output in torch operators. Only where :func:`convnn.native.listed_attention_usable`."""
+    return torch.ops.convnn.listed_attention(q, k, v, idx, scale)[0]
 
 
 def _native_aggregation(values, indices, rho, weight, bias, kernel) -> bool:
