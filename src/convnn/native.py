@@ -78,7 +78,8 @@ def status() -> str:
         fused += "; bfloat16 features on the CPU's tile unit (AMX-BF16), 16 x 16 tiles"
     return (
         "native kernels: on (eager CPU top-K of float32, bfloat16 and float16 scores; "
-        f"float32 window scores; scores and top-K in one pass: {fused})"
+        "float32 window scores; float32 softmax attention over listed keys; scores and top-K "
+        f"in one pass: {fused})"
     )
 
 
