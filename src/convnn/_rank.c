@@ -585,29 +585,34 @@ typedef struct {
     Py_ssize_t G, N, M, d, K;
     Py_ssize_t qs[3], ks[3], vs[3], cs[3];
     float scale;
+    float *sc;          /* scratch: a row's K scores */
+    const float **rows; /* scratch: its K key (or value) rows */
 } Listed;
 
 #define AT(base, st, b, g) ((base) + (b) * (st)[0] + (g) * (st)[1])
 
-/* The scores of row i's K keys into sc (their key rows into rows): 0 if a key lies outside
- * [0, M). */
-CLONES static int listed_scores(const Listed *a, const float *qi, const float *kb,
-                                const int64_t *c, float *sc, const float **rows) {
+/* x . r for the K listed rows r = base + c[j] * row of M, into a->sc (the rows' pointers
+ * into a->rows): 0 if a listed row lies outside [0, M). */
+CLONES static int listed_dots(const Listed *a, const float *x, const float *base, Py_ssize_t row,
+                              const int64_t *c) {
     Py_ssize_t j = 0, K = a->K;
+    float *sc = a->sc;
+    const float **rows = a->rows;
     for (Py_ssize_t t = 0; t < K; t++) {
         if (c[t] < 0 || c[t] >= a->M) return 0;
-        rows[t] = kb + c[t] * a->ks[2];
+        rows[t] = base + c[t] * row;
     }
-    for (; j + LANES <= K; j += LANES) dot8(qi, rows + j, a->d, sc + j);
-    for (; j < K; j++) sc[j] = dot(qi, rows[j], a->d);
+    for (; j + LANES <= K; j += LANES) dot8(x, rows + j, a->d, sc + j);
+    for (; j < K; j++) sc[j] = dot(x, rows[j], a->d);
     return 1;
 }
 
-/* The forward pass into out (strides os); sc: K floats, rows: K pointers. Returns 0 if a
- * key lies outside [0, M). */
+/* The forward pass into out (strides os). Returns 0 if a key lies outside [0, M). */
 CLONES static int listed_forward(const Listed *a, float *out, const Py_ssize_t *os, Py_ssize_t s0,
-                                 Py_ssize_t s1, float *sc, const float **rows) {
+                                 Py_ssize_t s1) {
     Py_ssize_t K = a->K, d = a->d;
+    float *sc = a->sc;
+    const float **rows = a->rows;
     for (Py_ssize_t s = s0; s < s1; s++) {
         Py_ssize_t b = s / a->G, g = s % a->G;
         const float *qb = AT(a->q, a->qs, b, g), *kb = AT(a->k, a->ks, b, g);
@@ -615,7 +620,7 @@ CLONES static int listed_forward(const Listed *a, float *out, const Py_ssize_t *
         const int64_t *cb = AT(a->cand, a->cs, b, g);
         float *ob = AT(out, os, b, g);
         for (Py_ssize_t i = 0; i < a->N; i++) {
-            if (!listed_scores(a, qb + i * a->qs[2], kb, cb + i * a->cs[2], sc, rows)) return 0;
+            if (!listed_dots(a, qb + i * a->qs[2], kb, a->ks[2], cb + i * a->cs[2])) return 0;
             float top = -INFINITY;
             for (Py_ssize_t j = 0; j < K; j++) sc[j] *= a->scale, top = sc[j] > top ? sc[j] : top;
             float sum = exp_sum(sc, K, top), *p = a->prob + (s * a->N + i) * K;
@@ -634,9 +639,11 @@ CLONES static int listed_forward(const Listed *a, float *out, const Py_ssize_t *
  * dout_i . out_i, without the output.) */
 CLONES static int listed_backward(const Listed *a, const float *dout, const Py_ssize_t *gs, float *dq,
                                   const Py_ssize_t *dqs, float *dk, const Py_ssize_t *dks,
-                                  float *dv, const Py_ssize_t *dvs, Py_ssize_t s0, Py_ssize_t s1,
-                                  float *sc, const float **rows) {
+                                  float *dv, const Py_ssize_t *dvs, Py_ssize_t s0,
+                                  Py_ssize_t s1) {
     Py_ssize_t K = a->K, d = a->d;
+    float *sc = a->sc;
+    const float **rows = a->rows;
     for (Py_ssize_t s = s0; s < s1; s++) {
         Py_ssize_t b = s / a->G, g = s % a->G;
         const float *qb = AT(a->q, a->qs, b, g), *kb = AT(a->k, a->ks, b, g);
@@ -646,10 +653,7 @@ CLONES static int listed_backward(const Listed *a, const float *dout, const Py_s
             const float *qi = qb + i * a->qs[2], *gi = gb + i * gs[2];
             const int64_t *c = cb + i * a->cs[2];
             const float *p = a->prob + (s * a->N + i) * K;
-            /* dout_i . v_c[j]: the scores' kernel on the value rows */
-            if (!listed_scores(&(Listed){.M = a->M, .d = d, .K = K, .ks = {0, 0, a->vs[2]}}, gi,
-                               vb, c, sc, rows))
-                return 0;
+            if (!listed_dots(a, gi, vb, a->vs[2], c)) return 0; /* dout_i . v_c[j] */
             float delta = 0.0f;
             for (Py_ssize_t j = 0; j < K; j++) delta += p[j] * sc[j];
             for (Py_ssize_t j = 0; j < K; j++) sc[j] = p[j] * (sc[j] - delta) * a->scale;
@@ -1470,58 +1474,57 @@ static int listed_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want,
     return 1;
 }
 
-static Listed listed_of(const Py_ssize_t *v, float *prob, const Py_ssize_t *dims, float scale) {
-    Listed a = {(const float *)v[0], (const float *)v[4], (const float *)v[8],
-                (const int64_t *)v[12], prob, dims[0], dims[1], dims[2], dims[3], dims[4],
-                {v[1], v[2], v[3]}, {v[5], v[6], v[7]}, {v[9], v[10], v[11]},
-                {v[13], v[14], v[15]}, scale};
-    return a;
+/* The operands of listed and listed_grad (v: q, k, v and cand, each a pointer and three
+ * strides), with their scratch; 0 with MemoryError set. */
+static int listed_open(Listed *a, const Py_ssize_t *v, float *prob, const Py_ssize_t *dims,
+                       float scale) {
+    *a = (Listed){(const float *)v[0], (const float *)v[4], (const float *)v[8],
+                  (const int64_t *)v[12], prob, dims[0], dims[1], dims[2], dims[3], dims[4],
+                  {v[1], v[2], v[3]}, {v[5], v[6], v[7]}, {v[9], v[10], v[11]},
+                  {v[13], v[14], v[15]}, scale, malloc((size_t)dims[4] * sizeof(float)),
+                  malloc((size_t)dims[4] * sizeof(float *))};
+    if (a->sc && a->rows) return 1;
+    free(a->sc), free((void *)a->rows);
+    PyErr_NoMemory();
+    return 0;
+}
+
+/* Frees the scratch and returns None, or raises when a kernel met a key outside the keys. */
+static PyObject *listed_done(Listed *a, int ok, const char *name) {
+    free(a->sc), free((void *)a->rows);
+    if (!ok) return PyErr_Format(PyExc_ValueError, "%s: a listed key lies outside the keys", name);
+    Py_RETURN_NONE;
 }
 
 static PyObject *listed(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     Py_ssize_t v[28];
     float scale;
-    if (!listed_args(args, nargs, 28, "listed", v, &scale)) return NULL;
-    const Py_ssize_t *dims = v + 21;
-    Listed a = listed_of(v, (float *)v[20], dims, scale);
-    float *sc = malloc((size_t)a.K * sizeof(float));
-    const float **rows = malloc((size_t)a.K * sizeof(float *));
-    if (!sc || !rows) return free(sc), free(rows), PyErr_NoMemory();
+    Listed a;
+    if (!listed_args(args, nargs, 28, "listed", v, &scale) ||
+        !listed_open(&a, v, (float *)v[20], v + 21, scale))
+        return NULL;
     int ok;
     Py_BEGIN_ALLOW_THREADS;
-    ok = listed_forward(&a, (float *)v[16], v + 17, dims[5], dims[6], sc, rows);
+    ok = listed_forward(&a, (float *)v[16], v + 17, v[26], v[27]);
     Py_END_ALLOW_THREADS;
-    free(sc), free(rows);
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "listed: a listed key lies outside the keys");
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    return listed_done(&a, ok, "listed");
 }
 
 static PyObject *listed_grad(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     Py_ssize_t v[40];
     float scale;
-    if (!listed_args(args, nargs, 40, "listed_grad", v, &scale)) return NULL;
-    const Py_ssize_t *dims = v + 33;
-    Listed a = listed_of(v, (float *)v[16], dims, scale);
-    float *sc = malloc((size_t)a.K * sizeof(float));
-    const float **rows = malloc((size_t)a.K * sizeof(float *));
-    if (!sc || !rows) return free(sc), free(rows), PyErr_NoMemory();
+    Listed a;
+    if (!listed_args(args, nargs, 40, "listed_grad", v, &scale) ||
+        !listed_open(&a, v, (float *)v[16], v + 33, scale))
+        return NULL;
     int ok;
     Py_BEGIN_ALLOW_THREADS;
     ok = listed_backward(&a, (const float *)v[17], v + 18, (float *)v[21], v + 22,
-                         (float *)v[25], v + 26, (float *)v[29], v + 30, dims[5], dims[6], sc,
-                         rows);
+                         (float *)v[25], v + 26, (float *)v[29], v + 30, v[38], v[39]);
     Py_END_ALLOW_THREADS;
-    free(sc), free(rows);
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "listed_grad: a listed key lies outside the keys");
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    return listed_done(&a, ok, "listed_grad");
 }
 
 PyDoc_STRVAR(window_doc,

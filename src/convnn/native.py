@@ -409,26 +409,34 @@ def window_scores(query: Tensor, key: Tensor, cand: Tensor) -> Tensor | None:
 def listed_attention_usable(q: Tensor, k: Tensor, v: Tensor, idx: Tensor) -> bool:
     """Whether :func:`listed_attention` serves softmax attention of ``q`` (B, G, N, d) over
     the keys ``idx`` (B or 1, G or 1, N, K) lists of ``k``, ``v`` (B, G, M, d): float32 CPU
-    tensors, in eager code outside torch modes (where SDPA or the torch path runs, which the
-    mode sees) or in a compiled graph (which calls the kernels as one op)."""
+    tensors (:func:`_listed_operands`), none of them empty, in eager code outside torch
+    modes (where SDPA or the torch path runs, which the mode sees) or in a compiled graph
+    (which calls the kernels as one op)."""
     return (
         _enabled()
-        and q.dtype == k.dtype == v.dtype == torch.float32
-        and q.device.type == k.device.type == v.device.type == idx.device.type == "cpu"
-        and q.dim() == k.dim() == v.dim() == idx.dim() == 4
-        and k.shape == v.shape
-        and q.shape[:2] == k.shape[:2]
-        and q.shape[3] == k.shape[3] > 0
-        and idx.dtype == torch.int64
-        and idx.shape[0] in (1, q.shape[0])
-        and idx.shape[1] in (1, q.shape[1])
-        and idx.shape[2] == q.shape[2]
-        and idx.shape[3] > 0
-        and k.shape[2] > 0
+        and _listed_operands(q, k, v, idx)
+        and min(q.shape[3], idx.shape[3], k.shape[2]) > 0
         and (
             torch.compiler.is_compiling()
             or torch._C._len_torch_function_stack() == torch._C._len_torch_dispatch_stack() == 0
         )
+    )
+
+
+def _listed_operands(q: Tensor, k: Tensor, v: Tensor, idx: Tensor) -> bool:
+    """Whether the kernels can read these operands: float32 CPU q (B, G, N, d), k and v
+    (B, G, M, d), and int64 CPU key lists idx (B or 1, G or 1, N, K)."""
+    return (
+        q.dtype == k.dtype == v.dtype == torch.float32
+        and idx.dtype == torch.int64
+        and q.device.type == k.device.type == v.device.type == idx.device.type == "cpu"
+        and q.dim() == k.dim() == v.dim() == idx.dim() == 4
+        and k.shape == v.shape
+        and q.shape[:2] == k.shape[:2]
+        and q.shape[3] == k.shape[3]
+        and idx.shape[0] in (1, q.shape[0])
+        and idx.shape[1] in (1, q.shape[1])
+        and idx.shape[2] == q.shape[2]
     )
 
 
@@ -461,26 +469,21 @@ def heads_of(merged: Tensor, G: int) -> Tensor:
     return merged.unflatten(-1, (G, merged.shape[-1] // G)).transpose(1, 2)
 
 
-def _check_listed(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, *made: Tensor) -> None:
-    """The kernels read raw pointers: refuse operands that :func:`listed_attention_usable`
-    would not pass, and outputs ``made`` that are not float32 CPU tensors."""
-    if not (
-        q.dtype == k.dtype == v.dtype == torch.float32
-        and idx.dtype == torch.int64
-        and all(t.device.type == "cpu" for t in (q, k, v, idx, *made))
-        and all(t.dtype == torch.float32 for t in made)
-        and q.dim() == k.dim() == v.dim() == idx.dim() == 4
-        and k.shape == v.shape
-        and q.shape[:2] == k.shape[:2]
-        and q.shape[3] == k.shape[3]
-        and idx.shape[0] in (1, q.shape[0])
-        and idx.shape[1] in (1, q.shape[1])
-        and idx.shape[2] == q.shape[2]
-    ):
+def _check_listed(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, prob: Tensor, *made) -> None:
+    """The kernels read raw pointers: refuse operands :func:`_listed_operands` does not pass,
+    weights ``prob`` that are not a contiguous (B, G, N, K) tensor, and outputs ``made``
+    that are not float32 CPU tensors."""
+    if not _listed_operands(q, k, v, idx):
         raise ValueError(
             "listed attention: need float32 CPU q (B, G, N, d), k and v (B, G, M, d) and int64 "
             f"idx (B or 1, G or 1, N, K), got {q.dtype} {tuple(q.shape)}, {k.dtype} "
             f"{tuple(k.shape)}, {v.dtype} {tuple(v.shape)}, {idx.dtype} {tuple(idx.shape)}"
+        )
+    if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (prob, *made)):
+        raise ValueError("listed attention: the weights and outputs must be float32 CPU tensors")
+    if prob.shape != (*q.shape[:3], idx.shape[3]) or not prob.is_contiguous():
+        raise ValueError(
+            f"listed attention: prob must be a contiguous (B, G, N, K) tensor, got {tuple(prob.shape)}"
         )
 
 
@@ -499,11 +502,11 @@ def listed_attention(
     :func:`listed_attention_output`, which makes ``prob`` too). The
     keys are read in place, every dot product summed in one fixed order. Every tensor's rows
     are contiguous, ``idx`` int64. Only where :func:`listed_attention_usable`."""
-    _check_listed(q, k, v, idx, out, prob)
+    _check_listed(q, k, v, idx, prob, out)
     B, G, N, d = q.shape
     M, K = k.shape[2], idx.shape[3]
-    if out.shape != q.shape or prob.shape != (B, G, N, K) or not prob.is_contiguous():
-        raise ValueError("listed attention: out must be (B, G, N, d), prob (B, G, N, K)")
+    if out.shape != q.shape:
+        raise ValueError("listed attention: out must be (B, G, N, d), shaped as q")
     args = [x for t in (q, k, v, idx, out) for x in _rows(t)]
     _rank.listed(*args, prob.data_ptr(), G, N, M, d, K, *_slices(part, B, G), float(scale))
 
@@ -519,12 +522,7 @@ def listed_attention_grad(
     B, G, N, d = q.shape
     M, K = k.shape[2], idx.shape[3]
     shapes = (q.shape, k.shape, v.shape)
-    if (
-        grad.shape != q.shape
-        or prob.shape != (B, G, N, K)
-        or not prob.is_contiguous()
-        or any(g is not None and g.shape != s for g, s in zip(grads, shapes))
-    ):
+    if grad.shape != q.shape or any(g is not None and g.shape != s for g, s in zip(grads, shapes)):
         raise ValueError("listed attention: grad and dq must be shaped as q, dk and dv as k")
     args = [x for t in (q, k, v, idx) for x in _rows(t)]
     args += [prob.data_ptr(), *_rows(grad)]

@@ -527,13 +527,12 @@ def _listed_backward(ctx, grad, _grad_prob):
     if torch.is_grad_enabled():  # a backward that builds a graph (double backward)
         y = _listed_formula(q, k, v, idx, ctx.scale)
         wrt = [t for t, need in zip((q, k, v), needs) if need]
-        grads = iter(torch.autograd.grad(y, wrt, grad, create_graph=True))
+        got = iter(torch.autograd.grad(y, wrt, grad, create_graph=True))
+        grads = [next(got) if need else None for need in needs]
     else:
-        grads = iter(
-            torch.ops.convnn.listed_attention_grad(grad, q, k, v, idx, prob, ctx.scale, needs)
-        )
-        grads = iter([g for g, need in zip(grads, needs) if need])
-    return *(next(grads) if need else None for need in needs), None, None
+        got = torch.ops.convnn.listed_attention_grad(grad, q, k, v, idx, prob, ctx.scale, needs)
+        grads = [g if need else None for g, need in zip(got, needs)]
+    return *grads, None, None
 
 
 _listed_attention.register_autograd(_listed_backward, setup_context=_listed_setup)
