@@ -8,6 +8,7 @@ the same layer run on the torch path, bit for bit.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import platform
 import shutil
@@ -551,21 +552,30 @@ def test_native_aggregation_is_the_formula():
             got = native.aggregate(v, idx, w, b)
             torch.testing.assert_close(got.double(), want + (0 if b is None else b.double()),
                                        rtol=1e-5, atol=1e-4)  # fmt: skip
+        rows_first = None
         for grad in (gy, gy.transpose(1, 2).contiguous().transpose(1, 2)):  # any strides
-            g_v = torch.zeros_like(v)
+            # written over whatever the gradient held, in the output gradient's layout:
+            # contiguous rows, or a (B, C, M) map where the gradient is laid out as one
+            g_v = native.values_grad(v, native.map_layout(grad)).normal_(generator=gen)
+            assert native.map_layout(grad) == (not grad.is_contiguous())
+            assert g_v.is_contiguous() == grad.is_contiguous()
+            assert g_v.transpose(1, 2).is_contiguous() == (not grad.is_contiguous())
             g_w = native.aggregate_grad(grad, v, idx, w, g_v, True)
             torch.testing.assert_close(g_v.double(), gv, rtol=1e-5, atol=1e-4)
             torch.testing.assert_close(g_w.double(), gw, rtol=1e-5, atol=1e-3)
             assert (g_v[:, 0] == 0).all()
             assert native.aggregate_grad(grad, v, idx, w, None, False) is None
             assert torch.equal(native.aggregate_grad(grad, v, idx, w, None, True), g_w)
+            rows_first = g_v if rows_first is None else rows_first
+            assert torch.equal(g_v, rows_first)  # the same sums, whatever the layout
 
 
 @needs_gemm_topk
 def test_native_aggregation_serves_layers_in_threads(monkeypatch):
     """ConvNN2d trains through the native aggregation: outputs and gradients as the torch
-    path's at one and two threads (images split over the workers), the torch path where an
-    image would be split, and a double backward (create_graph) on the torch path."""
+    path's at one and two threads (images split over the workers), the input's gradient laid
+    out as the input (no copy), the torch path where an image would be split, and a double
+    backward (create_graph) on the torch path."""
     from convnn.backends import chunked
 
     threads = torch.get_num_threads()
@@ -584,6 +594,8 @@ def test_native_aggregation_serves_layers_in_threads(monkeypatch):
             y = layer(x)
             g = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
             assert used == [B >= t]
+            # the map's gradient is a view of the native gradient, laid out as the map
+            assert g[0].is_contiguous() == (B >= t)
             with monkeypatch.context() as m:
                 m.setattr(chunked, "_native_aggregation", lambda *a: False)
                 y0 = layer(x)
@@ -617,7 +629,7 @@ def test_native_aggregation_ops_in_compiled_graphs(monkeypatch):
     for bias in (None, torch.randn(5, generator=gen)):
         torch.library.opcheck(torch.ops.convnn.native_aggregate.default, (v, idx, w, bias))
     grad = torch.randn(2, 6, 5, generator=gen)
-    for need in ((True, True), (True, False), (False, True)):
+    for need in ((True, True, False), (True, False, True), (False, True, False)):
         torch.library.opcheck(
             torch.ops.convnn.native_aggregate_grad.default, (grad, v, idx, w, *need)
         )
@@ -646,6 +658,33 @@ def test_native_aggregation_ops_in_compiled_graphs(monkeypatch):
 
 
 @needs_gemm_topk
+def test_rows_copy_is_the_contiguous_copy():
+    """A map's tokens copied to contiguous rows by the native transpose equal torch's copy
+    bit for bit: sizes off the 8 x 8 blocks, runs of tokens and of images of a larger map; the
+    copy op (eager and compiled) takes it, and its fake and real forms agree (opcheck)."""
+    from convnn.backends import chunked
+
+    gen = torch.Generator().manual_seed(3)
+    maps = [torch.randn(2, 64, 32, 32, generator=gen), torch.randn(3, 13, 7, 5, generator=gen),
+            torch.randn(4, 9, 8, 8, generator=gen), torch.randn(1, 3, 3, 9, generator=gen)]  # fmt: skip
+    # (B, M, C) tokens laid out as the map; a run of them, and every other image
+    tokens = [x.flatten(2).transpose(1, 2) for x in maps]
+    for t in tokens + [tokens[2][:, 5:60], tokens[2][::2]]:
+        assert t.stride(1) == 1 and not t.is_contiguous() and native.rows_copy_usable(t)
+        got = native.rows_copy(t)
+        assert got.is_contiguous() and torch.equal(got, t.contiguous())
+        assert torch.equal(chunked.contiguous_rows(t), got)
+    tokens = tokens[1]
+    assert not native.rows_copy_usable(tokens.double())
+    assert not native.rows_copy_usable(tokens.contiguous())
+    torch.library.opcheck(torch.ops.convnn.contiguous_copy.default, (tokens,))
+    x = maps[1].clone().requires_grad_()
+    y = chunked.contiguous_rows(x.flatten(2).transpose(1, 2))  # the gradient passes through
+    (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.equal(g, torch.ones_like(x))
+
+
+@needs_gemm_topk
 def test_native_aggregation_usable_and_errors():
     v, w = torch.randn(2, 10, 4), torch.randn(5, 4, 3)
     idx = torch.randint(0, 10, (2, 1, 6, 3))
@@ -658,6 +697,13 @@ def test_native_aggregation_usable_and_errors():
         native.aggregate(v, idx.masked_fill(idx == 3, 10), w, None)
     with pytest.raises(ValueError, match="outside the values"):
         native.aggregate_grad(torch.randn(2, 6, 5), v, idx.masked_fill(idx == 3, -1), w, None, True)
+    for g_v in (
+        torch.empty(2, 10, 4, 2)[..., 0],
+        torch.empty(2, 10, 5),
+        torch.empty_like(v).double(),
+    ):
+        with pytest.raises(ValueError, match="g_values must be a float32"):
+            native.aggregate_grad(torch.randn(2, 6, 5), v, idx, w, g_v, False)
 
 
 def _listed_formula(q, k, v, idx, scale):
@@ -900,3 +946,30 @@ def test_native_topk_is_built_where_a_c_compiler_is():
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler}) here: {native.status()}")
     assert native._rank is not None, native.status()
+
+
+def test_compile_caches_are_keyed_on_the_ops_sources(tmp_path, monkeypatch):
+    """torch.compile's cache key tag carries a digest of the files that define convnn's ops
+    and the native kernels, beside the user's own tag: a changed op (its backward, its fake
+    layout) compiles afresh where its cached graph would call it as it was."""
+    from convnn.backends import chunked  # noqa: F401  (registers the ops)
+    from convnn.stages import similarity  # noqa: F401  (registers one more)
+
+    config = torch.compiler.config
+    ours = [t for t in config.cache_key_tag.split(";") if t.startswith("convnn-ops-")]
+    assert len(ours) == 1
+    kernels = [] if native._rank is None else [os.path.basename(native._rank.__file__)]
+    assert {os.path.basename(f) for f in native._OP_FILES} == {
+        "chunked.py", "native.py", "similarity.py", *kernels
+    }  # fmt: skip
+    monkeypatch.setattr(native, "_OP_FILES", set(native._OP_FILES))
+    monkeypatch.setattr(config, "cache_key_tag", f"mine;{ours[0]}")
+    extra = tmp_path / "ops.py"
+    extra.write_text("one")
+    native.key_compile_caches(str(extra))
+    mine, first = config.cache_key_tag.split(";")
+    assert mine == "mine" and first.startswith("convnn-ops-") and first != ours[0]
+    extra.write_text("two")
+    native.key_compile_caches(str(extra))
+    assert config.cache_key_tag.split(";")[0] == "mine"
+    assert config.cache_key_tag.split(";")[1] not in (first, ours[0])

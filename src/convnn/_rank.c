@@ -1227,19 +1227,60 @@ AVX2 static int aggregate_images(const float *values, const int64_t *idx, const 
     return 1;
 }
 
-/* Input gradient: g_values (B, M, C) += each neighbour's share, W_k^T gy[n], added into its
- * row. gy[b, n, o] lies at gy + b * gb + n * gn + o * go. The weight is packed in panels of NR
- * channels of one k, P[k][cb][o][NR], so a tile's row is added into one neighbour's row.
- * Returns 0 when out of memory. */
+/* dst[s * ld + r] = src[r * ls + s] for r < R, s < S (a matrix transposed, rows of both
+ * contiguous): blocks of 8 x 8 transposed in registers, two blocks down the rows at a time
+ * (whole lines of dst), the last rows and columns one number at a time. */
+AVX2 static void transpose(float *dst, Py_ssize_t ld, const float *src, Py_ssize_t ls,
+                           Py_ssize_t R, Py_ssize_t S) {
+    Py_ssize_t r8 = R / 8 * 8, s8 = S / 8 * 8;
+    for (Py_ssize_t r1 = 0; r1 < r8; r1 += 16)
+        for (Py_ssize_t s0 = 0; s0 < s8; s0 += 8)
+            for (Py_ssize_t r0 = r1; r0 < r1 + 16 && r0 < r8; r0 += 8) {
+                __m256 a[8], t[8];
+                for (int i = 0; i < 8; i++) a[i] = _mm256_loadu_ps(src + (r0 + i) * ls + s0);
+                for (int i = 0; i < 8; i += 2) {
+                    t[i] = _mm256_unpacklo_ps(a[i], a[i + 1]);
+                    t[i + 1] = _mm256_unpackhi_ps(a[i], a[i + 1]);
+                }
+                for (int i = 0; i < 8; i += 4) {
+                    a[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+                    a[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+                    a[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+                    a[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+                }
+                /* a[i], a[i + 4]: columns i (low lanes) and i + 4 (high) of rows 0-3 and 4-7 */
+                for (int i = 0; i < 4; i++) {
+                    _mm256_storeu_ps(dst + (s0 + i) * ld + r0,
+                                     _mm256_permute2f128_ps(a[i], a[i + 4], 0x20));
+                    _mm256_storeu_ps(dst + (s0 + i + 4) * ld + r0,
+                                     _mm256_permute2f128_ps(a[i], a[i + 4], 0x31));
+                }
+            }
+    for (Py_ssize_t r = 0; r < R; r++)
+        for (Py_ssize_t c = r < r8 ? s8 : 0; c < S; c++) dst[c * ld + r] = src[r * ls + c];
+}
+
+/* Input gradient: g_values (B, M, C) = the sum of each neighbour's share, W_k^T gy[n], added
+ * into its row (overwritten). gy[b, n, o] lies at gy + b * gb + n * gn + o * go, and
+ * g_values[b, m, c] at g_values + b * vb + m * vm + c * vc. The weight is packed in panels of
+ * NR channels of one k, P[k][cb][o][NR], so a tile's row is added into one neighbour's row.
+ * With contiguous rows (vc 1) an image's rows are zeroed and added into in place; else (vm 1:
+ * a gradient laid out as a (B, C, M) map) into one image's rows zeroed in a scratch block,
+ * then stored transposed. Returns 0 when out of memory. */
 AVX2 static int aggregate_grad_values(const float *gy, Py_ssize_t gb, Py_ssize_t gn, Py_ssize_t go,
                                       const int64_t *idx, const float *weight, float *g_values,
-                                      Py_ssize_t B, Py_ssize_t M, Py_ssize_t N, Py_ssize_t C, int K,
+                                      Py_ssize_t vb, Py_ssize_t vm, Py_ssize_t vc, Py_ssize_t B,
+                                      Py_ssize_t M, Py_ssize_t N, Py_ssize_t C, int K,
                                       Py_ssize_t O) {
     Py_ssize_t cbs = (C + NR - 1) / NR;
-    void *base;
+    int in_place = vc == 1;
+    Py_ssize_t rs = in_place ? vm : C; /* the row stride added into */
+    void *base, *scratch_base = NULL;
     float *P = aligned_block((size_t)K * cbs * O * NR * sizeof(float), &base);
     float *rows = malloc((size_t)2 * MR * O * sizeof(float)); /* two blocks' gradient rows */
-    if (!P || !rows) return free(base), free(rows), 0;
+    float *scratch = in_place ? NULL : aligned_block((size_t)M * C * sizeof(float), &scratch_base);
+    if (!P || !rows || (!in_place && !scratch))
+        return free(base), free(rows), free(scratch_base), 0;
     for (int k = 0; k < K; k++)
         for (Py_ssize_t cb = 0; cb < cbs; cb++)
             for (Py_ssize_t o = 0; o < O; o++)
@@ -1251,7 +1292,11 @@ AVX2 static int aggregate_grad_values(const float *gy, Py_ssize_t gb, Py_ssize_t
     const float *a[2 * MR];
     for (int r = 0; r < 2 * MR; r++) a[r] = rows + r * O;
     for (Py_ssize_t b = 0; b < B; b++) {
-        float *g = g_values + b * M * C;
+        float *g = in_place ? g_values + b * vb : scratch;
+        if (in_place && vm == C)
+            memset(g, 0, (size_t)M * C * sizeof(float));
+        else
+            for (Py_ssize_t m = 0; m < M; m++) memset(g + m * rs, 0, (size_t)C * sizeof(float));
         for (Py_ssize_t n0 = 0; n0 < N; n0 += 2 * MR) { /* two blocks of rows at a time */
             int nr = N - n0 < 2 * MR ? (int)(N - n0) : 2 * MR;
             for (int r = 0; r < 2 * MR; r++) /* rows past the end repeat the first */
@@ -1262,14 +1307,14 @@ AVX2 static int aggregate_grad_values(const float *gy, Py_ssize_t gb, Py_ssize_t
                 /* the next neighbours' rows (anywhere in g_values), to be added into */
                 for (int r = 0; k + 1 < K && r < nr; r++)
                     for (Py_ssize_t c = 0; c < C; c += 16)
-                        __builtin_prefetch(g + ix[r * K + k + 1] * C + c, 1, 3);
+                        __builtin_prefetch(g + ix[r * K + k + 1] * rs + c, 1, 3);
                 for (Py_ssize_t cb = 0; cb < cbs;) { /* blocks of NR channels: panels */
                     int done = panel_tiles(a, 1, O, P + (k * cbs + cb) * O * NR, O * NR, tile,
                                            nr > MR, cb + 1 < cbs);
                     for (int h = 0; h < done; h++, cb++) {
                         Py_ssize_t c0 = cb * NR, cols = C - c0 < NR ? C - c0 : NR;
                         for (int r = 0; r < nr; r++) {
-                            float *dst = g + ix[r * K + k] * C + c0;
+                            float *dst = g + ix[r * K + k] * rs + c0;
                             const float *src = tile + h * 2 * MR * NR + r * NR;
                             if (cols == NR) {
                                 _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), _mm256_load_ps(src)));
@@ -1281,8 +1326,9 @@ AVX2 static int aggregate_grad_values(const float *gy, Py_ssize_t gb, Py_ssize_t
                 }
             }
         }
+        if (!in_place) transpose(g_values + b * vb, vc, scratch, C, M, C); /* vm 1 here */
     }
-    free(base), free(rows);
+    free(base), free(rows), free(scratch_base);
     return 1;
 }
 
@@ -1690,10 +1736,11 @@ PyDoc_STRVAR(aggregate_doc,
 
 PyDoc_STRVAR(aggregate_grad_doc,
              "aggregate_grad(grad_out, g_batch, g_row, g_col, values, idx, weight, g_values,\n"
-             "               g_weight, B, M, N, C, K, O)\n\n"
-             "The gradients of aggregate: g_values (B, M, C) += the neighbours' shares (0 to\n"
-             "skip), g_weight (O, C, K) = their products with grad_out (B, N, O) (0 to skip;\n"
-             "grad_out's strides in elements).");
+             "               v_batch, v_row, v_col, g_weight, B, M, N, C, K, O)\n\n"
+             "The gradients of aggregate: g_values (B, M, C) = the neighbours' shares (0 to\n"
+             "skip; overwritten), g_weight (O, C, K) = their products with grad_out (B, N, O)\n"
+             "(0 to skip). grad_out's and g_values' strides in elements; g_values' rows or\n"
+             "columns contiguous (v_col 1 or v_row 1).");
 
 /* The arguments of the aggregation entry points: 0 with an exception set when wrong. */
 static int aggregate_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want,
@@ -1715,6 +1762,28 @@ static int aggregate_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t wa
     return 1;
 }
 
+PyDoc_STRVAR(transpose_doc,
+             "transpose(dst, d_batch, d_row, src, s_batch, s_row, B, R, S)\n\n"
+             "dst[b, s, r] = src[b, r, s] for B float32 matrices (R, S), rows of both\n"
+             "contiguous (strides in elements).");
+
+static PyObject *transpose_entry(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    Py_ssize_t v[9];
+    if (!integers(args, nargs, 9, "transpose", v) || !tiles_here("transpose")) return NULL;
+    if (v[6] < 0 || v[7] < 0 || v[8] < 0) {
+        PyErr_SetString(PyExc_ValueError, "transpose: need B, R, S >= 0");
+        return NULL;
+    }
+#ifdef HAVE_GEMM_TOPK
+    Py_BEGIN_ALLOW_THREADS;
+    for (Py_ssize_t b = 0; b < v[6]; b++)
+        transpose((float *)v[0] + b * v[1], v[2], (const float *)v[3] + b * v[4], v[5], v[7], v[8]);
+    Py_END_ALLOW_THREADS;
+#endif
+    Py_RETURN_NONE;
+}
+
 static PyObject *aggregate(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     Py_ssize_t v[11];
@@ -1733,18 +1802,25 @@ static PyObject *aggregate(PyObject *self, PyObject *const *args, Py_ssize_t nar
 
 static PyObject *aggregate_grad(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    Py_ssize_t v[15];
-    if (!aggregate_args(args, nargs, 15, "aggregate_grad", 5, v)) return NULL;
+    Py_ssize_t v[18];
+    if (!aggregate_args(args, nargs, 18, "aggregate_grad", 5, v)) return NULL;
+    if (v[7] && v[10] != 1 && v[9] != 1) {
+        PyErr_SetString(PyExc_ValueError,
+                        "aggregate_grad: g_values needs contiguous rows or columns (v_col or "
+                        "v_row 1)");
+        return NULL;
+    }
 #ifdef HAVE_GEMM_TOPK
     int ok = 1;
     const float *gy = (const float *)v[0];
     Py_BEGIN_ALLOW_THREADS;
     if (v[7])
         ok = aggregate_grad_values(gy, v[1], v[2], v[3], (const int64_t *)v[5], (const float *)v[6],
-                                   (float *)v[7], v[9], v[10], v[11], v[12], (int)v[13], v[14]);
-    if (ok && v[8])
+                                   (float *)v[7], v[8], v[9], v[10], v[12], v[13], v[14], v[15],
+                                   (int)v[16], v[17]);
+    if (ok && v[11])
         ok = aggregate_grad_weight(gy, v[1], v[2], v[3], (const int64_t *)v[5], (const float *)v[4],
-                                   (float *)v[8], v[9], v[10], v[11], v[12], (int)v[13], v[14]);
+                                   (float *)v[11], v[12], v[13], v[14], v[15], (int)v[16], v[17]);
     Py_END_ALLOW_THREADS;
     if (!ok) return PyErr_NoMemory();
 #endif
@@ -1813,6 +1889,7 @@ static PyMethodDef methods[] = {
     {"aggregate", (PyCFunction)(void (*)(void))aggregate, METH_FASTCALL, aggregate_doc},
     {"aggregate_grad", (PyCFunction)(void (*)(void))aggregate_grad, METH_FASTCALL,
      aggregate_grad_doc},
+    {"transpose", (PyCFunction)(void (*)(void))transpose_entry, METH_FASTCALL, transpose_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -45,6 +45,7 @@ the kernels off (to compare the two paths); :func:`status` says whether they run
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
@@ -56,6 +57,30 @@ except ImportError as exc:  # not built: no C compiler at install time
     _rank, _MISSING = None, f"not built ({exc})"
 else:
     _MISSING = None
+
+_OP_FILES: set[str] = set()
+_TAG = "convnn-ops-"
+
+
+def key_compile_caches(*files: str) -> None:
+    """Put a digest of ``files`` (those that define convnn's custom ops, and the native
+    kernels) into ``torch.compiler.config.cache_key_tag``, beside any tag of the user's.
+
+    torch.compile's caches key a graph on the ops it calls, not on how an op differentiates
+    or lays out its outputs: after a change to either, a cached graph would call the op as it
+    was (a wrong layout, or arguments it no longer takes). With the digest in the key, a
+    changed op compiles afresh."""
+    _OP_FILES.update(os.path.abspath(f) for f in files)
+    digest = hashlib.sha256()
+    for name in sorted(_OP_FILES):
+        with open(name, "rb") as f:
+            digest.update(f.read())
+    tags = torch.compiler.config.cache_key_tag.split(";")
+    tags = [t for t in tags if t and not t.startswith(_TAG)]
+    torch.compiler.config.cache_key_tag = ";".join([*tags, _TAG + digest.hexdigest()[:16]])
+
+
+key_compile_caches(__file__, *([] if _rank is None else [_rank.__file__]))
 
 _KIND = {torch.float32: 0, torch.bfloat16: 2, torch.float16: 2}
 _HALF = (torch.bfloat16, torch.float16)
@@ -261,18 +286,73 @@ def aggregate_grad(
     grad_out: Tensor, values: Tensor, indices: Tensor, weight: Tensor, g_values: Tensor | None,
     need_weight: bool,
 ) -> Tensor | None:  # fmt: skip
-    """The gradients of :func:`aggregate` for ``grad_out`` (B, N, C_out), any strides: each
-    neighbour's share of it added into its row of ``g_values`` (B, M, C) (contiguous; None to
+    """The gradients of :func:`aggregate` for ``grad_out`` (B, N, C_out), any strides: the
+    sum of each neighbour's share of it over its row, written into ``g_values`` (B, M, C)
+    (rows contiguous, or laid out as a (B, C, M) map, see :func:`values_grad`; None to
     skip), and the weight's (C_out, C, K) returned when ``need_weight``."""
     values, idx, weight = _aggregate_operands(values, indices, weight)
     (B, M, C), (N, K), C_out = values.shape, idx.shape[1:], weight.shape[0]
+    if g_values is not None and (
+        g_values.shape != values.shape
+        or g_values.dtype != torch.float32
+        or (g_values.stride(2) != 1 and g_values.stride(1) != 1)
+    ):
+        raise ValueError(
+            f"aggregate_grad: g_values must be a float32 {tuple(values.shape)} tensor with "
+            f"contiguous rows or columns, got {g_values.dtype} {tuple(g_values.shape)} with "
+            f"strides {g_values.stride()}"
+        )
     g_weight = torch.empty(C_out, C, K) if need_weight else None
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    v_strides = (0, 0, 0) if g_values is None else g_values.stride()
     _rank.aggregate_grad(
         grad_out.data_ptr(), *grad_out.stride(), values.data_ptr(), idx.data_ptr(),
-        weight.data_ptr(), ptr(g_values), ptr(g_weight), B, M, N, C, K, C_out,
+        weight.data_ptr(), ptr(g_values), *v_strides, ptr(g_weight), B, M, N, C, K, C_out,
     )  # fmt: skip
     return g_weight
+
+
+def map_layout(t: Tensor) -> bool:
+    """Whether ``t`` (B, N, C) is laid out as a (B, C, N) map (a layer's output, see
+    :func:`aggregate_output`, and the gradient it is handed)."""
+    return t.stride(1) == 1 and t.stride(2) != 1
+
+
+def values_grad(values: Tensor, map_laid_out: bool) -> Tensor:
+    """An empty gradient for ``values`` (B, M, C) for :func:`aggregate_grad`: laid out as a
+    (B, C, M) map where ``map_laid_out`` (the map's gradient is then a view of it, with no
+    copy to make), else with contiguous rows."""
+    B, M, C = values.shape
+    if map_laid_out:
+        return values.new_empty_strided((B, M, C), (C * M, 1, M))
+    return values.new_empty((B, M, C))
+
+
+def rows_copy_usable(values: Tensor) -> bool:
+    """Whether :func:`rows_copy` copies ``values`` (B, M, C): float32 on a CPU that runs the
+    tile kernels, laid out as a (B, C, M) map (the tokens of a (B, C, H, W) map)."""
+    return (
+        _enabled()
+        and _tiles()
+        and values.dtype == torch.float32
+        and values.device.type == "cpu"
+        and values.dim() == 3
+        and values.stride(1) == 1
+        and values.stride(2) >= values.shape[1]
+        and not values.is_contiguous()
+    )
+
+
+def rows_copy(values: Tensor) -> Tensor:
+    """A contiguous copy of ``values`` (B, M, C) laid out as a (B, C, M) map, each image's
+    (C, M) matrix transposed 8 x 8 numbers at a time in registers (torch's copy moves them
+    one at a time). Only where :func:`rows_copy_usable`."""
+    B, M, C = values.shape
+    out = torch.empty(B, M, C)
+    _rank.transpose(
+        out.data_ptr(), M * C, C, values.data_ptr(), values.stride(0), values.stride(2), B, C, M
+    )
+    return out
 
 
 def _batch_stride(t: Tensor) -> int:

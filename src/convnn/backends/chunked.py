@@ -33,6 +33,8 @@ from ._common import (
     topk_low_ties,
 )
 
+native.key_compile_caches(__file__)  # the ops below, for torch.compile's caches
+
 name = "chunked"
 
 # Elements of one score or gathered-neighbour block (8 MiB of fp32): big enough for fast
@@ -272,9 +274,13 @@ def _kernel_forward(prime: Tensor, weight: Tensor | None, kernel: str) -> Tensor
 
 @torch.library.custom_op("convnn::contiguous_copy", mutates_args=())
 def _contiguous_copy(values: Tensor) -> Tensor:
-    """A contiguous copy as one opaque op of a compiled graph: the compiler would fuse the
-    copy into the gathers that read it (one strided load per element, 8 per vector, where a
-    row gather loads whole vectors) and recompute it in the backward pass."""
+    """A contiguous copy as one opaque op, in eager code and in a compiled graph: the
+    compiler would fuse the copy into the gathers that read it (one strided load per
+    element, 8 per vector, where a row gather loads whole vectors) and recompute it in the
+    backward pass. A map's tokens are transposed by the native kernel where it serves
+    (:func:`convnn.native.rows_copy`)."""
+    if native.rows_copy_usable(values):
+        return native.rows_copy(values)
     return values.clone(memory_format=torch.contiguous_format)
 
 
@@ -291,8 +297,11 @@ _contiguous_copy.register_autograd(
 
 def contiguous_rows(values: Tensor) -> Tensor:
     """``values`` (B, M, C) with contiguous rows (each block gathers rows of a flat view); in
-    a compiled graph a copy is one op of its own (:func:`_contiguous_copy`)."""
-    if torch.compiler.is_compiling() and not values.is_contiguous():
+    a compiled graph, or where the native kernel copies a map's tokens, a copy is one op of
+    its own (:func:`_contiguous_copy`)."""
+    if not values.is_contiguous() and (
+        torch.compiler.is_compiling() or native.rows_copy_usable(values)
+    ):
         return _contiguous_copy(values)
     return values.contiguous()
 
@@ -394,13 +403,14 @@ def _(values, indices, weight, bias):
     "convnn::native_aggregate_grad",
     mutates_args=(),
     schema="(Tensor grad, Tensor values, Tensor indices, Tensor weight, bool need_values, "
-    "bool need_weight) -> (Tensor, Tensor)",
+    "bool need_weight, bool map_layout) -> (Tensor, Tensor)",
 )
-def _native_aggregate_grad(grad, values, indices, weight, need_values, need_weight):
+def _native_aggregate_grad(grad, values, indices, weight, need_values, need_weight, map_layout):
     """The values' and the weight's gradients of :func:`_native_aggregate` (empty where not
-    needed): each image's into its rows of the values' gradient, the weight's summed over the
+    needed): each image's into its rows of the values' gradient (laid out as a (B, C, M) map
+    where ``map_layout``, see :func:`convnn.native.values_grad`), the weight's summed over the
     threads' runs of images."""
-    g_values = torch.zeros_like(values) if need_values else values.new_empty(0)
+    g_values = native.values_grad(values, map_layout) if need_values else values.new_empty(0)
     parts = _in_runs(
         values.shape[0],
         lambda s: native.aggregate_grad(
@@ -416,8 +426,8 @@ def _native_aggregate_grad(grad, values, indices, weight, need_values, need_weig
 
 
 @_native_aggregate_grad.register_fake
-def _(grad, values, indices, weight, need_values, need_weight):
-    g_values = torch.empty_like(values) if need_values else values.new_empty(0)
+def _(grad, values, indices, weight, need_values, need_weight, map_layout):
+    g_values = native.values_grad(values, map_layout) if need_values else values.new_empty(0)
     return g_values, torch.empty_like(weight) if need_weight else weight.new_empty(0)
 
 
@@ -433,8 +443,10 @@ def _native_aggregate_backward(ctx, grad):
         wrt = [t for t, need in zip((values, weight, bias), (need_v, need_w, need_b)) if need]
         grads = iter(torch.autograd.grad(y, wrt, grad, create_graph=True))
         return tuple(next(grads) if need else None for need in (need_v, False, need_w, need_b))
+    # the values' gradient in the layout of the output's (a map's: the map's gradient is a
+    # view of it)
     g_values, g_weight = torch.ops.convnn.native_aggregate_grad(
-        grad, values, indices, weight, need_v, need_w
+        grad, values, indices, weight, need_v, need_w, native.map_layout(grad)
     )
     return (
         g_values if need_v else None,

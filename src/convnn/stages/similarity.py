@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import native
 from ..metrics import (
     BlockScores,
     GemmScores,
@@ -86,6 +87,7 @@ _selection_operands = torch.library.custom_op("convnn::selection_operands", muta
     _named_operands
 )
 _selection_operands.register_fake(_named_operands)
+native.key_compile_caches(__file__)  # the op above, for torch.compile's caches
 
 
 def selection_scores(
