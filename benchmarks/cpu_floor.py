@@ -65,6 +65,9 @@ class Group:
     notes: list[str] = field(default_factory=list)
     # runner name -> context manager factory entered around its timed call (untimed)
     around: dict = field(default_factory=dict)
+    # calls timed together per round at least (``--reps`` may ask for more): a step of ~10 ms
+    # timed alone is decided by one preemption of a busy VM
+    reps: int = 1
 
 
 def _time(fn, reps: int = 1) -> float:
@@ -251,8 +254,8 @@ def group_resnet18(quick: bool) -> Group:
 
 def group_compile(quick: bool) -> Group:
     """torch.compile(ConvNN2d(64, 64, K=9, cosine, all)) vs eager, forward+backward with a
-    random output gradient, 2x64x32x32 (--quick: 1x8x8x8 with torch.compile's 'eager'
-    backend, which only traces)."""
+    random output gradient, 2x64x32x32, five steps timed together a round (--quick: 1x8x8x8
+    with torch.compile's 'eager' backend, which only traces)."""
     torch.manual_seed(0)
     C, S = (8, 8) if quick else (64, 32)
     layer = convnn.ConvNN2d(C, C, K=9)
@@ -261,8 +264,7 @@ def group_compile(quick: bool) -> Group:
     compiled = torch.compile(layer, backend="eager") if quick else torch.compile(layer)
     step_c, step_e = _fwd_bwd(compiled, x, grad), _fwd_bwd(layer, x, grad)
     step_c()  # compile outside the timing
-    g = Group(f"compile {tuple(x.shape)}", dict(compiled=step_c, eager=step_e))
-    return g
+    return Group(f"compile {tuple(x.shape)}", dict(compiled=step_c, eager=step_e), reps=5)
 
 
 def group_bf16(quick: bool) -> Group:
@@ -479,7 +481,7 @@ def run_group(
 
     def timed(name):
         with g.around.get(name, contextlib.nullcontext)():
-            return _time(g.runners[name], reps)
+            return _time(g.runners[name], max(reps, g.reps))
 
     for name in g.runners:
         timed(name)  # warm-up
