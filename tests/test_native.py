@@ -8,6 +8,7 @@ the same layer run on the torch path, bit for bit.
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import platform
@@ -23,6 +24,7 @@ import torch
 import convnn
 from convnn import native
 from convnn.backends import _common
+from convnn.metrics import finite_products
 
 needs_native = pytest.mark.skipif(native._rank is None, reason=native.status())
 
@@ -682,6 +684,27 @@ def test_rows_copy_is_the_contiguous_copy():
     y = chunked.contiguous_rows(x.flatten(2).transpose(1, 2))  # the gradient passes through
     (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
     assert torch.equal(g, torch.ones_like(x))
+
+
+def test_max_norm_is_the_largest_row_norm():
+    """The native bound of finite_products: the largest row norm against float64's, over
+    rows off the unrolled width, strided rows and images; nan where an entry is nan (in any
+    row), inf where one is infinite; None where it does not serve."""
+    if native._rank is None or not native._enabled():
+        pytest.skip("native kernels off here")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 40, 37, generator=gen) * torch.rand(3, 40, 1, generator=gen) * 10
+    for t in (x, x[:, ::3], x[::2, 5:], x[..., :8], x[..., :1], x[:, :0]):
+        want = torch.linalg.vector_norm(t.double(), dim=-1).amax().item() if t.numel() else 0.0
+        assert native.max_norm(t) == pytest.approx(want, rel=1e-12)
+    for bad, want in ((float("nan"), math.isnan), (float("inf"), math.isinf)):
+        y = x.clone()
+        y[0, 3, 5] = bad
+        assert want(native.max_norm(y))
+        assert not finite_products(y, x)
+    assert finite_products(x, x)
+    for other in (x.double(), x.bfloat16(), x.transpose(1, 2), x[0]):
+        assert native.max_norm(other) is None
 
 
 @needs_gemm_topk

@@ -1486,6 +1486,41 @@ static int integers(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, co
     return !PyErr_Occurred();
 }
 
+PyDoc_STRVAR(max_norm_doc,
+             "max_norm(x, x_batch, x_row, B, N, D)\n\n"
+             "The largest Euclidean norm of the rows of float32 x (B, N, D), rows contiguous\n"
+             "(strides in elements), summed in double: nan where an entry is nan, inf where one\n"
+             "is infinite; 0 with no rows.");
+
+static PyObject *max_norm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    Py_ssize_t v[6];
+    if (!integers(args, nargs, 6, "max_norm", v)) return NULL;
+    if (v[3] < 0 || v[4] < 0 || v[5] < 0) {
+        PyErr_SetString(PyExc_ValueError, "max_norm: need B, N, D >= 0");
+        return NULL;
+    }
+    double best = 0.0;
+    Py_BEGIN_ALLOW_THREADS;
+    for (Py_ssize_t b = 0; b < v[3]; b++)
+        for (Py_ssize_t n = 0; n < v[4]; n++) {
+            const float *row = (const float *)v[0] + b * v[1] + n * v[2];
+            double acc[8] = {0}, sum = 0.0; /* eight sums: a pipeline, not one chain */
+            Py_ssize_t d = 0;
+            for (; d + 8 <= v[5]; d += 8)
+                for (int j = 0; j < 8; j++) acc[j] += (double)row[d + j] * row[d + j];
+            for (; d < v[5]; d++) sum += (double)row[d] * row[d];
+            for (int j = 0; j < 8; j++) sum += acc[j];
+            if (sum != sum) { /* nan: the answer, whatever the other rows hold */
+                best = sum;
+                b = v[3], n = v[4];
+            } else if (sum > best)
+                best = sum;
+        }
+    Py_END_ALLOW_THREADS;
+    return PyFloat_FromDouble(sqrt(best));
+}
+
 PyDoc_STRVAR(listed_doc,
              "listed(q, q_b, q_g, q_row, k, .., v, .., cand, .., out, .., prob, G, N, M, d, K,\n"
              "       s0, s1, scale)\n\n"
@@ -1890,6 +1925,7 @@ static PyMethodDef methods[] = {
     {"aggregate_grad", (PyCFunction)(void (*)(void))aggregate_grad, METH_FASTCALL,
      aggregate_grad_doc},
     {"transpose", (PyCFunction)(void (*)(void))transpose_entry, METH_FASTCALL, transpose_doc},
+    {"max_norm", (PyCFunction)(void (*)(void))max_norm, METH_FASTCALL, max_norm_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -400,7 +400,11 @@ def finite_products(query: Tensor, key: Tensor, dtype: torch.dtype | None = None
     if torch.compiler.is_compiling():
         return False
     wide = None if query.dtype in (torch.float32, torch.float64) else torch.float32
-    norm = lambda t: torch.linalg.vector_norm(t, dim=-1, dtype=wide).amax().double()  # noqa: E731
+
+    def norm(t: Tensor) -> float:  # the native pass where it serves (float32 rows)
+        n = native.max_norm(t)
+        return float(torch.linalg.vector_norm(t, dim=-1, dtype=wide).amax()) if n is None else n
+
     q_norm = norm(query)
     k_norm = q_norm if key is query else norm(key)
     return bool(q_norm * k_norm < torch.finfo(dtype or query.dtype).max / 4)

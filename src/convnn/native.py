@@ -328,6 +328,24 @@ def values_grad(values: Tensor, map_laid_out: bool) -> Tensor:
     return values.new_empty((B, M, C))
 
 
+def max_norm(x: Tensor) -> float | None:
+    """The largest Euclidean norm of the rows of float32 CPU ``x`` (B, N, D) (nan where an
+    entry is nan), summed in double in one pass; None where the kernels do not run here or
+    ``x`` is not such a tensor with contiguous rows."""
+    if not (
+        _enabled()
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.dim() == 3
+        and (x.stride(2) == 1 or x.shape[2] <= 1)
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+    ):
+        return None
+    B, N, D = x.shape
+    return _rank.max_norm(x.data_ptr(), x.stride(0), x.stride(1), B, N, D)
+
+
 def rows_copy_usable(values: Tensor) -> bool:
     """Whether :func:`rows_copy` copies ``values`` (B, M, C): float32 on a CPU that runs the
     tile kernels, laid out as a (B, C, M) map (the tokens of a (B, C, H, W) map)."""
