@@ -65,9 +65,11 @@ class Group:
     notes: list[str] = field(default_factory=list)
     # runner name -> context manager factory entered around its timed call (untimed)
     around: dict = field(default_factory=dict)
-    # calls timed together per round at least (``--reps`` may ask for more): a step of ~10 ms
-    # timed alone is decided by one preemption of a busy VM
+    # calls timed together per round, and rounds, at least (``--reps`` and ``--rounds`` may
+    # ask for more): a step of ~10 ms timed alone is decided by one preemption of a busy VM,
+    # and a ratio near 1 needs more rounds than a few seconds' steps to settle
     reps: int = 1
+    rounds: int = 1
 
 
 def _time(fn, reps: int = 1) -> float:
@@ -254,8 +256,8 @@ def group_resnet18(quick: bool) -> Group:
 
 def group_compile(quick: bool) -> Group:
     """torch.compile(ConvNN2d(64, 64, K=9, cosine, all)) vs eager, forward+backward with a
-    random output gradient, 2x64x32x32, five steps timed together a round (--quick: 1x8x8x8
-    with torch.compile's 'eager' backend, which only traces)."""
+    random output gradient, 2x64x32x32, five steps timed together a round, 21 rounds at
+    least (--quick: 1x8x8x8 with torch.compile's 'eager' backend, which only traces)."""
     torch.manual_seed(0)
     C, S = (8, 8) if quick else (64, 32)
     layer = convnn.ConvNN2d(C, C, K=9)
@@ -264,7 +266,12 @@ def group_compile(quick: bool) -> Group:
     compiled = torch.compile(layer, backend="eager") if quick else torch.compile(layer)
     step_c, step_e = _fwd_bwd(compiled, x, grad), _fwd_bwd(layer, x, grad)
     step_c()  # compile outside the timing
-    return Group(f"compile {tuple(x.shape)}", dict(compiled=step_c, eager=step_e), reps=5)
+    return Group(
+        f"compile {tuple(x.shape)}",
+        dict(compiled=step_c, eager=step_e),
+        reps=5,
+        rounds=1 if quick else 21,
+    )
 
 
 def group_bf16(quick: bool) -> Group:
@@ -485,7 +492,7 @@ def run_group(
 
     for name in g.runners:
         timed(name)  # warm-up
-    times = interleave({k: functools.partial(timed, k) for k in g.runners}, rounds)
+    times = interleave({k: functools.partial(timed, k) for k in g.runners}, max(rounds, g.rounds))
     medians = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print("  median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in medians.items()))
     rows = []
