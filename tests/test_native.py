@@ -720,12 +720,11 @@ def test_native_aggregation_usable_and_errors():
         native.aggregate(v, idx.masked_fill(idx == 3, 10), w, None)
     with pytest.raises(ValueError, match="outside the values"):
         native.aggregate_grad(torch.randn(2, 6, 5), v, idx.masked_fill(idx == 3, -1), w, None, True)
-    for g_v in (
-        torch.empty(2, 10, 4, 2)[..., 0],
-        torch.empty(2, 10, 5),
-        torch.empty_like(v).double(),
-    ):
-        with pytest.raises(ValueError, match="g_values must be a float32"):
+    bad = (torch.empty(2, 10, 4, 2)[..., 0], torch.empty(2, 10, 5), torch.empty_like(v).double(),
+           torch.zeros(2, 1, 4).expand(2, 10, 4), torch.zeros(1, 10, 4).expand(2, 10, 4),
+           torch.empty(2, 10, 8)[..., :4], torch.empty(2, 10, 4, device="meta"))  # fmt: skip
+    for g_v in bad:
+        with pytest.raises(ValueError, match="g_values must be a float32 CPU"):
             native.aggregate_grad(torch.randn(2, 6, 5), v, idx, w, g_v, False)
 
 
@@ -986,13 +985,60 @@ def test_compile_caches_are_keyed_on_the_ops_sources(tmp_path, monkeypatch):
         "chunked.py", "native.py", "similarity.py", *kernels
     }  # fmt: skip
     monkeypatch.setattr(native, "_OP_FILES", set(native._OP_FILES))
-    monkeypatch.setattr(config, "cache_key_tag", f"mine;{ours[0]}")
+    monkeypatch.setattr(config, "cache_key_tag", f"mine;;yours;{ours[0]}")
     extra = tmp_path / "ops.py"
     extra.write_text("one")
     native.key_compile_caches(str(extra))
-    mine, first = config.cache_key_tag.split(";")
-    assert mine == "mine" and first.startswith("convnn-ops-") and first != ours[0]
+    *theirs, first = config.cache_key_tag.split(";")
+    assert theirs == ["mine", "", "yours"]  # kept as they are
+    assert first.startswith("convnn-ops-") and first != ours[0]
     extra.write_text("two")
     native.key_compile_caches(str(extra))
-    assert config.cache_key_tag.split(";")[0] == "mine"
-    assert config.cache_key_tag.split(";")[1] not in (first, ours[0])
+    *theirs, second = config.cache_key_tag.split(";")
+    assert theirs == ["mine", "", "yours"] and second not in (first, ours[0])
+
+
+@needs_gemm_topk
+def test_native_paths_keep_float32_under_a_float64_default():
+    """The kernels' buffers take their operands' dtype, not torch's default: a float32 layer
+    gives the same output and gradients under ``torch.set_default_dtype(torch.float64)``."""
+    torch.manual_seed(0)
+    layer = convnn.ConvNN2d(5, 6, 3, padding=1)
+    x = torch.randn(2, 5, 6, 7, requires_grad=True)
+
+    def run():
+        y = layer(x)
+        return [y, *torch.autograd.grad(y.square().sum(), [x, layer.weight])]
+
+    want = run()
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        got = run()
+    finally:
+        torch.set_default_dtype(default)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_forward_mode_ad_through_the_token_copy():
+    """Forward-mode AD carries the tangent through a map's token copy (the native copy op
+    has no forward rule, so it steps aside): the reference backend's tangent against the
+    float64 one."""
+    import torch.autograd.forward_ad as fwAD
+
+    import convnn.functional as Fn
+
+    torch.manual_seed(0)
+    x, dx = torch.randn(2, 5, 6, 7), torch.randn(2, 5, 6, 7)
+    w, b = torch.randn(6, 5, 9), torch.randn(6)
+
+    def tangent(dtype):
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(x.to(dtype), dx.to(dtype))
+            y = Fn.convnn2d(dual, w.to(dtype), b.to(dtype), K=9, padding=1, backend="reference")
+            return fwAD.unpack_dual(y).tangent
+
+    got, want = tangent(torch.float32), tangent(torch.float64)
+    assert got is not None
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)

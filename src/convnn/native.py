@@ -75,9 +75,9 @@ def key_compile_caches(*files: str) -> None:
     for name in sorted(_OP_FILES):
         with open(name, "rb") as f:
             digest.update(f.read())
-    tags = torch.compiler.config.cache_key_tag.split(";")
-    tags = [t for t in tags if t and not t.startswith(_TAG)]
-    torch.compiler.config.cache_key_tag = ";".join([*tags, _TAG + digest.hexdigest()[:16]])
+    tag = torch.compiler.config.cache_key_tag  # the user's parts kept as they are
+    theirs = [t for t in tag.split(";") if not t.startswith(_TAG)] if tag else []
+    torch.compiler.config.cache_key_tag = ";".join([*theirs, _TAG + digest.hexdigest()[:16]])
 
 
 key_compile_caches(__file__, *([] if _rank is None else [_rank.__file__]))
@@ -210,7 +210,7 @@ def gemm_topk(
     key = query if symmetric else key if key.stride(-1) == 1 else key.contiguous()
     if exclude is not None:
         exclude = exclude.to(torch.int64).contiguous()
-    out = torch.empty(B, N, K, dtype=torch.int64)
+    out = torch.empty(B, N, K, dtype=torch.int64, device="cpu")
     _rank.gemm_topk(
         query.data_ptr(), _batch_stride(query), query.stride(1),
         key.data_ptr(), _batch_stride(key), key.stride(1), B, N, M, D, K, int(symmetric),
@@ -295,14 +295,17 @@ def aggregate_grad(
     if g_values is not None and (
         g_values.shape != values.shape
         or g_values.dtype != torch.float32
-        or (g_values.stride(2) != 1 and g_values.stride(1) != 1)
+        or g_values.device.type != "cpu"
+        or g_values.stride()[1:] not in ((C, 1), (1, M))
+        or (B > 1 and g_values.stride(0) < M * C)
     ):
         raise ValueError(
-            f"aggregate_grad: g_values must be a float32 {tuple(values.shape)} tensor with "
-            f"contiguous rows or columns, got {g_values.dtype} {tuple(g_values.shape)} with "
-            f"strides {g_values.stride()}"
+            f"aggregate_grad: g_values must be a float32 CPU {tuple(values.shape)} tensor with "
+            f"contiguous rows or laid out as a ({B}, {C}, {M}) map (see values_grad), got "
+            f"{g_values.dtype} {tuple(g_values.shape)} on {g_values.device} with strides "
+            f"{g_values.stride()}"
         )
-    g_weight = torch.empty(C_out, C, K) if need_weight else None
+    g_weight = weight.new_empty(C_out, C, K) if need_weight else None
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     v_strides = (0, 0, 0) if g_values is None else g_values.stride()
     _rank.aggregate_grad(
@@ -365,8 +368,14 @@ def rows_copy(values: Tensor) -> Tensor:
     """A contiguous copy of ``values`` (B, M, C) laid out as a (B, C, M) map, each image's
     (C, M) matrix transposed 8 x 8 numbers at a time in registers (torch's copy moves them
     one at a time). Only where :func:`rows_copy_usable`."""
+    if not rows_copy_usable(values):
+        raise ValueError(
+            f"rows_copy: values must be a float32 CPU (B, M, C) tensor laid out as a (B, C, M) "
+            f"map, got {values.dtype} {tuple(values.shape)} on {values.device} with strides "
+            f"{values.stride()}"
+        )
     B, M, C = values.shape
-    out = torch.empty(B, M, C)
+    out = values.new_empty((B, M, C))
     _rank.transpose(
         out.data_ptr(), M * C, C, values.data_ptr(), values.stride(0), values.stride(2), B, C, M
     )
@@ -418,7 +427,7 @@ def topk(rows: Tensor, K: int, rounding: torch.dtype | None = None) -> Tensor:
         kind = 1  # rounded as each score is read
     if M > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
-    out = torch.empty(R, K, dtype=torch.int64)
+    out = torch.empty(R, K, dtype=torch.int64, device="cpu")
     if R:
         _rank.topk(rows.data_ptr(), kind, R, M, rows.stride(0), K, out.data_ptr(), K)
     return out
@@ -454,7 +463,7 @@ def window_topk(
         if exclude.shape != (n,):
             raise ValueError(f"window_topk: exclude must be ({n},), got {tuple(exclude.shape)}")
         exclude = exclude.to(torch.int64).contiguous()
-    out = torch.empty(B, n, K, dtype=torch.int64)
+    out = torch.empty(B, n, K, dtype=torch.int64, device="cpu")
     if out.numel() == 0:
         return out
     _rank.window_topk(
@@ -493,7 +502,7 @@ def window_scores(query: Tensor, key: Tensor, cand: Tensor) -> Tensor | None:
     query, key, cand, B = _window_operands(query, key, cand)
     n, W = cand.shape[-2:]
     d = query.shape[-1]
-    out = torch.empty(B, n, W, dtype=torch.float32)
+    out = torch.empty(B, n, W, dtype=torch.float32, device="cpu")
     if out.numel() == 0:
         return out
     _rank.window(
@@ -558,8 +567,8 @@ def listed_attention_output(q: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     """Empty outputs of :func:`listed_attention`: (B, N, G * d), the heads merged (the kernel
     writes its (B, G, N, d) view, :func:`heads_of`), and the weights (B, G, N, K)."""
     B, G, N, d = q.shape
-    out = torch.empty(B, N, G * d, dtype=torch.float32)
-    return out, torch.empty(B, G, N, idx.shape[3], dtype=torch.float32)
+    out = torch.empty(B, N, G * d, dtype=torch.float32, device="cpu")
+    return out, torch.empty(B, G, N, idx.shape[3], dtype=torch.float32, device="cpu")
 
 
 def heads_of(merged: Tensor, G: int) -> Tensor:

@@ -300,7 +300,9 @@ def contiguous_rows(values: Tensor) -> Tensor:
     a compiled graph, or where the native kernel copies a map's tokens, a copy is one op of
     its own (:func:`_contiguous_copy`)."""
     if not values.is_contiguous() and (
-        torch.compiler.is_compiling() or native.rows_copy_usable(values)
+        torch.compiler.is_compiling()
+        # the op has no forward-mode rule: under forward AD torch's copy carries the tangent
+        or (native.rows_copy_usable(values) and torch.autograd.forward_ad._current_level < 0)
     ):
         return _contiguous_copy(values)
     return values.contiguous()
