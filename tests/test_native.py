@@ -668,7 +668,7 @@ def test_rows_copy_is_the_contiguous_copy():
 
     gen = torch.Generator().manual_seed(3)
     maps = [torch.randn(2, 64, 32, 32, generator=gen), torch.randn(3, 13, 7, 5, generator=gen),
-            torch.randn(4, 9, 8, 8, generator=gen), torch.randn(1, 3, 3, 9, generator=gen)]  # fmt: skip
+            torch.randn(4, 9, 8, 8, generator=gen), torch.randn(1, 8, 3, 9, generator=gen)]  # fmt: skip
     # (B, M, C) tokens laid out as the map; a run of them, and every other image
     tokens = [x.flatten(2).transpose(1, 2) for x in maps]
     for t in tokens + [tokens[2][:, 5:60], tokens[2][::2]]:
@@ -676,6 +676,7 @@ def test_rows_copy_is_the_contiguous_copy():
         got = native.rows_copy(t)
         assert got.is_contiguous() and torch.equal(got, t.contiguous())
         assert torch.equal(chunked.contiguous_rows(t), got)
+    assert not native.rows_copy_usable(torch.randn(2, 7, 5, 5).flatten(2).transpose(1, 2))
     tokens = tokens[1]
     assert not native.rows_copy_usable(tokens.double())
     assert not native.rows_copy_usable(tokens.contiguous())

@@ -351,13 +351,16 @@ def max_norm(x: Tensor) -> float | None:
 
 def rows_copy_usable(values: Tensor) -> bool:
     """Whether :func:`rows_copy` copies ``values`` (B, M, C): float32 on a CPU that runs the
-    tile kernels, laid out as a (B, C, M) map (the tokens of a (B, C, H, W) map)."""
+    tile kernels, laid out as a (B, C, M) map (the tokens of a (B, C, H, W) map) of at least
+    8 channels (fewer, and torch's copy is as fast: 101 against 122 us for 32 x 3 x 32 x 32;
+    at 64 channels 1.1 against 2.0 ms for 32 images)."""
     return (
         _enabled()
         and _tiles()
         and values.dtype == torch.float32
         and values.device.type == "cpu"
         and values.dim() == 3
+        and values.shape[2] >= 8
         and values.stride(1) == 1
         and values.stride(2) >= values.shape[1]
         and not values.is_contiguous()
