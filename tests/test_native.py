@@ -997,6 +997,8 @@ def test_compile_caches_are_keyed_on_the_ops_sources(tmp_path, monkeypatch):
     native.key_compile_caches(str(extra))
     *theirs, second = config.cache_key_tag.split(";")
     assert theirs == ["mine", "", "yours"] and second not in (first, ours[0])
+    native.key_compile_caches(str(tmp_path / "missing.py"))  # unreadable: keyed on its name
+    assert config.cache_key_tag.split(";")[-1] not in (first, second)
 
 
 @needs_gemm_topk

@@ -73,8 +73,11 @@ def key_compile_caches(*files: str) -> None:
     _OP_FILES.update(os.path.abspath(f) for f in files)
     digest = hashlib.sha256()
     for name in sorted(_OP_FILES):
-        with open(name, "rb") as f:
-            digest.update(f.read())
+        try:
+            with open(name, "rb") as f:
+                digest.update(f.read())
+        except OSError:  # not readable as a file (a frozen install): keyed on its name
+            digest.update(name.encode())
     tag = torch.compiler.config.cache_key_tag  # the user's parts kept as they are
     theirs = [t for t in tag.split(";") if not t.startswith(_TAG)] if tag else []
     torch.compiler.config.cache_key_tag = ";".join([*theirs, _TAG + digest.hexdigest()[:16]])
