@@ -1293,7 +1293,7 @@ AVX2 static int aggregate_grad_values(const float *gy, Py_ssize_t gb, Py_ssize_t
     for (int r = 0; r < 2 * MR; r++) a[r] = rows + r * O;
     for (Py_ssize_t b = 0; b < B; b++) {
         float *g = in_place ? g_values + b * vb : scratch;
-        if (in_place && vm == C)
+        if (rs == C) /* rows end to end: the scratch block, or a contiguous image */
             memset(g, 0, (size_t)M * C * sizeof(float));
         else
             for (Py_ssize_t m = 0; m < M; m++) memset(g + m * rs, 0, (size_t)C * sizeof(float));
