@@ -424,7 +424,8 @@ def _native_aggregate_grad(grad, values, indices, weight, need_values, need_weig
             need_weight,
         ),
     )
-    return g_values, sum(parts) if need_weight else weight.new_empty(0)
+    # the runs' weight gradients summed onto the first (one run's is returned as it is)
+    return g_values, sum(parts[1:], parts[0]) if need_weight else weight.new_empty(0)
 
 
 @_native_aggregate_grad.register_fake
