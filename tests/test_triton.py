@@ -371,20 +371,68 @@ def test_auto_runs_the_kernels_after_one_passing_check(fresh_checks):
         for _ in range(2):
             for call in _auto_calls():
                 torch.testing.assert_close(call(tb.auto), call(reference))
-    assert fresh_checks == {"check": 1, "select": 2 + 1, "aggregate": 2 + 3}  # +: the check's
+    # one check each (the selection kernel's, the channelwise aggregation's) +: the checks'
+    assert fresh_checks == {"check": 2, "select": 2 + 1, "aggregate": 2 + 2}
 
 
 def test_auto_falls_back_with_one_warning_when_the_check_fails(fresh_checks, monkeypatch):
-    monkeypatch.setattr(tb, "_compare_with_chunked", lambda device, dtype: "it went wrong")
-    with pytest.warns(RuntimeWarning, match="do not run on cpu for torch.float32: it went wrong"):
+    monkeypatch.setattr(tb, "_compare_with_chunked", lambda device, dtype, c: "it went wrong")
+    with pytest.warns(RuntimeWarning) as caught:
         first = [call(tb.auto) for call in _auto_calls()]
+    assert [str(w.message) for w in caught] == [
+        f"convnn: the Triton kernels do not run on cpu for torch.float32: {what}: it went "
+        f"wrong. The chunked backend runs instead."
+        for what in (
+            "the selection kernel for K <= 16",
+            "the aggregation kernels of kernel='none' and 'depthwise'",
+        )
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
         second = [call(tb.auto) for call in _auto_calls()]
     for a, b, call in zip(first, second, _auto_calls()):
         torch.testing.assert_close(a, call(reference))
         torch.testing.assert_close(b, a)
-    assert fresh_checks == {"check": 1, "select": 0, "aggregate": 0}
+    assert fresh_checks == {"check": 2, "select": 0, "aggregate": 0}
+
+
+def test_auto_checks_each_configuration_on_first_use(fresh_checks, monkeypatch):
+    """A configuration is checked when a call first needs it, once: a failed check keeps
+    chunked for what it covers (one warning naming it) and the kernels for the rest."""
+    real = tb._compare_with_chunked
+    failing = ("select", 32)
+    monkeypatch.setattr(
+        tb,
+        "_compare_with_chunked",
+        lambda device, dtype, c: "it went wrong" if c == failing else real(device, dtype, c),
+    )
+    q, k = randn(1, 9, 4, seed=7, dtype=F32), randn(1, 70, 4, seed=8, dtype=F32)
+    with pytest.warns(RuntimeWarning, match="for K <= 32: it went wrong") as caught:
+        for _ in range(2):
+            for K in (3, 20, 17, 40):  # widths 16, 32, 32, 64
+                assert torch.equal(tb.auto.select(q, k, K), reference.select(q, k, K))
+    assert len(caught) == 1
+    assert {key[2] for key in tb._ready} == {None, ("select", 16), failing, ("select", 64)}
+    assert tb._ready[(q.device, F32, failing)] is False
+    # the checks' own (16, 64) and the calls of widths 16 and 64, twice each
+    assert fresh_checks == {"check": 3, "select": 2 + 4, "aggregate": 0}
+    # the standard aggregation is checked at the products' precision it would run with
+    for precision, want in (("highest", "tf32x3"), ("high", "tf32")):
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda p=precision: p)
+        assert tb.aggregate_check(F32, "standard") == ("standard", want)
+    assert tb.aggregate_check(torch.bfloat16, "standard") == ("standard", None)
+    assert tb.aggregate_check(F32, "depthwise") == ("channelwise", None)
+    assert tb.select_check(129) is None and tb.select_check(128) == ("select", 128)
+
+
+@pytest.mark.parametrize("dtype", tb.DTYPES)
+def test_first_use_checks_launch_every_table_entry(dtype, monkeypatch):
+    """Together the checks of a dtype launch every entry of its table: no configuration the
+    auto backend runs goes unchecked."""
+    launched, launch = set(), tb._launch
+    monkeypatch.setattr(tb, "_launch", lambda lc, *a: launched.add(lc) or launch(lc, *a))
+    assert tb.first_use_check(torch.device("cpu"), dtype) is None
+    assert launched == {entry for entry in tb.table() if entry.dtype == dtype}
 
 
 def test_auto_falls_back_with_one_warning_on_an_uncovered_arch(fresh_checks, monkeypatch):
@@ -402,7 +450,7 @@ def test_auto_runs_chunked_silently_outside_the_table(fresh_checks):
         assert torch.equal(tb.auto.select(q, k, 3), reference.select(q, k, 3))  # float64
         q, k = q.float(), k.float()
         assert torch.equal(tb.auto.select(q, k, 129), reference.select(q, k, 129))  # K > 128
-    assert fresh_checks["select"] == fresh_checks["check"]  # only the check's own
+    assert fresh_checks == {"check": 0, "select": 0, "aggregate": 0}
 
 
 @pytest.mark.parametrize("dtype", tb.DTYPES)
@@ -429,10 +477,10 @@ def test_first_use_check_catches_wrong_kernels(monkeypatch):
     assert "picked other neighbours" in tb.first_use_check(cpu, F32)
     monkeypatch.setattr(tb, "_select", real)
     real_agg = tb._aggregate
-    monkeypatch.setattr(tb, "_aggregate", lambda *a: real_agg(*a) * 1.001)
+    monkeypatch.setattr(tb, "_aggregate", lambda *a, **kw: real_agg(*a, **kw) * 1.001)
     assert "kernel='none': output differs" in tb.first_use_check(cpu, F32)
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("out of resource: shared memory\nmore text")
 
     monkeypatch.setattr(tb, "_aggregate", broken)

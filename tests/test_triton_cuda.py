@@ -219,7 +219,12 @@ def test_auto_uses_the_kernels_on_this_device(monkeypatch):
         warnings.simplefilter("error")  # a covered device: no fallback warning
         tb.auto.select(q, k, 5)
     device = q.device
-    assert tb._ready == {(device, torch.float32): True} and len(calls) == 2  # check + call
+    # the device, and the selection kernel of width 16: the check's call and this one
+    assert tb._ready == {
+        (device, torch.float32, None): True,
+        (device, torch.float32, ("select", 16)): True,
+    }
+    assert len(calls) == 2
 
 
 def test_jit_compiled_exactly_the_table_without_spills():

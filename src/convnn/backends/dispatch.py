@@ -22,8 +22,9 @@ The rules:
   chunked, and the decision says so; a call they are designed for but do not cover
   (float64, K > 128, ...) is a ``ValueError`` from the kernels' wrapper.
 - automatic (None / ``'auto'``): on CUDA with triton installed, the kernels for the calls
-  they are designed for and cover, after their one-time check per (device, dtype)
-  (:mod:`convnn.backends.triton`); chunked for everything else and on every other device.
+  they are designed for and cover, each configuration after its one-time check on the
+  device (:func:`convnn.backends.triton.first_use_check`; a failure warns once and runs
+  chunked); chunked for everything else and on every other device.
 
 No backend hands work to another by itself: they run what they are given or refuse it.
 :func:`explain` runs a call and returns the decisions; each is also a DEBUG line on the
@@ -251,6 +252,7 @@ def select_backend(
         lambda tb: tb.no_kernel_select(scores, window),
         None if operands is None else operands[0],
         lambda tb: tb.unsupported_select(*operands, K),
+        lambda tb: tb.select_check(K),
     )
 
 
@@ -273,6 +275,7 @@ def aggregate_backend(
         lambda tb: tb.no_kernel_aggregate(values, indices),
         values,
         lambda tb: tb.unsupported_aggregate(values, indices, rho, weight, bias, kernel),
+        lambda tb: tb.aggregate_check(values.dtype, kernel),
     )
 
 
@@ -283,10 +286,12 @@ def _choose(
     no_kernel: Callable[[ModuleType], str | None],
     operand: Tensor | None,
     uncovered: Callable[[ModuleType], str | None],
+    check: Callable[[ModuleType], tuple | None],
 ) -> ModuleType:
     """The rule of the module docstring for one stage. ``no_kernel(triton)``: why the
     kernels are not designed for the call; ``operand``: a tensor whose dtype and device the
-    kernels would see; ``uncovered(triton)``: why their table does not cover it."""
+    kernels would see; ``uncovered(triton)``: why their table does not cover it;
+    ``check(triton)``: the first-use check of the kernels it would launch."""
     name = requested(backend)
     if name in ("reference", "chunked"):
         _decide(stage, name, lambda: f"{name!r} requested by {_source(backend)}")
@@ -311,13 +316,17 @@ def _choose(
 
         why = no_kernel(triton)
         if why is None:
+            device_dtype = operand.device, operand.dtype
             if operand.dtype not in triton.DTYPES:
                 why = f"{operand.dtype} is outside the kernels' table"
-            elif not triton._kernels_ready(operand.device, operand.dtype):
-                why = f"the kernels did not pass their first-use check on {operand.device}"
+            elif not triton._kernels_ready(*device_dtype, None):
+                why = f"the kernels are not checked for {operand.device}"
             else:
                 why = uncovered(triton)
                 why = why and f"outside the kernels' table: {why}"
+            if why is None and not triton._kernels_ready(*device_dtype, check(triton)):
+                what = triton.describe_check(check(triton))
+                why = f"{what} did not pass its first-use check on {operand.device}"
         if why is None:
             _decide(stage, "triton", lambda: "automatic choice on CUDA: the kernels cover it")
             return triton

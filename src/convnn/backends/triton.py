@@ -30,11 +30,13 @@ refuses anything else, never handing work to another backend itself.
 - Forced (``backend="triton"``): a call the kernels are designed for but that lies outside
   the table is a ``ValueError``.
 - Auto (``backend=None`` on CUDA, :data:`auto`): the kernels run only for calls inside the
-  table, and only after a one-time check per (device, dtype), on the first call, against
-  the chunked backend on a tiny input. If the device is not in ``ARCHS`` or the check fails,
-  that (device, dtype) runs on chunked, with one warning that says why. The check runs
-  eagerly: code traced by ``torch.compile`` before any eager call runs chunked (an eager
-  warm-up step first lets the compiled code use the kernels).
+  table, and each configuration only after a one-time check on the device, on the first
+  call that needs it, against the chunked backend on a tiny input (:func:`checks`: the
+  selection kernel of each top-K width, the channelwise aggregation kernels, the standard
+  ones at each products' precision; together they launch every table entry). If the device
+  is not in ``ARCHS``, or a check fails, what it covers runs on chunked, with one warning
+  that says why. The checks run eagerly: code traced by ``torch.compile`` before any eager
+  call runs chunked (an eager warm-up step first lets the compiled code use the kernels).
 
 Accumulation is fp32; outputs have the input dtype. float32 products run on tensor cores:
 selection always as ``tf32x3`` (three TF32 products, close to fp32, so the ranking matches
@@ -47,6 +49,7 @@ Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (slow: for tests only)
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -385,12 +388,12 @@ class _Aggregate(torch.autograd.Function):
     standard, channel dims multiples of 16, every tensor of one dtype."""
 
     @staticmethod
-    def forward(ctx, values, indices, rho, w, bias, kernel):
+    def forward(ctx, values, indices, rho, w, bias, kernel, precision):
         B, M, C = values.shape
         G, N, K = indices.shape[1:]
         c_out = w.shape[-1] if kernel == "standard" else C
         out = values.new_empty(B, N, c_out)
-        launches = aggregate_launches(values.dtype, kernel, _matmul_precision(values.dtype))
+        launches = aggregate_launches(values.dtype, kernel, precision)
         fwd = launches["fwd"]
         block = dict(fwd.constants)
         rows = triton.cdiv(N, AGG_BLOCK_N)
@@ -443,7 +446,8 @@ class _Aggregate(torch.autograd.Function):
             g_w = _standard_grad_w(launches["grad_w"], gy, values, indices, rho_arg, rho)
         g_b = grad_out.to(f32).sum((0, 1)) if need_b else None
         cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-        return cast(g_v, values), None, cast(g_rho, rho), cast(g_w, w), cast(g_b, values), None
+        grads = cast(g_v, values), None, cast(g_rho, rho), cast(g_w, w), cast(g_b, values)
+        return *grads, None, None
 
 
 def _standard_grad_w(launch, gy, values, indices, rho_arg, rho) -> Tensor:
@@ -477,8 +481,11 @@ def _pad_groups(t: Tensor, dim: int, groups: int) -> Tensor:
     return F.pad(t, spec).flatten(dim, dim + 1)
 
 
-def _aggregate(values, indices, rho, weight, bias, kernel) -> Tensor:
-    """The kernel path of :func:`aggregate`: pad channels, lay weights out, run, unpad."""
+def _aggregate(values, indices, rho, weight, bias, kernel, precision=None) -> Tensor:
+    """The kernel path of :func:`aggregate`: pad channels, lay weights out, run, unpad.
+    ``precision``: the float32 products' (default: torch's float32 matmul setting, see
+    :func:`_matmul_precision`)."""
+    precision = precision or _matmul_precision(values.dtype)
     G = indices.shape[1]
     B, M, C = values.shape
     v = _aligned(_pad_groups(values, 2, G))
@@ -489,10 +496,10 @@ def _aggregate(values, indices, rho, weight, bias, kernel) -> Tensor:
         w = _pad_groups(_pad_groups(weight, 0, 1), 1, G)  # (C_out', C', K)
         w = _aligned(w.permute(2, 1, 0))  # (K, C', C_out'): rows of W_k^T
         b = None if bias is None else _aligned(_pad_groups(bias, 0, 1))
-        return _Aggregate.apply(v, indices, r, w, b, kernel)[..., :c_out]
+        return _Aggregate.apply(v, indices, r, w, b, kernel, precision)[..., :c_out]
     w = None if weight is None else _aligned(_pad_groups(weight[:, 0], 0, G))  # (C', K)
     b = None if bias is None else _aligned(_pad_groups(bias, 0, G))
-    out = _Aggregate.apply(v, indices, r, w, b, kernel)
+    out = _Aggregate.apply(v, indices, r, w, b, kernel, precision)
     if out.shape[-1] == C:
         return out
     return out.unflatten(-1, (G, -1))[..., : C // G].flatten(-2)
@@ -525,13 +532,47 @@ def aggregate(
 
 # --------------------------------------------------------------------------- auto
 
-_ready: dict[tuple[torch.device, torch.dtype], bool] = {}
+_ready: dict[tuple, bool] = {}  # (device, dtype, check) -> passed; check None: the device
 _ready_lock = threading.Lock()
 _CHECK_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
-def first_use_check(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Run every kernel once on a tiny input against the chunked backend.
+def select_check(K: int) -> tuple | None:
+    """The first-use check that covers the selection kernel for ``K`` neighbours (its running
+    top-K width); None where no kernel covers K."""
+    return ("select", max(SELECT_KP[0], triton.next_power_of_2(K))) if 1 <= K <= MAX_K else None
+
+
+def aggregate_check(dtype: torch.dtype, kernel: str) -> tuple:
+    """The first-use check that covers the aggregation kernels of ``kernel`` for ``dtype``
+    operands (the standard kernel's at the products' precision it would launch with)."""
+    if kernel == "standard":
+        return ("standard", _matmul_precision(dtype))
+    return ("channelwise", None)
+
+
+def checks(dtype: torch.dtype) -> list[tuple]:
+    """Every first-use check of ``dtype``: together they launch every entry of :func:`table`
+    for that dtype."""
+    selects = [("select", kp) for kp in SELECT_KP]
+    return selects + [("channelwise", None)] + [("standard", p) for p in _precisions(dtype)]
+
+
+def describe_check(check: tuple) -> str:
+    what, arg = check
+    if what == "select":
+        return f"the selection kernel for K <= {arg}"
+    if what == "channelwise":
+        return "the aggregation kernels of kernel='none' and 'depthwise'"
+    return "the aggregation kernels of kernel='standard'" + (f", {arg} products" if arg else "")
+
+
+def first_use_check(
+    device: torch.device, dtype: torch.dtype, which: list[tuple] | None = None
+) -> str | None:
+    """Run kernels once on tiny inputs against the chunked backend: those of the checks
+    ``which`` (default: every check of ``dtype``, :func:`checks`, which launch every table
+    entry of ``dtype``).
 
     Returns None when all agree, else what went wrong (an exception while compiling or
     launching, or a result that differs). Selection compares indices exactly: the features
@@ -542,29 +583,39 @@ def first_use_check(device: torch.device, dtype: torch.dtype) -> str | None:
         # Whatever the caller's modes: the check needs autograd, and fp32 must stay fp32.
         with torch.inference_mode(False), torch.enable_grad():
             with torch.autocast(device.type, enabled=False):
-                return _compare_with_chunked(device, dtype)
+                for check in checks(dtype) if which is None else which:
+                    reason = _compare_with_chunked(device, dtype, check)
+                    if reason:
+                        return f"{describe_check(check)}: {reason}"
+                return None
     except Exception as err:  # compile, resource or launch errors: report, never raise
         first = str(err).strip().splitlines()
         return f"{type(err).__name__}: {first[0] if first else ''}".strip()
 
 
-def _compare_with_chunked(device: torch.device, dtype: torch.dtype) -> str | None:
+def _compare_with_chunked(device: torch.device, dtype: torch.dtype, check: tuple) -> str | None:
+    """One check's kernels against the chunked backend (None: they agree)."""
     gen = torch.Generator().manual_seed(0)
 
     def ints(*shape, lo=-2, hi=3, scale=1.0):  # dyadic values: exact in every dtype
         t = torch.randint(lo, hi, shape, generator=gen) * scale
         return t.to(device=device, dtype=dtype)
 
-    q, k = ints(2, 21, 8), ints(2, 45, 8)
-    ex = torch.arange(21, device=device)
-    got, want = _select(q, k, 5, ex), chunked.select(q, k, 5, exclude=ex)
-    if not torch.equal(got, want):
-        return (
-            f"the selection kernel picked other neighbours than the chunked backend "
-            f"({int((got != want).sum())} of {got.numel()} indices)"
-        )
+    what, arg = check
+    if what == "select":
+        K = 5 if arg == SELECT_KP[0] else arg // 2 + 1  # the smallest K of that width
+        q, k = ints(2, 21, 8), ints(2, 2 * K + 11, 8)
+        ex = torch.arange(21, device=device)
+        got, want = _select(q, k, K, ex), chunked.select(q, k, K, exclude=ex)
+        if not torch.equal(got, want):
+            return (
+                f"it picked other neighbours than the chunked backend "
+                f"({int((got != want).sum())} of {got.numel()} indices)"
+            )
+        return None
     tol = _CHECK_TOLERANCE[dtype]
-    for kernel, G in (("none", 2), ("depthwise", 1), ("standard", 2)):
+    cases = (("none", 2), ("depthwise", 1)) if what == "channelwise" else (("standard", 2),)
+    for kernel, G in cases:
         # 12 channels (6 per group): exercises the padding to 16 too.
         tensors = [
             ints(2, 13, 12, scale=0.25),
@@ -577,7 +628,8 @@ def _compare_with_chunked(device: torch.device, dtype: torch.dtype) -> str | Non
         idx = torch.randint(0, 13, (2, G, 9, 3), generator=gen).to(device)
         gy = ints(2, 9, tensors[3].shape[0], scale=0.5)
         results = []
-        for run in (_aggregate, chunked.aggregate):
+        runs = (functools.partial(_aggregate, precision=arg), chunked.aggregate)
+        for run in runs:
             leaves = [None if t is None else t.detach().requires_grad_() for t in tensors]
             values, rho, weight, bias = leaves
             out = run(values, idx, rho, weight, bias, kernel)
@@ -592,17 +644,23 @@ def _compare_with_chunked(device: torch.device, dtype: torch.dtype) -> str | Non
     return None
 
 
-def _kernels_ready(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether auto may run the kernels for (device, dtype): the device is covered and the
-    first-use check passed. Decided once; a failure warns once, saying why."""
-    ok = _ready.get((device, dtype))
-    if ok is None:
-        if torch.compiler.is_compiling():
-            return False  # a traced graph cannot run the check: chunked until an eager call has
-        with _ready_lock:
-            ok = _ready.get((device, dtype))
-            if ok is None:
-                reason = _device_reason(device) or first_use_check(device, dtype)
+def _kernels_ready(device: torch.device, dtype: torch.dtype, check: tuple | None) -> bool:
+    """Whether auto may run the kernels of ``check`` (None: whether it may run any) for
+    (device, dtype): the device is covered and that check passed on first use. Each is
+    decided once; a failure warns once, saying why."""
+    ok = _ready.get((device, dtype, None))
+    if ok and check is not None:
+        ok = _ready.get((device, dtype, check))
+    if ok is not None:
+        return ok
+    if torch.compiler.is_compiling():
+        return False  # a traced graph cannot run the check: chunked until an eager call has
+    with _ready_lock:
+        for key in [(device, dtype, None)] + ([] if check is None else [(device, dtype, check)]):
+            if key not in _ready:
+                reason = _device_reason(device) if key[2] is None else None
+                if key[2] is not None:
+                    reason = first_use_check(device, dtype, [check])
                 if reason:
                     warnings.warn(
                         f"convnn: the Triton kernels do not run on {device} for {dtype}: "
@@ -610,8 +668,10 @@ def _kernels_ready(device: torch.device, dtype: torch.dtype) -> bool:
                         RuntimeWarning,
                         stacklevel=4,
                     )
-                ok = _ready[(device, dtype)] = reason is None
-    return ok
+                _ready[key] = reason is None
+            if not _ready[key]:
+                return False
+    return True
 
 
 class _Auto:
