@@ -299,6 +299,37 @@ def test_forced_triton_refuses_what_the_table_does_not_cover(monkeypatch):
         tb.aggregate(t["values"], idx, t["rho"], t["weight"], t["bias"], "standard")
 
 
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_code_launches_the_checked_kernels(compiler, monkeypatch):
+    """Under torch.compile the kernels run as the table compiles them and the checks run
+    them: the functions that launch them run eagerly between the graphs (tracing them would
+    recompile user-defined kernels under the compiler's own options). Every call launches
+    what eager code does, with the same numbers forward and backward."""
+    from convnn import ConvNN2d
+
+    torch.manual_seed(0)
+    layer = ConvNN2d(16, 16, K=5)
+    x = randn(1, 16, 6, 6, seed=3, dtype=F32)
+    launched, launch = [], tb._launch
+    monkeypatch.setattr(tb, "_launch", lambda lc, *a: launched.append(lc) or launch(lc, *a))
+    results = []
+    with backends.use("triton"):
+        for run in (layer, torch.compile(layer, backend=compiler)):
+            for _ in range(2):
+                launched.clear()
+                xi = x.clone().requires_grad_()
+                y = run(xi)
+                (gx,) = torch.autograd.grad(y, xi, torch.ones_like(y))
+                assert [lc.kernel for lc in launched] == [
+                    "select_topk", "standard_fwd", "aggregate_bwd", "standard_grad_w"
+                ]  # fmt: skip
+                assert all(lc in tb.table() for lc in launched)
+                results.append((y, gx))
+    for y, gx in results[1:]:
+        torch.testing.assert_close(y, results[0][0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gx, results[0][1], rtol=1e-6, atol=1e-6)
+
+
 def test_every_launch_is_a_table_entry_with_its_compiled_signature():
     """What the wrappers launch is exactly what the AOT test compiles: each launch is an entry
     of table() and its arguments specialise as triton_aot.signature says (dtypes, 16-byte

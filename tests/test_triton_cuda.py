@@ -227,6 +227,32 @@ def test_auto_uses_the_kernels_on_this_device(monkeypatch):
     assert len(calls) == 2
 
 
+def test_compiled_model_runs_the_checked_kernels(monkeypatch):
+    """torch.compile of a layer on the automatic choice: after an eager step (the first-use
+    checks), each compiled step launches the table's kernels, agreeing with eager code."""
+    from convnn import ConvNN2d
+
+    torch.manual_seed(0)
+    layer = ConvNN2d(32, 32, K=9).to(DEV)
+    x = randn(2, 32, 16, 16, seed=4)
+    launched, launch = [], tb._launch
+    monkeypatch.setattr(tb, "_launch", lambda lc, *a: launched.append(lc) or launch(lc, *a))
+    results = []
+    for run in (layer, torch.compile(layer)):
+        for _ in range(2):
+            launched.clear()
+            xi = x.clone().requires_grad_()
+            y = run(xi)
+            (gx,) = torch.autograd.grad(y, xi, torch.ones_like(y))
+            kernels = {lc.kernel for lc in launched}
+            assert {"select_topk", "standard_fwd", "aggregate_bwd"} <= kernels
+            assert all(lc in tb.table() for lc in launched)
+            results.append((y, gx))
+    for y, gx in results[1:]:
+        assert_close_scaled(y, results[0][0], 1e-4)
+        assert_close_scaled(gx, results[0][1], 1e-4)
+
+
 def test_jit_compiled_exactly_the_table_without_spills():
     """Every kernel variant the JIT compiled in this session (all tests above) is an entry of
     the table, specialised as the AOT test compiled it, and its loaded binary spills nothing."""

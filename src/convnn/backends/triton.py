@@ -37,6 +37,9 @@ refuses anything else, never handing work to another backend itself.
   is not in ``ARCHS``, or a check fails, what it covers runs on chunked, with one warning
   that says why. The checks run eagerly: code traced by ``torch.compile`` before any eager
   call runs chunked (an eager warm-up step first lets the compiled code use the kernels).
+- Compiled code (``torch.compile``) launches the same kernels: the functions that launch
+  them run eagerly between the graphs, never traced and recompiled under the compiler's
+  options.
 
 Accumulation is fp32; outputs have the input dtype. float32 products run on tensor cores:
 selection always as ``tf32x3`` (three TF32 products, close to fp32, so the ranking matches
@@ -311,6 +314,10 @@ def _dummy(dtype: torch.dtype, device: torch.device) -> Tensor:
 # --------------------------------------------------------------------------- selection
 
 
+# The kernels run as they are compiled and checked (the table's entries), in compiled code
+# too: torch.compile runs the functions that launch them eagerly, where tracing them would
+# recompile user-defined kernels under its own options, unchecked.
+@torch.compiler.disable
 def _select(query: Tensor, key: Tensor, K: int, exclude: Tensor | None) -> Tensor:
     """The kernel path of :func:`select` (the call is covered)."""
     with torch.no_grad():
@@ -481,6 +488,7 @@ def _pad_groups(t: Tensor, dim: int, groups: int) -> Tensor:
     return F.pad(t, spec).flatten(dim, dim + 1)
 
 
+@torch.compiler.disable  # see _select
 def _aggregate(values, indices, rho, weight, bias, kernel, precision=None) -> Tensor:
     """The kernel path of :func:`aggregate`: pad channels, lay weights out, run, unpad.
     ``precision``: the float32 products' (default: torch's float32 matmul setting, see
