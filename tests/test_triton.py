@@ -97,6 +97,20 @@ def test_select_ties_keep_lower_indices(key_ranges):
     assert tb.select(q, k, 3)[0, 0].tolist() == [9, 20, 33]
 
 
+@pytest.mark.parametrize("dtype", tb.DTYPES)
+def test_select_ties_of_identical_real_keys(key_ranges, dtype):
+    """Identical real-valued keys (cosine of random features) score identically wherever
+    they lie among the key tiles and split ranges: they come out by lower index, and a tie
+    at the K-th score keeps the lower index; the other query's picks are float64's."""
+    k = randn(1, 1000, 24, seed=6, dtype=F32)
+    k[0, [9, 20, 513, 999]] = k[0, 33].clone()
+    q, k = prepare("cosine", k[:, [33, 33, 0]].to(dtype), k.to(dtype))
+    got = tb.select(q, k, 5)
+    assert got[0, :2].tolist() == [[9, 20, 33, 513, 999]] * 2
+    assert tb.select(q, k, 3)[0, :2].tolist() == [[9, 20, 33]] * 2
+    assert torch.equal(got, reference.select(q.double(), k.double(), 5))
+
+
 def test_select_keeps_lower_indices_on_ties(key_ranges):
     """Small integer features tie everywhere: the kept keys must be the reference's (lower
     indices first among scores tied at the K-th), across tiles and split key ranges."""
