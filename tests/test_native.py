@@ -986,19 +986,23 @@ def test_compile_caches_are_keyed_on_the_ops_sources(tmp_path, monkeypatch):
         "chunked.py", "native.py", "similarity.py", *kernels
     }  # fmt: skip
     monkeypatch.setattr(native, "_OP_FILES", set(native._OP_FILES))
-    monkeypatch.setattr(config, "cache_key_tag", f"mine;;yours;{ours[0]}")
-    extra = tmp_path / "ops.py"
-    extra.write_text("one")
-    native.key_compile_caches(str(extra))
-    *theirs, first = config.cache_key_tag.split(";")
-    assert theirs == ["mine", "", "yours"]  # kept as they are
-    assert first.startswith("convnn-ops-") and first != ours[0]
-    extra.write_text("two")
-    native.key_compile_caches(str(extra))
-    *theirs, second = config.cache_key_tag.split(";")
-    assert theirs == ["mine", "", "yours"] and second not in (first, ours[0])
-    native.key_compile_caches(str(tmp_path / "missing.py"))  # unreadable: keyed on its name
-    assert config.cache_key_tag.split(";")[-1] not in (first, second)
+    before = config.cache_key_tag
+    # config.patch, not monkeypatch: undoing a monkeypatch of a config module deletes the
+    # entry, which hides it from every later compile of the session
+    with config.patch(cache_key_tag=f"mine;;yours;{ours[0]}"):
+        extra = tmp_path / "ops.py"
+        extra.write_text("one")
+        native.key_compile_caches(str(extra))
+        *theirs, first = config.cache_key_tag.split(";")
+        assert theirs == ["mine", "", "yours"]  # kept as they are
+        assert first.startswith("convnn-ops-") and first != ours[0]
+        extra.write_text("two")
+        native.key_compile_caches(str(extra))
+        *theirs, second = config.cache_key_tag.split(";")
+        assert theirs == ["mine", "", "yours"] and second not in (first, ours[0])
+        native.key_compile_caches(str(tmp_path / "missing.py"))  # unreadable: keyed on its name
+        assert config.cache_key_tag.split(";")[-1] not in (first, second)
+    assert config.cache_key_tag == before
 
 
 @needs_gemm_topk
