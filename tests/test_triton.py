@@ -207,6 +207,26 @@ def _run(be, tensors, idx, grad_out, kernel, dtype):
 
 
 @pytest.mark.parametrize("kernel", ["none", "depthwise", "standard"])
+def test_aggregate_second_derivatives_match_reference(kernel):
+    """A backward that builds a graph (create_graph=True: a gradient penalty, a Hessian-vector
+    product) gives the reference's second derivatives, for every input: the kernels'
+    gradients are not differentiable, so that backward runs as torch operators."""
+    tensors, idx, gy = _aggregate_case(kernel, 2, True, True)
+    results = []
+    for be, dtype in ((tb, F32), (reference, F64)):
+        leaves = {n: t.to(dtype).requires_grad_() for n, t in tensors.items() if t is not None}
+        get = leaves.get
+        out = be.aggregate(get("values"), idx, get("rho"), get("weight"), get("bias"), kernel)
+        firsts = torch.autograd.grad(out, list(leaves.values()), gy.to(dtype), create_graph=True)
+        penalty = sum((g**2).sum() for g in firsts)
+        results.append(torch.autograd.grad(penalty, list(leaves.values()), allow_unused=True))
+    for got, want in zip(*results):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["none", "depthwise", "standard"])
 @pytest.mark.parametrize("G", [1, 2])
 @pytest.mark.parametrize("with_rho", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -339,6 +359,15 @@ def test_compiled_code_launches_the_checked_kernels(compiler, monkeypatch):
                 ]  # fmt: skip
                 assert all(lc in tb.table() for lc in launched)
                 results.append((y, gx))
+    # compiled autograd traces the backward too: its launches run eagerly as well
+    launched.clear()
+    xi = x.clone().requires_grad_()
+    with backends.use("triton"):
+        y = layer(xi)
+        with torch._dynamo.compiled_autograd._enable(torch.compile(backend=compiler)):
+            y.backward(torch.ones_like(y))
+    assert [lc.kernel for lc in launched][2:] == ["aggregate_bwd", "standard_grad_w"]
+    results.append((y, xi.grad))
     for y, gx in results[1:]:
         torch.testing.assert_close(y, results[0][0], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(gx, results[0][1], rtol=1e-6, atol=1e-6)
@@ -468,6 +497,8 @@ def test_auto_checks_each_configuration_on_first_use(fresh_checks, monkeypatch):
     assert tb.aggregate_check(torch.bfloat16, "standard") == ("standard", None)
     assert tb.aggregate_check(F32, "depthwise") == ("channelwise", None)
     assert tb.select_check(129) is None and tb.select_check(128) == ("select", 128)
+    for K in (0, 1, 16, 17, 33, 100):  # the width the launch would take, whatever K
+        assert tb.select_check(K) == ("select", dict(tb.select_launch(F32, K).constants)["KP"])
 
 
 @pytest.mark.parametrize("dtype", tb.DTYPES)

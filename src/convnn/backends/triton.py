@@ -144,9 +144,14 @@ def _matmul_precision(dtype: torch.dtype) -> str | None:
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+def _select_width(K: int) -> int:
+    """The running top-K width of the selection kernel for ``K`` neighbours."""
+    return max(SELECT_KP[0], triton.next_power_of_2(K))
+
+
 def select_launch(dtype: torch.dtype, K: int) -> Launch:
     """The selection kernel's configuration for ``K`` neighbours of ``dtype`` operands."""
-    kp = max(SELECT_KP[0], triton.next_power_of_2(K))
+    kp = _select_width(K)
     block_n, block_m, regs = _SELECT_TILES[kp]
     consts = dict(KP=kp, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=16)
     consts.update(PRECISION="tf32x3" if dtype == torch.float32 else None, DOT=_DOT[dtype])
@@ -421,40 +426,66 @@ class _Aggregate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        values, indices, rho, w = ctx.saved_tensors
-        kernel, launches = ctx.kernel, ctx.launches
-        B, M, C = values.shape
-        G, N, K = indices.shape[1:]
-        need_v, _, need_rho, need_w, need_b = ctx.needs_input_grad[:5]
-        gy = _aligned(grad_out.to(values.dtype))
-        c_out = gy.shape[-1]
-        dev, f32 = values.device, torch.float32
-        rows = triton.cdiv(N, AGG_BLOCK_N)
-        g_v = torch.zeros(values.shape, dtype=f32, device=dev) if need_v else None
-        g_rho = torch.empty(indices.shape, dtype=f32, device=dev) if need_rho else None
-        g_w = None
-        dummy, dummy32 = values, _dummy(f32, dev)
-        rho_arg, w_arg = dummy if rho is None else rho, dummy if w is None else w
-        part_w = need_w and kernel == "depthwise"  # per-program partials of its weight grad
-        if part_w:
-            g_w = torch.empty(B * rows, C, K, dtype=f32, device=dev)
-        if need_v or need_rho or part_w:
-            grads = [dummy32 if g is None else g for g in (g_v, g_rho, g_w)]
-            flags = (int(need_v), int(need_rho), int(part_w))
-            _launch(
-                launches["bwd"],
-                (rows, K, B),
-                *(gy, values, indices, rho_arg, w_arg, *grads),
-                *(N, M, C, c_out, K, G, C // G, int(rho is not None), int(w is not None), *flags),
-            )
-        if part_w:
-            g_w = g_w.sum(0)  # (C, K)
-        elif need_w:  # 'standard'
-            g_w = _standard_grad_w(launches["grad_w"], gy, values, indices, rho_arg, rho)
-        g_b = grad_out.to(f32).sum((0, 1)) if need_b else None
-        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-        grads = cast(g_v, values), None, cast(g_rho, rho), cast(g_w, w), cast(g_b, values)
-        return *grads, None, None
+        if torch.is_grad_enabled():  # a backward that builds a graph (double backward)
+            return _graph_backward(ctx, grad_out)
+        return _kernel_backward(ctx, grad_out)
+
+
+def _graph_backward(ctx, grad_out):
+    """The gradients of :class:`_Aggregate` as torch operators (the chunked backend's
+    aggregation of the kernels' layout, differentiated), so that a second derivative sees
+    them: the kernels' gradients are not differentiable."""
+    values, indices, rho, w = ctx.saved_tensors
+    need_v, _, need_rho, need_w, need_b = ctx.needs_input_grad[:5]
+    # the chunked layout of the weight: (C_out, C, K) standard, (C, 1, K) depthwise
+    weight = None if w is None else w.permute(2, 1, 0) if ctx.kernel == "standard" else w[:, None]
+    out = chunked._Aggregate.apply(values, indices, rho, weight, None, ctx.kernel)
+    wanted = [(t, need) for t, need in ((values, need_v), (rho, need_rho), (w, need_w))]
+    wrt = [t for t, need in wanted if need]
+    grads = iter(torch.autograd.grad(out, wrt, grad_out, create_graph=True) if wrt else ())
+    g_v, g_rho, g_w = (next(grads) if need else None for _, need in wanted)
+    g_b = grad_out.to(torch.float32).sum((0, 1)).to(values.dtype) if need_b else None
+    return g_v, None, g_rho, g_w, g_b, None, None
+
+
+# see _select: the backward's launches run eagerly too (compiled autograd traces backward)
+@torch.compiler.disable
+def _kernel_backward(ctx, grad_out):
+    """The gradients of :class:`_Aggregate` by the kernels."""
+    values, indices, rho, w = ctx.saved_tensors
+    kernel, launches = ctx.kernel, ctx.launches
+    B, M, C = values.shape
+    G, N, K = indices.shape[1:]
+    need_v, _, need_rho, need_w, need_b = ctx.needs_input_grad[:5]
+    gy = _aligned(grad_out.to(values.dtype))
+    c_out = gy.shape[-1]
+    dev, f32 = values.device, torch.float32
+    rows = triton.cdiv(N, AGG_BLOCK_N)
+    g_v = torch.zeros(values.shape, dtype=f32, device=dev) if need_v else None
+    g_rho = torch.empty(indices.shape, dtype=f32, device=dev) if need_rho else None
+    g_w = None
+    dummy, dummy32 = values, _dummy(f32, dev)
+    rho_arg, w_arg = dummy if rho is None else rho, dummy if w is None else w
+    part_w = need_w and kernel == "depthwise"  # per-program partials of its weight grad
+    if part_w:
+        g_w = torch.empty(B * rows, C, K, dtype=f32, device=dev)
+    if need_v or need_rho or part_w:
+        grads = [dummy32 if g is None else g for g in (g_v, g_rho, g_w)]
+        flags = (int(need_v), int(need_rho), int(part_w))
+        _launch(
+            launches["bwd"],
+            (rows, K, B),
+            *(gy, values, indices, rho_arg, w_arg, *grads),
+            *(N, M, C, c_out, K, G, C // G, int(rho is not None), int(w is not None), *flags),
+        )
+    if part_w:
+        g_w = g_w.sum(0)  # (C, K)
+    elif need_w:  # 'standard'
+        g_w = _standard_grad_w(launches["grad_w"], gy, values, indices, rho_arg, rho)
+    g_b = grad_out.to(f32).sum((0, 1)) if need_b else None
+    cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+    grads = cast(g_v, values), None, cast(g_rho, rho), cast(g_w, w), cast(g_b, values)
+    return *grads, None, None
 
 
 def _standard_grad_w(launch, gy, values, indices, rho_arg, rho) -> Tensor:
@@ -548,7 +579,7 @@ _CHECK_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e
 def select_check(K: int) -> tuple | None:
     """The first-use check that covers the selection kernel for ``K`` neighbours (its running
     top-K width); None where no kernel covers K."""
-    return ("select", max(SELECT_KP[0], triton.next_power_of_2(K))) if 1 <= K <= MAX_K else None
+    return ("select", _select_width(K)) if K <= MAX_K else None
 
 
 def aggregate_check(dtype: torch.dtype, kernel: str) -> tuple:
