@@ -392,3 +392,12 @@ def scale_groups(prime: Tensor, rho: Tensor) -> Tensor:
     G = rho.shape[1]
     rho = rho.permute(0, 2, 3, 1)[..., None]  # (B, N, K, G, 1)
     return (prime.unflatten(-1, (G, prime.shape[-1] // G)) * rho).flatten(-2)
+
+
+def graph_grads(out: Tensor, inputs, needs, grad: Tensor) -> list[Tensor | None]:
+    """The gradients of ``out`` for ``grad`` with respect to the ``inputs`` whose ``needs``
+    hold (None for the others), as a graph: what a backward that builds one (a second
+    derivative) returns, its forward recomputed in differentiable torch operators."""
+    wrt = [t for t, need in zip(inputs, needs) if need]
+    got = iter(torch.autograd.grad(out, wrt, grad, create_graph=True) if wrt else ())
+    return [next(got) if need else None for need in needs]

@@ -26,6 +26,7 @@ from .. import native
 from ..metrics import GemmScores
 from ._common import (
     BlockScores,
+    graph_grads,
     group_gather,
     group_scatter,
     scale_groups,
@@ -443,9 +444,8 @@ def _native_aggregate_backward(ctx, grad):
     need_v, _, need_w, need_b = ctx.needs_input_grad
     if torch.is_grad_enabled():  # a backward that builds a graph (double backward)
         y = _Aggregate.apply(values, indices, None, weight, bias, "standard")
-        wrt = [t for t, need in zip((values, weight, bias), (need_v, need_w, need_b)) if need]
-        grads = iter(torch.autograd.grad(y, wrt, grad, create_graph=True))
-        return tuple(next(grads) if need else None for need in (need_v, False, need_w, need_b))
+        g_v, g_w, g_b = graph_grads(y, (values, weight, bias), (need_v, need_w, need_b), grad)
+        return g_v, None, g_w, g_b
     # the values' gradient in the layout of the output's (a map's: the map's gradient is a
     # view of it)
     g_values, g_weight = torch.ops.convnn.native_aggregate_grad(
@@ -540,10 +540,7 @@ def _listed_backward(ctx, grad, _grad_prob):
     q, k, v, idx, prob = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:3])
     if torch.is_grad_enabled():  # a backward that builds a graph (double backward)
-        y = _listed_formula(q, k, v, idx, ctx.scale)
-        wrt = [t for t, need in zip((q, k, v), needs) if need]
-        got = iter(torch.autograd.grad(y, wrt, grad, create_graph=True))
-        grads = [next(got) if need else None for need in needs]
+        grads = graph_grads(_listed_formula(q, k, v, idx, ctx.scale), (q, k, v), needs, grad)
     else:
         got = torch.ops.convnn.listed_attention_grad(grad, q, k, v, idx, prob, ctx.scale, needs)
         grads = [g if need else None for g, need in zip(got, needs)]

@@ -324,8 +324,9 @@ def _choose(
             else:
                 why = uncovered(triton)
                 why = why and f"outside the kernels' table: {why}"
-            if why is None and not triton._kernels_ready(*device_dtype, check(triton)):
-                what = triton.describe_check(check(triton))
+            checked = check(triton) if why is None else None
+            if checked is not None and not triton._kernels_ready(*device_dtype, checked):
+                what = triton.describe_check(checked)
                 why = f"{what} did not pass its first-use check on {operand.device}"
         if why is None:
             _decide(stage, "triton", lambda: "automatic choice on CUDA: the kernels cover it")

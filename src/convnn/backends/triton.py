@@ -67,7 +67,7 @@ from torch import Tensor
 
 from . import chunked
 from . import triton_kernels as kernels
-from ._common import BlockScores, tensor_scores
+from ._common import BlockScores, graph_grads, tensor_scores
 
 name = "triton"
 
@@ -440,10 +440,8 @@ def _graph_backward(ctx, grad_out):
     # the chunked layout of the weight: (C_out, C, K) standard, (C, 1, K) depthwise
     weight = None if w is None else w.permute(2, 1, 0) if ctx.kernel == "standard" else w[:, None]
     out = chunked._Aggregate.apply(values, indices, rho, weight, None, ctx.kernel)
-    wanted = [(t, need) for t, need in ((values, need_v), (rho, need_rho), (w, need_w))]
-    wrt = [t for t, need in wanted if need]
-    grads = iter(torch.autograd.grad(out, wrt, grad_out, create_graph=True) if wrt else ())
-    g_v, g_rho, g_w = (next(grads) if need else None for _, need in wanted)
+    needs = (need_v, need_rho, need_w)
+    g_v, g_rho, g_w = graph_grads(out, (values, rho, w), needs, grad_out)
     g_b = grad_out.to(torch.float32).sum((0, 1)).to(values.dtype) if need_b else None
     return g_v, None, g_rho, g_w, g_b, None, None
 
@@ -697,8 +695,9 @@ def _kernels_ready(device: torch.device, dtype: torch.dtype, check: tuple | None
     with _ready_lock:
         for key in [(device, dtype, None)] + ([] if check is None else [(device, dtype, check)]):
             if key not in _ready:
-                reason = _device_reason(device) if key[2] is None else None
-                if key[2] is not None:
+                if key[2] is None:
+                    reason = _device_reason(device)
+                else:
                     reason = first_use_check(device, dtype, [check])
                 if reason:
                     warnings.warn(
