@@ -1486,6 +1486,16 @@ static int integers(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, co
     return !PyErr_Occurred();
 }
 
+/* Whether the n sizes s are all >= 0; else 0 with a ValueError saying ``message``. */
+static int sizes(const Py_ssize_t *s, int n, const char *message) {
+    for (int t = 0; t < n; t++)
+        if (s[t] < 0) {
+            PyErr_SetString(PyExc_ValueError, message);
+            return 0;
+        }
+    return 1;
+}
+
 PyDoc_STRVAR(max_norm_doc,
              "max_norm(x, x_batch, x_row, B, N, D)\n\n"
              "The largest Euclidean norm of the rows of float32 x (B, N, D), rows contiguous\n"
@@ -1495,11 +1505,8 @@ PyDoc_STRVAR(max_norm_doc,
 static PyObject *max_norm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     Py_ssize_t v[6];
-    if (!integers(args, nargs, 6, "max_norm", v)) return NULL;
-    if (v[3] < 0 || v[4] < 0 || v[5] < 0) {
-        PyErr_SetString(PyExc_ValueError, "max_norm: need B, N, D >= 0");
+    if (!integers(args, nargs, 6, "max_norm", v) || !sizes(v + 3, 3, "max_norm: need B, N, D >= 0"))
         return NULL;
-    }
     double best = 0.0;
     Py_BEGIN_ALLOW_THREADS;
     for (Py_ssize_t b = 0; b < v[3]; b++)
@@ -1805,11 +1812,9 @@ PyDoc_STRVAR(transpose_doc,
 static PyObject *transpose_entry(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     Py_ssize_t v[9];
-    if (!integers(args, nargs, 9, "transpose", v) || !tiles_here("transpose")) return NULL;
-    if (v[6] < 0 || v[7] < 0 || v[8] < 0) {
-        PyErr_SetString(PyExc_ValueError, "transpose: need B, R, S >= 0");
+    if (!integers(args, nargs, 9, "transpose", v) || !tiles_here("transpose") ||
+        !sizes(v + 6, 3, "transpose: need B, R, S >= 0"))
         return NULL;
-    }
 #ifdef HAVE_GEMM_TOPK
     Py_BEGIN_ALLOW_THREADS;
     for (Py_ssize_t b = 0; b < v[6]; b++)
